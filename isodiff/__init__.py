@@ -1,0 +1,1 @@
+"""Isometric Diffusion: the regulariser, models, data and evaluation."""

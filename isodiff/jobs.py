@@ -1,0 +1,56 @@
+"""Run one job under the run-directory contract: validate, skip if done, record the outcome."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from isodiff import runs
+from isodiff.config import ConfigError, TrainConfig, to_train_config
+
+log = logging.getLogger(__name__)
+
+
+def run_job(cfg: DictConfig, run_dir: Path, work: Callable[[TrainConfig, Path], dict]) -> dict:
+    """Validate cfg, then run `work` in run_dir unless it is already done.
+
+    status.json is written `running` before the work and `done` (with the work's summary)
+    or `failed` (with error and traceback) after; an invalid config writes nothing.
+    """
+    try:
+        typed = to_train_config(cfg)
+    except ConfigError:
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()  # the empty folder Hydra made; a non-empty one is kept
+        raise
+    status = runs.read_status(run_dir) or {}
+    if status.get("state") == runs.DONE:
+        log.info("%s is done already: skipped", run_dir)
+        return status
+    resolved = OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
+                                 resolve=True)
+    runs.atomic_write_text(run_dir / "config.yaml", resolved)
+    runs.write_status(run_dir, runs.RUNNING, host=socket.gethostname(), pid=os.getpid(),
+                      attempts=status.get("attempts", 0) + 1)
+    file_log = logging.FileHandler(run_dir / "train.log")
+    file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(file_log)
+    try:
+        summary = work(typed, run_dir)
+    except BaseException as err:
+        log.exception("job failed")
+        runs.write_status(run_dir, runs.FAILED, error=f"{type(err).__name__}: {err}",
+                          traceback=traceback.format_exc())
+        raise
+    finally:
+        logging.getLogger().removeHandler(file_log)
+        file_log.close()
+    runs.write_status(run_dir, runs.DONE, **summary)
+    return runs.read_status(run_dir)

@@ -1,0 +1,33 @@
+"""The training objective: epsilon-prediction MSE + lambda_iso * L_iso (Hahm et al., eq. 10)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from torch import nn
+
+from isodiff.models import HUNet
+
+
+class DiffusionObjective(nn.Module):
+    """One module for everything a training step differentiates, so that accelerate/DDP wrap
+    a single forward (custom methods called on an unwrapped model would bypass DDP)."""
+
+    def __init__(self, unet: HUNet, scheduler: DDPMScheduler, lambda_iso: float,
+                 regulariser: nn.Module | None = None) -> None:
+        super().__init__()
+        self.unet, self.scheduler = unet, scheduler
+        self.lambda_iso, self.regulariser = lambda_iso, regulariser
+
+    def forward(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                iso_mask: torch.Tensor, generator: torch.Generator | None = None
+                ) -> dict[str, torch.Tensor]:
+        x_t = self.scheduler.add_noise(x0, noise, t)
+        eps, _ = self.unet.eps_and_h(x_t, t)
+        mse = F.mse_loss(eps.float(), noise.float())
+        out = {"loss": mse, "mse": mse}
+        if self.regulariser is not None and bool(iso_mask.any()):
+            iso = self.regulariser(self.unet, x_t[iso_mask], t[iso_mask], generator=generator)
+            out.update(loss=mse + self.lambda_iso * iso, iso=iso)
+        return out

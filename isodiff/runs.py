@@ -1,0 +1,98 @@
+"""The run-directory contract: atomic files, status, identity of a job.
+
+    <run_root>/<tier>/<experiment>/<job>/
+        config.yaml     resolved training config
+        status.json     {"state": running|done|failed, ...}; the only truth about a job
+        train.log  metrics.csv  tb/
+        checkpoints/step_XXXXXXXX/   resumable state (accelerate save_state)
+        final/unet  final/unet_ema   diffusers save_pretrained (safetensors)
+        metrics.json  eval/          written by isodiff.evaluate
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+RUNNING, DONE, FAILED = "running", "done", "failed"
+
+# Keys that do not change what a job computes: excluded from its identity.
+NON_IDENTITY_KEYS = ("run_root", "name", "experiment", "tier", "train.progress",
+                     "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                     "data.num_workers", "cluster", "hydra")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write via a temp file in the same folder + rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike, default: Any = None) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return default
+
+
+def read_status(run_dir: str | os.PathLike) -> dict | None:
+    return read_json(Path(run_dir) / "status.json")
+
+
+def write_status(run_dir: str | os.PathLike, state: str, **fields: Any) -> None:
+    """Replace status.json, keeping earlier fields that `fields` does not override."""
+    status = {k: v for k, v in (read_status(run_dir) or {}).items()
+              if k not in ("error", "traceback")}
+    status.update(fields, state=state,
+                  updated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    atomic_write_json(Path(run_dir) / "status.json", status)
+
+
+def is_done(run_dir: str | os.PathLike) -> bool:
+    return (read_status(run_dir) or {}).get("state") == DONE
+
+
+def config_hash(cfg: DictConfig | dict, exclude: tuple[str, ...] = NON_IDENTITY_KEYS) -> str:
+    """Short stable hash of what a job computes (dora-style signature)."""
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    for key in exclude:
+        *parents, leaf = key.split(".")
+        node = container
+        for p in parents:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    blob = json.dumps(container, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:8]
+
+
+def job_name(override_dirname: str, *, _root_: DictConfig) -> str:
+    """Readable, stable folder name of a job: its overrides plus its config hash.
+
+    Registered as the `job_name` resolver; conf/train.yaml uses it for `name`.
+    """
+    readable = re.sub(r"[^A-Za-z0-9=.,_+-]+", "_", override_dirname)[:80] or "default"
+    cfg = OmegaConf.masked_copy(_root_, [k for k in _root_ if k not in ("hydra", "name")])
+    return f"{readable}-{config_hash(cfg)}"

@@ -1,0 +1,258 @@
+"""The training loop: accelerate, EMA, checkpoints with rotation and exact resume.
+
+Every random draw of step s comes from a generator seeded by (seed, s, micro-batch, rank)
+and the data order from one seeded by (seed, epoch), so a job resumed from its last
+checkpoint reaches bitwise the weights of an uninterrupted one (on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from isodiff import seeding
+from isodiff.config import TrainConfig, UserError
+from isodiff.data import build_dataset
+from isodiff.diffusion import build_scheduler
+from isodiff.models import HUNet, init_unet
+from isodiff.objective import DiffusionObjective
+
+log = logging.getLogger(__name__)
+CHECKPOINT_PREFIX = "step_"
+
+
+class NonFiniteLossError(UserError, RuntimeError):
+    """The loss became nan/inf: the job stops and nothing is written as final."""
+
+
+class StepBatches:
+    """Batch sampler: micro-batch m of process r holds the dataset positions
+    [m*B*W + r*B, m*B*W + (r+1)*B) of an endless stream of per-epoch permutations."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, rank: int = 0,
+                 world: int = 1) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.start, self.rank, self.world = start, rank, world
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _index(self, position: int) -> int:
+        epoch = position // self.n
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n, generator=seeding.generator(
+                self.seed, "data", epoch))}
+        return int(self._perms[epoch][position % self.n])
+
+    def __iter__(self) -> Iterator[list[int]]:
+        micro = self.start
+        while True:
+            first = (micro * self.world + self.rank) * self.batch_size
+            yield [self._index(p) for p in range(first, first + self.batch_size)]
+            micro += 1
+
+
+@dataclass
+class TrainState:
+    """What the loop needs besides the prepared objective."""
+
+    accelerator: Accelerator
+    objective: DiffusionObjective
+    unet: HUNet
+    ema: EMAModel
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+
+
+def build_state(cfg: TrainConfig) -> TrainState:
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision.value)
+    torch.manual_seed(seeding.derive_seed(cfg.seed, "init"))
+    unet = init_unet(cfg.model, cfg.init_from)
+    regulariser = None
+    if cfg.regularised:
+        from isodiff.isometry import build_regulariser
+
+        regulariser = build_regulariser(cfg.iso)
+    objective = DiffusionObjective(unet, build_scheduler(cfg.diffusion), cfg.lambda_iso,
+                                   regulariser)
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=o.lr, betas=tuple(o.betas),
+                                  weight_decay=o.weight_decay, eps=o.eps)
+    # Stepped by us once per optimizer step (accelerate's wrapper would step it per process).
+    lr_scheduler = get_scheduler(o.lr_schedule, optimizer, num_warmup_steps=o.warmup_steps,
+                                 num_training_steps=cfg.train.steps)
+    ema = EMAModel(unet.parameters(), decay=o.ema_decay, use_ema_warmup=o.ema_warmup,
+                   power=o.ema_power, model_cls=HUNet, model_config=unet.config)
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    ema.to(accelerator.device)
+    accelerator.register_for_checkpointing(ema, lr_scheduler)
+    return TrainState(accelerator, objective, accelerator.unwrap_model(objective).unet, ema,
+                      optimizer, lr_scheduler)
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
+    """The newest complete checkpoint (complete = renamed into place with meta.json)."""
+    found = []
+    for path in (run_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*"):
+        meta = path / "meta.json"
+        if meta.is_file():
+            found.append((json.loads(meta.read_text())["step"], path))
+    return (max(found)[1], max(found)[0]) if found else None
+
+
+def save_checkpoint(state: TrainState, run_dir: Path, step: int, keep: int) -> None:
+    """accelerate save_state into a temp folder, then rename: a kill never leaves a
+    checkpoint that looks complete. Older checkpoints beyond `keep` are removed."""
+    acc = state.accelerator
+    ckpt_dir = run_dir / "checkpoints"
+    tmp = ckpt_dir / f".tmp-{CHECKPOINT_PREFIX}{step:08d}"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    if acc.is_main_process:
+        (tmp / "meta.json").write_text(json.dumps({"step": step}))
+        tmp.rename(ckpt_dir / f"{CHECKPOINT_PREFIX}{step:08d}")
+        complete = sorted(p for p in ckpt_dir.glob(f"{CHECKPOINT_PREFIX}*")
+                          if (p / "meta.json").is_file())
+        for old in complete[:-keep]:
+            shutil.rmtree(old)
+    acc.wait_for_everyone()
+
+
+def save_final(state: TrainState, run_dir: Path) -> None:
+    """final/unet (raw weights) and final/unet_ema, via a temp folder and one rename."""
+    if not state.accelerator.is_main_process:
+        return
+    tmp, final = run_dir / ".tmp-final", run_dir / "final"
+    shutil.rmtree(tmp, ignore_errors=True)
+    state.unet.save_pretrained(tmp / "unet")
+    params = list(state.unet.parameters())
+    state.ema.store(params)
+    state.ema.copy_to(params)
+    state.unet.save_pretrained(tmp / "unet_ema")
+    state.ema.restore(params)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+
+
+class MetricLog:
+    """metrics.csv + TensorBoard, main process only; rows past a resume point are dropped."""
+
+    FIELDS = ("step", "loss", "mse", "iso", "lr", "steps_per_s")
+
+    def __init__(self, run_dir: Path, start_step: int, enabled: bool) -> None:
+        self.enabled = enabled
+        if not enabled:
+            return
+        self.path = run_dir / "metrics.csv"
+        rows = []
+        if self.path.exists():
+            with self.path.open() as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
+        with self.path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, self.FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1)
+
+    def write(self, row: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, self.FIELDS).writerow({k: row.get(k, "") for k in self.FIELDS})
+        for key, value in row.items():
+            if key != "step":
+                self.tb.add_scalar(f"train/{key}", value, row["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tb.close()
+
+
+def draw_timesteps(cfg: TrainConfig, batch_size: int, g: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """t for one micro-batch and the mask of samples that get the iso loss."""
+    T = cfg.diffusion.num_train_timesteps
+    if not cfg.regularised:
+        return torch.randint(0, T, (batch_size,), generator=g), torch.zeros(batch_size, dtype=bool)
+    from isodiff.isometry import sample_timesteps
+
+    return sample_timesteps(batch_size, T, cfg.iso.window, cfg.iso.schedule.value, g)
+
+
+def train(cfg: TrainConfig, run_dir: Path) -> dict:
+    """Train (or resume) the job in run_dir; returns a summary for status.json."""
+    state = build_state(cfg)
+    acc, loop = state.accelerator, cfg.train
+    dataset: Dataset = build_dataset(cfg.data, "train")
+    start_step = 0
+    if (found := latest_checkpoint(run_dir)) is not None:
+        acc.load_state(str(found[0]))
+        start_step = found[1]
+        log.info("resuming %s from step %d", run_dir, start_step)
+    batches = iter(DataLoader(dataset, num_workers=cfg.data.num_workers, batch_sampler=StepBatches(
+        len(dataset), loop.batch_size, cfg.seed, start_step * loop.grad_accum,
+        acc.process_index, acc.num_processes)))
+    metric_log = MetricLog(run_dir, start_step, acc.is_main_process)
+    progress = tqdm(total=loop.steps, initial=start_step, desc=f"train {run_dir.name}",
+                    disable=not (acc.is_main_process and loop.progress), dynamic_ncols=True)
+    tic, last_logged, last = time.perf_counter(), start_step, {}
+    for step in range(start_step, loop.steps):
+        totals: dict[str, float] = {}
+        for micro in range(loop.grad_accum):
+            x0 = next(batches)[0].to(acc.device)
+            g = seeding.generator(cfg.seed, "train", step, micro, acc.process_index)
+            t, iso_mask = draw_timesteps(cfg, x0.shape[0], g)
+            noise = torch.randn(x0.shape, generator=g).to(acc.device)
+            sync = (contextlib.nullcontext() if micro == loop.grad_accum - 1
+                    else acc.no_sync(state.objective))
+            with sync, acc.autocast():
+                out = state.objective(x0, noise, t.to(acc.device), iso_mask.to(acc.device),
+                                      generator=g)
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                values = {k: float(v.detach()) for k, v in out.items()}
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {step} ({values}); lower optim.lr or lambda_iso, "
+                    "or train with train.mixed_precision=no")
+            acc.backward(loss / loop.grad_accum)
+            for key, value in out.items():
+                totals[key] = totals.get(key, 0.0) + float(value.detach()) / loop.grad_accum
+        if cfg.optim.grad_clip > 0:
+            acc.clip_grad_norm_(state.unet.parameters(), cfg.optim.grad_clip)
+        state.optimizer.step()
+        state.lr_scheduler.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        state.ema.step(state.unet.parameters())
+        done = step + 1
+        progress.update(1)
+        progress.set_postfix(loss=f"{totals['loss']:.4f}")
+        if done % loop.log_every == 0 or done == loop.steps:
+            elapsed = time.perf_counter() - tic
+            last = {"step": done, **totals, "lr": state.lr_scheduler.get_last_lr()[0],
+                    "steps_per_s": (done - last_logged) / max(elapsed, 1e-9)}
+            metric_log.write(last)
+            tic, last_logged = time.perf_counter(), done
+        if done % loop.checkpoint_every == 0 and done < loop.steps:
+            save_checkpoint(state, run_dir, done, loop.keep_checkpoints)
+    progress.close()
+    metric_log.close()
+    save_final(state, run_dir)
+    acc.wait_for_everyone()
+    return {"step": loop.steps, "final_loss": last.get("loss", math.nan),
+            "final_mse": last.get("mse", math.nan), "steps_per_s": last.get("steps_per_s")}

@@ -1,0 +1,148 @@
+"""Training jobs: complete, reproducible, resumable after a kill, and fail cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from isodiff import runs
+from isodiff.config import ConfigError
+from isodiff.training import NonFiniteLossError, StepBatches
+from tests.conftest import ROOT, run_cli, run_train_job
+
+
+def _weights(run_dir: Path, which: str = "unet") -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "final" / which / "diffusion_pytorch_model.safetensors")
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    for which in ("unet", "unet_ema"):
+        wa, wb = _weights(a, which), _weights(b, which)
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            assert torch.equal(wa[key], wb[key]), f"{which}.{key} differs"
+
+
+def test_smoke_job_completes_and_is_not_redone(run_root: Path) -> None:
+    t0 = time.perf_counter()
+    status, run_dir = run_train_job([], run_root)
+    assert time.perf_counter() - t0 < 60
+    assert status["state"] == "done" and status["step"] == 6
+    for name in ("config.yaml", "metrics.csv", "train.log", "final/unet/config.json",
+                 "final/unet_ema/diffusion_pytorch_model.safetensors"):
+        assert (run_dir / name).exists(), name
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000003"]
+    mtime = (run_dir / "final").stat().st_mtime_ns
+    again, _ = run_train_job([], run_root)
+    assert again["attempts"] == 1 and (run_dir / "final").stat().st_mtime_ns == mtime
+
+
+def test_same_seed_same_weights_other_seed_differs(tmp_path: Path) -> None:
+    _, a = run_train_job(["train.steps=3"], tmp_path / "a")
+    _, b = run_train_job(["train.steps=3"], tmp_path / "b")
+    _, c = run_train_job(["train.steps=3", "seed=1"], tmp_path / "c")
+    _assert_same_weights(a, b)
+    assert not torch.equal(_weights(a)["conv_in.weight"], _weights(c)["conv_in.weight"])
+
+
+def test_batches_depend_only_on_position() -> None:
+    whole = StepBatches(10, 4, seed=0, start=0, world=2)
+    it = iter(whole)
+    first = [next(it) for _ in range(6)]
+    resumed = iter(StepBatches(10, 4, seed=0, start=3, world=2))
+    assert [next(resumed) for _ in range(3)] == first[3:]
+    rank1 = iter(StepBatches(10, 4, seed=0, start=0, rank=1, world=2))
+    epoch0 = first[0] + next(rank1)[:2] + first[1][:0]
+    assert len(set(first[0]) | set(epoch0)) >= 4
+    seen = [i for batch in first[:5] for i in batch[:2]]
+    assert sorted(set(range(10))) == sorted(set(seen) | set(range(10)))
+
+
+def test_kill_then_rerun_equals_uninterrupted(tmp_path: Path) -> None:
+    args = ["tier=smoke", "train.steps=16", "train.checkpoint_every=4", "train.progress=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    ref = run_cli("isodiff.train", *args, f"run_root={tmp_path / 'ref'}", OMP_NUM_THREADS="2")
+    assert ref.returncode == 0, ref.stderr
+    killed_root = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "isodiff.train", *args,
+                             f"run_root={killed_root}"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(killed_root.glob("*/*/*/checkpoints/step_00000008")):
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint before exit"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (run_dir,) = killed_root.glob("*/*/*")
+    assert runs.read_status(run_dir)["state"] == "running" and not (run_dir / "final").exists()
+    resumed = run_cli("isodiff.train", *args, f"run_root={killed_root}", OMP_NUM_THREADS="2")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in (run_dir / "train.log").read_text()
+    assert runs.read_status(run_dir)["attempts"] == 2
+    (ref_dir,) = (tmp_path / "ref").glob("*/*/*")
+    _assert_same_weights(ref_dir, run_dir)
+
+
+def test_non_finite_loss_fails_the_job(run_root: Path) -> None:
+    with pytest.raises(NonFiniteLossError, match="non-finite loss"):
+        run_train_job(["optim.lr=1e30", "train.steps=20"], run_root)
+    (run_dir,) = run_root.glob("*/*/*")
+    status = runs.read_status(run_dir)
+    assert status["state"] == "failed" and "NonFiniteLossError" in status["error"]
+    assert not (run_dir / "final").exists()
+
+
+def _corrupt_folder(tmp_path: Path) -> Path:
+    root = tmp_path / "imgs"
+    root.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "ok.png")
+    (root / "broken.png").write_bytes(b"\x89PNG garbage")
+    return root
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["lambda_iso=-1"], "lambda_iso=-1.0 is invalid"),
+    (["iso.window=1.5"], "iso.window=1.5 is invalid"),
+    (["iso.metric=cosine"], "iso.metric"),
+    (["data=celeba"], "data/celeba"),
+    (["data=folder", "data.root=/no/such/folder"], "data.root='/no/such/folder' is not a folder"),
+    (["data=folder", "data.root=CORRUPT", "data.resolution=16"], "cannot read image"),
+    (["init_from=/no/such/run"], "init_from='/no/such/run' was not found"),
+])
+def test_bad_input_exits_non_zero_naming_the_key(overrides, message, tmp_path: Path) -> None:
+    if "data.root=CORRUPT" in overrides:
+        folder = _corrupt_folder(tmp_path)
+        overrides = [o.replace("CORRUPT", str(folder)) for o in overrides]
+    run_root = tmp_path / "runs"
+    result = run_cli("isodiff.train", "tier=smoke", f"run_root={run_root}", *overrides)
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+    assert not [p for p in run_root.rglob("status.json") if runs.is_done(p.parent)]
+
+
+def test_config_error_leaves_no_run_folder(run_root: Path) -> None:
+    with pytest.raises(ConfigError):
+        run_train_job(["lambda_iso=-1"], run_root)
+    assert not list(run_root.glob("*/*/*"))
+
+
+def test_multirun_writes_one_folder_per_lambda(run_root: Path) -> None:
+    result = run_cli("isodiff.train", "-m", "lambda_iso=0,1e-4,1e-3", "iso.metric=none",
+                     "tier=smoke", "train.steps=2", "train.progress=false", f"run_root={run_root}")
+    assert result.returncode == 0, result.stderr
+    jobs = sorted(p.name for p in (run_root / "smoke" / "default").iterdir() if p.is_dir())
+    assert [j.split(",")[0] for j in jobs] == ["iso.metric=none", "iso.metric=none",
+                                                "iso.metric=none"]
+    assert sorted(j.split(",")[1].split("-")[0] for j in jobs) == [
+        "lambda_iso=0", "lambda_iso=0.0001", "lambda_iso=0.001"]
+    assert all(runs.is_done(run_root / "smoke" / "default" / j) for j in jobs)
