@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import hashlib
 import json
@@ -76,7 +77,8 @@ def is_done(run_dir: str | os.PathLike) -> bool:
 
 def config_hash(cfg: DictConfig | dict, exclude: tuple[str, ...] = NON_IDENTITY_KEYS) -> str:
     """Short stable hash of what a job computes (dora-style signature)."""
-    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    container = (OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig)
+                 else copy.deepcopy(cfg))
     for key in exclude:
         *parents, leaf = key.split(".")
         node = container
@@ -88,11 +90,16 @@ def config_hash(cfg: DictConfig | dict, exclude: tuple[str, ...] = NON_IDENTITY_
     return hashlib.sha1(blob.encode()).hexdigest()[:8]
 
 
+_NUMBER = re.compile(r"=(-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)(?=,|$)")
+
+
 def job_name(override_dirname: str, *, _root_: DictConfig) -> str:
     """Readable, stable folder name of a job: its overrides plus its config hash.
 
     Registered as the `job_name` resolver; conf/train.yaml uses it for `name`.
     """
-    readable = re.sub(r"[^A-Za-z0-9=.,_+-]+", "_", override_dirname)[:80] or "default"
+    # Numbers in one spelling: a multirun writes 1.0e-4 as 0.0001, a single run keeps it.
+    readable = _NUMBER.sub(lambda m: "=" + format(float(m.group(1)), "g"), override_dirname)
+    readable = re.sub(r"[^A-Za-z0-9=.,_+-]+", "_", readable)[:120] or "default"
     cfg = OmegaConf.masked_copy(_root_, [k for k in _root_ if k not in ("hydra", "name")])
     return f"{readable}-{config_hash(cfg)}"

@@ -1,0 +1,162 @@
+"""Specs + collected runs -> the paper's tables (Markdown, LaTeX, CSV), whatever has finished.
+
+    python -m analysis.tables [tier=quick] [run_root=runs] [out=results] [spec ...]
+
+A cell is the mean ± std over seeds (n < expected seeds is footnoted); the best mean of each
+metric is bold; the paper's value stands beside ours ("n/a" until transcribed); jobs that
+failed or have not run are listed under the table with their reason.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis.collect import collect_runs
+from isodiff.specs import Spec, all_specs, canonical, expand, load_spec
+
+# Lower is better for every metric of the paper's tables (LS is a conditional entropy).
+HIGHER_IS_BETTER = {"ls_accuracy", "separability_accuracy"}
+
+
+@dataclass
+class Table:
+    """A rendered spec: numbers (for CSV) and display strings (for Markdown/LaTeX)."""
+
+    spec: Spec
+    numbers: pd.DataFrame  # one row per table row: <metric>_mean, _std, _n
+    display: pd.DataFrame  # the same rows as strings, with the paper columns
+    problems: list[str] = field(default_factory=list)
+
+
+def _key(pairs: list[tuple[str, object]]) -> str:
+    return ",".join(f"{k}={canonical(v)}" for k, v in pairs)
+
+
+def _label(spec: Spec, pairs: list[tuple[str, object]]) -> str:
+    """The spec's label for a row: the first row_labels entry all of whose pairs hold."""
+    given = {k: canonical(v) for k, v in pairs}
+    dataset = dict(pairs).get("data.name")
+    rest = [(k, v) for k, v in pairs if k != "data.name"]
+    for key, label in spec.row_labels.items():
+        wanted = dict(item.split("=", 1) for item in key.split(","))
+        if all(given.get(k) == canonical(v) for k, v in wanted.items()):
+            return f"{dataset}: {label}" if dataset else label
+    return f"{dataset}: {_key(rest)}" if dataset else _key(rest)
+
+
+def spec_rows(df: pd.DataFrame, spec: Spec, tier: str) -> tuple[pd.DataFrame, list[str]]:
+    """The collected jobs of a spec (one row per expected job, newest run wins) and the
+    problems: expected jobs that failed or are missing."""
+    expected = []
+    for job in expand(spec, tier):
+        fixed = dict(o.split("=", 1) for o in job.overrides if not o.startswith("data="))
+        expected.append({"_job": _key([("data.name", job.dataset), *sorted(fixed.items())]),
+                         "_name": ",".join(job.overrides),
+                         "_row": [("data.name", job.dataset),
+                                  *((k, fixed[k]) for k in spec.rows if k != "data.name")]})
+    keys = sorted({k for o in expand(spec, tier)[0].overrides if not o.startswith("data=")
+                   for k in [o.split("=", 1)[0]]})
+    found = pd.DataFrame(columns=["_job"])
+    needed = [f"cfg.{k}" for k in ("data.name", "tier.name", "experiment", *keys)]
+    if not df.empty and all(c in df for c in needed):
+        sub = df[(df["cfg.tier.name"] == tier) & (df["cfg.experiment"] == df["cfg.data.name"])]
+        sub = sub.assign(_job=[_key([("data.name", r["cfg.data.name"]),
+                                     *((k, r[f"cfg.{k}"]) for k in keys)])
+                               for _, r in sub.iterrows()])
+        found = sub.sort_values("path").drop_duplicates("_job", keep="last")
+    merged = pd.DataFrame(expected).merge(found, on="_job", how="left")
+    problems = []
+    for _, row in merged.iterrows():
+        state = row.get("state")
+        if state != "done":
+            reason = row.get("error") if state == "failed" else (state or "not run")
+            problems.append(f"{row['_name']}: {reason if isinstance(reason, str) else 'not run'}")
+    return merged, problems
+
+
+def build_table(df: pd.DataFrame, spec: Spec, tier: str) -> Table:
+    merged, problems = spec_rows(df, spec, tier)
+    merged["_label"] = [_label(spec, pairs) for pairs in merged["_row"]]
+    order = list(dict.fromkeys(merged["_label"]))
+    numbers = pd.DataFrame(index=pd.Index(order, name="row"))
+    display = pd.DataFrame(index=pd.Index(order, name="row"))
+    per_row = merged.groupby("_label", sort=False).size()
+    for metric in spec.metrics:
+        values = merged[["_label"]].assign(v=pd.to_numeric(
+            merged.get(metric, pd.Series(np.nan, index=merged.index)), errors="coerce"))
+        stats = values.groupby("_label", sort=False)["v"].agg(["mean", "std", "count"])
+        numbers[[f"{metric}_mean", f"{metric}_std", f"{metric}_n"]] = stats.to_numpy()
+        best = stats["mean"].max() if metric in HIGHER_IS_BETTER else stats["mean"].min()
+        display[metric] = [_cell(m, s, int(n), int(per_row[label]), m == best)
+                           for label, (m, s, n) in stats.iterrows()]
+        paper = [spec.paper.get(label, {}).get(metric) for label in order]
+        if spec.paper or spec.paper_source:
+            display[f"{metric} (paper)"] = ["n/a¹" if v is None else f"{v:g}" for v in paper]
+    return Table(spec, numbers, display, problems)
+
+
+def _cell(mean: float, std: float, n: int, expected: int, best: bool) -> str:
+    if n == 0:
+        return "–²"
+    text = f"{mean:.4g}" + (f" ± {std:.2g}" if n > 1 else "")
+    text = f"**{text}**" if best else text
+    return text + (f" (n={n}/{expected})" if n < expected else "")
+
+
+def to_markdown(table: Table, tier: str) -> str:
+    spec, frame = table.spec, table.display.reset_index()
+    lines = [f"# {spec.name}: {spec.title}", "", f"Tier: `{tier}`. Mean ± std over seeds.", "",
+             "| " + " | ".join(frame.columns) + " |",
+             "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.to_numpy()]
+    notes = []
+    if any("n/a¹" in str(v) for v in frame.to_numpy().ravel()):
+        notes.append(f"¹ paper value not transcribed yet ({spec.paper_source or 'paper'}).")
+    if any("–²" in str(v) for v in frame.to_numpy().ravel()):
+        notes.append("² no finished run with this metric (see below).")
+    notes += [f"- missing: {p}" for p in table.problems]
+    notes += [f"- {n}" for n in spec.notes]
+    return "\n".join([*lines, "", *notes, ""])
+
+
+def write_table(table: Table, tier: str, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / table.spec.name
+    paths = [stem.with_suffix(".md"), stem.with_suffix(".tex"), stem.with_suffix(".csv")]
+    paths[0].write_text(to_markdown(table, tier))
+    latex = table.display.replace(r"\*\*(.*)\*\*", r"\\textbf{\1}", regex=True)
+    latex.style.to_latex(paths[1], caption=f"{table.spec.title} ({tier} tier)",
+                         label=f"tab:{table.spec.name}", hrules=True)
+    table.numbers.to_csv(paths[2])
+    return paths
+
+
+def render_all(run_root: Path, tier: str, out: Path, names: list[str] | None = None
+               ) -> list[Path]:
+    df = collect_runs(run_root / tier)
+    specs = [load_spec(n) for n in names] if names else all_specs()
+    written = []
+    for spec in specs:
+        if spec.kind == "table":
+            written += write_table(build_table(df, spec, tier), tier, out / tier / "tables")
+    return written
+
+
+def main(argv: list[str]) -> int:
+    opts = dict(a.split("=", 1) for a in argv if "=" in a)
+    names = [a for a in argv if "=" not in a]
+    written = render_all(Path(opts.get("run_root", "runs")), opts.get("tier", "quick"),
+                         Path(opts.get("out", "results")), names or None)
+    for path in written:
+        if path.suffix == ".md":
+            print(f"wrote {path} (+ .tex, .csv)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,78 @@
+"""Specs -> tables on synthetic run folders: rows, columns, statistics, missing jobs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from analysis.collect import collect_runs
+from analysis.synthetic import write_runs
+from analysis.tables import build_table, render_all, to_markdown
+from isodiff.config import ConfigError
+from isodiff.specs import all_specs, expand, load_spec
+
+
+@pytest.mark.parametrize("tier", ["smoke", "quick", "paper"])
+def test_every_spec_loads_and_expands(tier: str) -> None:
+    specs = all_specs()
+    assert {s.name for s in specs} >= {"table_1", "table_2", "table_3", "table_4"}
+    for spec in specs:
+        jobs = expand(spec, tier)
+        assert jobs and len({j.overrides for j in jobs}) == len(jobs)
+
+
+def test_unknown_spec_and_bad_keys_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="known specs: .*table_1"):
+        load_spec("table_99")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntitle: y\ngrdi: {}\n")
+    with pytest.raises(ConfigError, match="grdi"):
+        load_spec(bad)
+
+
+def test_table_has_one_row_per_setting_and_mean_std_over_seeds(tmp_path: Path) -> None:
+    spec = load_spec("table_1")
+    dirs = write_runs(tmp_path, spec, "quick")
+    table = build_table(collect_runs(tmp_path / "quick"), spec, "quick")
+    assert list(table.display.index) == [
+        "shapes: DDPM fine-tuned (lambda_iso = 0)", "shapes: Isometric Diffusion",
+        "mnist: DDPM fine-tuned (lambda_iso = 0)", "mnist: Isometric Diffusion"]
+    assert list(table.display.columns[:2]) == ["fid", "fid (paper)"]
+    # Independent check of one cell: the three seeds of shapes / lambda 0.
+    values = [json.loads((d / "metrics.json").read_text())["fid"]["values"]["fid"]
+              for d in dirs[:3]]
+    row = table.numbers.loc["shapes: DDPM fine-tuned (lambda_iso = 0)"]
+    assert row["fid_mean"] == pytest.approx(np.mean(values))
+    assert row["fid_std"] == pytest.approx(np.std(values, ddof=1))
+    assert row["fid_n"] == 3 and not table.problems
+    best = table.numbers["fid_mean"].idxmin()
+    assert table.display.loc[best, "fid"].startswith("**")
+    assert (table.display["fid (paper)"] == "n/a¹").all()
+
+
+def test_failed_and_missing_jobs_are_listed_with_their_reason(tmp_path: Path) -> None:
+    spec = load_spec("table_2")
+    dirs = write_runs(tmp_path, spec, "quick", fail={1})
+    import shutil
+    shutil.rmtree(dirs[2])
+    table = build_table(collect_runs(tmp_path / "quick"), spec, "quick")
+    assert len(table.problems) == 2
+    assert any("iso.metric=euclidean" in p and "synthetic failure" in p for p in table.problems)
+    assert any("iso.metric=spherical" in p and "not run" in p for p in table.problems)
+    assert table.display.loc["shapes: G = I (Euclidean)", "fid"] == "–²"
+    assert table.display.loc["shapes: no regulariser", "fid"] != "–²"
+    markdown = to_markdown(table, "quick")
+    assert "missing: " in markdown and "synthetic failure" in markdown
+
+
+def test_render_all_writes_markdown_latex_csv(tmp_path: Path) -> None:
+    for name in ("table_1", "table_3"):
+        write_runs(tmp_path / "runs", load_spec(name), "smoke", rng_seed=len(name))
+    written = render_all(tmp_path / "runs", "smoke", tmp_path / "results",
+                         ["table_1", "table_3"])
+    assert sorted(p.name for p in written) == sorted(
+        f"table_{i}.{ext}" for i in (1, 3) for ext in ("md", "tex", "csv"))
+    assert "\\textbf" in (tmp_path / "results/smoke/tables/table_1.tex").read_text()
