@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from torch import nn
 
-from isodiff.models import HUNet
+from isodiff.isometry import Regulariser
+from isodiff.models import HUNet, higher_order_ad
 
 
 class DiffusionObjective(nn.Module):
@@ -15,7 +18,7 @@ class DiffusionObjective(nn.Module):
     a single forward (custom methods called on an unwrapped model would bypass DDP)."""
 
     def __init__(self, unet: HUNet, scheduler: DDPMScheduler, lambda_iso: float,
-                 regulariser: nn.Module | None = None) -> None:
+                 regulariser: Regulariser | None = None) -> None:
         super().__init__()
         self.unet, self.scheduler = unet, scheduler
         self.lambda_iso, self.regulariser = lambda_iso, regulariser
@@ -24,10 +27,21 @@ class DiffusionObjective(nn.Module):
                 iso_mask: torch.Tensor, generator: torch.Generator | None = None
                 ) -> dict[str, torch.Tensor]:
         x_t = self.scheduler.add_noise(x0, noise, t)
-        eps, _ = self.unet.eps_and_h(x_t, t)
+        reg = self.regulariser
+        active = reg is not None and bool(iso_mask.any())
+        # When every sample is regularised at x_t itself, L_iso differentiates the main
+        # forward's h (saves an encoder forward); that graph must then support double backward.
+        reuse = active and reg.reuses_h(iso_mask)
+        if reuse:
+            x_t.requires_grad_()
+        with higher_order_ad() if reuse else contextlib.nullcontext():
+            eps, h = self.unet.eps_and_h(x_t, t)
         mse = F.mse_loss(eps.float(), noise.float())
         out = {"loss": mse, "mse": mse}
-        if self.regulariser is not None and bool(iso_mask.any()):
-            iso = self.regulariser(self.unet, x_t[iso_mask], t[iso_mask], generator=generator)
+        if active:
+            if reuse:
+                iso = reg(self.unet, x_t, t, h=h, generator=generator)
+            else:
+                iso = reg(self.unet, x_t[iso_mask], t[iso_mask], generator=generator)
             out.update(loss=mse + self.lambda_iso * iso, iso=iso)
         return out

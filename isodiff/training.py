@@ -30,6 +30,7 @@ from isodiff import seeding
 from isodiff.config import TrainConfig, UserError
 from isodiff.data import build_dataset
 from isodiff.diffusion import build_scheduler
+from isodiff.isometry import build_regulariser, sample_timesteps
 from isodiff.models import HUNet, init_unet
 from isodiff.objective import DiffusionObjective
 
@@ -82,11 +83,7 @@ def build_state(cfg: TrainConfig) -> TrainState:
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision.value)
     torch.manual_seed(seeding.derive_seed(cfg.seed, "init"))
     unet = init_unet(cfg.model, cfg.init_from)
-    regulariser = None
-    if cfg.regularised:
-        from isodiff.isometry import build_regulariser
-
-        regulariser = build_regulariser(cfg.iso)
+    regulariser = build_regulariser(cfg.iso) if cfg.regularised else None
     objective = DiffusionObjective(unet, build_scheduler(cfg.diffusion), cfg.lambda_iso,
                                    regulariser)
     o = cfg.optim
@@ -124,6 +121,7 @@ def save_checkpoint(state: TrainState, run_dir: Path, step: int, keep: int) -> N
         shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
+    acc.wait_for_everyone()  # every rank's files are in tmp before it is renamed
     if acc.is_main_process:
         (tmp / "meta.json").write_text(json.dumps({"step": step}))
         tmp.rename(ckpt_dir / f"{CHECKPOINT_PREFIX}{step:08d}")
@@ -190,8 +188,6 @@ def draw_timesteps(cfg: TrainConfig, batch_size: int, g: torch.Generator
     T = cfg.diffusion.num_train_timesteps
     if not cfg.regularised:
         return torch.randint(0, T, (batch_size,), generator=g), torch.zeros(batch_size, dtype=bool)
-    from isodiff.isometry import sample_timesteps
-
     return sample_timesteps(batch_size, T, cfg.iso.window, cfg.iso.schedule.value, g)
 
 
