@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from isodiff import runs
+from isodiff import distributed, runs
 from isodiff.config import ConfigError, TrainConfig, to_train_config
 
 log = logging.getLogger(__name__)
@@ -34,16 +34,21 @@ def run_job(cfg: DictConfig, run_dir: Path, work: Callable[[TrainConfig, Path], 
     if status.get("state") == runs.DONE:
         log.info("%s is done already: skipped", run_dir)
         return status
+    if distributed.rank() != 0:  # rank 0 alone keeps the run folder's books
+        return work(typed, run_dir)
     resolved = OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
                                  resolve=True)
     runs.atomic_write_text(run_dir / "config.yaml", resolved)
     runs.write_status(run_dir, runs.RUNNING, host=socket.gethostname(), pid=os.getpid(),
-                      attempts=status.get("attempts", 0) + 1)
+                      attempts=status.get("attempts", 0) + 1,
+                      slurm_job_id=os.environ.get("SLURM_JOB_ID"))
     file_log = logging.FileHandler(run_dir / "train.log")
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(file_log)
     try:
         summary = work(typed, run_dir)
+    except SystemExit:
+        raise  # submitit's preemption/timeout requeue: the job stays `running` and resumes
     except BaseException as err:
         log.exception("job failed")
         runs.write_status(run_dir, runs.FAILED, error=f"{type(err).__name__}: {err}",

@@ -12,6 +12,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from isodiff.config import TrainConfig, UserError, register_schemas
+from isodiff.distributed import export_torch_distributed_env
 from isodiff.jobs import run_job
 from isodiff.runs import job_name
 
@@ -29,6 +30,7 @@ def _train(cfg: TrainConfig, run_dir: Path) -> dict:
 
 @hydra.main(config_path="../conf", config_name="train", version_base=None)
 def main(cfg: DictConfig) -> dict:
+    export_torch_distributed_env()  # SLURM tasks -> torch ranks, before any Accelerator
     hydra_cfg = HydraConfig.get()
     try:
         return run_job(cfg, Path(hydra_cfg.runtime.output_dir), _train)
