@@ -29,9 +29,10 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def metric_values(metrics: dict[str, Any]) -> dict[str, float]:
-    """metrics.json {metric: {"values": {name: number}, ...}} -> {name: number}."""
-    return {name: value for entry in metrics.values() if isinstance(entry, dict)
+def metric_values(metrics_json: dict[str, Any]) -> dict[str, float]:
+    """metrics.json {"metrics": {metric: {"values": {name: number}, ...}}} -> {name: number}
+    (see isodiff.evaluation)."""
+    return {name: value for entry in metrics_json.get("metrics", {}).values()
             for name, value in entry.get("values", {}).items()}
 
 

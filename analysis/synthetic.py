@@ -4,7 +4,6 @@ without training anything."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +25,10 @@ def nest(flat: dict[str, object]) -> dict:
     return tree
 
 
-def write_runs(root: Path, spec: Spec, tier: str, seeds: list[int] | None = None,
-               rng_seed: int = 0, fail: set[int] = frozenset()) -> list[Path]:
-    """One folder per job of `spec` (with `seeds` replacing its seed axis), holding
-    config.yaml, status.json and metrics.json with random metric values; jobs whose index
-    is in `fail` are written as failed."""
-    if seeds is not None:
-        spec = replace(spec, grid={**spec.grid_for(tier), "seed": seeds}, tiers={})
+def write_runs(root: Path, spec: Spec, tier: str, rng_seed: int = 0,
+               fail: set[int] = frozenset()) -> list[Path]:
+    """One folder per job of `spec`, holding config.yaml, status.json and metrics.json with
+    random metric values; jobs whose index is in `fail` are written as failed."""
     rng = np.random.default_rng(rng_seed)
     dirs = []
     for i, job in enumerate(expand(spec, tier)):
@@ -47,7 +43,8 @@ def write_runs(root: Path, spec: Spec, tier: str, seeds: list[int] | None = None
             else {"state": "done", "step": 1}
         (run_dir / "status.json").write_text(json.dumps(state))
         if i not in fail:
-            metrics = {m: {"values": {m: float(rng.uniform(1, 2))}} for m in spec.metrics}
+            metrics = {"metrics": {m: {"values": {m: float(rng.uniform(1, 2))}}
+                                   for m in spec.metrics}}
             (run_dir / "metrics.json").write_text(json.dumps(metrics))
         dirs.append(run_dir)
     return dirs

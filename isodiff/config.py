@@ -195,12 +195,17 @@ class LoopConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     progress: bool = True
+    # CPU only: torch's intra-op threads (null = torch's default). Small U-Nets gain little
+    # from threads and lose ~10x when OpenMP threads contend with other processes.
+    cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints",
                     "log_every"):
             value = getattr(self, key)
             _check(value >= 1, f"train.{key}", value, "must be >= 1")
+        _check(self.cpu_threads is None or self.cpu_threads >= 1, "train.cpu_threads",
+               self.cpu_threads, "must be >= 1 or null (torch's default)")
 
 
 @dataclass

@@ -55,7 +55,8 @@ class Spec:
     lower_is_better: dict[str, bool] = field(default_factory=dict)
     paper: dict[str, dict[str, float | None]] = field(default_factory=dict)
     paper_source: str = ""
-    figure: str | None = None  # figure kind, for kind=figure
+    figure: str | None = None  # kind=figure: the plot (analysis.figures.PLOTS)
+    source: str | None = None  # kind=figure: the table spec whose runs it draws
     notes: list[str] = field(default_factory=list)
 
     def datasets_for(self, tier: str) -> list[str]:

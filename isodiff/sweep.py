@@ -95,6 +95,8 @@ def main(argv: list[str]) -> int:
         specs = [load_spec(n) for n in names]
         failed = 0
         for spec in specs:
+            if spec.kind == "figure":  # drawn from its source spec's runs
+                spec = load_spec(spec.source)
             counts = run_spec(spec, tier, extra)
             log.info("%s (%s): %s", spec.name, tier, counts)
             failed += sum(n for s, n in counts.items() if s != runs.DONE)

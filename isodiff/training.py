@@ -81,6 +81,8 @@ class TrainState:
 
 def build_state(cfg: TrainConfig) -> TrainState:
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision.value)
+    if cfg.train.cpu_threads and accelerator.device.type == "cpu":
+        torch.set_num_threads(cfg.train.cpu_threads)
     torch.manual_seed(seeding.derive_seed(cfg.seed, "init"))
     unet = init_unet(cfg.model, cfg.init_from)
     regulariser = build_regulariser(cfg.iso) if cfg.regularised else None

@@ -18,8 +18,10 @@ from isodiff.specs import all_specs, expand, load_spec
 @pytest.mark.parametrize("tier", ["smoke", "quick", "paper"])
 def test_every_spec_loads_and_expands(tier: str) -> None:
     specs = all_specs()
-    assert {s.name for s in specs} >= {"table_1", "table_2", "table_3", "table_4"}
-    for spec in specs:
+    assert {s.name for s in specs} >= {"table_1", "table_2", "table_3", "table_4", "figure_1",
+                                       "figure_4", "figure_spectra"}
+    assert all(load_spec(s.source).kind == "table" for s in specs if s.kind == "figure")
+    for spec in (s for s in specs if s.kind == "table"):
         jobs = expand(spec, tier)
         assert jobs and len({j.overrides for j in jobs}) == len(jobs)
 
@@ -42,7 +44,7 @@ def test_table_has_one_row_per_setting_and_mean_std_over_seeds(tmp_path: Path) -
         "mnist: DDPM fine-tuned (lambda_iso = 0)", "mnist: Isometric Diffusion"]
     assert list(table.display.columns[:2]) == ["fid", "fid (paper)"]
     # Independent check of one cell: the three seeds of shapes / lambda 0.
-    values = [json.loads((d / "metrics.json").read_text())["fid"]["values"]["fid"]
+    values = [json.loads((d / "metrics.json").read_text())["metrics"]["fid"]["values"]["fid"]
               for d in dirs[:3]]
     row = table.numbers.loc["shapes: DDPM fine-tuned (lambda_iso = 0)"]
     assert row["fid_mean"] == pytest.approx(np.mean(values))
@@ -76,3 +78,21 @@ def test_render_all_writes_markdown_latex_csv(tmp_path: Path) -> None:
     assert sorted(p.name for p in written) == sorted(
         f"table_{i}.{ext}" for i in (1, 3) for ext in ("md", "tex", "csv"))
     assert "\\textbf" in (tmp_path / "results/smoke/tables/table_1.tex").read_text()
+
+
+def test_figures_draw_one_curve_per_setting(tmp_path: Path) -> None:
+    from analysis.figures import curves
+    from analysis.figures import render_all as render_figures
+
+    dirs = write_runs(tmp_path / "runs", load_spec("table_4"), "smoke")
+    rng = np.random.default_rng(0)
+    for d in dirs:
+        (d / "eval").mkdir()
+        np.savez(d / "eval" / "rtl.npz", rtl=1 + rng.random((4, 3)),
+                 timesteps=np.array([999, 666, 333]))
+    df = collect_runs(tmp_path / "runs" / "smoke")
+    found = curves(df, load_spec("figure_4"), "smoke", "rtl", "rtl")
+    assert len(found) == 6 and all(len(v) == 1 for v in found.values())
+    written = render_figures(tmp_path / "runs", "smoke", tmp_path / "results", ["figure_4"])
+    assert [p.suffix for p in written] == [".png", ".pdf"] and written[0].stat().st_size > 0
+    assert render_figures(tmp_path / "runs", "smoke", tmp_path / "results", ["figure_1"]) == []
