@@ -44,43 +44,75 @@ def _multirun(module: str, args: list[str]) -> None:
     subprocess.run(cmd, check=False)  # outcomes come from status files
 
 
-def train_stage(spec: Spec, tier: str, plan: TierPlan, extra: list[str]) -> list[Path]:
-    """Train every job of the spec (bases first); returns the job folders in grid order."""
+def base_stage(datasets: list[str], tier: str, plan: TierPlan, extra: list[str]
+               ) -> dict[str, Path]:
+    """The tier's base model of each dataset, trained once (one multirun over datasets)."""
+    def overrides(data: str) -> list[str]:
+        return [f"tier={tier}", "experiment=base", f"data={data}", *plan.base, *extra]
+
+    bases = {d: job_dir(overrides(d)) for d in datasets}
+    pending = [d for d, path in bases.items() if not runs.is_done(path)]
+    if pending:
+        _multirun("isodiff.train", overrides(",".join(pending)))
+    return bases
+
+
+def train_stage(spec: Spec, tier: str, plan: TierPlan, bases: dict[str, Path],
+                extra: list[str]) -> list[Path]:
+    """Train every job of the spec, one multirun per dataset; returns the job folders."""
     dirs: list[Path] = []
     for dataset in spec.datasets_for(tier):
         jobs = [j for j in expand(spec, tier) if j.dataset == dataset]
         common = [f"tier={tier}", *plan.finetune, *extra]
-        if plan.base is not None:
-            base = [f"tier={tier}", "experiment=base", f"data={dataset}", *plan.base, *extra]
-            base_dir = job_dir(base)
-            if not runs.is_done(base_dir):
-                _multirun("isodiff.train", base)
+        base_dir = bases.get(dataset)
+        if base_dir is not None:
             common.append(f"init_from='{base_dir}'")  # quoted: job folders hold '=' and ','
         common.append(f"experiment={dataset}")
         job_dirs = [job_dir([*common, *j.overrides]) for j in jobs]
-        if not all(runs.is_done(d) for d in job_dirs):
-            if plan.base is not None and not runs.is_done(base_dir):
-                log.error("base model %s is not done (%s): skipping %d jobs of %s", base_dir,
-                          (runs.read_status(base_dir) or {}).get("error"), len(jobs), dataset)
-            else:
-                _multirun("isodiff.train", [*common, *grid_overrides(spec, tier, dataset)])
         dirs += job_dirs
+        if all(runs.is_done(d) for d in job_dirs):
+            continue
+        if base_dir is not None and not runs.is_done(base_dir):
+            log.error("base model %s is not done (%s): skipping %d jobs of %s", base_dir,
+                      (runs.read_status(base_dir) or {}).get("error"), len(jobs), dataset)
+            continue
+        _multirun("isodiff.train", [*common, *grid_overrides(spec, tier, dataset)])
     return dirs
 
 
 def evaluate_stage(job_dirs: list[Path], preset: str, extra: list[str]) -> None:
-    done = [d for d in job_dirs if runs.is_done(d)]
+    """One multirun of isodiff.evaluate over the finished jobs (it skips computed metrics)."""
+    done = [d for d in dict.fromkeys(job_dirs) if runs.is_done(d)]
     if done:
         quoted = ",".join(f"'{d}'" for d in done)  # job folders hold '=' and ','
         _multirun("isodiff.evaluate", [f"run={quoted}", f"eval={preset}", *extra])
 
 
-def run_spec(spec: Spec, tier: str, extra: list[str]) -> dict[str, int]:
+def run_specs(specs: list[Spec], tier: str, extra: list[str]) -> dict[str, dict[str, int]]:
+    """Bases, then every spec's training, then one evaluation of all their jobs; returns
+    the job states per spec (from status files)."""
     plan = tier_plan(tier)
-    job_dirs = train_stage(spec, tier, plan, extra)
-    evaluate_stage(job_dirs, plan.eval, extra)
-    states = [(runs.read_status(d) or {}).get("state", "missing") for d in job_dirs]
-    return {s: states.count(s) for s in sorted(set(states))}
+    tables = list({s.name: s for s in (load_spec(s.source) if s.kind == "figure" else s
+                                       for s in specs)}.values())
+    datasets = list(dict.fromkeys(d for s in tables for d in s.datasets_for(tier)))
+    bases = base_stage(datasets, tier, plan, extra) if plan.base is not None else {}
+    job_dirs = {s.name: train_stage(s, tier, plan, bases, extra) for s in tables}
+    # Evaluation takes only the launcher overrides; the rest are training keys.
+    launch = [a for a in extra if a.startswith(("cluster=", "hydra/launcher=", "hydra.launcher."))]
+    evaluate_stage([d for dirs in job_dirs.values() for d in dirs], plan.eval, launch)
+    counts = {}
+    for name, dirs in job_dirs.items():
+        states = [_state(d) for d in dirs]
+        counts[name] = {s: states.count(s) for s in sorted(set(states))}
+    return counts
+
+
+def _state(run_dir: Path) -> str:
+    """done (trained and evaluated), not evaluated, or the training state."""
+    state = (runs.read_status(run_dir) or {}).get("state", "not run")
+    if state == runs.DONE and not (run_dir / "metrics.json").is_file():
+        return "not evaluated"
+    return state
 
 
 def main(argv: list[str]) -> int:
@@ -92,17 +124,14 @@ def main(argv: list[str]) -> int:
     tier = next((a.split("=", 1)[1] for a in rest if a.startswith("tier=")), "quick")
     extra = [a for a in rest if not a.startswith("tier=")]
     try:
-        specs = [load_spec(n) for n in names]
-        failed = 0
-        for spec in specs:
-            if spec.kind == "figure":  # drawn from its source spec's runs
-                spec = load_spec(spec.source)
-            counts = run_spec(spec, tier, extra)
-            log.info("%s (%s): %s", spec.name, tier, counts)
-            failed += sum(n for s, n in counts.items() if s != runs.DONE)
+        counts = run_specs([load_spec(n) for n in names], tier, extra)
     except UserError as err:
         print(f"isodiff.sweep: {err}", file=sys.stderr)
         return 2
+    failed = 0  # jobs not done and evaluated
+    for name, states in counts.items():
+        log.info("%s (%s): %s", name, tier, states)
+        failed += sum(n for s, n in states.items() if s != runs.DONE)
     return 1 if failed else 0
 
 
