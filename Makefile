@@ -10,7 +10,12 @@ TIER ?= quick
 CLUSTER ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint reproduce clean
+MAIN_SPECS := table_1
+ABLATION_SPECS := table_2 table_3 table_4
+# CLUSTER=<profile> sends every job through that conf/cluster profile (SLURM or local).
+LAUNCH := $(if $(CLUSTER),cluster=$(CLUSTER),)
+
+.PHONY: install test test-fast lint reproduce sweep sweep-ablations tables figures bench clean
 
 install: $(STAMP)
 
@@ -36,10 +41,37 @@ test-fast: install
 lint: install
 	$(VENV)/bin/ruff check isodiff analysis tests
 
-# The quick tier, offline, end to end.
+# The quick tier, offline, end to end: every spec, then every table. A failed job does not
+# stop the others; it is listed under its table and makes the target fail at the end.
 reproduce: install
-	$(PY) -m isodiff.train tier=quick
-	$(PY) -m analysis.collect runs/quick
+	@start=$$(date +%s); \
+	$(PY) -m isodiff.sweep $(MAIN_SPECS) $(ABLATION_SPECS) tier=quick cluster=local_pool; \
+	status=$$?; \
+	$(PY) -m analysis.tables tier=quick || status=1; \
+	$(PY) -m analysis.figures tier=quick || status=1; \
+	$(PY) -m isodiff.toy || status=1; \
+	echo "reproduce: $$(( ($$(date +%s) - start) / 60 )) min; tables in results/quick/tables/," \
+	     "figures in results/quick/figures/"; \
+	exit $$status
+
+sweep: install
+	$(PY) -m isodiff.sweep $(MAIN_SPECS) tier=$(TIER) $(LAUNCH)
+
+sweep-ablations: install
+	$(PY) -m isodiff.sweep $(ABLATION_SPECS) tier=$(TIER) $(LAUNCH)
+
+tables: install
+	$(PY) -m analysis.tables tier=$(TIER)
+
+figures: install
+	$(PY) -m analysis.figures tier=$(TIER)
+
+# Speed and memory targets, as ratios measured in one run, written to results/bench/:
+# regulariser step cost, metric-suite overhead over sampling, collect + render of 1,000 runs.
+bench: install
+	$(PY) -m isodiff.bench --out results/bench
+	$(PY) -m isodiff.bench_eval --out results/bench
+	$(PY) -m analysis.bench_tables out=results/bench
 
 clean:
 	rm -rf $(VENV) outputs multirun runs results .pytest_cache .ruff_cache

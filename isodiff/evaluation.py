@@ -1,0 +1,191 @@
+"""Evaluate one finished run: every enabled metric, recorded with its protocol.
+
+    <run>/metrics.json   {"run": ..., "metrics": {<name>: {"values": {...},
+                          "protocol": {...}, "provenance": {...}, "arrays": "eval/<name>.npz"}}}
+    <run>/eval/<name>.npz   per-sample arrays for figures
+
+A metric whose stored protocol matches the requested one is skipped (idempotent); metrics.json
+is rewritten atomically after each metric, so an interrupted evaluation keeps what it
+finished. Only runs whose status is `done` are evaluated.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from isodiff.config import ConfigError, to_train_config
+from isodiff.metrics import fid, interp, inversion, jacobian, ppl, rtl, separability
+from isodiff.metrics.common import EvalContext, MetricResult, protocol_of
+from isodiff.models import load_unet, resolve_checkpoint
+from isodiff.runs import DONE, atomic_write_json, read_json, read_status
+
+log = logging.getLogger(__name__)
+
+# name -> the module's evaluate; the name is also the config section of conf/eval/*.yaml
+METRICS: dict[str, Callable[[EvalContext, Any], MetricResult]] = {
+    "fid": fid.evaluate, "ppl": ppl.evaluate, "rtl": rtl.evaluate, "interp": interp.evaluate,
+    "jacobian": jacobian.evaluate, "separability": separability.evaluate,
+    "inversion": inversion.evaluate,
+}
+PACKAGES = ("isodiff", "torch", "diffusers", "clean-fid", "lpips", "numpy", "scipy",
+            "scikit-learn")
+
+
+@dataclass
+class EvalConfig:
+    """One preset of conf/eval/: per-metric sample counts and DDIM steps."""
+
+    name: str = "quick"
+    fid: fid.FIDConfig = field(default_factory=fid.FIDConfig)
+    ppl: ppl.PPLConfig = field(default_factory=ppl.PPLConfig)
+    rtl: rtl.RTLConfig = field(default_factory=rtl.RTLConfig)
+    interp: interp.InterpConfig = field(default_factory=interp.InterpConfig)
+    jacobian: jacobian.JacobianConfig = field(default_factory=jacobian.JacobianConfig)
+    separability: separability.SeparabilityConfig = field(
+        default_factory=separability.SeparabilityConfig)
+    inversion: inversion.InversionConfig = field(default_factory=inversion.InversionConfig)
+
+
+@dataclass
+class EvaluateConfig:
+    run: str = MISSING  # a run directory whose status is done
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ema: bool = True  # the EMA weights (final/unet_ema) when the run has them
+    seed: int = 0  # sample i of every metric is seeded by (seed, i)
+    batch_size: int = 64
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    metrics: list[str] | None = None  # only these (default: every enabled one)
+    refs_dir: str | None = None  # dataset-level caches; default <run>/../../_refs
+    force: bool = False  # recompute even when the stored protocol matches
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if unknown := set(self.metrics or ()) - set(METRICS):
+            raise ConfigError(f"metrics: unknown {sorted(unknown)}; use {list(METRICS)}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
+
+
+def register_schemas() -> None:
+    ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
+
+
+def to_evaluate_config(cfg: DictConfig) -> EvaluateConfig:
+    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvaluateConfig), cfg))
+
+
+def _json_normal(obj: Any) -> Any:
+    """obj as it reads back from metrics.json (tuples -> lists, int keys -> str)."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _provenance() -> dict[str, Any]:
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    here = Path(__file__).resolve().parent
+    git = None
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], check=True,
+                                capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--", "."],
+                               check=True, capture_output=True, text=True).stdout.strip()
+        git = {"commit": commit, "dirty": bool(dirty)}
+    except (OSError, subprocess.CalledProcessError):
+        pass  # not a git checkout, or no commit yet
+    return {"packages": versions, "git": git}
+
+
+def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+    os.close(fd)
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_context(cfg: EvaluateConfig) -> tuple[EvalContext, dict[str, Any]]:
+    """The run's model and data as an EvalContext, and the protocol fields all metrics share.
+
+    Refuses a run that is not done (ConfigError naming the state and the fix).
+    """
+    run_dir = Path(cfg.run).expanduser()
+    status = read_status(run_dir)
+    if status is None or status.get("state") != DONE:
+        state = "missing (no status.json)" if status is None else status.get("state")
+        raise ConfigError(f"run={cfg.run!r}: status is {state}; only a finished run can be "
+                          "evaluated: train it first (python -m isodiff.train ...), or pass "
+                          "the directory of a run whose status.json says done")
+    train_cfg = to_train_config(OmegaConf.load(run_dir / "config.yaml"))
+    _, subfolder = resolve_checkpoint(str(run_dir), cfg.ema)
+    unet = load_unet(str(run_dir), ema=cfg.ema).to(_device(cfg.device))
+    refs_dir = Path(cfg.refs_dir) if cfg.refs_dir else run_dir.parent.parent / "_refs"
+    ctx = EvalContext(unet, train_cfg.diffusion, train_cfg.data, seed=cfg.seed,
+                      batch_size=cfg.batch_size, refs_dir=refs_dir, progress=cfg.progress)
+    common = {"seed": cfg.seed, "weights": f"final/{subfolder}",
+              "ema": subfolder == "unet_ema", "sampler": "DDIM eta=0 fp32", "data": ctx.data_key}
+    return ctx, common
+
+
+def evaluate_run(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Compute every selected metric not already stored with the same protocol; returns
+    the content of metrics.json."""
+    ctx, common = build_context(cfg)
+    run_dir = Path(cfg.run).expanduser()
+    path = run_dir / "metrics.json"
+    record = read_json(path) or {"run": str(run_dir), "metrics": {}}
+    names = cfg.metrics or [n for n in METRICS if getattr(cfg.eval, n).enabled]
+    provenance = _provenance()
+    for name in names:
+        metric_cfg = getattr(cfg.eval, name)
+        request = _json_normal({**common, **protocol_of(metric_cfg)})
+        stored = record["metrics"].get(name, {}).get("protocol", {})
+        if not cfg.force and all(stored.get(k) == v for k, v in request.items()):
+            log.info("%s: up to date with this protocol, skipped", name)
+            continue
+        log.info("%s: computing", name)
+        start, sampling = time.perf_counter(), ctx.sampling_seconds
+        result = METRICS[name](ctx, metric_cfg)
+        arrays = None
+        if result.arrays:
+            _save_arrays(run_dir / "eval" / f"{name}.npz", result.arrays)
+            arrays = f"eval/{name}.npz"
+        record["metrics"][name] = _json_normal({
+            "values": result.values,
+            "protocol": {**request, **result.protocol},
+            "provenance": {**result.provenance, **provenance, "device": str(ctx.device),
+                           "seconds": time.perf_counter() - start,
+                           "sampling_seconds": ctx.sampling_seconds - sampling,
+                           "evaluated": dt.datetime.now(dt.timezone.utc).isoformat(
+                               timespec="seconds")},
+            "arrays": arrays,
+        })
+        atomic_write_json(path, record)
+        log.info("%s: %s", name, result.values)
+    return record

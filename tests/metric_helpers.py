@@ -1,0 +1,23 @@
+"""A tiny evaluation context for metric tests: random 16 px U-Net, shapes data, random-trunk
+LPIPS (fast; its distances are not LPIPS, which these tests do not need)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from isodiff.config import DataConfig, DiffusionConfig, ModelConfig
+from isodiff.metrics.common import EvalContext
+from isodiff.models import HUNet, build_unet
+
+
+def tiny_unet(seed: int = 0) -> HUNet:
+    torch.manual_seed(seed)
+    return build_unet(ModelConfig(sample_size=16, block_out_channels=[16, 32])).eval()
+
+
+def tiny_context(refs_dir: Path, batch_size: int = 16, unet: HUNet | None = None) -> EvalContext:
+    return EvalContext(unet or tiny_unet(), DiffusionConfig(),
+                       DataConfig(resolution=16, size=64), seed=0, batch_size=batch_size,
+                       refs_dir=refs_dir, random_lpips=True)

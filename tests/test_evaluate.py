@@ -1,0 +1,77 @@
+"""`python -m isodiff.evaluate`: presets compose, unfinished runs are refused, and a trained
+smoke run gets every metric, recorded with its protocol, once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from isodiff import evaluation
+from isodiff.config import ConfigError
+from isodiff.evaluation import METRICS, EvaluateConfig, evaluate_run, to_evaluate_config
+from tests.conftest import CONF, run_cli, run_train_job
+
+evaluation.register_schemas()
+
+
+def compose_evaluate(overrides: list[str]) -> EvaluateConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base=None):
+        return to_evaluate_config(compose("evaluate", overrides=overrides))
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "eval").glob("*.yaml")))
+def test_every_eval_preset_composes(preset: str) -> None:
+    cfg = compose_evaluate(["run=/nowhere", f"eval={preset}"])
+    assert cfg.eval.name == preset
+    assert all(hasattr(cfg.eval, name) for name in METRICS)
+
+
+def test_bad_options_name_the_key() -> None:
+    with pytest.raises(ConfigError, match="metrics"):
+        compose_evaluate(["run=/nowhere", "metrics=[fid,nonsense]"])
+    with pytest.raises(ConfigError, match="eval.fid.mode"):
+        compose_evaluate(["run=/nowhere", "eval.fid.mode=sharp"])
+
+
+def test_a_run_that_is_not_done_is_refused(tmp_path: Path) -> None:
+    run = tmp_path / "job"
+    run.mkdir()
+    (run / "status.json").write_text(json.dumps({"state": "running"}))
+    result = run_cli("isodiff.evaluate", f"run={run}", "eval=smoke")
+    assert result.returncode == 2
+    assert "status is running" in result.stderr + result.stdout
+    assert not (run / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_smoke_run_end_to_end(run_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Train the smoke tier, evaluate every metric with real metric weights, then again:
+    the second pass recomputes nothing."""
+    status, run_dir = run_train_job([], run_root)
+    assert status["state"] == "done"
+    cfg = compose_evaluate([f"run={run_dir}", "eval=smoke", "progress=false"])
+    record = evaluate_run(cfg)
+    assert set(record["metrics"]) == set(METRICS)
+    stored = json.loads((run_dir / "metrics.json").read_text())
+    assert stored == record
+    for name, entry in stored["metrics"].items():
+        protocol, provenance = entry["protocol"], entry["provenance"]
+        assert {"seed", "ema", "weights", "sampler"} <= set(protocol), name
+        assert provenance["packages"]["torch"] and "seconds" in provenance
+        assert "random-trunk" not in json.dumps(provenance), name
+        if entry["arrays"]:
+            assert (run_dir / entry["arrays"]).is_file()
+    assert stored["metrics"]["fid"]["protocol"]["n"] == 16
+    assert stored["metrics"]["rtl"]["values"]["mrtl"] >= 1
+    assert list((run_root / "smoke" / "_refs").glob("fid-*.npz"))
+
+    def fail(*args: object) -> None:
+        raise AssertionError("recomputed a metric stored with the same protocol")
+
+    monkeypatch.setattr(evaluation, "METRICS", dict.fromkeys(METRICS, fail))
+    assert evaluate_run(cfg) == record

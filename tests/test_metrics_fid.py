@@ -1,0 +1,56 @@
+"""FID: the Frechet distance against closed forms and clean-fid, features through clean-fid."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from cleanfid.fid import frechet_distance as cleanfid_frechet_distance
+
+from isodiff import assets
+from isodiff.metrics.fid import frechet_distance, gaussian_stats, inception_features, to_uint8
+
+
+def _spd(rng: np.random.Generator, d: int) -> np.ndarray:
+    a = rng.normal(size=(d, d))
+    return a @ a.T / d + 0.1 * np.eye(d)
+
+
+def test_fid_of_a_feature_set_with_itself_is_zero() -> None:
+    features = np.random.default_rng(0).normal(size=(500, 16))
+    mu, sigma = gaussian_stats(features)
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-8
+
+
+def test_fid_of_two_gaussians_is_the_analytic_frechet_distance() -> None:
+    """Diagonal covariances: d^2 = |mu1 - mu2|^2 + sum_i (sqrt(a_i) - sqrt(b_i))^2."""
+    rng = np.random.default_rng(1)
+    mu1, mu2 = rng.normal(size=8), rng.normal(size=8)
+    a, b = rng.uniform(0.1, 3, 8), rng.uniform(0.1, 3, 8)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_distance_agrees_with_clean_fid() -> None:
+    rng = np.random.default_rng(2)
+    mu1, mu2, s1, s2 = rng.normal(size=32), rng.normal(size=32), _spd(rng, 32), _spd(rng, 32)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(
+        cleanfid_frechet_distance(mu1, s1, mu2, s2), rel=1e-9)
+
+
+def test_images_are_quantised_like_an_image_file() -> None:
+    images = torch.tensor([-1.0, -0.999, 0.0, 1.0, 2.0]).reshape(1, 1, 1, 5)
+    pixels = to_uint8(images)
+    assert pixels.shape == (1, 1, 5, 3) and pixels.dtype == np.uint8
+    assert pixels[0, 0, :, 0].tolist() == [0, 0, 128, 255, 255]
+
+
+@pytest.mark.parametrize("mode", ["clean", "legacy_tensorflow"])
+def test_clean_fid_runs_on_the_offline_inception(mode: str) -> None:
+    model = assets.inception(mode).module
+    images = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    features = inception_features(images, model, mode)
+    assert features.shape == (3, 2048) and np.isfinite(features).all()
+    # The same images give the same features; different images do not.
+    assert np.allclose(inception_features(images[:1], model, mode), features[:1], atol=1e-4)
+    assert not np.allclose(features[0], features[1], atol=1e-3)

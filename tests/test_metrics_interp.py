@@ -1,0 +1,52 @@
+"""Adjacent-frame distances and their summary; interpolation of a tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from isodiff.metrics.common import path_points
+from isodiff.metrics.interp import InterpConfig, adjacent_distances, evaluate, smoothness
+from tests.metric_helpers import tiny_context
+
+
+def _l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a - b).flatten(1).norm(dim=1)
+
+
+def test_adjacent_distances_of_uniform_motion_are_constant() -> None:
+    x0, x1 = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
+    x1[1] *= 3
+    frames = path_points(x0, x1, 5, "lerp").reshape(2, 5, 1, 2, 2)
+    d = adjacent_distances(frames, _l2)
+    np.testing.assert_allclose(d, [[0.5] * 4, [1.5] * 4], rtol=1e-6)
+
+
+def test_smoothness_summary() -> None:
+    d = np.array([[1.0, 2.0, 3.0], [3.0, 3.0, 3.0]])
+    summary = smoothness(d)
+    assert summary["mean"] == pytest.approx(2.5)
+    assert summary["std"] == pytest.approx(np.std([1, 2, 3]) / 2)
+    assert summary["max"] == pytest.approx(3.0)
+
+
+def test_slerp_frames_keep_the_norm_and_lerp_frames_do_not() -> None:
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1, 3, 8, 8, generator=g)
+    x1 = torch.randn(1, 3, 8, 8, generator=g)
+    x1 = x1 * x0.norm() / x1.norm()
+    norms = {p: path_points(x0, x1, 11, p).flatten(1).norm(dim=1) for p in ("slerp", "lerp")}
+    torch.testing.assert_close(norms["slerp"], torch.full((11,), float(x0.norm())))
+    assert norms["lerp"][5] < 0.8 * x0.norm()
+
+
+def test_interpolation_of_a_model(tmp_path: Path) -> None:
+    result = evaluate(tiny_context(tmp_path, batch_size=8),
+                      InterpConfig(pairs=2, frames=5, steps=2, net="alex"))
+    for path in ("slerp", "lerp"):
+        assert result.arrays[f"{path}_adjacent"].shape == (2, 4)
+        assert result.values[f"{path}_max"] >= result.values[f"{path}_mean"] > 0
+    assert result.provenance["weights"] == "lpips-v0.1-alex/random-trunk"

@@ -1,0 +1,129 @@
+"""DDIM sampling, inversion and h-editing against diffusers' schedulers, and per-sample seeds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMInverseScheduler
+
+from isodiff.config import DiffusionConfig, ModelConfig
+from isodiff.diffusion import build_ddim
+from isodiff.models import HUNet, build_unet
+from isodiff.sampling import DDIM, HEdit, ddim_schedule, ddim_step, latents
+
+CFG = DiffusionConfig()
+SHAPE = (3, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def unet() -> HUNet:
+    torch.manual_seed(0)
+    return build_unet(ModelConfig(sample_size=16, block_out_channels=[16, 32])).eval()
+
+
+def _diffusers_loop(unet: HUNet, scheduler, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t).sample, t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("steps", [1, 7, 50])
+def test_ddim_step_matches_diffusers_schedulers(steps: int) -> None:
+    """Tolerance 1e-5: diffusers keeps alpha_bar in float32, ddim_schedule in float64."""
+    schedule = ddim_schedule(CFG, steps)
+    forward, inverse = build_ddim(CFG), DDIMInverseScheduler.from_config(build_ddim(CFG).config)
+    forward.set_timesteps(steps)
+    inverse.set_timesteps(steps)
+    assert torch.equal(schedule.timesteps, forward.timesteps)
+    assert torch.equal(schedule.timesteps.flip(0), inverse.timesteps)
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(2, *SHAPE, generator=g), torch.randn(2, *SHAPE, generator=g)
+    for k, t in enumerate(schedule.timesteps):
+        a, a_prev = float(schedule.alpha_bar[k]), float(schedule.alpha_bar_prev[k])
+        torch.testing.assert_close(ddim_step(x, eps, a, a_prev),
+                                   forward.step(eps, t, x, eta=0.0).prev_sample,
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ddim_step(x, eps, a_prev, a),
+                                   inverse.step(eps, t, x).prev_sample, atol=1e-5, rtol=1e-5)
+
+
+def test_sample_and_invert_match_diffusers_loops(unet: HUNet) -> None:
+    """Whole trajectories (5 steps) against DDIMScheduler / DDIMInverseScheduler: 1e-4."""
+    x_T = latents(0, range(3), SHAPE)
+    ddim = DDIM(unet, CFG, steps=5)
+    forward, inverse = build_ddim(CFG), DDIMInverseScheduler.from_config(build_ddim(CFG).config)
+    forward.set_timesteps(5)
+    inverse.set_timesteps(5)
+    torch.testing.assert_close(ddim.sample(x_T).x, _diffusers_loop(unet, forward, x_T),
+                               atol=1e-4, rtol=1e-4)
+    x_0 = torch.rand(3, *SHAPE, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    torch.testing.assert_close(ddim.invert(x_0).x, _diffusers_loop(unet, inverse, x_0),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_inversion_is_exact_when_eps_does_not_depend_on_x() -> None:
+    """With eps constant in x (zero output conv) DDIM is affine and inversion exact."""
+    torch.manual_seed(0)
+    unet = build_unet(ModelConfig(sample_size=16, block_out_channels=[16, 32])).eval()
+    with torch.no_grad():
+        unet.conv_out.weight.zero_()
+        unet.conv_out.bias.normal_()
+    ddim = DDIM(unet, CFG, steps=10)
+    x_0 = torch.rand(2, *SHAPE, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    torch.testing.assert_close(ddim.sample(ddim.invert(x_0).x).x, x_0, atol=1e-4, rtol=0)
+
+
+def test_latents_are_per_sample() -> None:
+    full = latents(7, range(16), SHAPE)
+    parts = torch.cat([latents(7, range(i, i + 4), SHAPE) for i in range(0, 16, 4)])
+    assert torch.equal(full, parts)
+    assert torch.equal(latents(7, [5], SHAPE)[0], full[5])
+    assert not torch.equal(latents(8, range(16), SHAPE), full)
+
+
+def test_samples_do_not_depend_on_batch_size(unet: HUNet) -> None:
+    x_T = latents(0, range(16), SHAPE)
+    small = DDIM(unet, CFG, steps=3, batch_size=4).sample(x_T, return_h=True)
+    large = DDIM(unet, CFG, steps=3, batch_size=16).sample(x_T, return_h=True)
+    # Same inputs bitwise (test_latents_are_per_sample); oneDNN's conv kernels may differ by
+    # batch size and thread count in the last bits.
+    torch.testing.assert_close(small.x, large.x, rtol=0, atol=1e-4)
+    torch.testing.assert_close(small.h, large.h, rtol=0, atol=1e-4)
+
+
+def test_h_is_recorded_at_every_step(unet: HUNet) -> None:
+    x_T = latents(0, range(2), SHAPE)
+    ddim = DDIM(unet, CFG, steps=4)
+    run = ddim.sample(x_T, return_h=True)
+    h_T = unet.encode_h(x_T, int(ddim.schedule.timesteps[0]))
+    assert run.h.shape == (4, 2, h_T[0].numel())
+    torch.testing.assert_close(run.h[0], h_T.flatten(1).detach())
+    assert ddim.trajectories == 2 and ddim.seconds > 0
+
+
+def test_h_edit_follows_asyrps_asymmetric_process(unet: HUNet) -> None:
+    x_T = latents(0, range(2), SHAPE)
+    ddim = DDIM(unet, CFG, steps=4)
+    plain = ddim.sample(x_T, return_h=True)
+    # Replacing h by the run's own h, or offsetting by 0, changes nothing (up to rounding:
+    # the replaced h is a copy with another memory layout).
+    torch.testing.assert_close(ddim.sample(x_T, edit=HEdit(replace=plain.h)).x, plain.x,
+                               atol=1e-4, rtol=1e-4)
+    assert torch.equal(ddim.sample(x_T, edit=HEdit(offset=torch.zeros(1, plain.h.shape[2]))).x,
+                       plain.x)
+    offset = torch.randn(1, plain.h.shape[2], generator=torch.Generator().manual_seed(2))
+    # An edit window past the first timestep leaves the sample unedited.
+    assert torch.equal(ddim.sample(x_T, edit=HEdit(offset=offset, t_edit=1000)).x, plain.x)
+    # One step by hand: x0 predicted with eps(h + dh), direction with the model's own eps.
+    one = DDIM(unet, CFG, steps=1)
+    t = int(one.schedule.timesteps[0])
+    with torch.no_grad():
+        h, skips, emb, ts = unet.encode(x_T, t)
+        eps = unet.decode(h, skips, emb, ts)
+        eps_edit = unet.decode(h + offset.reshape(1, *h.shape[1:]), skips, emb, ts)
+    a, a_prev = float(one.schedule.alpha_bar[0]), float(one.schedule.alpha_bar_prev[0])
+    x0_edit = (x_T - (1 - a) ** 0.5 * eps_edit) / a ** 0.5
+    expected = a_prev ** 0.5 * x0_edit + (1 - a_prev) ** 0.5 * eps
+    torch.testing.assert_close(one.sample(x_T, edit=HEdit(offset=offset)).x, expected)
+    assert not torch.allclose(one.sample(x_T, edit=HEdit(offset=offset)).x, one.sample(x_T).x)
