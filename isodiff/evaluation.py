@@ -15,9 +15,7 @@ import datetime as dt
 import importlib.metadata
 import json
 import logging
-import os
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +27,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from isodiff.assets import atomic_save
 from isodiff.config import ConfigError, to_train_config
 from isodiff.metrics import fid, interp, inversion, jacobian, ppl, rtl, separability
 from isodiff.metrics.common import EvalContext, MetricResult, protocol_of
@@ -116,14 +115,6 @@ def _provenance() -> dict[str, Any]:
     return {"packages": versions, "git": git}
 
 
-def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-    os.close(fd)
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -174,7 +165,8 @@ def evaluate_run(cfg: EvaluateConfig) -> dict[str, Any]:
         result = METRICS[name](ctx, metric_cfg)
         arrays = None
         if result.arrays:
-            _save_arrays(run_dir / "eval" / f"{name}.npz", result.arrays)
+            atomic_save(run_dir / "eval" / f"{name}.npz",
+                        lambda tmp, arrays=result.arrays: np.savez(tmp, **arrays))
             arrays = f"eval/{name}.npz"
         record["metrics"][name] = _json_normal({
             "values": result.values,

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from isodiff.assets import atomic_save
 from isodiff.config import ConfigError
 from isodiff.metrics.common import EvalContext
 from isodiff.runs import atomic_write_json, config_hash
@@ -161,8 +162,7 @@ def attribute_model(ctx: EvalContext, cfg: AttributeConfig) -> AttributeModel:
         net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         return AttributeModel(net.to(ctx.device), attributes, meta["heldout"])
     model = _train(ctx, cfg)
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.net.state_dict(), weights)
+    atomic_save(weights, lambda tmp: torch.save(model.net.state_dict(), tmp))
     atomic_write_json(report, {"attributes": [dataclasses.asdict(a) for a in model.attributes],
                                "heldout": model.report})
     log.info("attribute predictor cached in %s (held-out: %s)", weights, model.report)

@@ -10,8 +10,6 @@ generated images stay in memory. Compare FID only at equal N and reference.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,11 +101,7 @@ def reference_stats(ctx: EvalContext, cfg: FIDConfig, model: torch.nn.Module
     features = np.concatenate([inception_features(images, model, cfg.mode) for images
                                in ctx.real_batches(cfg.ref_split, cfg.ref_n, "eval.fid.ref_n")])
     mu, sigma = gaussian_stats(features)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-    os.close(fd)
-    np.savez(tmp, mu=mu, sigma=sigma)
-    os.replace(tmp, path)
+    assets.atomic_save(path, lambda tmp: np.savez(tmp, mu=mu, sigma=sigma))
     log.info("FID reference statistics cached in %s", path)
     return mu, sigma, str(path)
 
