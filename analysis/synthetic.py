@@ -44,7 +44,7 @@ def write_runs(root: Path, spec: Spec, tier: str, rng_seed: int = 0,
         (run_dir / "status.json").write_text(json.dumps(state))
         if i not in fail:
             metrics = {"metrics": {m: {"values": {m: float(rng.uniform(1, 2))}}
-                                   for m in spec.metrics}}
+                                   for m in spec.metrics_for(tier)}}
             (run_dir / "metrics.json").write_text(json.dumps(metrics))
         dirs.append(run_dir)
     return dirs

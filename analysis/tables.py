@@ -86,7 +86,7 @@ def build_table(df: pd.DataFrame, spec: Spec, tier: str) -> Table:
     numbers = pd.DataFrame(index=pd.Index(order, name="row"))
     display = pd.DataFrame(index=pd.Index(order, name="row"))
     per_row = merged.groupby("_label", sort=False).size()
-    for metric in spec.metrics:
+    for metric in spec.metrics_for(tier):
         values = merged[["_label"]].assign(v=pd.to_numeric(
             merged.get(metric, pd.Series(np.nan, index=merged.index)), errors="coerce"))
         stats = values.groupby("_label", sort=False)["v"].agg(["mean", "std", "count"])

@@ -42,6 +42,12 @@ METRICS: dict[str, Callable[[EvalContext, Any], MetricResult]] = {
     "jacobian": jacobian.evaluate, "separability": separability.evaluate,
     "inversion": inversion.evaluate,
 }
+# Which metric writes a value of metrics.json, by name or name prefix: the values a spec
+# shows say which metrics its jobs need (tests check it against a real evaluation).
+VALUE_PREFIXES = {"fid": "fid", "ppl_": "ppl", "mrtl": "rtl", "rtl_": "rtl", "slerp_": "interp",
+                  "lerp_": "interp", "mcn_": "jacobian", "vor_": "jacobian",
+                  "ls_": "separability", "error_": "separability", "mse": "inversion",
+                  "psnr": "inversion", "lpips": "inversion"}
 PACKAGES = ("isodiff", "torch", "diffusers", "clean-fid", "lpips", "numpy", "scipy",
             "scikit-learn")
 
@@ -79,6 +85,19 @@ class EvaluateConfig:
             raise ConfigError(f"metrics: unknown {sorted(unknown)}; use {list(METRICS)}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
+
+
+def metric_of(value: str) -> str:
+    """The metric (a key of METRICS) that computes `value`; a metric's own name stands for
+    itself (figure specs name the metric whose arrays they draw)."""
+    if value in METRICS:
+        return value
+    for prefix, metric in VALUE_PREFIXES.items():
+        if value.startswith(prefix):
+            return metric
+    raise ConfigError(f"{value!r} is computed by no metric of isodiff.evaluate: name a value "
+                      f"of metrics.json (prefixes {list(VALUE_PREFIXES)}) or a metric "
+                      f"({list(METRICS)})")
 
 
 def register_schemas() -> None:

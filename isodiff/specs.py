@@ -34,10 +34,11 @@ class TierPlan:
 
 @dataclass
 class SpecTier:
-    """Per-tier replacements of a spec's datasets and grid axes."""
+    """Per-tier replacements of a spec's datasets, grid axes and metrics."""
 
     datasets: list[str] | None = None
     grid: dict[str, list[Any]] = field(default_factory=dict)
+    metrics: list[str] | None = None
 
 
 @dataclass
@@ -49,7 +50,7 @@ class Spec:
     overrides: list[str] = field(default_factory=list)
     grid: dict[str, list[Any]] = field(default_factory=dict)
     tiers: dict[str, SpecTier] = field(default_factory=dict)
-    metrics: list[str] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=list)  # values shown; a figure: its metric
     rows: list[str] = field(default_factory=list)  # config keys that make a row
     row_labels: dict[str, str] = field(default_factory=dict)  # "k=v,k=v" -> label
     lower_is_better: dict[str, bool] = field(default_factory=dict)
@@ -62,6 +63,10 @@ class Spec:
     def datasets_for(self, tier: str) -> list[str]:
         override = self.tiers.get(tier)
         return override.datasets if override and override.datasets else self.datasets
+
+    def metrics_for(self, tier: str) -> list[str]:
+        override = self.tiers.get(tier)
+        return override.metrics if override and override.metrics else self.metrics
 
     def grid_for(self, tier: str) -> dict[str, list[Any]]:
         override = self.tiers.get(tier)

@@ -1,15 +1,17 @@
 """`python -m isodiff.sweep <spec> [tier=quick] [launcher overrides]`: run a spec end to end.
 
 For each dataset: the tier's base model (trained once, shared by every spec), then the
-spec's grid as one Hydra multirun of isodiff.train fine-tuned from it, then one multirun
-of isodiff.evaluate over the finished jobs. Launcher overrides (`cluster=slurm_local`,
-`hydra/launcher=submitit_local`, ...) go to both multiruns. Idempotent: finished jobs and
-computed metrics are skipped by the jobs themselves; a grid whose jobs are all done is not
-launched at all. Job outcomes are read from status files, never from exit codes.
+spec's grid as one Hydra multirun of isodiff.train fine-tuned from it, then isodiff.evaluate
+of the finished jobs on the metrics their specs show (and their figures draw).
+Launcher overrides (`cluster=slurm_local`, `hydra/launcher=submitit_local`, ...) go to
+both stages. Idempotent: finished jobs and computed metrics are skipped by the jobs
+themselves; a grid whose jobs are all done is not launched at all. Job outcomes are read
+from status files, never from exit codes.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import subprocess
 import sys
@@ -21,7 +23,17 @@ from hydra.core.hydra_config import HydraConfig
 
 from isodiff import runs
 from isodiff.config import UserError
-from isodiff.specs import EXPERIMENTS, Spec, TierPlan, expand, grid_overrides, load_spec, tier_plan
+from isodiff.evaluation import METRICS, metric_of
+from isodiff.specs import (
+    EXPERIMENTS,
+    Spec,
+    TierPlan,
+    all_specs,
+    expand,
+    grid_overrides,
+    load_spec,
+    tier_plan,
+)
 
 log = logging.getLogger("isodiff.sweep")
 CONF = EXPERIMENTS.parent / "conf"
@@ -80,12 +92,34 @@ def train_stage(spec: Spec, tier: str, plan: TierPlan, bases: dict[str, Path],
     return dirs
 
 
-def evaluate_stage(job_dirs: list[Path], preset: str, extra: list[str]) -> None:
-    """One multirun of isodiff.evaluate over the finished jobs (it skips computed metrics)."""
-    done = [d for d in dict.fromkeys(job_dirs) if runs.is_done(d)]
-    if done:
-        quoted = ",".join(f"'{d}'" for d in done)  # job folders hold '=' and ','
-        _multirun("isodiff.evaluate", [f"run={quoted}", f"eval={preset}", *extra])
+def evaluation_metrics(table: Spec, tier: str) -> set[str]:
+    """The isodiff.evaluate metrics a table's jobs need at this tier: those of its values
+    and of every figure drawn from its runs."""
+    figures = [s for s in all_specs() if s.kind == "figure" and s.source == table.name]
+    return {metric_of(value) for spec in (table, *figures) for value in spec.metrics_for(tier)}
+
+
+def _interleaved(dirs: list[Path]) -> list[Path]:
+    """Job folders with their datasets (parent folders) taken in turn: jobs that start
+    together then build different datasets' caches (FID statistics, attribute
+    classifiers) instead of waiting for one."""
+    by_dataset: dict[Path, list[Path]] = {}
+    for d in dirs:
+        by_dataset.setdefault(d.parent, []).append(d)
+    return [d for turn in itertools.zip_longest(*by_dataset.values()) for d in turn if d]
+
+
+def evaluate_stage(jobs: dict[Path, set[str]], preset: str, extra: list[str]) -> None:
+    """isodiff.evaluate of every finished job on the metrics it needs: one multirun per set
+    of metrics (the jobs skip metrics already computed)."""
+    groups: dict[tuple[str, ...], list[Path]] = {}
+    for run_dir, metrics in jobs.items():
+        if runs.is_done(run_dir):
+            groups.setdefault(tuple(m for m in METRICS if m in metrics), []).append(run_dir)
+    for metrics, dirs in groups.items():
+        quoted = ",".join(f"'{d}'" for d in _interleaved(dirs))  # folders hold '=' and ','
+        _multirun("isodiff.evaluate", [f"run={quoted}", f"eval={preset}",
+                                       f"metrics=[{','.join(metrics)}]", *extra])
 
 
 def run_specs(specs: list[Spec], tier: str, extra: list[str]) -> dict[str, dict[str, int]]:
@@ -97,9 +131,13 @@ def run_specs(specs: list[Spec], tier: str, extra: list[str]) -> dict[str, dict[
     datasets = list(dict.fromkeys(d for s in tables for d in s.datasets_for(tier)))
     bases = base_stage(datasets, tier, plan, extra) if plan.base is not None else {}
     job_dirs = {s.name: train_stage(s, tier, plan, bases, extra) for s in tables}
+    needs: dict[Path, set[str]] = {}
+    for spec in tables:
+        for run_dir in job_dirs[spec.name]:
+            needs.setdefault(run_dir, set()).update(evaluation_metrics(spec, tier))
     # Evaluation takes only the launcher overrides; the rest are training keys.
     launch = [a for a in extra if a.startswith(("cluster=", "hydra/launcher=", "hydra.launcher."))]
-    evaluate_stage([d for dirs in job_dirs.values() for d in dirs], plan.eval, launch)
+    evaluate_stage(needs, plan.eval, launch)
     counts = {}
     for name, dirs in job_dirs.items():
         states = [_state(d) for d in dirs]

@@ -66,6 +66,8 @@ def test_smoke_run_end_to_end(run_root: Path, monkeypatch: pytest.MonkeyPatch) -
         assert "random-trunk" not in json.dumps(provenance), name
         if entry["arrays"]:
             assert (run_dir / entry["arrays"]).is_file()
+        # the sweep finds a value's metric by name: every value of every metric maps back
+        assert {evaluation.metric_of(value) for value in entry["values"]} == {name}
     assert stored["metrics"]["fid"]["protocol"]["n"] == 16
     assert stored["metrics"]["rtl"]["values"]["mrtl"] >= 1
     assert list((run_root / "smoke" / "_refs").glob("fid-*.npz"))

@@ -155,15 +155,17 @@ def attribute_model(ctx: EvalContext, cfg: AttributeConfig) -> AttributeModel:
                           "metrics need data=shapes or data=mnist")
     stem = Path(ctx.refs_dir) / f"attributes-{ctx.data_key}-{config_hash(dataclasses.asdict(cfg))}"
     weights, report = stem.with_suffix(".pt"), stem.with_suffix(".json")
-    if weights.is_file() and report.is_file():
-        meta = json.loads(report.read_text())
-        attributes = [Attribute(**a) for a in meta["attributes"]]
-        net = AttributeNet(ctx.data.channels, sum(a.classes for a in attributes), cfg.width)
-        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        return AttributeModel(net.to(ctx.device), attributes, meta["heldout"])
-    model = _train(ctx, cfg)
-    atomic_save(weights, lambda tmp: torch.save(model.net.state_dict(), tmp))
-    atomic_write_json(report, {"attributes": [dataclasses.asdict(a) for a in model.attributes],
-                               "heldout": model.report})
+    with ctx.building(weights):
+        if weights.is_file() and report.is_file():
+            meta = json.loads(report.read_text())
+            attributes = [Attribute(**a) for a in meta["attributes"]]
+            net = AttributeNet(ctx.data.channels, sum(a.classes for a in attributes), cfg.width)
+            net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+            return AttributeModel(net.to(ctx.device), attributes, meta["heldout"])
+        model = _train(ctx, cfg)
+        atomic_save(weights, lambda tmp: torch.save(model.net.state_dict(), tmp))
+        atomic_write_json(report, {"attributes": [dataclasses.asdict(a)
+                                                  for a in model.attributes],
+                                   "heldout": model.report})
     log.info("attribute predictor cached in %s (held-out: %s)", weights, model.report)
     return model

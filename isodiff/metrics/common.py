@@ -6,6 +6,7 @@ datasets and a folder for dataset-level caches; `MetricResult` is what a metric 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -24,7 +26,7 @@ from isodiff.geometry import lerp, slerp
 from isodiff.metrics.perceptual import Distance, lpips_distance
 from isodiff.models import HUNet
 from isodiff.runs import config_hash
-from isodiff.sampling import DDIM, SampleRNG
+from isodiff.sampling import DDIM, SampleRNG, latents, to_images
 
 PATHS = {"slerp": slerp, "lerp": lerp}
 
@@ -62,18 +64,22 @@ class EvalContext:
     seed: base of the per-sample seeds (sample i uses (seed, i)); batch_size: samples per
     network call; refs_dir: cache of per-dataset artefacts (FID statistics, attribute
     classifiers), shared by the runs of a tier; random_lpips: random LPIPS trunks, for
-    unit tests only (their provenance says so, and evaluate refuses to record them).
+    unit tests only (their provenance says so, and evaluate refuses to record them);
+    cache_bytes: memory for generated images shared between metrics (`generated`).
     """
 
     def __init__(self, unet: HUNet, diffusion: DiffusionConfig, data: DataConfig, *,
                  seed: int = 0, batch_size: int = 64, refs_dir: Path | str = "refs",
-                 progress: bool = False, random_lpips: bool = False) -> None:
+                 progress: bool = False, random_lpips: bool = False,
+                 cache_bytes: int = 2**30) -> None:
         self.unet, self.diffusion, self.data = unet.float().eval(), diffusion, data
         self.seed, self.batch_size, self.progress = seed, batch_size, progress
         self.refs_dir, self.random_lpips = Path(refs_dir), random_lpips
         self._samplers: dict[int, DDIM] = {}
         self._lpips: dict[str, assets.Loaded] = {}
         self._datasets: dict[str, Dataset] = {}
+        self._images: dict[tuple[int, int], torch.Tensor] = {}
+        self._free_bytes = cache_bytes
 
     @property
     def device(self) -> torch.device:
@@ -94,6 +100,22 @@ class EvalContext:
             self._samplers[steps] = DDIM(self.unet, self.diffusion, steps, self.batch_size)
         return self._samplers[steps]
 
+    def generated(self, steps: int, rows: range) -> torch.Tensor:
+        """DDIM-`steps` images in [-1, 1] (CPU) of samples `rows`, x_T of sample i seeded by
+        (seed, i). Kept per sample while the cache has room, so metrics that draw the same
+        samples (FID, separability) run DDIM once for them."""
+        images = {i: self._images[(steps, i)] for i in rows if (steps, i) in self._images}
+        missing = [i for i in rows if i not in images]
+        if missing:
+            x_T = latents(self.seed, missing, self.image_shape)
+            new = to_images(self.ddim(steps).sample(x_T).x).cpu()
+            for i, image in zip(missing, new, strict=True):
+                images[i] = image
+                if image.nbytes <= self._free_bytes:
+                    self._images[(steps, i)] = image
+                    self._free_bytes -= image.nbytes
+        return torch.stack([images[i] for i in rows])
+
     @property
     def samplers(self) -> dict[int, DDIM]:
         """The DDIM samplers used so far, by number of steps."""
@@ -110,6 +132,15 @@ class EvalContext:
                                                   device=self.device)
         loaded = self._lpips[net]
         return lpips_distance(loaded.module), loaded.weights
+
+    @contextlib.contextmanager
+    def building(self, artefact: Path) -> Iterator[None]:
+        """Held while a dataset-level cache file in refs_dir is checked and built: parallel
+        evaluations of one dataset (a local pool, a SLURM array) build it once, the others
+        wait and read it."""
+        artefact.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(artefact.with_name(f".{artefact.name}.lock"))):
+            yield
 
     def dataset(self, split: str) -> Dataset:
         if split not in self._datasets:

@@ -20,7 +20,6 @@ from scipy import linalg
 from isodiff import assets
 from isodiff.config import ConfigError
 from isodiff.metrics.common import EvalContext, MetricResult, protocol_of
-from isodiff.sampling import latents, to_images
 
 log = logging.getLogger(__name__)
 MODES = ("clean", "legacy_tensorflow")
@@ -95,15 +94,16 @@ def reference_stats(ctx: EvalContext, cfg: FIDConfig, model: torch.nn.Module
     """(mu, sigma) of the first ref_n images of the reference split, cached by dataset."""
     name = f"fid-{ctx.data_key}-{cfg.ref_split}-{cfg.ref_n}-{cfg.mode}.npz"
     path = ctx.refs_dir / name
-    if path.is_file():
-        with np.load(path) as stats:
-            return stats["mu"], stats["sigma"], str(path)
-    features = np.concatenate([inception_features(images, model, cfg.mode) for images
-                               in ctx.real_batches(cfg.ref_split, cfg.ref_n, "eval.fid.ref_n")])
-    mu, sigma = gaussian_stats(features)
-    assets.atomic_save(path, lambda tmp: np.savez(tmp, mu=mu, sigma=sigma))
-    log.info("FID reference statistics cached in %s", path)
-    return mu, sigma, str(path)
+    with ctx.building(path):
+        if not path.is_file():
+            features = np.concatenate([
+                inception_features(images, model, cfg.mode) for images
+                in ctx.real_batches(cfg.ref_split, cfg.ref_n, "eval.fid.ref_n")])
+            mu, sigma = gaussian_stats(features)
+            assets.atomic_save(path, lambda tmp: np.savez(tmp, mu=mu, sigma=sigma))
+            log.info("FID reference statistics cached in %s", path)
+    with np.load(path) as stats:
+        return stats["mu"], stats["sigma"], str(path)
 
 
 def evaluate(ctx: EvalContext, cfg: FIDConfig) -> MetricResult:
@@ -111,10 +111,8 @@ def evaluate(ctx: EvalContext, cfg: FIDConfig) -> MetricResult:
     reference statistics."""
     inception = assets.inception(cfg.mode, device=ctx.device)
     mu_ref, sigma_ref, ref_path = reference_stats(ctx, cfg, inception.module)
-    ddim = ctx.ddim(cfg.steps)
     features = np.concatenate([
-        inception_features(to_images(ddim.sample(latents(ctx.seed, rows, ctx.image_shape)).x),
-                           inception.module, cfg.mode)
+        inception_features(ctx.generated(cfg.steps, rows), inception.module, cfg.mode)
         for rows in ctx.chunks(cfg.n, "FID samples")])
     mu, sigma = gaussian_stats(features)
     protocol = {**protocol_of(cfg), "backbone": "inception-2015-12-05/pool3",

@@ -24,7 +24,7 @@ from sklearn.svm import LinearSVC
 from isodiff.config import ConfigError
 from isodiff.metrics.attributes import AttributeConfig, attribute_model
 from isodiff.metrics.common import EvalContext, MetricResult, protocol_of
-from isodiff.sampling import latents, to_images
+from isodiff.sampling import latents
 
 
 @dataclass
@@ -88,13 +88,12 @@ def confident_labels(prediction: np.ndarray, confidence: np.ndarray | None,
 def evaluate(ctx: EvalContext, cfg: SeparabilityConfig) -> MetricResult:
     """LS and held-out SVM error of every attribute in h (t = T) and in x_T."""
     predictor = attribute_model(ctx, cfg.classifier)
-    ddim = ctx.ddim(cfg.steps)
-    t_T = int(ddim.schedule.timesteps[0])
+    t_T = int(ctx.ddim(cfg.steps).schedule.timesteps[0])
     spaces: dict[str, list[np.ndarray]] = {"h": [], "x_T": []}
     predicted: list[dict] = []
     for rows in ctx.chunks(cfg.n, "separability samples"):
         x_T = latents(ctx.seed, rows, ctx.image_shape)
-        predicted.append(predictor.predict(to_images(ddim.sample(x_T).x)))
+        predicted.append(predictor.predict(ctx.generated(cfg.steps, rows)))
         with torch.no_grad():
             spaces["h"].append(ctx.unet.encode_h(x_T.to(ctx.device), t_T).flatten(1).cpu().numpy())
         spaces["x_T"].append(x_T.flatten(1).numpy())
