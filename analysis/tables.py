@@ -31,6 +31,7 @@ class Table:
     numbers: pd.DataFrame  # one row per table row: <metric>_mean, _std, _n
     display: pd.DataFrame  # the same rows as strings, with the paper columns
     problems: list[str] = field(default_factory=list)
+    paired: pd.DataFrame | None = None  # spec.control: differences from it, as strings
 
 
 def _key(pairs: list[tuple[str, object]]) -> str:
@@ -97,7 +98,40 @@ def build_table(df: pd.DataFrame, spec: Spec, tier: str) -> Table:
         paper = [spec.paper.get(label, {}).get(metric) for label in order]
         if spec.paper or spec.paper_source:
             display[f"{metric} (paper)"] = ["n/a¹" if v is None else f"{v:g}" for v in paper]
-    return Table(spec, numbers, display, problems)
+    return Table(spec, numbers, display, problems, paired_differences(merged, spec, tier))
+
+
+def paired_differences(merged: pd.DataFrame, spec: Spec, tier: str) -> pd.DataFrame | None:
+    """Each non-control row minus the control job of the same seed and other row keys:
+    mean ± standard error over the pairs (n), per metric. Pairing removes what a seed
+    shares between the two runs (data order, noise), so small effects become visible."""
+    if not spec.control or "cfg.seed" not in merged:
+        return None
+    control = {k: canonical(v) for k, v in spec.control.items()}
+
+    def split(pairs: list[tuple[str, object]]) -> tuple[bool, str]:
+        is_control = all(canonical(v) == control[k] for k, v in pairs if k in control)
+        return is_control, _key([(k, v) for k, v in pairs if k not in control])
+
+    keys = [split(pairs) for pairs in merged["_row"]]
+    frame = merged.assign(_control=[c for c, _ in keys], _rest=[r for _, r in keys])
+    metrics = [m for m in spec.metrics_for(tier) if m in frame]
+    base = frame[frame["_control"]].set_index(["_rest", "cfg.seed"])[metrics]
+    rows = {}
+    for label, group in frame[~frame["_control"]].groupby("_label", sort=False):
+        own = group.set_index(["_rest", "cfg.seed"])[metrics]
+        diff = own.apply(pd.to_numeric, errors="coerce") - base.reindex(own.index).apply(
+            pd.to_numeric, errors="coerce")
+        rows[label] = [_paired_cell(diff[m].dropna()) for m in metrics]
+    return pd.DataFrame.from_dict(rows, orient="index", columns=metrics) if rows else None
+
+
+def _paired_cell(d: pd.Series) -> str:
+    if len(d) == 0:
+        return "–"
+    if len(d) == 1:
+        return f"{d.iloc[0]:+.3g} (n=1)"
+    return f"{d.mean():+.3g} ± {d.std(ddof=1) / np.sqrt(len(d)):.2g} (n={len(d)})"
 
 
 def _cell(mean: float, std: float, n: int, expected: int, best: bool) -> str:
@@ -114,6 +148,13 @@ def to_markdown(table: Table, tier: str) -> str:
              "| " + " | ".join(frame.columns) + " |",
              "|" + "---|" * len(frame.columns)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.to_numpy()]
+    if table.paired is not None:
+        control = ", ".join(f"{k} = {v}" for k, v in spec.control.items())
+        paired = table.paired.reset_index().rename(columns={"index": "row"})
+        lines += ["", f"Paired difference from the control ({control}) of the same seed: "
+                  "mean ± standard error over the pairs.", "",
+                  "| " + " | ".join(paired.columns) + " |", "|" + "---|" * len(paired.columns)]
+        lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in paired.to_numpy()]
     notes = []
     if any("n/a¹" in str(v) for v in frame.to_numpy().ravel()):
         notes.append(f"¹ paper value not transcribed yet ({spec.paper_source or 'paper'}).")

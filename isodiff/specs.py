@@ -53,6 +53,9 @@ class Spec:
     metrics: list[str] = field(default_factory=list)  # values shown; a figure: its metric
     rows: list[str] = field(default_factory=list)  # config keys that make a row
     row_labels: dict[str, str] = field(default_factory=dict)  # "k=v,k=v" -> label
+    # Row keys of the control (e.g. {lambda_iso: 0}): tables add every other row's paired
+    # difference from it (same seed and other row keys), mean ± standard error.
+    control: dict[str, Any] = field(default_factory=dict)
     lower_is_better: dict[str, bool] = field(default_factory=dict)
     paper: dict[str, dict[str, float | None]] = field(default_factory=dict)
     paper_source: str = ""

@@ -96,3 +96,23 @@ def test_figures_draw_one_curve_per_setting(tmp_path: Path) -> None:
     written = render_figures(tmp_path / "runs", "smoke", tmp_path / "results", ["figure_4"])
     assert [p.suffix for p in written] == [".png", ".pdf"] and written[0].stat().st_size > 0
     assert render_figures(tmp_path / "runs", "smoke", tmp_path / "results", ["figure_1"]) == []
+
+
+def test_paired_differences_from_the_control_by_seed(tmp_path: Path) -> None:
+    spec = load_spec("table_1")  # control: lambda_iso = 0; 3 seeds per dataset
+    dirs = write_runs(tmp_path, spec, "quick", fail={7})  # mnist, lambda 0, seed 1
+    table = build_table(collect_runs(tmp_path / "quick"), spec, "quick")
+    assert list(table.paired.index) == ["shapes: Isometric Diffusion",
+                                        "mnist: Isometric Diffusion"]
+
+    def fid(d: Path) -> float:
+        return json.loads((d / "metrics.json").read_text())["metrics"]["fid"]["values"]["fid"]
+
+    # expand order: shapes (lambda 0: seeds 0-2, lambda 0.1: seeds 0-2), then mnist
+    diffs = [fid(dirs[3 + s]) - fid(dirs[s]) for s in range(3)]
+    mean, se = np.mean(diffs), np.std(diffs, ddof=1) / np.sqrt(3)
+    assert table.paired.loc["shapes: Isometric Diffusion", "fid"] == \
+        f"{mean:+.3g} ± {se:.2g} (n=3)"
+    # the mnist pair of seed 1 has no control: two pairs remain
+    assert table.paired.loc["mnist: Isometric Diffusion", "fid"].endswith("(n=2)")
+    assert "Paired difference from the control (lambda_iso = 0)" in to_markdown(table, "quick")
