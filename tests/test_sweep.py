@@ -37,8 +37,9 @@ def _snapshot(run_root: Path) -> dict[str, tuple[int, int]]:
 
 
 def _sweep(spec: Path, run_root: Path):
+    # the launcher of `make reproduce`: a local pool, for training and evaluation alike
     return run_cli("isodiff.sweep", str(spec), "tier=smoke", f"run_root={run_root}",
-                   timeout=600)
+                   "cluster=local_pool", timeout=600)
 
 
 def _table(spec: Path, run_root: Path, out: Path) -> str:
