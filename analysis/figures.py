@@ -74,8 +74,8 @@ def jacobian_spectra(df: pd.DataFrame, spec: Spec, tier: str, ax: plt.Axes) -> b
     spectra = curves(df, spec, tier, "jacobian", "singular_values_t999")
     for label, runs in spectra.items():
         _band(ax, np.arange(1, runs[0].shape[-1] + 1), runs, label)
-    ax.set(xlabel="index (top-k, then bottom-k)", ylabel="singular value of dh/dx_T",
-           yscale="log")
+    ax.set(xlabel="index, decreasing (all of them when exact; Lanczos: top-k, bottom-k)",
+           ylabel="singular value of dh/dx_T", yscale="log")
     return bool(spectra)
 
 
