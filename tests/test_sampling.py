@@ -127,3 +127,27 @@ def test_h_edit_follows_asyrps_asymmetric_process(unet: HUNet) -> None:
     expected = a_prev ** 0.5 * x0_edit + (1 - a_prev) ** 0.5 * eps
     torch.testing.assert_close(one.sample(x_T, edit=HEdit(offset=offset)).x, expected)
     assert not torch.allclose(one.sample(x_T, edit=HEdit(offset=offset)).x, one.sample(x_T).x)
+
+
+def test_generated_samples_are_shared_between_metrics(tmp_path) -> None:
+    """EvalContext.generated: sample i is DDIM of x_T seeded by (seed, i), whatever the
+    batch it is asked in; asked again, it is served from memory without sampling; past the
+    cache's bytes it is sampled again, to the same images."""
+    from isodiff.metrics.common import EvalContext
+    from isodiff.sampling import to_images
+    from tests.metric_helpers import tiny_context, tiny_unet
+
+    ctx = tiny_context(tmp_path, batch_size=4)
+    direct = to_images(ctx.ddim(3).sample(latents(0, range(6), ctx.image_shape)).x)
+    ran = ctx.ddim(3).trajectories
+    first = torch.cat([ctx.generated(3, range(0, 4)), ctx.generated(3, range(4, 6))])
+    assert torch.equal(first, direct)
+    assert ctx.ddim(3).trajectories == ran + 6
+    assert torch.equal(ctx.generated(3, range(1, 5)), direct[1:5])
+    assert ctx.ddim(3).trajectories == ran + 6  # all from the cache
+    small = EvalContext(tiny_unet(), ctx.diffusion, ctx.data, refs_dir=tmp_path,
+                        batch_size=4, cache_bytes=direct[0].nbytes)  # room for one image
+    assert torch.equal(small.generated(3, range(6)), direct)  # same batches as `direct`
+    # batches of other sizes: oneDNN's kernels may differ in the last bits
+    torch.testing.assert_close(small.generated(3, range(6)), direct, rtol=0, atol=1e-4)
+    assert small.ddim(3).trajectories == 6 + 5
