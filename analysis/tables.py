@@ -114,14 +114,14 @@ def paired_differences(merged: pd.DataFrame, spec: Spec, tier: str) -> pd.DataFr
         return is_control, _key([(k, v) for k, v in pairs if k not in control])
 
     keys = [split(pairs) for pairs in merged["_row"]]
+    metrics = [m for m in spec.metrics_for(tier) if m in merged]
     frame = merged.assign(_control=[c for c, _ in keys], _rest=[r for _, r in keys])
-    metrics = [m for m in spec.metrics_for(tier) if m in frame]
-    base = frame[frame["_control"]].set_index(["_rest", "cfg.seed"])[metrics]
+    frame[metrics] = frame[metrics].apply(pd.to_numeric, errors="coerce")
+    frame = frame.set_index(["_rest", "cfg.seed"])
+    base = frame.loc[frame["_control"], metrics]
     rows = {}
     for label, group in frame[~frame["_control"]].groupby("_label", sort=False):
-        own = group.set_index(["_rest", "cfg.seed"])[metrics]
-        diff = own.apply(pd.to_numeric, errors="coerce") - base.reindex(own.index).apply(
-            pd.to_numeric, errors="coerce")
+        diff = group[metrics] - base.reindex(group.index)
         rows[label] = [_paired_cell(diff[m].dropna()) for m in metrics]
     return pd.DataFrame.from_dict(rows, orient="index", columns=metrics) if rows else None
 
