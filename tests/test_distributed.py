@@ -133,6 +133,12 @@ def test_torchrun_is_left_alone() -> None:
          "--master_port", str(20000 + os.getpid() % 20000), "-m", "isodiff.distributed"],
         cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr
-    results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    # The two ranks share one stdout: their lines may come out joined ("{..}{..}").
+    results, decoder, text = [], json.JSONDecoder(), out.stdout
+    at = text.find("{")
+    while at != -1:
+        obj, end = decoder.raw_decode(text, at)
+        results.append(obj)
+        at = text.find("{", end)
     assert sorted(r["rank"] for r in results) == [0, 1]
     assert all(r["num_processes"] == 2 and r["sum"] == 3 for r in results)
