@@ -150,6 +150,9 @@ class DiffusionConfig:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     prediction_type: str = "epsilon"
+    # DDIM sampling clamps its x0 prediction to [-1, 1] (diffusers' DDIMScheduler
+    # clip_sample, on in the official code); inversion never clips.
+    clip_sample: bool = True
 
     def __post_init__(self) -> None:
         _check(self.num_train_timesteps >= 2, "diffusion.num_train_timesteps",
@@ -198,12 +201,19 @@ class LoopConfig:
     # CPU only: torch's intra-op threads (null = torch's default). Small U-Nets gain little
     # from threads and lose ~10x when OpenMP threads contend with other processes.
     cpu_threads: int | None = None
+    # A grid of EMA samples (DDIM from fixed x_T) at every checkpoint and at the end:
+    # samples/step_*.png and TensorBoard. 0 disables.
+    grid_samples: int = 64
+    grid_steps: int = 50
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints",
                     "log_every"):
             value = getattr(self, key)
             _check(value >= 1, f"train.{key}", value, "must be >= 1")
+        _check(self.grid_samples >= 0, "train.grid_samples", self.grid_samples,
+               "must be >= 0 (0: no sample grids)")
+        _check(self.grid_steps >= 1, "train.grid_steps", self.grid_steps, "must be >= 1")
         _check(self.cpu_threads is None or self.cpu_threads >= 1, "train.cpu_threads",
                self.cpu_threads, "must be >= 1 or null (torch's default)")
 

@@ -19,5 +19,5 @@ def build_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
 
 
 def build_ddim(cfg: DiffusionConfig) -> DDIMScheduler:
-    """Deterministic DDIM on the same betas (sampling and inversion)."""
-    return DDIMScheduler.from_config(build_scheduler(cfg).config)
+    """Deterministic DDIM on the same betas, clipping x0 as `diffusion.clip_sample` says."""
+    return DDIMScheduler.from_config(build_scheduler(cfg).config, clip_sample=cfg.clip_sample)

@@ -159,7 +159,8 @@ def build_context(cfg: EvaluateConfig) -> tuple[EvalContext, dict[str, Any]]:
     ctx = EvalContext(unet, train_cfg.diffusion, train_cfg.data, seed=cfg.seed,
                       batch_size=cfg.batch_size, refs_dir=refs_dir, progress=cfg.progress)
     common = {"seed": cfg.seed, "weights": f"final/{subfolder}",
-              "ema": subfolder == "unet_ema", "sampler": "DDIM eta=0 fp32", "data": ctx.data_key}
+              "ema": subfolder == "unet_ema", "sampler": "DDIM eta=0 fp32",
+              "clip_sample": train_cfg.diffusion.clip_sample, "data": ctx.data_key}
     return ctx, common
 
 

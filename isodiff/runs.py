@@ -28,7 +28,8 @@ RUNNING, DONE, FAILED = "running", "done", "failed"
 # Keys that do not change what a job computes: excluded from its identity.
 NON_IDENTITY_KEYS = ("run_root", "name", "experiment", "tier", "train.progress",
                      "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.cpu_threads", "data.num_workers", "cluster", "hydra")
+                     "train.cpu_threads", "train.grid_samples", "train.grid_steps",
+                     "diffusion.clip_sample", "data.num_workers", "cluster", "hydra")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -63,16 +63,19 @@ def ddim_schedule(cfg: DiffusionConfig, steps: int) -> DDIMSchedule:
 
 
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha_bar: float, alpha_bar_next: float,
-              eps_direction: torch.Tensor | None = None) -> torch.Tensor:
+              eps_direction: torch.Tensor | None = None, clip: bool = False) -> torch.Tensor:
     """One deterministic DDIM move from level alpha_bar to alpha_bar_next (DDIM Eq. 12,
     eta = 0); towards higher noise it is DDIM inversion.
 
     x0 = (x - sqrt(1 - a) eps) / sqrt(a);  x' = sqrt(a') x0 + sqrt(1 - a') eps_direction.
     Asyrp's asymmetric process predicts x0 with the edited eps and keeps the model's own eps
-    for the direction (`eps_direction`); otherwise both are `eps`.
+    for the direction (`eps_direction`); otherwise both are `eps`. clip clamps x0 to [-1, 1]
+    and keeps the unclipped eps for the direction, as DDIMScheduler(clip_sample=True).
     """
     eps_direction = eps if eps_direction is None else eps_direction
     x0 = (x - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar ** 0.5
+    if clip:
+        x0 = x0.clamp(-1.0, 1.0)
     return alpha_bar_next ** 0.5 * x0 + (1 - alpha_bar_next) ** 0.5 * eps_direction
 
 
@@ -117,7 +120,7 @@ class DDIM:
         if steps < 1 or steps > cfg.num_train_timesteps:
             raise ValueError(f"DDIM steps={steps} must be in [1, {cfg.num_train_timesteps}]")
         self.unet = unet.float().eval()
-        self.steps, self.batch_size = steps, batch_size
+        self.steps, self.batch_size, self.clip = steps, batch_size, cfg.clip_sample
         self.schedule = ddim_schedule(cfg, steps)
         self.seconds, self.trajectories = 0.0, 0
 
@@ -129,18 +132,20 @@ class DDIM:
                edit: HEdit | None = None) -> Trajectory:
         """x_T -> x_0, optionally editing h (Asyrp's asymmetric process)."""
         s = self.schedule
-        return self._run(x_T, range(self.steps), s.alpha_bar, s.alpha_bar_prev, return_h, edit)
+        return self._run(x_T, range(self.steps), s.alpha_bar, s.alpha_bar_prev, return_h, edit,
+                         self.clip)
 
     def invert(self, x_0: torch.Tensor, *, return_h: bool = False) -> Trajectory:
         """x_0 -> x_T by running the same steps backwards, each with the network at the step's
-        timestep (as diffusers' DDIMInverseScheduler)."""
+        timestep (as diffusers' DDIMInverseScheduler, which never clips)."""
         s = self.schedule
         return self._run(x_0, range(self.steps - 1, -1, -1), s.alpha_bar_prev, s.alpha_bar,
-                         return_h, None)
+                         return_h, None, False)
 
     @torch.no_grad()
     def _run(self, x_in: torch.Tensor, order: range, level_from: torch.Tensor,
-             level_to: torch.Tensor, return_h: bool, edit: HEdit | None) -> Trajectory:
+             level_to: torch.Tensor, return_h: bool, edit: HEdit | None, clip: bool
+             ) -> Trajectory:
         start = time.perf_counter()
         outs, hs = [], []
         for lo in range(0, len(x_in), self.batch_size):
@@ -154,7 +159,7 @@ class DDIM:
                 eps_x0 = eps
                 if edit is not None and t >= edit.t_edit:
                     eps_x0 = self.unet.decode(edit.apply(h, k, rows), skips, emb, ts)
-                x = ddim_step(x, eps_x0, float(level_from[k]), float(level_to[k]), eps)
+                x = ddim_step(x, eps_x0, float(level_from[k]), float(level_to[k]), eps, clip)
                 if return_h:
                     h_steps.append(h.flatten(1).cpu())
             outs.append(x.cpu())

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from isodiff import seeding
+from isodiff import pictures, seeding
 from isodiff.config import TrainConfig, UserError
 from isodiff.data import build_dataset
 from isodiff.diffusion import build_scheduler
@@ -134,6 +134,29 @@ def save_checkpoint(state: TrainState, run_dir: Path, step: int, keep: int) -> N
     acc.wait_for_everyone()
 
 
+def write_grid(state: TrainState, cfg: TrainConfig, run_dir: Path, step: int,
+               tb: SummaryWriter | None) -> None:
+    """samples/step_<step>.png (and TensorBoard's samples image): the EMA weights' DDIM
+    samples from fixed x_T. Sampling draws from its own generators and leaves the
+    weights as they were, so a run with grids trains bitwise as one without."""
+    loop = cfg.train
+    if not (loop.grid_samples and state.accelerator.is_main_process):
+        return
+    params, mode = list(state.unet.parameters()), state.unet.training
+    state.ema.store(params)
+    state.ema.copy_to(params)
+    try:
+        grid = pictures.sample_grid(state.unet, cfg.diffusion, loop.grid_samples,
+                                    loop.grid_steps)
+    finally:
+        state.ema.restore(params)
+        state.unet.train(mode)
+    pictures.save_png(grid, run_dir / "samples" / f"step_{step:08d}.png",
+                      scale=max(1, 64 // cfg.data.resolution))
+    if tb is not None:
+        tb.add_image("samples", grid, step)
+
+
 def save_final(state: TrainState, run_dir: Path) -> None:
     """final/unet (raw weights) and final/unet_ema, via a temp folder and one rename."""
     if not state.accelerator.is_main_process:
@@ -156,7 +179,7 @@ class MetricLog:
     FIELDS = ("step", "loss", "mse", "iso", "lr", "steps_per_s")
 
     def __init__(self, run_dir: Path, start_step: int, enabled: bool) -> None:
-        self.enabled = enabled
+        self.enabled, self.tb = enabled, None
         if not enabled:
             return
         self.path = run_dir / "metrics.csv"
@@ -248,9 +271,11 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
             tic, last_logged = time.perf_counter(), done
         if done % loop.checkpoint_every == 0 and done < loop.steps:
             save_checkpoint(state, run_dir, done, loop.keep_checkpoints)
+            write_grid(state, cfg, run_dir, done, metric_log.tb)
     progress.close()
-    metric_log.close()
     save_final(state, run_dir)
+    write_grid(state, cfg, run_dir, loop.steps, metric_log.tb)
+    metric_log.close()
     acc.wait_for_everyone()
     return {"step": loop.steps, "final_loss": last.get("loss", math.nan),
             "final_mse": last.get("mse", math.nan), "steps_per_s": last.get("steps_per_s")}

@@ -28,20 +28,30 @@ def _diffusers_loop(unet: HUNet, scheduler, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _inverse(cfg: DiffusionConfig) -> DDIMInverseScheduler:
+    """diffusers' inversion as isodiff runs it: never clipped."""
+    return DDIMInverseScheduler.from_config(build_ddim(cfg).config, clip_sample=False)
+
+
+@pytest.mark.parametrize("clip", [True, False])
 @pytest.mark.parametrize("steps", [1, 7, 50])
-def test_ddim_step_matches_diffusers_schedulers(steps: int) -> None:
-    """Tolerance 1e-5: diffusers keeps alpha_bar in float32, ddim_schedule in float64."""
-    schedule = ddim_schedule(CFG, steps)
-    forward, inverse = build_ddim(CFG), DDIMInverseScheduler.from_config(build_ddim(CFG).config)
+def test_ddim_step_matches_diffusers_schedulers(steps: int, clip: bool) -> None:
+    """Tolerance 1e-5: diffusers keeps alpha_bar in float32, ddim_schedule in float64.
+    x and eps are scaled so that x0 leaves [-1, 1] and clip_sample has work to do."""
+    cfg = DiffusionConfig(clip_sample=clip)
+    schedule = ddim_schedule(cfg, steps)
+    forward, inverse = build_ddim(cfg), _inverse(cfg)
     forward.set_timesteps(steps)
     inverse.set_timesteps(steps)
     assert torch.equal(schedule.timesteps, forward.timesteps)
     assert torch.equal(schedule.timesteps.flip(0), inverse.timesteps)
     g = torch.Generator().manual_seed(0)
-    x, eps = torch.randn(2, *SHAPE, generator=g), torch.randn(2, *SHAPE, generator=g)
+    x, eps = 3 * torch.randn(2, *SHAPE, generator=g), torch.randn(2, *SHAPE, generator=g)
     for k, t in enumerate(schedule.timesteps):
         a, a_prev = float(schedule.alpha_bar[k]), float(schedule.alpha_bar_prev[k])
-        torch.testing.assert_close(ddim_step(x, eps, a, a_prev),
+        x0 = (x - (1 - a) ** 0.5 * eps) / a ** 0.5
+        assert x0.abs().max() > 1.5  # the clip acts on this case
+        torch.testing.assert_close(ddim_step(x, eps, a, a_prev, clip=clip),
                                    forward.step(eps, t, x, eta=0.0).prev_sample,
                                    atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ddim_step(x, eps, a_prev, a),
@@ -52,7 +62,7 @@ def test_sample_and_invert_match_diffusers_loops(unet: HUNet) -> None:
     """Whole trajectories (5 steps) against DDIMScheduler / DDIMInverseScheduler: 1e-4."""
     x_T = latents(0, range(3), SHAPE)
     ddim = DDIM(unet, CFG, steps=5)
-    forward, inverse = build_ddim(CFG), DDIMInverseScheduler.from_config(build_ddim(CFG).config)
+    forward, inverse = build_ddim(CFG), _inverse(CFG)
     forward.set_timesteps(5)
     inverse.set_timesteps(5)
     torch.testing.assert_close(ddim.sample(x_T).x, _diffusers_loop(unet, forward, x_T),
@@ -123,7 +133,7 @@ def test_h_edit_follows_asyrps_asymmetric_process(unet: HUNet) -> None:
         eps = unet.decode(h, skips, emb, ts)
         eps_edit = unet.decode(h + offset.reshape(1, *h.shape[1:]), skips, emb, ts)
     a, a_prev = float(one.schedule.alpha_bar[0]), float(one.schedule.alpha_bar_prev[0])
-    x0_edit = (x_T - (1 - a) ** 0.5 * eps_edit) / a ** 0.5
+    x0_edit = ((x_T - (1 - a) ** 0.5 * eps_edit) / a ** 0.5).clamp(-1, 1)  # clip_sample
     expected = a_prev ** 0.5 * x0_edit + (1 - a_prev) ** 0.5 * eps
     torch.testing.assert_close(one.sample(x_T, edit=HEdit(offset=offset)).x, expected)
     assert not torch.allclose(one.sample(x_T, edit=HEdit(offset=offset)).x, one.sample(x_T).x)
