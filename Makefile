@@ -15,7 +15,7 @@ ABLATION_SPECS := table_2 table_3 table_4
 # CLUSTER=<profile> sends every job through that conf/cluster profile (SLURM or local).
 LAUNCH := $(if $(CLUSTER),cluster=$(CLUSTER),)
 
-.PHONY: install test test-fast lint reproduce sweep sweep-ablations tables figures bench clean
+.PHONY: install test test-fast lint reproduce bases sweep sweep-ablations tables figures bench clean
 
 install: $(STAMP)
 
@@ -50,9 +50,20 @@ reproduce: install
 	$(PY) -m analysis.tables tier=quick || status=1; \
 	$(PY) -m analysis.figures tier=quick || status=1; \
 	$(PY) -m isodiff.toy || status=1; \
-	echo "reproduce: $$(( ($$(date +%s) - start) / 60 )) min; tables in results/quick/tables/," \
-	     "figures in results/quick/figures/"; \
+	$(PY) -m analysis.index tier=quick || status=1; \
+	echo "reproduce: $$(( ($$(date +%s) - start) / 60 )) min; every table and figure on" \
+	     "results/quick/index.md"; \
 	exit $$status
+
+# The tier's base models, retrained from scratch with the recipe that made the shipped ones
+# (isodiff/pretrained/<tier>), quality-checked and exported to runs/<tier>/bases, then
+# verified against the shipped manifest where there is one (bitwise on the same device and
+# torch, by the quality check elsewhere). Two at a time on a laptop; CLUSTER=<profile> for SLURM.
+SHIPPED_MANIFEST = isodiff/pretrained/$(TIER)/manifest.json
+bases: install
+	$(PY) -m isodiff.bases tier=$(TIER) out=runs/$(TIER)/bases \
+	    $(if $(wildcard $(SHIPPED_MANIFEST)),verify=isodiff/pretrained/$(TIER)) \
+	    $(if $(CLUSTER),cluster=$(CLUSTER),cluster=local_pool)
 
 sweep: install
 	$(PY) -m isodiff.sweep $(MAIN_SPECS) tier=$(TIER) $(LAUNCH)
@@ -65,6 +76,7 @@ tables: install
 
 figures: install
 	$(PY) -m analysis.figures tier=$(TIER)
+	$(PY) -m analysis.index tier=$(TIER)
 
 # Speed and memory targets, as ratios measured in one run, written to results/bench/:
 # regulariser step cost, metric-suite overhead over sampling, collect + render of 1,000 runs.

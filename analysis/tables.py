@@ -3,8 +3,11 @@
     python -m analysis.tables [tier=quick] [run_root=runs] [out=results] [spec ...]
 
 A cell is the mean ± std over seeds (n < expected seeds is footnoted); the best mean of each
-metric is bold; the paper's value stands beside ours ("n/a" until transcribed); jobs that
-failed or have not run are listed under the table with their reason.
+metric within a dataset is bold; the paper's value stands beside ours ("n/a" until
+transcribed); jobs that failed or have not run are listed under the table with their reason.
+Every row carries the quality check of its runs (isodiff.metrics.quality: does the model
+generate?) and the table states each dataset's real-vs-real FID floor: a metric of a model
+that does not generate is not a result.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.collect import collect_runs
+from isodiff.metrics.quality import check
 from isodiff.specs import Spec, all_specs, canonical, expand, load_spec
 
 # Lower is better for every metric of the paper's tables (LS is a conditional entropy).
@@ -32,6 +36,7 @@ class Table:
     display: pd.DataFrame  # the same rows as strings, with the paper columns
     problems: list[str] = field(default_factory=list)
     paired: pd.DataFrame | None = None  # spec.control: differences from it, as strings
+    floors: dict[str, float] = field(default_factory=dict)  # dataset -> real-vs-real FID
 
 
 def _key(pairs: list[tuple[str, object]]) -> str:
@@ -87,18 +92,50 @@ def build_table(df: pd.DataFrame, spec: Spec, tier: str) -> Table:
     numbers = pd.DataFrame(index=pd.Index(order, name="row"))
     display = pd.DataFrame(index=pd.Index(order, name="row"))
     per_row = merged.groupby("_label", sort=False).size()
+    dataset = merged.groupby("_label", sort=False)["_row"].first().map(
+        lambda pairs: dict(pairs)["data.name"])
     for metric in spec.metrics_for(tier):
         values = merged[["_label"]].assign(v=pd.to_numeric(
             merged.get(metric, pd.Series(np.nan, index=merged.index)), errors="coerce"))
         stats = values.groupby("_label", sort=False)["v"].agg(["mean", "std", "count"])
         numbers[[f"{metric}_mean", f"{metric}_std", f"{metric}_n"]] = stats.to_numpy()
-        best = stats["mean"].max() if metric in HIGHER_IS_BETTER else stats["mean"].min()
-        display[metric] = [_cell(m, s, int(n), int(per_row[label]), m == best)
+        means = stats["mean"].groupby(dataset)
+        best = means.transform("max" if metric in HIGHER_IS_BETTER else "min")
+        display[metric] = [_cell(m, s, int(n), int(per_row[label]), m == best[label])
                            for label, (m, s, n) in stats.iterrows()]
         paper = [spec.paper.get(label, {}).get(metric) for label in order]
         if spec.paper or spec.paper_source:
             display[f"{metric} (paper)"] = ["n/a¹" if v is None else f"{v:g}" for v in paper]
-    return Table(spec, numbers, display, problems, paired_differences(merged, spec, tier))
+    display["quality"] = quality_cells(merged, order)
+    floor = pd.to_numeric(merged.get("fid_floor", pd.Series(np.nan, index=merged.index)),
+                          errors="coerce")
+    floors = floor.groupby(merged["_label"].map(dataset), sort=False).mean()
+    return Table(spec, numbers, display, problems, paired_differences(merged, spec, tier),
+                 floors.dropna().to_dict())
+
+
+QUALITY_PREFIXES = ("fid_heldout", "fid_floor", "confident_", "classes_")
+
+
+def quality_cells(merged: pd.DataFrame, order: list[str]) -> list[str]:
+    """Per row: "ok" when every finished run passes the quality check, else how many fail
+    and the first run's reasons."""
+    columns = [c for c in merged.columns if c.startswith(QUALITY_PREFIXES)]
+    verdicts: dict[str, list[list[str]]] = {}
+    for _, run in merged[merged["state"] == "done"].iterrows() if "state" in merged else []:
+        values = {c: float(run[c]) for c in columns if pd.notna(run[c])}
+        verdicts.setdefault(run["_label"], []).append(check(values))
+    cells = []
+    for label in order:
+        runs = verdicts.get(label, [])
+        failing = [r for r in runs if r]
+        if not runs:
+            cells.append("–")
+        elif not failing:
+            cells.append("ok")
+        else:
+            cells.append(f"**fails** ({len(failing)}/{len(runs)}): {'; '.join(failing[0])}")
+    return cells
 
 
 def paired_differences(merged: pd.DataFrame, spec: Spec, tier: str) -> pd.DataFrame | None:
@@ -156,6 +193,12 @@ def to_markdown(table: Table, tier: str) -> str:
                   "| " + " | ".join(paired.columns) + " |", "|" + "---|" * len(paired.columns)]
         lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in paired.to_numpy()]
     notes = []
+    if table.floors:
+        floors = ", ".join(f"{d} {v:.3g}" for d, v in table.floors.items())
+        notes.append("quality: does the model generate? FID of the samples against held-out "
+                     "images within 3x the real-vs-real floor, the dataset classifier "
+                     "confident (>= 0.9) on >= 0.8x as many samples as on real images, every "
+                     f"class generated. Real-vs-real FID floor at this n: {floors}.")
     if any("n/a¹" in str(v) for v in frame.to_numpy().ravel()):
         notes.append(f"¹ paper value not transcribed yet ({spec.paper_source or 'paper'}).")
     if any("–²" in str(v) for v in frame.to_numpy().ravel()):

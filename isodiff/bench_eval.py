@@ -65,7 +65,9 @@ def bench(tier: str, preset: str, batch_size: int, refs_dir: Path) -> dict:
                       refs_dir=refs_dir)
     enabled = [name for name in METRICS if getattr(eval_cfg, name).enabled]
     if "fid" in enabled:  # per-dataset caches, built once per tier
-        reference_stats(ctx, eval_cfg.fid, assets.inception(eval_cfg.fid.mode, ctx.device).module)
+        f, inception = eval_cfg.fid, assets.inception(eval_cfg.fid.mode, ctx.device).module
+        reference_stats(ctx, f.ref_split, f.ref_n, f.mode, inception, "eval.fid.ref_n")
+        reference_stats(ctx, "test", f.n, f.mode, inception, "eval.fid.n")
     if "separability" in enabled:
         attribute_model(ctx, eval_cfg.separability.classifier)
 

@@ -12,10 +12,8 @@ finished. Only runs whose status is `done` are evaluated.
 from __future__ import annotations
 
 import datetime as dt
-import importlib.metadata
 import json
 import logging
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,12 +25,23 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from isodiff import pictures
 from isodiff.assets import atomic_save
 from isodiff.config import ConfigError, to_train_config
-from isodiff.metrics import fid, interp, inversion, jacobian, ppl, rtl, separability
+from isodiff.metrics import (
+    fid,
+    interp,
+    inversion,
+    jacobian,
+    liso,
+    ppl,
+    quality,
+    rtl,
+    separability,
+)
 from isodiff.metrics.common import EvalContext, MetricResult, protocol_of
 from isodiff.models import load_unet, resolve_checkpoint
-from isodiff.runs import DONE, atomic_write_json, read_json, read_status
+from isodiff.runs import DONE, atomic_write_json, provenance, read_json, read_status
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +49,15 @@ log = logging.getLogger(__name__)
 METRICS: dict[str, Callable[[EvalContext, Any], MetricResult]] = {
     "fid": fid.evaluate, "ppl": ppl.evaluate, "rtl": rtl.evaluate, "interp": interp.evaluate,
     "jacobian": jacobian.evaluate, "separability": separability.evaluate,
-    "inversion": inversion.evaluate,
+    "inversion": inversion.evaluate, "quality": quality.evaluate, "liso": liso.evaluate,
 }
 # Which metric writes a value of metrics.json, by name or name prefix: the values a spec
 # shows say which metrics its jobs need (tests check it against a real evaluation).
 VALUE_PREFIXES = {"fid": "fid", "ppl_": "ppl", "mrtl": "rtl", "rtl_": "rtl", "slerp_": "interp",
                   "lerp_": "interp", "mcn_": "jacobian", "vor_": "jacobian",
                   "ls_": "separability", "error_": "separability", "mse": "inversion",
-                  "psnr": "inversion", "lpips": "inversion"}
-PACKAGES = ("isodiff", "torch", "diffusers", "clean-fid", "lpips", "numpy", "scipy",
-            "scikit-learn")
+                  "psnr": "inversion", "lpips": "inversion",
+                  "confident_": "quality", "classes_": "quality", "liso": "liso"}
 
 
 @dataclass
@@ -65,6 +73,11 @@ class EvalConfig:
     separability: separability.SeparabilityConfig = field(
         default_factory=separability.SeparabilityConfig)
     inversion: inversion.InversionConfig = field(default_factory=inversion.InversionConfig)
+    quality: quality.QualityConfig = field(default_factory=quality.QualityConfig)
+    liso: liso.LisoConfig = field(default_factory=liso.LisoConfig)
+    # samples.png: a grid of this many DDIM samples (eval.grid_steps) from fixed x_T
+    grid_samples: int = 64
+    grid_steps: int = 50
 
 
 @dataclass
@@ -78,6 +91,7 @@ class EvaluateConfig:
     metrics: list[str] | None = None  # only these (default: every enabled one)
     refs_dir: str | None = None  # dataset-level caches; default <run>/../../_refs
     force: bool = False  # recompute even when the stored protocol matches
+    clip_sample: bool | None = None  # DDIM x0 clipping; null: the run's diffusion.clip_sample
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -114,26 +128,6 @@ def _json_normal(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def _provenance() -> dict[str, Any]:
-    versions = {}
-    for package in PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    here = Path(__file__).resolve().parent
-    git = None
-    try:
-        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], check=True,
-                                capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--", "."],
-                               check=True, capture_output=True, text=True).stdout.strip()
-        git = {"commit": commit, "dirty": bool(dirty)}
-    except (OSError, subprocess.CalledProcessError):
-        pass  # not a git checkout, or no commit yet
-    return {"packages": versions, "git": git}
-
-
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -153,6 +147,8 @@ def build_context(cfg: EvaluateConfig) -> tuple[EvalContext, dict[str, Any]]:
                           "evaluated: train it first (python -m isodiff.train ...), or pass "
                           "the directory of a run whose status.json says done")
     train_cfg = to_train_config(OmegaConf.load(run_dir / "config.yaml"))
+    if cfg.clip_sample is not None:
+        train_cfg.diffusion.clip_sample = cfg.clip_sample
     _, subfolder = resolve_checkpoint(str(run_dir), cfg.ema)
     unet = load_unet(str(run_dir), ema=cfg.ema).to(_device(cfg.device))
     refs_dir = Path(cfg.refs_dir) if cfg.refs_dir else run_dir.parent.parent / "_refs"
@@ -164,6 +160,15 @@ def build_context(cfg: EvaluateConfig) -> tuple[EvalContext, dict[str, Any]]:
     return ctx, common
 
 
+def write_samples(ctx: EvalContext, cfg: EvalConfig, path: Path) -> None:
+    """The picture beside the numbers: a grid of the evaluated weights' samples (made once:
+    the weights of a done run do not change)."""
+    if cfg.grid_samples and not path.is_file():
+        grid = pictures.sample_grid(ctx.unet, ctx.diffusion, cfg.grid_samples, cfg.grid_steps,
+                                    ctx.batch_size)
+        pictures.save_png(grid, path, scale=max(1, 64 // ctx.data.resolution))
+
+
 def evaluate_run(cfg: EvaluateConfig) -> dict[str, Any]:
     """Compute every selected metric not already stored with the same protocol; returns
     the content of metrics.json."""
@@ -172,7 +177,8 @@ def evaluate_run(cfg: EvaluateConfig) -> dict[str, Any]:
     path = run_dir / "metrics.json"
     record = read_json(path) or {"run": str(run_dir), "metrics": {}}
     names = cfg.metrics or [n for n in METRICS if getattr(cfg.eval, n).enabled]
-    provenance = _provenance()
+    made_by = provenance()
+    write_samples(ctx, cfg.eval, run_dir / "samples.png")
     for name in names:
         metric_cfg = getattr(cfg.eval, name)
         request = _json_normal({**common, **protocol_of(metric_cfg)})
@@ -191,7 +197,7 @@ def evaluate_run(cfg: EvaluateConfig) -> dict[str, Any]:
         record["metrics"][name] = _json_normal({
             "values": result.values,
             "protocol": {**request, **result.protocol},
-            "provenance": {**result.provenance, **provenance, "device": str(ctx.device),
+            "provenance": {**result.provenance, **made_by, "device": str(ctx.device),
                            "seconds": time.perf_counter() - start,
                            "sampling_seconds": ctx.sampling_seconds - sampling,
                            "evaluated": dt.datetime.now(dt.timezone.utc).isoformat(

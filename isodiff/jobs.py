@@ -41,7 +41,7 @@ def run_job(cfg: DictConfig, run_dir: Path, work: Callable[[TrainConfig, Path], 
     runs.atomic_write_text(run_dir / "config.yaml", resolved)
     runs.write_status(run_dir, runs.RUNNING, host=socket.gethostname(), pid=os.getpid(),
                       attempts=status.get("attempts", 0) + 1,
-                      slurm_job_id=os.environ.get("SLURM_JOB_ID"))
+                      slurm_job_id=os.environ.get("SLURM_JOB_ID"), git=runs.provenance()["git"])
     file_log = logging.FileHandler(run_dir / "train.log")
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(file_log)

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid
 
+from isodiff.assets import atomic_save
 from isodiff.config import DiffusionConfig
 from isodiff.models import HUNet
-from isodiff.assets import atomic_save
 from isodiff.sampling import DDIM, latents, to_images
 
 GRID_SEED = 0

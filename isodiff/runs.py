@@ -14,9 +14,11 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 RUNNING, DONE, FAILED = "running", "done", "failed"
+PACKAGES = ("isodiff", "torch", "diffusers", "accelerate", "clean-fid", "lpips", "numpy", "scipy",
+            "scikit-learn")
 
 # Keys that do not change what a job computes: excluded from its identity.
 NON_IDENTITY_KEYS = ("run_root", "name", "experiment", "tier", "train.progress",
@@ -104,3 +108,25 @@ def job_name(override_dirname: str, *, _root_: DictConfig) -> str:
     readable = re.sub(r"[^A-Za-z0-9=.,_+-]+", "_", readable)[:120] or "default"
     cfg = OmegaConf.masked_copy(_root_, [k for k in _root_ if k not in ("hydra", "name")])
     return f"{readable}-{config_hash(cfg)}"
+
+
+def provenance() -> dict[str, Any]:
+    """What produced a result without changing it: package versions and the git commit of
+    the checkout (dirty: uncommitted changes to tracked or unignored files)."""
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    here = Path(__file__).resolve().parents[1]
+    git = None
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], check=True,
+                                capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--", "."],
+                               check=True, capture_output=True, text=True).stdout.strip()
+        git = {"commit": commit, "dirty": bool(dirty)}
+    except (OSError, subprocess.CalledProcessError):
+        pass  # not a git checkout, or no commit yet
+    return {"packages": versions, "git": git}

@@ -173,3 +173,9 @@ class DDIM:
 def to_images(x: torch.Tensor) -> torch.Tensor:
     """Samples -> images in [-1, 1] (what an image file would hold, before quantisation)."""
     return x.clamp(-1, 1)
+
+
+def quantise(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> uint8 pixels round((x + 1) * 127.5) on the CPU, as an 8-bit
+    image file holds them."""
+    return ((images.detach().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

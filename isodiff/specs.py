@@ -28,6 +28,10 @@ class TierPlan:
     as in the paper tier), the fine-tuning overrides and the evaluation preset."""
 
     base: list[str] | None = field(default_factory=list)
+    # Fine-tunes start from the bases isodiff ships (isodiff/pretrained/<tier>/<dataset>,
+    # made with `base` by `make bases`) instead of pretraining them in the sweep.
+    shipped: bool = False
+    base_eval: str = "base"  # the isodiff.evaluate preset of the bases' quality check
     finetune: list[str] = field(default_factory=list)
     eval: str = "smoke"
 

@@ -37,6 +37,19 @@ from isodiff.specs import (
 
 log = logging.getLogger("isodiff.sweep")
 CONF = EXPERIMENTS.parent / "conf"
+# The overrides that choose where jobs run: they go to every stage (training, evaluation).
+LAUNCHER_KEYS = ("cluster=", "hydra/launcher=", "hydra.launcher.")
+PRETRAINED = Path(__file__).resolve().parent / "pretrained"
+
+
+def shipped_base(tier: str, dataset: str) -> Path:
+    """The base isodiff ships for a dataset at this tier (isodiff/pretrained/<tier>/)."""
+    path = PRETRAINED / tier / dataset
+    if not (path / "config.json").is_file():
+        raise UserError(f"no shipped {tier}-tier base for data={dataset} in {path}: train "
+                        f"it with `make bases TIER={tier}`, or add `shipped: false` to the "
+                        f"tier's plan in experiments/tiers.yaml to pretrain bases in the sweep")
+    return path
 
 
 def job_dir(overrides: list[str]) -> Path:
@@ -56,16 +69,18 @@ def _multirun(module: str, args: list[str]) -> None:
     subprocess.run(cmd, check=False)  # outcomes come from status files
 
 
+def base_overrides(data: str, tier: str, plan: TierPlan, extra: list[str]) -> list[str]:
+    """The isodiff.train overrides of a tier's base model of `data`."""
+    return [f"tier={tier}", "experiment=base", f"data={data}", *(plan.base or []), *extra]
+
+
 def base_stage(datasets: list[str], tier: str, plan: TierPlan, extra: list[str]
                ) -> dict[str, Path]:
     """The tier's base model of each dataset, trained once (one multirun over datasets)."""
-    def overrides(data: str) -> list[str]:
-        return [f"tier={tier}", "experiment=base", f"data={data}", *plan.base, *extra]
-
-    bases = {d: job_dir(overrides(d)) for d in datasets}
+    bases = {d: job_dir(base_overrides(d, tier, plan, extra)) for d in datasets}
     pending = [d for d, path in bases.items() if not runs.is_done(path)]
     if pending:
-        _multirun("isodiff.train", overrides(",".join(pending)))
+        _multirun("isodiff.train", base_overrides(",".join(pending), tier, plan, extra))
     return bases
 
 
@@ -84,7 +99,8 @@ def train_stage(spec: Spec, tier: str, plan: TierPlan, bases: dict[str, Path],
         dirs += job_dirs
         if all(runs.is_done(d) for d in job_dirs):
             continue
-        if base_dir is not None and not runs.is_done(base_dir):
+        if base_dir is not None and (base_dir / "status.json").is_file() \
+                and not runs.is_done(base_dir):  # a base trained by the sweep
             log.error("base model %s is not done (%s): skipping %d jobs of %s", base_dir,
                       (runs.read_status(base_dir) or {}).get("error"), len(jobs), dataset)
             continue
@@ -93,10 +109,11 @@ def train_stage(spec: Spec, tier: str, plan: TierPlan, bases: dict[str, Path],
 
 
 def evaluation_metrics(table: Spec, tier: str) -> set[str]:
-    """The isodiff.evaluate metrics a table's jobs need at this tier: those of its values
-    and of every figure drawn from its runs."""
+    """The isodiff.evaluate metrics a table's jobs need at this tier: those of its values,
+    of every figure drawn from its runs, and the quality check every table shows."""
     figures = [s for s in all_specs() if s.kind == "figure" and s.source == table.name]
-    return {metric_of(value) for spec in (table, *figures) for value in spec.metrics_for(tier)}
+    return {"fid", "quality", *(metric_of(value) for spec in (table, *figures)
+                                for value in spec.metrics_for(tier))}
 
 
 def _interleaved(dirs: list[Path]) -> list[Path]:
@@ -129,14 +146,17 @@ def run_specs(specs: list[Spec], tier: str, extra: list[str]) -> dict[str, dict[
     tables = list({s.name: s for s in (load_spec(s.source) if s.kind == "figure" else s
                                        for s in specs)}.values())
     datasets = list(dict.fromkeys(d for s in tables for d in s.datasets_for(tier)))
-    bases = base_stage(datasets, tier, plan, extra) if plan.base is not None else {}
+    if plan.shipped:
+        bases = {d: shipped_base(tier, d) for d in datasets}
+    else:
+        bases = base_stage(datasets, tier, plan, extra) if plan.base is not None else {}
     job_dirs = {s.name: train_stage(s, tier, plan, bases, extra) for s in tables}
     needs: dict[Path, set[str]] = {}
     for spec in tables:
         for run_dir in job_dirs[spec.name]:
             needs.setdefault(run_dir, set()).update(evaluation_metrics(spec, tier))
     # Evaluation takes only the launcher overrides; the rest are training keys.
-    launch = [a for a in extra if a.startswith(("cluster=", "hydra/launcher=", "hydra.launcher."))]
+    launch = [a for a in extra if a.startswith(LAUNCHER_KEYS)]
     evaluate_stage(needs, plan.eval, launch)
     counts = {}
     for name, dirs in job_dirs.items():

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from PIL import Image
 
 from isodiff import evaluation
 from isodiff.config import ConfigError
@@ -61,7 +62,8 @@ def test_smoke_run_end_to_end(run_root: Path, monkeypatch: pytest.MonkeyPatch) -
     assert stored == record
     for name, entry in stored["metrics"].items():
         protocol, provenance = entry["protocol"], entry["provenance"]
-        assert {"seed", "ema", "weights", "sampler"} <= set(protocol), name
+        assert {"seed", "ema", "weights", "sampler", "clip_sample"} <= set(protocol), name
+        assert protocol["clip_sample"] is True, name  # the default, as the official code
         assert provenance["packages"]["torch"] and "seconds" in provenance
         assert "random-trunk" not in json.dumps(provenance), name
         if entry["arrays"]:
@@ -71,6 +73,10 @@ def test_smoke_run_end_to_end(run_root: Path, monkeypatch: pytest.MonkeyPatch) -
     assert stored["metrics"]["fid"]["protocol"]["n"] == 16
     assert stored["metrics"]["rtl"]["values"]["mrtl"] >= 1
     assert list((run_root / "smoke" / "_refs").glob("fid-*.npz"))
+    # The picture beside the numbers: 16 samples (smoke preset) in a 4 x 4 grid of 16 px
+    # images scaled 4x, 1 px gaps.
+    with Image.open(run_dir / "samples.png") as grid:
+        assert grid.size == (4 * (4 * 17 + 1),) * 2
 
     def fail(*args: object) -> None:
         raise AssertionError("recomputed a metric stored with the same protocol")

@@ -10,6 +10,7 @@ import torch
 
 from isodiff.metrics.common import path_points
 from isodiff.metrics.interp import InterpConfig, adjacent_distances, evaluate, smoothness
+from isodiff.sampling import quantise
 from tests.metric_helpers import tiny_context
 
 
@@ -44,9 +45,22 @@ def test_slerp_frames_keep_the_norm_and_lerp_frames_do_not() -> None:
 
 
 def test_interpolation_of_a_model(tmp_path: Path) -> None:
-    result = evaluate(tiny_context(tmp_path, batch_size=8),
-                      InterpConfig(pairs=2, frames=5, steps=2, net="alex"))
+    ctx = tiny_context(tmp_path, batch_size=8)  # 8 // 5 frames: one pair a batch
+    result = evaluate(ctx, InterpConfig(pairs=5, frames=5, steps=2, net="alex",
+                                        keep_frames=4))
     for path in ("slerp", "lerp"):
-        assert result.arrays[f"{path}_adjacent"].shape == (2, 4)
+        assert result.arrays[f"{path}_adjacent"].shape == (5, 4)
         assert result.values[f"{path}_max"] >= result.values[f"{path}_mean"] > 0
+        frames = result.arrays[f"{path}_frames"]  # the first 4 pairs, from 4 batches
+        assert frames.shape == (4, 5, 3, 16, 16) and frames.dtype == np.uint8
+        x0, x1, _ = ctx.endpoints([3])  # pair 3, sampled on its own
+        again = ctx.ddim(2).sample(path_points(x0, x1, 5, path)).x
+        np.testing.assert_allclose(frames[3].astype(int), quantise(again).numpy().astype(int),
+                                   atol=1)
     assert result.provenance["weights"] == "lpips-v0.1-alex/random-trunk"
+
+
+def test_frames_kept_are_capped_by_the_pairs(tmp_path: Path) -> None:
+    result = evaluate(tiny_context(tmp_path, batch_size=8),
+                      InterpConfig(pairs=2, frames=3, steps=1, net="alex", paths=["slerp"]))
+    assert result.arrays["slerp_frames"].shape == (2, 3, 3, 16, 16)  # min(pairs, 4)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from isodiff.metrics.inversion import InversionConfig, evaluate, reconstruction_errors
+from isodiff.sampling import quantise
 from tests.metric_helpers import tiny_context, tiny_unet
 
 
@@ -31,12 +32,24 @@ def test_inversion_reconstructs_where_inversion_is_exact(tmp_path: Path) -> None
     with torch.no_grad():  # eps independent of x: DDIM is affine, inversion exact
         unet.conv_out.weight.zero_()
         unet.conv_out.bias.normal_()
-    result = evaluate(tiny_context(tmp_path, unet=unet), InversionConfig(n=3, steps=4))
+    ctx = tiny_context(tmp_path, unet=unet)
+    result = evaluate(ctx, InversionConfig(n=3, steps=4))
     assert result.values["mse"] < 1e-9 and result.values["psnr"] > 90
     assert result.values["lpips"] == pytest.approx(0.0, abs=1e-6)
     assert result.arrays["psnr"].shape == (3,)
+    sources, reconstructions = result.arrays["sources"], result.arrays["reconstructions"]
+    assert sources.shape == reconstructions.shape == (3, 3, 16, 16)  # min(n, 8)
+    assert sources.dtype == reconstructions.dtype == np.uint8
+    held_out = torch.stack([ctx.dataset("test")[i][0] for i in range(3)])
+    np.testing.assert_array_equal(sources, quantise(held_out).numpy())
+    np.testing.assert_allclose(reconstructions.astype(int), sources.astype(int), atol=1)
 
 
 def test_inversion_of_a_random_model_is_lossy(tmp_path: Path) -> None:
-    result = evaluate(tiny_context(tmp_path), InversionConfig(n=2, steps=4))
+    result = evaluate(tiny_context(tmp_path, batch_size=2), InversionConfig(n=5, steps=4,
+                                                                           keep_images=3))
     assert result.values["mse"] > 1e-4
+    # the first 3 of 5 images, kept across batches of 2
+    assert result.arrays["sources"].shape == result.arrays["reconstructions"].shape == \
+        (3, 3, 16, 16)
+    assert result.arrays["mse"].shape == (5,)

@@ -9,7 +9,7 @@ from diffusers import DDIMInverseScheduler
 from isodiff.config import DiffusionConfig, ModelConfig
 from isodiff.diffusion import build_ddim
 from isodiff.models import HUNet, build_unet
-from isodiff.sampling import DDIM, HEdit, ddim_schedule, ddim_step, latents
+from isodiff.sampling import DDIM, HEdit, ddim_schedule, ddim_step, latents, quantise
 
 CFG = DiffusionConfig()
 SHAPE = (3, 16, 16)
@@ -161,3 +161,9 @@ def test_generated_samples_are_shared_between_metrics(tmp_path) -> None:
     # batches of other sizes: oneDNN's kernels may differ in the last bits
     torch.testing.assert_close(small.generated(3, range(6)), direct, rtol=0, atol=1e-4)
     assert small.ddim(3).trajectories == 6 + 5
+
+
+def test_quantise_rounds_images_to_bytes_as_an_image_file() -> None:
+    x = torch.tensor([-1.0, -1.5, 0.0, 1.0, 1.2, 2 * 100.4 / 255 - 1, 2 * 100.6 / 255 - 1])
+    assert quantise(x).tolist() == [0, 0, 128, 255, 255, 100, 101]
+    assert quantise(x).dtype == torch.uint8

@@ -42,17 +42,46 @@ def test_table_has_one_row_per_setting_and_mean_std_over_seeds(tmp_path: Path) -
     assert list(table.display.index) == [
         "shapes: DDPM fine-tuned (lambda_iso = 0)", "shapes: Isometric Diffusion",
         "mnist: DDPM fine-tuned (lambda_iso = 0)", "mnist: Isometric Diffusion"]
-    assert list(table.display.columns[:2]) == ["fid", "fid (paper)"]
-    # Independent check of one cell: the three seeds of shapes / lambda 0.
+    assert list(table.display.columns[:4]) == ["liso_scaled", "liso_scaled (paper)", "fid",
+                                               "fid (paper)"]
+    # Independent check of one cell: the five seeds of shapes / lambda 0.
     values = [json.loads((d / "metrics.json").read_text())["metrics"]["fid"]["values"]["fid"]
-              for d in dirs[:3]]
+              for d in dirs[:5]]
     row = table.numbers.loc["shapes: DDPM fine-tuned (lambda_iso = 0)"]
     assert row["fid_mean"] == pytest.approx(np.mean(values))
     assert row["fid_std"] == pytest.approx(np.std(values, ddof=1))
-    assert row["fid_n"] == 3 and not table.problems
-    best = table.numbers["fid_mean"].idxmin()
-    assert table.display.loc[best, "fid"].startswith("**")
+    assert row["fid_n"] == 5 and not table.problems
+    # The best mean is bold within each dataset, never across datasets.
+    for dataset in ("shapes", "mnist"):
+        rows = table.numbers[table.numbers.index.str.startswith(dataset)]
+        bold = table.display.loc[rows.index, "fid"].str.startswith("**")
+        assert list(bold[bold].index) == [rows["fid_mean"].idxmin()]
     assert (table.display["fid (paper)"] == "n/a¹").all()
+
+
+def test_every_row_carries_the_quality_check_of_its_runs(tmp_path: Path) -> None:
+    spec = load_spec("table_1")
+    dirs = write_runs(tmp_path, spec, "quick")
+    for i, d in enumerate(dirs):
+        record = json.loads((d / "metrics.json").read_text())
+        # one control seed of shapes generates poorly (FID 5x its floor); mnist's digits all
+        # fall in 9 of 10 classes
+        heldout = 50.0 if i == 2 else 15.0
+        record["metrics"]["fid"]["values"].update(fid_heldout=heldout, fid_floor=10.0)
+        record["metrics"]["quality"] = {"values": {
+            "confident_digit": 0.9, "confident_digit_real": 0.95,
+            "classes_digit": 9.0 if d.parent.name == "mnist" else 10.0,
+            "classes_digit_real": 10.0}}
+        (d / "metrics.json").write_text(json.dumps(record))
+    table = build_table(collect_runs(tmp_path / "quick"), spec, "quick")
+    quality = table.display["quality"]
+    assert quality["shapes: DDPM fine-tuned (lambda_iso = 0)"] == \
+        "**fails** (1/5): FID 50 > 3x the real-vs-real floor 10"
+    assert quality["shapes: Isometric Diffusion"] == "ok"
+    assert quality["mnist: Isometric Diffusion"] == \
+        "**fails** (5/5): digit: 9 of 10 classes generated"
+    assert table.floors == {"shapes": 10.0, "mnist": 10.0}
+    assert "Real-vs-real FID floor at this n: shapes 10, mnist 10." in to_markdown(table, "quick")
 
 
 def test_failed_and_missing_jobs_are_listed_with_their_reason(tmp_path: Path) -> None:
@@ -99,8 +128,8 @@ def test_figures_draw_one_curve_per_setting(tmp_path: Path) -> None:
 
 
 def test_paired_differences_from_the_control_by_seed(tmp_path: Path) -> None:
-    spec = load_spec("table_1")  # control: lambda_iso = 0; 3 seeds per dataset
-    dirs = write_runs(tmp_path, spec, "quick", fail={7})  # mnist, lambda 0, seed 1
+    spec = load_spec("table_1")  # control: lambda_iso = 0; 5 seeds per dataset
+    dirs = write_runs(tmp_path, spec, "quick", fail={11})  # mnist, lambda 0, seed 1
     table = build_table(collect_runs(tmp_path / "quick"), spec, "quick")
     assert list(table.paired.index) == ["shapes: Isometric Diffusion",
                                         "mnist: Isometric Diffusion"]
@@ -108,11 +137,11 @@ def test_paired_differences_from_the_control_by_seed(tmp_path: Path) -> None:
     def fid(d: Path) -> float:
         return json.loads((d / "metrics.json").read_text())["metrics"]["fid"]["values"]["fid"]
 
-    # expand order: shapes (lambda 0: seeds 0-2, lambda 0.1: seeds 0-2), then mnist
-    diffs = [fid(dirs[3 + s]) - fid(dirs[s]) for s in range(3)]
-    mean, se = np.mean(diffs), np.std(diffs, ddof=1) / np.sqrt(3)
+    # expand order: shapes (lambda 0: seeds 0-4, lambda 0.1: seeds 0-4), then mnist
+    diffs = [fid(dirs[5 + s]) - fid(dirs[s]) for s in range(5)]
+    mean, se = np.mean(diffs), np.std(diffs, ddof=1) / np.sqrt(5)
     assert table.paired.loc["shapes: Isometric Diffusion", "fid"] == \
-        f"{mean:+.3g} ± {se:.2g} (n=3)"
-    # the mnist pair of seed 1 has no control: two pairs remain
-    assert table.paired.loc["mnist: Isometric Diffusion", "fid"].endswith("(n=2)")
+        f"{mean:+.3g} ± {se:.2g} (n=5)"
+    # the mnist pair of seed 1 has no control: four pairs remain
+    assert table.paired.loc["mnist: Isometric Diffusion", "fid"].endswith("(n=4)")
     assert "Paired difference from the control (lambda_iso = 0)" in to_markdown(table, "quick")

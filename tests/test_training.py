@@ -38,10 +38,14 @@ def test_smoke_job_completes_and_is_not_redone(run_root: Path) -> None:
     status, run_dir = run_train_job([], run_root)
     assert time.perf_counter() - t0 < 60
     assert status["state"] == "done" and status["step"] == 6
+    assert len(status["git"]["commit"]) == 40  # the code that trained it
     for name in ("config.yaml", "metrics.csv", "train.log", "final/unet/config.json",
                  "final/unet_ema/diffusion_pytorch_model.safetensors"):
         assert (run_dir / name).exists(), name
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000003"]
+    # A sample grid at each checkpoint and at the end (EMA weights, fixed x_T)
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
+        "step_00000003.png", "step_00000006.png"]
     mtime = (run_dir / "final").stat().st_mtime_ns
     again, _ = run_train_job([], run_root)
     assert again["attempts"] == 1 and (run_dir / "final").stat().st_mtime_ns == mtime
@@ -51,7 +55,9 @@ def test_same_seed_same_weights_other_seed_differs(tmp_path: Path) -> None:
     _, a = run_train_job(["train.steps=3"], tmp_path / "a")
     _, b = run_train_job(["train.steps=3"], tmp_path / "b")
     _, c = run_train_job(["train.steps=3", "seed=1"], tmp_path / "c")
+    _, d = run_train_job(["train.steps=3", "train.grid_samples=0"], tmp_path / "d")
     _assert_same_weights(a, b)
+    _assert_same_weights(a, d)  # sampling the grids leaves training as it was
     assert not torch.equal(_weights(a)["conv_in.weight"], _weights(c)["conv_in.weight"])
 
 

@@ -5,6 +5,12 @@ own resizer (mode "clean": PIL bicubic to 299 in float) and Inception (mode
 "legacy_tensorflow": the network's TF-style resize). Reference statistics come from the
 run's training data, computed locally and cached as .npz under the tier's refs folder;
 generated images stay in memory. Compare FID only at equal N and reference.
+
+Beside `fid` (N samples vs the reference), every evaluation reports the two numbers that say
+whether a model generates at all (the quality check, quality.py): `fid_heldout`, the N
+samples against N held-out real images (test split), and `fid_floor`, those N held-out real
+images against the training reference: real vs real at the same sample size, the lowest
+FID that N samples can reach.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from scipy import linalg
 from isodiff import assets
 from isodiff.config import ConfigError
 from isodiff.metrics.common import EvalContext, MetricResult, protocol_of
+from isodiff.sampling import quantise
 
 log = logging.getLogger(__name__)
 MODES = ("clean", "legacy_tensorflow")
@@ -70,7 +77,7 @@ def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Images in [-1, 1] (N, C, H, W) -> uint8 RGB (N, H, W, 3), rounded as a PNG writer
     would (grey repeated to RGB, which Inception needs)."""
-    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    x = quantise(images)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     return x.permute(0, 2, 3, 1).numpy()
@@ -89,16 +96,16 @@ def inception_features(images: torch.Tensor, model: torch.nn.Module, mode: str) 
     return model(torch.from_numpy(batch).to(device)).double().cpu().numpy()
 
 
-def reference_stats(ctx: EvalContext, cfg: FIDConfig, model: torch.nn.Module
-                    ) -> tuple[np.ndarray, np.ndarray, str]:
-    """(mu, sigma) of the first ref_n images of the reference split, cached by dataset."""
-    name = f"fid-{ctx.data_key}-{cfg.ref_split}-{cfg.ref_n}-{cfg.mode}.npz"
-    path = ctx.refs_dir / name
+def reference_stats(ctx: EvalContext, split: str, n: int, mode: str, model: torch.nn.Module,
+                    key: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """(mu, sigma) of the first n images of a split, cached by dataset (key: the config key
+    that asked for n)."""
+    path = ctx.refs_dir / f"fid-{ctx.data_key}-{split}-{n}-{mode}.npz"
     with ctx.building(path):
         if not path.is_file():
             features = np.concatenate([
-                inception_features(images, model, cfg.mode) for images
-                in ctx.real_batches(cfg.ref_split, cfg.ref_n, "eval.fid.ref_n")])
+                inception_features(images, model, mode) for images
+                in ctx.real_batches(split, n, key)])
             mu, sigma = gaussian_stats(features)
             assets.atomic_save(path, lambda tmp: np.savez(tmp, mu=mu, sigma=sigma))
             log.info("FID reference statistics cached in %s", path)
@@ -108,15 +115,21 @@ def reference_stats(ctx: EvalContext, cfg: FIDConfig, model: torch.nn.Module
 
 def evaluate(ctx: EvalContext, cfg: FIDConfig) -> MetricResult:
     """FID between cfg.n DDIM samples (x_T of sample i seeded by (seed, i)) and the
-    reference statistics."""
+    reference statistics; fid_heldout and fid_floor at the same n (module docstring)."""
     inception = assets.inception(cfg.mode, device=ctx.device)
-    mu_ref, sigma_ref, ref_path = reference_stats(ctx, cfg, inception.module)
+    ref = reference_stats(ctx, cfg.ref_split, cfg.ref_n, cfg.mode, inception.module,
+                          "eval.fid.ref_n")
+    heldout = reference_stats(ctx, "test", cfg.n, cfg.mode, inception.module, "eval.fid.n")
     features = np.concatenate([
         inception_features(ctx.generated(cfg.steps, rows), inception.module, cfg.mode)
         for rows in ctx.chunks(cfg.n, "FID samples")])
     mu, sigma = gaussian_stats(features)
+    values = {"fid": frechet_distance(mu, sigma, *ref[:2]),
+              "fid_heldout": frechet_distance(mu, sigma, *heldout[:2]),
+              "fid_floor": frechet_distance(*heldout[:2], *ref[:2])}
     protocol = {**protocol_of(cfg), "backbone": "inception-2015-12-05/pool3",
                 "reference": {"data": ctx.data_key, "split": cfg.ref_split, "n": cfg.ref_n,
-                              "quantised": "uint8", "resize": cfg.mode}}
-    return MetricResult({"fid": frechet_distance(mu, sigma, mu_ref, sigma_ref)}, protocol,
-                        {"weights": inception.weights, "reference_stats": ref_path})
+                              "quantised": "uint8", "resize": cfg.mode},
+                "heldout": {"split": "test", "n": cfg.n}}
+    return MetricResult(values, protocol, {"weights": inception.weights,
+                                           "reference_stats": ref[2], "heldout_stats": heldout[2]})

@@ -3,7 +3,8 @@
 Frames are DDIM samples of path(x0, x1, w) at w = 0, 1/(F-1), ..., 1 (the official script:
 11 frames, slerp, DDIM 20 steps, LPIPS-VGG). Per pair: mean, std and max of the F - 1
 adjacent distances, then averaged over pairs; the per-pair curves are kept for the figure
-(paper Figure 1 compares lerp and slerp, baseline and regularised).
+(paper Figure 1 compares lerp and slerp, baseline and regularised), and so are the frames of
+the first `keep_frames` pairs, as 8-bit images (the strips of paper Figure 5).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from isodiff.config import ConfigError
 from isodiff.metrics.common import PATHS, EvalContext, MetricResult, path_points, protocol_of
 from isodiff.metrics.perceptual import Distance
-from isodiff.sampling import to_images
+from isodiff.sampling import quantise, to_images
 
 
 @dataclass
@@ -27,12 +28,15 @@ class InterpConfig:
     steps: int = 20  # DDIM steps
     net: str = "vgg"  # LPIPS backbone: vgg | alex
     paths: list[str] = field(default_factory=lambda: ["slerp", "lerp"])
+    # Pairs whose frames are stored (<path>_frames): in the protocol, so that results
+    # stored without frames are recomputed once rather than leave the figure empty.
+    keep_frames: int = 4
 
     def __post_init__(self) -> None:
         if unknown := set(self.paths) - set(PATHS):
             raise ConfigError(f"eval.interp.paths: unknown {sorted(unknown)}; use {list(PATHS)}")
-        if self.frames < 2 or self.pairs < 1:
-            raise ConfigError("eval.interp needs frames >= 2 and pairs >= 1")
+        if self.frames < 2 or self.pairs < 1 or self.keep_frames < 0:
+            raise ConfigError("eval.interp needs frames >= 2, pairs >= 1 and keep_frames >= 0")
         if self.net not in ("vgg", "alex"):
             raise ConfigError(f"eval.interp.net={self.net!r}: use vgg or alex")
 
@@ -52,20 +56,23 @@ def smoothness(d: np.ndarray) -> dict[str, float]:
 
 
 def evaluate(ctx: EvalContext, cfg: InterpConfig) -> MetricResult:
-    """Adjacent-frame LPIPS of cfg.pairs interpolations (pair i seeded by (seed, i))."""
+    """Adjacent-frame LPIPS of cfg.pairs interpolations (pair i seeded by (seed, i)), and
+    the frames of the first cfg.keep_frames pairs, (P_keep, F, C, H, W) uint8."""
     distance, weights = ctx.lpips(cfg.net)
     ddim = ctx.ddim(cfg.steps)
     values, arrays = {}, {}
     for path in cfg.paths:
-        curves = []
+        curves, kept = [], []
         for rows in ctx.chunks(cfg.pairs, f"interp {path}",
                                size=max(1, ctx.batch_size // cfg.frames)):
             x0, x1, _ = ctx.endpoints(rows)
             images = to_images(ddim.sample(path_points(x0, x1, cfg.frames, path)).x)
-            curves.append(adjacent_distances(images.reshape(len(rows), cfg.frames,
-                                                            *images.shape[1:]), distance))
+            frames = images.reshape(len(rows), cfg.frames, *images.shape[1:])
+            curves.append(adjacent_distances(frames, distance))
+            kept.append(quantise(frames[:max(0, cfg.keep_frames - rows.start)]).numpy())
         d = np.concatenate(curves)
         values.update({f"{path}_{k}": v for k, v in smoothness(d).items()})
         arrays[f"{path}_adjacent"] = d
+        arrays[f"{path}_frames"] = np.concatenate(kept)
     protocol = {**protocol_of(cfg), "backbone": f"lpips-v0.1-{cfg.net}"}
     return MetricResult(values, protocol, {"weights": weights}, arrays)

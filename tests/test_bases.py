@@ -1,0 +1,88 @@
+"""The shipped quick-tier bases and `python -m isodiff.bases` (make bases)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+from isodiff.bases import MANIFEST, compare, file_hashes
+from isodiff.sweep import PRETRAINED
+from tests.conftest import run_cli
+
+MANIFESTS = sorted(PRETRAINED.glob(f"*/{MANIFEST}"))
+
+
+def test_the_quick_tier_ships_its_bases() -> None:
+    assert [m.parent.name for m in MANIFESTS] == ["quick"]
+
+
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.parent.name)
+def test_shipped_files_match_their_manifest_and_load_in_plain_diffusers(manifest: Path) -> None:
+    record = json.loads(manifest.read_text())
+    assert record["bases"], "a manifest without bases"
+    for dataset, entry in record["bases"].items():
+        folder = manifest.parent / dataset
+        assert file_hashes(folder) == entry["files"], dataset
+        # the verdict is recorded with its reasons, whichever it is
+        assert entry["quality"]["passed"] == (not entry["quality"]["reasons"]), dataset
+        assert {"fid_heldout", "fid_floor"} <= set(entry["quality"]["values"]), dataset
+        unet = UNet2DModel.from_pretrained(folder, local_files_only=True)
+        c = unet.config
+        x = torch.zeros(1, c.in_channels, c.sample_size, c.sample_size)
+        assert unet(x, 999).sample.shape == x.shape
+
+
+def _manifest(files: dict[str, str], passed: bool = True, device: str = "cpu (x86_64)",
+              torch_version: str = "2.14.1") -> dict:
+    quality = {"passed": passed, "reasons": [] if passed else ["FID 99 > 3x the floor 3"]}
+    return {"device": device, "packages": {"torch": torch_version},
+            "bases": {"mnist": {"files": files, "quality": quality}}}
+
+
+def test_verification_is_bitwise_on_the_same_platform_and_by_quality_elsewhere() -> None:
+    shipped = _manifest({"a.safetensors": "1", "config.json": "2"})
+    assert compare(_manifest({"a.safetensors": "1", "config.json": "2"}), shipped) == []
+    assert compare(_manifest({"a.safetensors": "9", "config.json": "2"}), shipped) == [
+        "mnist: not bitwise equal to the shipped base (a.safetensors)"]
+    other_gpu = _manifest({"a.safetensors": "9", "config.json": "2"}, device="cuda:H200")
+    assert compare(other_gpu, shipped) == []
+    failing = _manifest({"a.safetensors": "9"}, passed=False, torch_version="2.15.0")
+    assert compare(failing, shipped) == [
+        "mnist: fails the quality check: FID 99 > 3x the floor 3"]
+    assert compare({**shipped, "bases": {}}, shipped) == ["mnist: not retrained"]
+
+
+@pytest.mark.slow
+def test_make_bases_at_the_smoke_tier_end_to_end(tmp_path: Path) -> None:
+    """Trains, evaluates and exports the smoke bases, writes the manifest; a second call
+    redoes nothing and verifies bitwise against the first; a changed hash is reported."""
+    out, run_root = tmp_path / "bases", tmp_path / "runs"
+    args = ("tier=smoke", f"out={out}", f"run_root={run_root}")
+    first = run_cli("isodiff.bases", *args, timeout=600)
+    # Four training steps do not make a model that generates: exit 1, said per dataset.
+    assert first.returncode == 1, first.stderr[-2000:]
+    assert "shapes: FAILS the quality check" in first.stderr
+    record = json.loads((out / MANIFEST).read_text())
+    entry = record["bases"]["shapes"]
+    assert file_hashes(out / "shapes") == entry["files"]
+    assert {"config.json", "diffusion_pytorch_model.safetensors", "samples.png"} <= set(
+        entry["files"])
+    assert entry["steps"] == 4 and entry["training_seconds"] > 0
+    assert {"fid_heldout", "fid_floor", "confident_shape", "confident_shape_real"} <= set(
+        entry["quality"]["values"])
+    assert record["command"][:3] == ["python", "-m", "isodiff.bases"]
+    assert record["git"]["commit"] and record["packages"]["torch"] == torch.__version__
+
+    tampered = tmp_path / "shipped"
+    tampered.mkdir()
+    entry["files"]["config.json"] = "0" * 64
+    (tampered / MANIFEST).write_text(json.dumps(record))
+    again = run_cli("isodiff.bases", *args, f"verify={out}", timeout=600)
+    assert "verify: every base matches" in again.stderr
+    assert "train " not in again.stderr  # nothing retrained
+    check = run_cli("isodiff.bases", *args, f"verify={tampered}", timeout=600)
+    assert "shapes: not bitwise equal to the shipped base (config.json)" in check.stderr
