@@ -60,9 +60,12 @@ def test_sweep_trains_evaluates_is_idempotent_and_reports_failures(tmp_path: Pat
     rows = [line for line in table.splitlines() if line.startswith("| shapes")]
     assert len(rows) == 2 and "| row | fid | mrtl |" in table
     assert all("–" not in row for row in rows), table  # every cell filled
-    # only the metrics of the spec's values were evaluated (it has no figures)
+    # only the metrics of the spec's values and the quality check were evaluated (it has
+    # no figures); four smoke steps do not make a model that generates, and the row says so
     for job in jobs:
-        assert set(json.loads((job / "metrics.json").read_text())["metrics"]) == {"fid", "rtl"}
+        assert set(json.loads((job / "metrics.json").read_text())["metrics"]) == {
+            "fid", "rtl", "quality"}
+    assert all("**fails** (1/1): FID" in row for row in rows), table
 
     before = _snapshot(run_root)
     assert _sweep(spec, run_root).returncode == 0
