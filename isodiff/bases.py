@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import UNet2DModel
 
@@ -91,8 +92,6 @@ def quality_of(run_dir: Path) -> dict[str, Any]:
     histograms = {}
     arrays = run_dir / "eval" / "quality.npz"
     if arrays.is_file():
-        import numpy as np
-
         with np.load(arrays) as a:
             histograms = {k: a[k].tolist() for k in a.files}
     reasons = check(values)
