@@ -6,13 +6,14 @@ with its config flattened to dotted keys and its metric values.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import yaml
+
+from isodiff.runs import RunFileError, read_json, read_status
 
 STATUS_COLUMNS = ["state", "step", "final_loss", "steps_per_s", "attempts", "error"]
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader: 1,000 runs in ~1 s
@@ -36,28 +37,34 @@ def metric_values(metrics_json: dict[str, Any]) -> dict[str, float]:
             for name, value in entry.get("values", {}).items()}
 
 
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-
-
 def job_row(run_dir: Path) -> dict[str, Any]:
-    status = _read(run_dir / "status.json")
-    config = run_dir / "config.yaml"
-    cfg = flatten(yaml.load(config.read_text(), Loader=_Loader)) if config.exists() else {}
+    """A job's row; a file of it that does not parse is named in `problem` (the job's
+    own problem: collection goes on with the others)."""
+    status, problems = read_status(run_dir) or {}, []
+    if status.get("error") and status.get("state") == "unreadable":
+        problems.append(status["error"])
+    config, cfg = run_dir / "config.yaml", {}
+    try:
+        cfg = flatten(yaml.load(config.read_text(), Loader=_Loader) or {}) \
+            if config.exists() else {}
+    except yaml.YAMLError as err:
+        problems.append(f"{config} is unreadable ({type(err).__name__})")
+    try:
+        values = metric_values(read_json(run_dir / "metrics.json", {}))
+    except RunFileError as err:
+        values = {}
+        problems.append(str(err))
     return {"path": str(run_dir), "job": run_dir.name,
             **{k: status.get(k) for k in STATUS_COLUMNS},
-            **{f"cfg.{k}": v for k, v in cfg.items()},
-            **metric_values(_read(run_dir / "metrics.json"))}
+            "problem": "; ".join(problems) or None,
+            **{f"cfg.{k}": v for k, v in cfg.items()}, **values}
 
 
 def collect_runs(root: str | Path) -> pd.DataFrame:
     """One row per job folder (a folder holding status.json) under root."""
     rows = [job_row(marker.parent) for marker in sorted(Path(root).rglob("status.json"))]
     return pd.DataFrame(rows) if rows else pd.DataFrame(columns=["path", "job",
-                                                                  *STATUS_COLUMNS])
+                                                                  *STATUS_COLUMNS, "problem"])
 
 
 def main(argv: list[str]) -> int:
@@ -72,6 +79,8 @@ def main(argv: list[str]) -> int:
     failed = jobs[jobs.state == "failed"]
     for _, job in failed.iterrows():
         print(f"FAILED {job.path}: {job.error}")
+    for _, job in jobs[jobs.problem.notna()].iterrows():
+        print(f"UNREADABLE {job.path}: {job.problem}")
     print(f"{(jobs.state == 'done').sum()} done, {len(failed)} failed, "
           f"{(~jobs.state.isin(['done', 'failed'])).sum()} running or not started, under {root}")
     return 0

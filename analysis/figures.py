@@ -25,10 +25,11 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure, SubFigure  # noqa: E402
 
+from analysis import cli  # noqa: E402
 from analysis.collect import collect_runs  # noqa: E402
 from analysis.tables import _label, spec_rows  # noqa: E402
 from isodiff.pictures import tile  # noqa: E402
-from isodiff.runs import read_json  # noqa: E402
+from isodiff.runs import RunFileError, read_json  # noqa: E402
 from isodiff.specs import Spec, all_specs, canonical, load_spec  # noqa: E402
 
 
@@ -152,7 +153,10 @@ def _shown(arm: Arm, metric: str, key: str) -> tuple[int, Path, np.ndarray] | No
 
 def _eval_seed(run_dir: Path, metric: str) -> int | None:
     """The evaluation seed a run's metric was computed with (its samples' x_T)."""
-    record = read_json(run_dir / "metrics.json", {})
+    try:
+        record = read_json(run_dir / "metrics.json", {})
+    except RunFileError:
+        return None  # the run's problem, listed under its table
     return record.get("metrics", {}).get(metric, {}).get("protocol", {}).get("seed")
 
 
@@ -307,12 +311,12 @@ def render_all(run_root: Path, tier: str, out: Path, names: list[str] | None = N
 
 
 def main(argv: list[str]) -> int:
-    opts = dict(a.split("=", 1) for a in argv if "=" in a)
-    names = [a for a in argv if "=" not in a]
-    for path in render_all(Path(opts.get("run_root", "runs")), opts.get("tier", "quick"),
-                           Path(opts.get("out", "results")), names or None):
-        print(f"wrote {path}")
-    return 0
+    def work(args: cli.Args) -> int:
+        for path in render_all(args.run_root, args.tier, args.out, args.names):
+            print(f"wrote {path}")
+        return 0
+
+    return cli.run(__doc__, argv, work)
 
 
 if __name__ == "__main__":

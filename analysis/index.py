@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from urllib.parse import quote
 
+from analysis import cli
 from analysis.collect import collect_runs
 from isodiff.specs import all_specs
 
@@ -102,11 +103,11 @@ def write_index(run_root: Path, tier: str, out: Path) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    opts = dict(a.split("=", 1) for a in argv if "=" in a)
-    path = write_index(Path(opts.get("run_root", "runs")), opts.get("tier", "quick"),
-                       Path(opts.get("out", "results")))
-    print(f"wrote {path}")
-    return 0
+    def work(args: cli.Args) -> int:
+        print(f"wrote {write_index(args.run_root, args.tier, args.out)}")
+        return 0
+
+    return cli.run(__doc__, argv, work)
 
 
 if __name__ == "__main__":

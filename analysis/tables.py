@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis import cli
 from analysis.collect import collect_runs
 from isodiff.metrics.quality import check
 from isodiff.specs import Spec, all_specs, canonical, expand, load_spec
@@ -78,10 +79,12 @@ def spec_rows(df: pd.DataFrame, spec: Spec, tier: str) -> tuple[pd.DataFrame, li
     merged = pd.DataFrame(expected).merge(found, on="_job", how="left")
     problems = []
     for _, row in merged.iterrows():
-        state = row.get("state")
+        state, problem = row.get("state"), row.get("problem")
         if state != "done":
-            reason = row.get("error") if state == "failed" else (state or "not run")
+            reason = row.get("error") if state in ("failed", "unreadable") else state
             problems.append(f"{row['_name']}: {reason if isinstance(reason, str) else 'not run'}")
+        elif isinstance(problem, str):
+            problems.append(f"{row['_name']}: {problem}")
     return merged, problems
 
 
@@ -232,14 +235,13 @@ def render_all(run_root: Path, tier: str, out: Path, names: list[str] | None = N
 
 
 def main(argv: list[str]) -> int:
-    opts = dict(a.split("=", 1) for a in argv if "=" in a)
-    names = [a for a in argv if "=" not in a]
-    written = render_all(Path(opts.get("run_root", "runs")), opts.get("tier", "quick"),
-                         Path(opts.get("out", "results")), names or None)
-    for path in written:
-        if path.suffix == ".md":
-            print(f"wrote {path} (+ .tex, .csv)")
-    return 0
+    def work(args: cli.Args) -> int:
+        for path in render_all(args.run_root, args.tier, args.out, args.names):
+            if path.suffix == ".md":
+                print(f"wrote {path} (+ .tex, .csv)")
+        return 0
+
+    return cli.run(__doc__, argv, work)
 
 
 if __name__ == "__main__":

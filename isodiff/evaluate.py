@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from isodiff.assets import MissingAssetError
-from isodiff.config import ConfigError
+from isodiff.cli import fail, hydra_main
+from isodiff.config import UserError
 from isodiff.evaluation import evaluate_run, register_schemas, to_evaluate_config
 
 register_schemas()
@@ -20,10 +21,11 @@ log = logging.getLogger("isodiff.evaluate")
 def main(cfg: DictConfig) -> dict:
     try:
         return evaluate_run(to_evaluate_config(cfg))
-    except (ConfigError, MissingAssetError) as err:
-        log.error("%s", err)
-        sys.exit(2)
+    except UserError as err:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the launcher evaluates the other runs, then reports this one
+        fail(err)
 
 
 if __name__ == "__main__":
-    main()
+    hydra_main(main)

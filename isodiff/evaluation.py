@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,8 +41,15 @@ from isodiff.metrics import (
     separability,
 )
 from isodiff.metrics.common import EvalContext, MetricResult, protocol_of
-from isodiff.models import load_unet, resolve_checkpoint
-from isodiff.runs import DONE, atomic_write_json, provenance, read_json, read_status
+from isodiff.models import load_unet, nonfinite, resolve_checkpoint
+from isodiff.runs import (
+    DONE,
+    RunFileError,
+    atomic_write_json,
+    provenance,
+    read_json,
+    read_status,
+)
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +159,10 @@ def build_context(cfg: EvaluateConfig) -> tuple[EvalContext, dict[str, Any]]:
         train_cfg.diffusion.clip_sample = cfg.clip_sample
     _, subfolder = resolve_checkpoint(str(run_dir), cfg.ema)
     unet = load_unet(str(run_dir), ema=cfg.ema).to(_device(cfg.device))
+    if bad := nonfinite(unet.named_parameters()):
+        raise ConfigError(f"run={cfg.run!r}: final/{subfolder} holds non-finite weights "
+                          f"({len(bad)} tensors, e.g. {bad[0]}): nothing is measured; retrain "
+                          "it with a lower optim.lr or lambda_iso")
     refs_dir = Path(cfg.refs_dir) if cfg.refs_dir else run_dir.parent.parent / "_refs"
     ctx = EvalContext(unet, train_cfg.diffusion, train_cfg.data, seed=cfg.seed,
                       batch_size=cfg.batch_size, refs_dir=refs_dir, progress=cfg.progress)
@@ -158,6 +170,13 @@ def build_context(cfg: EvaluateConfig) -> tuple[EvalContext, dict[str, Any]]:
               "ema": subfolder == "unet_ema", "sampler": "DDIM eta=0 fp32",
               "clip_sample": train_cfg.diffusion.clip_sample, "data": ctx.data_key}
     return ctx, common
+
+
+def finite_values(values: dict[str, float]) -> tuple[dict[str, float], list[str]]:
+    """The finite values, and the names of the others (nan/inf never reach metrics.json as
+    numbers, so never a table)."""
+    finite = {k: v for k, v in values.items() if math.isfinite(float(v))}
+    return finite, sorted(set(values) - set(finite))
 
 
 def write_samples(ctx: EvalContext, cfg: EvalConfig, path: Path) -> None:
@@ -175,7 +194,11 @@ def evaluate_run(cfg: EvaluateConfig) -> dict[str, Any]:
     ctx, common = build_context(cfg)
     run_dir = Path(cfg.run).expanduser()
     path = run_dir / "metrics.json"
-    record = read_json(path) or {"run": str(run_dir), "metrics": {}}
+    try:
+        record = read_json(path) or {"run": str(run_dir), "metrics": {}}
+    except RunFileError as err:
+        log.warning("%s: every metric is computed again", err)
+        record = {"run": str(run_dir), "metrics": {}}
     names = cfg.metrics or [n for n in METRICS if getattr(cfg.eval, n).enabled]
     made_by = provenance()
     write_samples(ctx, cfg.eval, run_dir / "samples.png")
@@ -194,8 +217,12 @@ def evaluate_run(cfg: EvaluateConfig) -> dict[str, Any]:
             atomic_save(run_dir / "eval" / f"{name}.npz",
                         lambda tmp, arrays=result.arrays: np.savez(tmp, **arrays))
             arrays = f"eval/{name}.npz"
+        values, nonfinite = finite_values(result.values)
+        if nonfinite:
+            log.warning("%s: %s not finite: left out of the values (listed as nonfinite)",
+                        name, ", ".join(nonfinite))
         record["metrics"][name] = _json_normal({
-            "values": result.values,
+            "values": values, **({"nonfinite": nonfinite} if nonfinite else {}),
             "protocol": {**request, **result.protocol},
             "provenance": {**result.provenance, **made_by, "device": str(ctx.device),
                            "seconds": time.perf_counter() - start,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
@@ -18,6 +17,18 @@ from isodiff.config import ConfigError, TrainConfig, to_train_config
 log = logging.getLogger(__name__)
 
 
+def remove_empty(run_dir: Path, run_root: Path) -> None:
+    """The folders Hydra made for a job that never ran, up to run_root itself: each is
+    kept once it holds anything."""
+    folder, stop = run_dir.resolve(), run_root.resolve()
+    while folder == stop or stop in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty (or gone): kept
+        folder = folder.parent
+
+
 def run_job(cfg: DictConfig, run_dir: Path, work: Callable[[TrainConfig, Path], dict]) -> dict:
     """Validate cfg, then run `work` in run_dir unless it is already done.
 
@@ -27,10 +38,12 @@ def run_job(cfg: DictConfig, run_dir: Path, work: Callable[[TrainConfig, Path], 
     try:
         typed = to_train_config(cfg)
     except ConfigError:
-        with contextlib.suppress(OSError):
-            run_dir.rmdir()  # the empty folder Hydra made; a non-empty one is kept
+        remove_empty(run_dir, Path(str(cfg.get("run_root", run_dir.parent))))
         raise
     status = runs.read_status(run_dir) or {}
+    if status.get("state") == runs.UNREADABLE:
+        log.warning("%s: the job runs again (from its newest checkpoint that loads)",
+                    status["error"])
     if status.get("state") == runs.DONE:
         log.info("%s is done already: skipped", run_dir)
         return status

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -139,6 +139,11 @@ def load_unet(init_from: str, ema: bool = True) -> HUNet:
             raise ConfigError(f"init_from={init_from!r}: cannot load a U-Net from {source}"
                               f"{'/' + subfolder if subfolder else ''}: {err}") from err
         raise _missing(init_from) from err
+
+
+def nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """The names of the tensors that hold a nan or inf."""
+    return [name for name, tensor in named if not bool(torch.isfinite(tensor).all())]
 
 
 def init_unet(cfg: ModelConfig, init_from: str | None) -> HUNet:

@@ -25,7 +25,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from isodiff.config import UserError
+
 RUNNING, DONE, FAILED = "running", "done", "failed"
+UNREADABLE = "unreadable"  # status.json exists but does not parse: the job is not done
 PACKAGES = ("isodiff", "torch", "diffusers", "accelerate", "clean-fid", "lpips", "numpy", "scipy",
             "scikit-learn")
 
@@ -56,15 +59,33 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+class RunFileError(UserError):
+    """A run file that exists but does not parse (a killed copy, a full disk): the problem
+    of that run alone, which every reader reports and goes on."""
+
+
 def read_json(path: str | os.PathLike, default: Any = None) -> Any:
+    """The JSON object in path; default when it does not exist; RunFileError (naming the
+    file) when it exists but is not a JSON object."""
     try:
-        return json.loads(Path(path).read_text())
+        value = json.loads(Path(path).read_text())
     except FileNotFoundError:
         return default
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunFileError(f"{path} is unreadable ({type(err).__name__}: {err})") from err
+    if not isinstance(value, dict):
+        raise RunFileError(f"{path} is unreadable (a JSON {type(value).__name__}, "
+                           "not an object)")
+    return value
 
 
 def read_status(run_dir: str | os.PathLike) -> dict | None:
-    return read_json(Path(run_dir) / "status.json")
+    """status.json; None when the job never started; state `unreadable` (with the error)
+    when the file does not parse, so the job counts as not done and runs again."""
+    try:
+        return read_json(Path(run_dir) / "status.json")
+    except RunFileError as err:
+        return {"state": UNREADABLE, "error": str(err)}
 
 
 def write_status(run_dir: str | os.PathLike, state: str, **fields: Any) -> None:
@@ -78,6 +99,20 @@ def write_status(run_dir: str | os.PathLike, state: str, **fields: Any) -> None:
 
 def is_done(run_dir: str | os.PathLike) -> bool:
     return (read_status(run_dir) or {}).get("state") == DONE
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_hashes(folder: Path, skip: str = "") -> dict[str, str]:
+    """sha256 of every file under folder, by path relative to it (skip: one left out)."""
+    return {str(p.relative_to(folder)): sha256(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and str(p.relative_to(folder)) != skip}
 
 
 def config_hash(cfg: DictConfig | dict, exclude: tuple[str, ...] = NON_IDENTITY_KEYS) -> str:

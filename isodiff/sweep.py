@@ -168,8 +168,13 @@ def run_specs(specs: list[Spec], tier: str, extra: list[str]) -> dict[str, dict[
 def _state(run_dir: Path) -> str:
     """done (trained and evaluated), not evaluated, or the training state."""
     state = (runs.read_status(run_dir) or {}).get("state", "not run")
-    if state == runs.DONE and not (run_dir / "metrics.json").is_file():
-        return "not evaluated"
+    if state == runs.DONE:
+        try:
+            if runs.read_json(run_dir / "metrics.json") is None:
+                return "not evaluated"
+        except runs.RunFileError as err:
+            log.error("%s", err)
+            return "metrics unreadable"
     return state
 
 

@@ -35,6 +35,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from isodiff.cli import hydra_main
 from isodiff.isometry import isometry_loss
 
 SETTINGS = {"reconstruction": None, "euclidean": "euclidean", "spherical": "spherical"}
@@ -223,4 +224,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_main(main)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -11,6 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from isodiff.cli import fail, hydra_main
 from isodiff.config import TrainConfig, UserError, register_schemas
 from isodiff.distributed import export_torch_distributed_env
 from isodiff.jobs import run_job
@@ -37,9 +37,8 @@ def main(cfg: DictConfig) -> dict:
     except UserError as err:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             raise  # the sweeper runs the other jobs, then reports this one
-        log.error("%s", err)
-        sys.exit(2)
+        fail(err)  # here, not in hydra_main: Hydra would first log the job's overrides
 
 
 if __name__ == "__main__":
-    main()
+    hydra_main(main)

@@ -26,12 +26,12 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from isodiff import pictures, seeding
+from isodiff import pictures, runs, seeding
 from isodiff.config import TrainConfig, UserError
 from isodiff.data import build_dataset
 from isodiff.diffusion import build_scheduler
 from isodiff.isometry import build_regulariser, sample_timesteps
-from isodiff.models import HUNet, init_unet
+from isodiff.models import HUNet, init_unet, nonfinite
 from isodiff.objective import DiffusionObjective
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,10 @@ CHECKPOINT_PREFIX = "step_"
 
 class NonFiniteLossError(UserError, RuntimeError):
     """The loss became nan/inf: the job stops and nothing is written as final."""
+
+
+class NonFiniteWeightsError(UserError, RuntimeError):
+    """Training ended with nan/inf weights: the job fails instead of being marked done."""
 
 
 class StepBatches:
@@ -92,7 +96,7 @@ def build_state(cfg: TrainConfig) -> TrainState:
     optimizer = torch.optim.AdamW(unet.parameters(), lr=o.lr, betas=tuple(o.betas),
                                   weight_decay=o.weight_decay, eps=o.eps)
     # Stepped by us once per optimizer step (accelerate's wrapper would step it per process).
-    lr_scheduler = get_scheduler(o.lr_schedule, optimizer, num_warmup_steps=o.warmup_steps,
+    lr_scheduler = get_scheduler(o.lr_schedule.value, optimizer, num_warmup_steps=o.warmup_steps,
                                  num_training_steps=cfg.train.steps)
     ema = EMAModel(unet.parameters(), decay=o.ema_decay, use_ema_warmup=o.ema_warmup,
                    power=o.ema_power, model_cls=HUNet, model_config=unet.config)
@@ -103,14 +107,65 @@ def build_state(cfg: TrainConfig) -> TrainState:
                       optimizer, lr_scheduler)
 
 
-def latest_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
-    """The newest complete checkpoint (complete = renamed into place with meta.json)."""
-    found = []
-    for path in (run_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*"):
-        meta = path / "meta.json"
-        if meta.is_file():
-            found.append((json.loads(meta.read_text())["step"], path))
-    return (max(found)[1], max(found)[0]) if found else None
+def check_finite(state: TrainState, cfg: TrainConfig) -> None:
+    """Raises NonFiniteWeightsError naming the non-finite tensors of the weights or of
+    their EMA, and the settings to lower."""
+    names = [n for n, _ in state.unet.named_parameters()]
+    bad = {"weights": nonfinite(state.unet.named_parameters()),
+           "EMA weights": nonfinite(zip(names, state.ema.shadow_params, strict=True))}
+    if any(bad.values()):
+        detail = "; ".join(f"{kind}: {len(found)} tensors, e.g. {found[0]}"
+                           for kind, found in bad.items() if found)
+        raise NonFiniteWeightsError(
+            f"training ended with non-finite weights ({detail}); nothing was saved as final: "
+            f"lower optim.lr={cfg.optim.lr:g} or lambda_iso={cfg.lambda_iso:g}")
+
+
+def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Checkpoints renamed into place (they hold meta.json), newest first by folder name."""
+    found = [(int(p.name.removeprefix(CHECKPOINT_PREFIX)), p)
+             for p in (run_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*")
+             if (p / "meta.json").is_file()]
+    return sorted(found, reverse=True)
+
+
+def resume(state: TrainState, run_dir: Path) -> int:
+    """Load the newest checkpoint that loads completely; returns its step (0: none).
+
+    A checkpoint can be complete and still damaged (a full disk, a killed copy): one whose
+    files do not load is skipped, with the reason, and once an older one has loaded it is
+    moved to checkpoints/.corrupt-* so that training can write that step again. Fails,
+    naming them and moving nothing, when checkpoints exist and none loads.
+    """
+    acc, skipped = state.accelerator, []
+    for step, path in complete_checkpoints(run_dir):
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+            if meta.get("step") != step:
+                raise ValueError(f"meta.json says step {meta.get('step')}")
+            if (found := runs.file_hashes(path, skip="meta.json")) != meta.get("files", found):
+                changed = sorted(k for k in {*found, *meta["files"]}
+                                 if found.get(k) != meta["files"].get(k))
+                raise ValueError(f"{', '.join(changed)} differ from their sha256 in meta.json")
+            acc.load_state(str(path))
+        except Exception as err:  # any damaged file: safetensors, torch pickles, JSON
+            skipped.append((path, f"{type(err).__name__}: {str(err)[:200]}"))
+            log.warning("checkpoint %s does not load (%s): skipped", path, skipped[-1][1])
+            continue
+        acc.wait_for_everyone()
+        for bad, _ in skipped if acc.is_main_process else []:
+            aside = bad.with_name(f".corrupt-{bad.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            bad.rename(aside)
+        if skipped:
+            log.warning("resuming from %s, the newest checkpoint that loads; the damaged "
+                        "ones are kept as checkpoints/.corrupt-*", path.name)
+        return step
+    if skipped:
+        raise UserError(f"no checkpoint of {run_dir} loads: "
+                        + "; ".join(f"{p.name} ({why})" for p, why in skipped)
+                        + ": delete its checkpoints/ folder to train it from step 0")
+    return 0
 
 
 def save_checkpoint(state: TrainState, run_dir: Path, step: int, keep: int) -> None:
@@ -125,7 +180,8 @@ def save_checkpoint(state: TrainState, run_dir: Path, step: int, keep: int) -> N
     acc.save_state(str(tmp))
     acc.wait_for_everyone()  # every rank's files are in tmp before it is renamed
     if acc.is_main_process:
-        (tmp / "meta.json").write_text(json.dumps({"step": step}))
+        # written last: the sha256 of every file, checked before a resume loads them
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "files": runs.file_hashes(tmp)}))
         tmp.rename(ckpt_dir / f"{CHECKPOINT_PREFIX}{step:08d}")
         complete = sorted(p for p in ckpt_dir.glob(f"{CHECKPOINT_PREFIX}*")
                           if (p / "meta.json").is_file())
@@ -221,10 +277,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
     state = build_state(cfg)
     acc, loop = state.accelerator, cfg.train
     dataset: Dataset = build_dataset(cfg.data, "train")
-    start_step = 0
-    if (found := latest_checkpoint(run_dir)) is not None:
-        acc.load_state(str(found[0]))
-        start_step = found[1]
+    if start_step := resume(state, run_dir):
         log.info("resuming %s from step %d", run_dir, start_step)
     batches = iter(DataLoader(dataset, num_workers=cfg.data.num_workers, batch_sampler=StepBatches(
         len(dataset), loop.batch_size, cfg.seed, start_step * loop.grad_accum,
@@ -273,6 +326,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
             save_checkpoint(state, run_dir, done, loop.keep_checkpoints)
             write_grid(state, cfg, run_dir, done, metric_log.tb)
     progress.close()
+    check_finite(state, cfg)
     save_final(state, run_dir)
     write_grid(state, cfg, run_dir, loop.steps, metric_log.tb)
     metric_log.close()

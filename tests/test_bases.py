@@ -9,7 +9,8 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from isodiff.bases import MANIFEST, compare, file_hashes
+from isodiff.bases import MANIFEST, compare
+from isodiff.runs import file_hashes
 from isodiff.sweep import PRETRAINED
 from tests.conftest import run_cli
 

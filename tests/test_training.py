@@ -120,7 +120,7 @@ def _corrupt_folder(tmp_path: Path) -> Path:
     (["lambda_iso=-1"], "lambda_iso=-1.0 is invalid"),
     (["iso.window=1.5"], "iso.window=1.5 is invalid"),
     (["iso.metric=cosine"], "iso.metric"),
-    (["data=celeba"], "data/celeba"),
+    (["data=celeba"], "data=celeba: no such option"),
     (["data=folder", "data.root=/no/such/folder"], "data.root='/no/such/folder' is not a folder"),
     (["data=folder", "data.root=CORRUPT", "data.resolution=16"], "cannot read image"),
     (["init_from=/no/such/run"], "init_from='/no/such/run' was not found"),

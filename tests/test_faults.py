@@ -1,0 +1,202 @@
+"""Faults and bad input, as an adversary tries them: a damaged checkpoint is skipped on
+resume, non-finite weights are never marked done or measured, an unreadable run file is that
+run's problem alone, and every bad value ends in one line, exit 2, with no folder made."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from analysis.collect import collect_runs
+from analysis.tables import spec_rows
+from isodiff import evaluation, runs
+from isodiff.config import UserError
+from isodiff.metrics.common import MetricResult
+from isodiff.specs import load_spec
+from isodiff.training import NonFiniteWeightsError
+from tests.conftest import run_cli, run_train_job
+from tests.test_evaluate import compose_evaluate
+
+# train.steps=6 with a checkpoint every 2 steps keeps step 2 and step 4 (the end is final/)
+RESUMABLE = ["train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=2",
+             "train.grid_samples=0"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    _, run_dir = run_train_job(RESUMABLE, tmp_path_factory.mktemp("ref") / "runs")
+    return run_dir
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "final" / "unet_ema" / "diffusion_pytorch_model.safetensors")
+
+
+def _interrupted_copy(finished: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """The finished job as a kill after its step-4 checkpoint leaves it: no final, running."""
+    run_root = tmp_path / "runs"
+    copy = run_root / finished.relative_to(finished.parents[2])
+    shutil.copytree(finished, copy)
+    shutil.rmtree(copy / "final")
+    runs.write_status(copy, runs.RUNNING)
+    return run_root, copy
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 2)])
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "optimizer.bin",
+                                     "random_states_0.pkl", "meta.json"])
+def test_resume_skips_a_damaged_newest_checkpoint(damaged: str, finished: Path,
+                                                  tmp_path: Path) -> None:
+    run_root, run_dir = _interrupted_copy(finished, tmp_path)
+    newest = run_dir / "checkpoints" / "step_00000004"
+    _truncate(newest / damaged)
+    status, _ = run_train_job(RESUMABLE, run_root)
+    assert status["state"] == "done"
+    log = (run_dir / "train.log").read_text()
+    assert "step_00000004 does not load" in log and "resuming" in log
+    assert (run_dir / "checkpoints" / ".corrupt-step_00000004").is_dir()
+    # resumed from step 2: bitwise the weights of the uninterrupted job
+    ref, got = _weights(finished), _weights(run_dir)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_resume_fails_naming_the_files_when_no_checkpoint_loads(finished: Path,
+                                                               tmp_path: Path) -> None:
+    run_root, run_dir = _interrupted_copy(finished, tmp_path)
+    for step in ("step_00000002", "step_00000004"):
+        _truncate(run_dir / "checkpoints" / step / "model.safetensors")
+    with pytest.raises(UserError, match="no checkpoint of .* loads: step_00000004 .*step_0000"):
+        run_train_job(RESUMABLE, run_root)
+    assert runs.read_status(run_dir)["state"] == "failed"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "step_00000002", "step_00000004"]  # nothing moved: the user decides
+
+
+def test_non_finite_weights_fail_the_job(run_root: Path, monkeypatch: pytest.MonkeyPatch
+                                         ) -> None:
+    """The last update overflows (the loss it came from was finite): not done, no final."""
+    step = torch.optim.AdamW.step
+
+    def overflowing(self: torch.optim.AdamW, *args: object, **kwargs: object) -> object:
+        out = step(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].fill_(math.inf)
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing)
+    with pytest.raises(NonFiniteWeightsError, match="lower optim.lr=.* or lambda_iso=0.1"):
+        run_train_job(["lambda_iso=0.1", "train.steps=1", "train.grid_samples=0"], run_root)
+    (run_dir,) = run_root.glob("*/*/*")
+    status = runs.read_status(run_dir)
+    assert status["state"] == "failed" and "EMA weights" in status["error"]
+    assert not (run_dir / "final").exists()
+
+
+def test_evaluation_refuses_non_finite_weights(finished: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "job"
+    shutil.copytree(finished, run_dir)
+    path = run_dir / "final" / "unet_ema" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(path)
+    first = sorted(weights)[0]
+    weights[first] = torch.full_like(weights[first], math.nan)
+    save_file(weights, path)
+    result = run_cli("isodiff.evaluate", f"run={run_dir}", "eval=smoke", "metrics=[rtl]")
+    assert result.returncode == 2
+    assert "non-finite weights" in result.stderr and "Traceback" not in result.stderr
+    assert not (run_dir / "metrics.json").exists()
+
+
+def test_a_non_finite_metric_is_never_written_as_a_value(finished: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    run_dir = tmp_path / "job"
+    shutil.copytree(finished, run_dir)
+    monkeypatch.setitem(evaluation.METRICS, "rtl", lambda ctx, cfg: MetricResult(
+        {"mrtl": math.nan, "rtl_max": 2.0}, {}))
+    cfg = compose_evaluate([f"run={run_dir}", "eval=smoke", "metrics=[rtl]", "progress=false",
+                            "eval.grid_samples=0"])
+    entry = evaluation.evaluate_run(cfg)["metrics"]["rtl"]
+    assert entry["values"] == {"rtl_max": 2.0} and entry["nonfinite"] == ["mrtl"]
+    assert "NaN" not in (run_dir / "metrics.json").read_text()
+
+
+def test_unreadable_run_files_are_that_runs_problem(finished: Path, tmp_path: Path) -> None:
+    """A table of two jobs, one with a malformed status.json and one with a malformed
+    metrics.json: collection goes on, and the table lists both problems."""
+    spec = load_spec("table_1")
+    root = tmp_path / "runs" / "smoke"
+    jobs = []
+    for lam, broken in (("0", "status.json"), ("0.1", "metrics.json")):
+        job = root / "shapes" / f"job-{lam}"
+        shutil.copytree(finished, job)
+        config = yaml.safe_load((job / "config.yaml").read_text())
+        config.update(experiment="shapes", lambda_iso=float(lam), seed=0)
+        config["iso"].update(metric="spherical", window=0.5)
+        assert config["data"]["name"] == "shapes" and config["tier"]["name"] == "smoke"
+        (job / "config.yaml").write_text(yaml.safe_dump(config))
+        runs.atomic_write_json(job / "metrics.json", {"metrics": {}})
+        (job / broken).write_text('{"state": "do')
+        jobs.append(job)
+    df = collect_runs(root)
+    assert len(df) == 2
+    rows = df.set_index("job")
+    assert rows.loc["job-0", "state"] == "unreadable"
+    assert "status.json is unreadable" in rows.loc["job-0", "error"]
+    assert "metrics.json is unreadable" in rows.loc["job-0.1", "problem"]
+    assert runs.read_status(jobs[0])["state"] == runs.UNREADABLE  # not done: it runs again
+    _, problems = spec_rows(df, spec, "smoke")
+    assert any("status.json is unreadable" in p for p in problems)
+    assert any("metrics.json is unreadable" in p for p in problems)
+
+
+def test_a_job_with_an_unreadable_status_runs_again_and_ends_done(finished: Path,
+                                                                 tmp_path: Path) -> None:
+    run_root, run_dir = _interrupted_copy(finished, tmp_path)
+    (run_dir / "status.json").write_text("{not json")
+    status, _ = run_train_job(RESUMABLE, run_root)
+    assert status["state"] == "done"
+    ref, got = _weights(finished), _weights(run_dir)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+@pytest.mark.parametrize(("args", "names"), [
+    (["cluster=nosuch"], ["cluster=nosuch", "local_pool"]),
+    (["tier=nosuch"], ["tier=nosuch", "quick"]),
+    (["model=nosuch"], ["model=nosuch", "small"]),
+    (["train.steps=abc"], ["train.steps", "Integer"]),
+    (["+foo=1"], ["foo is not a config key"]),
+    (["foo=1"], ["foo is not a config key"]),
+    (["seed=-1"], ["seed=-1", ">= 0"]),
+    (["optim.lr_schedule=cosin"], ["optim.lr_schedule", "cosine_with_restarts"]),
+    (["data.channels=1"], ["data.channels=1", "data.channels=3"]),
+    (["init_from=runs/a=1,b=2"], ["must be quoted"]),
+])
+def test_bad_input_is_one_line_exit_2_and_no_folder(args: list[str], names: list[str],
+                                                    tmp_path: Path) -> None:
+    run_root = tmp_path / "runs"
+    result = run_cli("isodiff.train", "tier=smoke", f"run_root={run_root}", *args,
+                     HYDRA_FULL_ERROR="")
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert all(name in lines[0] for name in names), lines[0]
+    assert "HYDRA_FULL_ERROR" not in result.stderr
+    assert not run_root.exists()
+
+
+@pytest.mark.parametrize("module", ["analysis.tables", "analysis.figures", "analysis.index"])
+def test_analysis_of_a_tier_without_runs_fails_clearly(module: str, tmp_path: Path) -> None:
+    for tier, message in (("nosuch", "tier='nosuch' has no plan"), ("smoke", "no runs under")):
+        result = run_cli(module, f"tier={tier}", f"run_root={tmp_path}", f"out={tmp_path}/o")
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / "o").exists()
+    assert run_cli(module, "--help").returncode == 0
