@@ -8,7 +8,6 @@ A user who sets HYDRA_FULL_ERROR=1 gets Hydra's full traceback, as Hydra documen
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import sys
@@ -20,7 +19,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 from isodiff.config import UserError
 
-log = logging.getLogger("isodiff")
 USAGE = 2
 
 
@@ -37,7 +35,7 @@ def one_line(err: BaseException) -> str:
                 "folder, say) must be quoted, e.g. \"run='runs/quick/mnist/a=1,b=2-abc'\"")
     key = getattr(cause, "full_key", None)
     first = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
-    if key and re.search(r"not in '|not in struct|is not a config key", first):
+    if key and re.search(r"not in '|not in struct", first):
         return (f"{key} is not a config key: check its spelling (python -m isodiff.train "
                 "--cfg job lists every key)")
     return f"{key}: {first}" if key else first

@@ -217,12 +217,12 @@ def evaluate_run(cfg: EvaluateConfig) -> dict[str, Any]:
             atomic_save(run_dir / "eval" / f"{name}.npz",
                         lambda tmp, arrays=result.arrays: np.savez(tmp, **arrays))
             arrays = f"eval/{name}.npz"
-        values, nonfinite = finite_values(result.values)
-        if nonfinite:
+        values, dropped = finite_values(result.values)
+        if dropped:
             log.warning("%s: %s not finite: left out of the values (listed as nonfinite)",
-                        name, ", ".join(nonfinite))
+                        name, ", ".join(dropped))
         record["metrics"][name] = _json_normal({
-            "values": values, **({"nonfinite": nonfinite} if nonfinite else {}),
+            "values": values, **({"nonfinite": dropped} if dropped else {}),
             "protocol": {**request, **result.protocol},
             "provenance": {**result.provenance, **made_by, "device": str(ctx.device),
                            "seconds": time.perf_counter() - start,
