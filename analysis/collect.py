@@ -13,7 +13,15 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from isodiff.runs import RunFileError, read_json, read_status
+from isodiff.runs import (
+    UNREADABLE,
+    WEIGHTS_CHANGED,
+    RunFileError,
+    job_state,
+    read_json,
+    read_status,
+    stale_metrics,
+)
 
 STATUS_COLUMNS = ["state", "step", "final_loss", "steps_per_s", "attempts", "error"]
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader: 1,000 runs in ~1 s
@@ -41,8 +49,9 @@ def job_row(run_dir: Path) -> dict[str, Any]:
     """A job's row; a file of it that does not parse is named in `problem` (the job's
     own problem: collection goes on with the others)."""
     status, problems = read_status(run_dir) or {}, []
-    if status.get("error") and status.get("state") == "unreadable":
-        problems.append(status["error"])
+    state, problem = job_state(run_dir)
+    if state in (UNREADABLE, WEIGHTS_CHANGED):
+        problems.append(problem)
     config, cfg = run_dir / "config.yaml", {}
     try:
         cfg = flatten(yaml.load(config.read_text(), Loader=_Loader) or {}) \
@@ -50,14 +59,20 @@ def job_row(run_dir: Path) -> dict[str, Any]:
     except yaml.YAMLError as err:
         problems.append(f"{config} is unreadable ({type(err).__name__})")
     try:
-        values = metric_values(read_json(run_dir / "metrics.json", {}))
+        record = read_json(run_dir / "metrics.json", {})
     except RunFileError as err:
-        values = {}
+        record = {}
         problems.append(str(err))
+    if stale := stale_metrics(record, status):  # never shown as numbers of these weights
+        problems.append(f"{', '.join(stale)} measured other weights (evaluate the run again)")
+        record = {**record, "metrics": {k: v for k, v in record["metrics"].items()
+                                        if k not in stale}}
+    problems += [f"{name} failed: {failure.get('error')}"
+                 for name, failure in record.get("failed", {}).items()]
     return {"path": str(run_dir), "job": run_dir.name,
-            **{k: status.get(k) for k in STATUS_COLUMNS},
+            **{k: status.get(k) for k in STATUS_COLUMNS}, "state": state,  # weights checked
             "problem": "; ".join(problems) or None,
-            **{f"cfg.{k}": v for k, v in cfg.items()}, **values}
+            **{f"cfg.{k}": v for k, v in cfg.items()}, **metric_values(record)}
 
 
 def collect_runs(root: str | Path) -> pd.DataFrame:
@@ -80,7 +95,7 @@ def main(argv: list[str]) -> int:
     for _, job in failed.iterrows():
         print(f"FAILED {job.path}: {job.error}")
     for _, job in jobs[jobs.problem.notna()].iterrows():
-        print(f"UNREADABLE {job.path}: {job.problem}")
+        print(f"PROBLEM {job.path}: {job.problem}")
     print(f"{(jobs.state == 'done').sum()} done, {len(failed)} failed, "
           f"{(~jobs.state.isin(['done', 'failed'])).sum()} running or not started, under {root}")
     return 0

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from isodiff.runs import config_hash
+from isodiff.runs import config_hash, weights_record
 from isodiff.specs import Spec, expand
 
 
@@ -39,8 +39,12 @@ def write_runs(root: Path, spec: Spec, tier: str, rng_seed: int = 0,
         run_dir = root / tier / job.dataset / f"job{i:05d}-{config_hash(config)}"
         run_dir.mkdir(parents=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-        state = {"state": "failed", "error": "RuntimeError: synthetic failure"} if i in fail \
-            else {"state": "done", "step": 1}
+        state = {"state": "failed", "error": "RuntimeError: synthetic failure"}
+        if i not in fail:  # done, with the weights it records
+            weights = run_dir / "final" / "unet_ema" / "diffusion_pytorch_model.safetensors"
+            weights.parent.mkdir(parents=True)
+            weights.write_bytes(f"synthetic weights {i}".encode())
+            state = {"state": "done", "step": 1, "weights": weights_record(run_dir)}
         (run_dir / "status.json").write_text(json.dumps(state))
         if i not in fail:
             metrics = {"metrics": {m: {"values": {m: float(rng.uniform(1, 2))}}

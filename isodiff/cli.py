@@ -12,6 +12,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
@@ -41,14 +42,46 @@ def one_line(err: BaseException) -> str:
     return f"{key}: {first}" if key else first
 
 
-def fail(err: UserError | str) -> NoReturn:
-    """The end of a command on a user's mistake: its line on stderr, exit 2."""
+def fail(err: BaseException | str, code: int = USAGE) -> NoReturn:
+    """The end of a command on a user's mistake (exit 2) or a recorded failure: its line
+    on stderr."""
     print(f"error: {err}", file=sys.stderr)
-    sys.exit(USAGE)
+    sys.exit(code)
+
+
+# Keys whose values are paths; job folders hold '=' and ',', which Hydra's grammar reserves.
+PATH_KEYS = ("run", "init_from", "data.root", "refs_dir", "run_root")
+
+
+def _existing(value: str) -> list[str] | None:
+    """value split at commas into paths that exist, longest first (None: no such split)."""
+    parts = value.split(",")
+    for cut in range(len(parts), 0, -1):
+        head = ",".join(parts[:cut])
+        if Path(head).expanduser().exists():
+            rest = _existing(",".join(parts[cut:])) if cut < len(parts) else []
+            if rest is not None:
+                return [head, *rest]
+    return None
+
+
+def quote_paths(args: list[str]) -> list[str]:
+    """Overrides with unquoted paths of PATH_KEYS quoted for Hydra: `run=<job folder>`, as
+    printed or pasted, works (a comma list of existing folders is a sweep over them)."""
+    quoted = []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        if eq and key.lstrip("+~") in PATH_KEYS and re.search(r"[=, ]", value) \
+                and not value.startswith(("'", '"', "[")) and "'" not in value \
+                and (paths := _existing(value)):
+            arg = f"{key}=" + ",".join(f"'{path}'" for path in paths)
+        quoted.append(arg)
+    return quoted
 
 
 def hydra_main(main: Callable[[], Any]) -> None:
     """Run a @hydra.main function; user errors end in one line on stderr and exit 2."""
+    sys.argv[1:] = quote_paths(sys.argv[1:])
     full = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises; this function reports
     try:

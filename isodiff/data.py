@@ -107,6 +107,28 @@ def mnist_dataset(cfg: DataConfig, split: str) -> FactorDataset:
 
 # --- image folder ---------------------------------------------------------------------------
 
+def _sixteen_bit(img: Image.Image) -> bool:
+    """16-bit greyscale: a PNG of it opens as I;16 (or as I in older PIL)."""
+    return img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG")
+
+
+def check_depth(img: Image.Image, path: Path) -> None:
+    """Refuse 32-bit images, whose range isodiff cannot know (from the header alone)."""
+    if img.mode in ("I", "F") and not _sixteen_bit(img):
+        raise ConfigError(f"data.root: {path} is a 32-bit {'float' if img.mode == 'F' else 'int'}"
+                          " image, whose range isodiff cannot know: convert it to 8 or 16 "
+                          "bits per channel")
+
+
+def eight_bit(img: Image.Image) -> Image.Image:
+    """img with 8-bit bands. PIL's convert clips 16-bit greyscale at 255 (almost every pixel
+    white), so it is scaled by 255/65535 here."""
+    if _sixteen_bit(img):
+        wide = np.asarray(img, dtype=np.float64)
+        return Image.fromarray(np.round(wide * (255 / 65535)).astype(np.uint8))
+    return img
+
+
 class FolderDataset(Dataset):
     """Images under a folder (recursively), resized on the short side and centre-cropped.
 
@@ -128,7 +150,8 @@ class FolderDataset(Dataset):
                               f"({', '.join(sorted(IMAGE_SUFFIXES))})")
         self.files = files[: cfg.size] if cfg.size else files
         for path in self.files:  # header check: fail before training, naming the file
-            self._open(path).close()
+            with self._open(path) as img:
+                check_depth(img, path)
         self.resolution, self.channels, self.flip = cfg.resolution, cfg.channels, cfg.flip
 
     @staticmethod
@@ -146,7 +169,7 @@ class FolderDataset(Dataset):
         path = self.files[index % len(self.files)]
         try:
             with self._open(path) as img:
-                img = img.convert("RGB" if self.channels == 3 else "L")
+                img = eight_bit(img).convert("RGB" if self.channels == 3 else "L")
                 scale = self.resolution / min(img.size)
                 img = img.resize((max(self.resolution, round(img.width * scale)),
                                   max(self.resolution, round(img.height * scale))),

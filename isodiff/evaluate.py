@@ -9,9 +9,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from isodiff.cli import fail, hydra_main
+from isodiff.cli import USAGE, fail, hydra_main
 from isodiff.config import UserError
-from isodiff.evaluation import evaluate_run, register_schemas, to_evaluate_config
+from isodiff.evaluation import (
+    EvaluationFailed,
+    evaluate_run,
+    register_schemas,
+    to_evaluate_config,
+)
 
 register_schemas()
 log = logging.getLogger("isodiff.evaluate")
@@ -21,10 +26,10 @@ log = logging.getLogger("isodiff.evaluate")
 def main(cfg: DictConfig) -> dict:
     try:
         return evaluate_run(to_evaluate_config(cfg))
-    except UserError as err:
+    except (UserError, EvaluationFailed) as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the launcher evaluates the other runs, then reports this one
-        fail(err)
+        fail(err, code=1 if isinstance(err, EvaluationFailed) else USAGE)
 
 
 if __name__ == "__main__":

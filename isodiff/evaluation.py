@@ -4,9 +4,13 @@
                           "protocol": {...}, "provenance": {...}, "arrays": "eval/<name>.npz"}}}
     <run>/eval/<name>.npz   per-sample arrays for figures
 
-A metric whose stored protocol matches the requested one is skipped (idempotent); metrics.json
-is rewritten atomically after each metric, so an interrupted evaluation keeps what it
-finished. Only runs whose status is `done` are evaluated.
+A metric whose stored protocol matches the requested one is skipped (idempotent). The
+protocol holds the sha256 of the weights measured, so a metric of weights that changed is
+computed again. Each metric is computed under its own lock (eval/.<name>.lock) and merged
+into metrics.json under .metrics.json.lock, so concurrent evaluations of one run neither
+repeat nor lose work; an interrupted evaluation keeps what it finished. A metric that fails
+is recorded under "failed" and the others are still computed. Only runs that are done, with
+the weights they recorded, are evaluated.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import logging
 import math
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +31,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from isodiff import pictures
+from isodiff import pictures, runs
 from isodiff.assets import atomic_save
 from isodiff.config import ConfigError, to_train_config
 from isodiff.metrics import (
@@ -42,14 +47,6 @@ from isodiff.metrics import (
 )
 from isodiff.metrics.common import EvalContext, MetricResult, protocol_of
 from isodiff.models import load_unet, nonfinite, resolve_checkpoint
-from isodiff.runs import (
-    DONE,
-    RunFileError,
-    atomic_write_json,
-    provenance,
-    read_json,
-    read_status,
-)
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +119,10 @@ def metric_of(value: str) -> str:
                       f"({list(METRICS)})")
 
 
+class EvaluationFailed(RuntimeError):
+    """Some metrics of a run failed (each recorded under "failed" in its metrics.json)."""
+
+
 def register_schemas() -> None:
     ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
 
@@ -148,9 +149,11 @@ def build_context(cfg: EvaluateConfig) -> tuple[EvalContext, dict[str, Any]]:
     Refuses a run that is not done (ConfigError naming the state and the fix).
     """
     run_dir = Path(cfg.run).expanduser()
-    status = read_status(run_dir)
-    if status is None or status.get("state") != DONE:
-        state = "missing (no status.json)" if status is None else status.get("state")
+    state, problem = runs.job_state(run_dir)
+    if state == runs.WEIGHTS_CHANGED:
+        raise ConfigError(f"run={cfg.run!r}: {problem}: nothing is measured; train the job "
+                          "again (its command, or the sweep that made it, retrains it)")
+    if state != runs.DONE:
         raise ConfigError(f"run={cfg.run!r}: status is {state}; only a finished run can be "
                           "evaluated: train it first (python -m isodiff.train ...), or pass "
                           "the directory of a run whose status.json says done")
@@ -167,6 +170,7 @@ def build_context(cfg: EvaluateConfig) -> tuple[EvalContext, dict[str, Any]]:
     ctx = EvalContext(unet, train_cfg.diffusion, train_cfg.data, seed=cfg.seed,
                       batch_size=cfg.batch_size, refs_dir=refs_dir, progress=cfg.progress)
     common = {"seed": cfg.seed, "weights": f"final/{subfolder}",
+              "weights_sha256": runs.weights_digest(runs.read_status(run_dir), subfolder),
               "ema": subfolder == "unet_ema", "sampler": "DDIM eta=0 fp32",
               "clip_sample": train_cfg.diffusion.clip_sample, "data": ctx.data_key}
     return ctx, common
@@ -188,49 +192,104 @@ def write_samples(ctx: EvalContext, cfg: EvalConfig, path: Path) -> None:
         pictures.save_png(grid, path, scale=max(1, 64 // ctx.data.resolution))
 
 
+def read_record(run_dir: Path) -> dict[str, Any]:
+    """metrics.json, or an empty record (a damaged one is computed again, with a warning)."""
+    empty = {"run": str(run_dir), "metrics": {}}
+    try:
+        return runs.read_json(run_dir / "metrics.json") or empty
+    except runs.RunFileError as err:
+        log.warning("%s: every metric is computed again", err)
+        return empty
+
+
+def update_record(run_dir: Path, name: str, entry: dict[str, Any] | None = None,
+                  failure: dict[str, Any] | None = None) -> None:
+    """Store one metric's entry (or its failure) in metrics.json: read, change and write
+    under .metrics.json.lock, so that concurrent evaluations of the run never lose a value."""
+    with runs.exclusive(run_dir / ".metrics.json.lock", f"metrics.json of {run_dir.name}"):
+        record = read_record(run_dir)
+        failed = record.setdefault("failed", {})
+        failed.pop(name, None)
+        if entry is not None:
+            record["metrics"][name] = entry
+        if failure is not None:
+            failed[name] = failure
+        if not failed:
+            del record["failed"]
+        runs.atomic_write_json(run_dir / "metrics.json", record)
+
+
+def compute_entry(ctx: EvalContext, name: str, metric_cfg: Any, request: dict[str, Any],
+                  run_dir: Path, made_by: dict[str, Any]) -> dict[str, Any]:
+    """One metric computed: its metrics.json entry (its arrays written to eval/)."""
+    start, sampling = time.perf_counter(), ctx.sampling_seconds
+    result = METRICS[name](ctx, metric_cfg)
+    arrays = None
+    if result.arrays:
+        atomic_save(run_dir / "eval" / f"{name}.npz",
+                    lambda tmp, arrays=result.arrays: np.savez(tmp, **arrays))
+        arrays = f"eval/{name}.npz"
+    values, dropped = finite_values(result.values)
+    if dropped:
+        log.warning("%s: %s not finite: left out of the values (listed as nonfinite)",
+                    name, ", ".join(dropped))
+    log.info("%s: %s", name, result.values)
+    return _json_normal({
+        "values": values, **({"nonfinite": dropped} if dropped else {}),
+        "protocol": {**request, **result.protocol},
+        "provenance": {**result.provenance, **made_by, "device": str(ctx.device),
+                       "seconds": time.perf_counter() - start,
+                       "sampling_seconds": ctx.sampling_seconds - sampling,
+                       "evaluated": _now()},
+        "arrays": arrays,
+    })
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _failure(err: BaseException, request: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(),
+            "when": _now(), **({"protocol": request} if request else {})}
+
+
 def evaluate_run(cfg: EvaluateConfig) -> dict[str, Any]:
     """Compute every selected metric not already stored with the same protocol; returns
-    the content of metrics.json."""
-    ctx, common = build_context(cfg)
+    the content of metrics.json. Raises EvaluationFailed, after trying every metric, when
+    some failed."""
     run_dir = Path(cfg.run).expanduser()
-    path = run_dir / "metrics.json"
-    try:
-        record = read_json(path) or {"run": str(run_dir), "metrics": {}}
-    except RunFileError as err:
-        log.warning("%s: every metric is computed again", err)
-        record = {"run": str(run_dir), "metrics": {}}
     names = cfg.metrics or [n for n in METRICS if getattr(cfg.eval, n).enabled]
-    made_by = provenance()
+    try:
+        ctx, common = build_context(cfg)
+    except Exception as err:
+        if runs.is_done(run_dir):  # a finished run that cannot be measured: its own record
+            for name in names:
+                update_record(run_dir, name, failure=_failure(err))
+        raise
+    made_by = runs.provenance()
     write_samples(ctx, cfg.eval, run_dir / "samples.png")
+    (run_dir / "eval").mkdir(exist_ok=True)  # arrays and per-metric locks
+    failures = {}
     for name in names:
         metric_cfg = getattr(cfg.eval, name)
         request = _json_normal({**common, **protocol_of(metric_cfg)})
-        stored = record["metrics"].get(name, {}).get("protocol", {})
-        if not cfg.force and all(stored.get(k) == v for k, v in request.items()):
-            log.info("%s: up to date with this protocol, skipped", name)
-            continue
-        log.info("%s: computing", name)
-        start, sampling = time.perf_counter(), ctx.sampling_seconds
-        result = METRICS[name](ctx, metric_cfg)
-        arrays = None
-        if result.arrays:
-            atomic_save(run_dir / "eval" / f"{name}.npz",
-                        lambda tmp, arrays=result.arrays: np.savez(tmp, **arrays))
-            arrays = f"eval/{name}.npz"
-        values, dropped = finite_values(result.values)
-        if dropped:
-            log.warning("%s: %s not finite: left out of the values (listed as nonfinite)",
-                        name, ", ".join(dropped))
-        record["metrics"][name] = _json_normal({
-            "values": values, **({"nonfinite": dropped} if dropped else {}),
-            "protocol": {**request, **result.protocol},
-            "provenance": {**result.provenance, **made_by, "device": str(ctx.device),
-                           "seconds": time.perf_counter() - start,
-                           "sampling_seconds": ctx.sampling_seconds - sampling,
-                           "evaluated": dt.datetime.now(dt.timezone.utc).isoformat(
-                               timespec="seconds")},
-            "arrays": arrays,
-        })
-        atomic_write_json(path, record)
-        log.info("%s: %s", name, result.values)
-    return record
+        with runs.exclusive(run_dir / "eval" / f".{name}.lock", f"{name} of {run_dir.name}"):
+            stored = read_record(run_dir)["metrics"].get(name, {}).get("protocol", {})
+            if not cfg.force and all(stored.get(k) == v for k, v in request.items()):
+                log.info("%s: up to date with this protocol, skipped", name)
+                continue
+            log.info("%s: computing", name)
+            try:
+                entry = compute_entry(ctx, name, metric_cfg, request, run_dir, made_by)
+            except Exception as err:  # the other metrics are still computed
+                log.exception("%s failed", name)
+                failures[name] = f"{type(err).__name__}: {err}"
+                update_record(run_dir, name, failure=_failure(err, request))
+                continue
+            update_record(run_dir, name, entry)
+    if failures:
+        raise EvaluationFailed(f"{run_dir}: {len(failures)} of {len(names)} metrics failed ("
+                               + "; ".join(f"{k}: {v}" for k, v in failures.items())
+                               + "); each is recorded under 'failed' in its metrics.json")
+    return read_record(run_dir)

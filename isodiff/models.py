@@ -12,6 +12,7 @@ import torch
 from diffusers import UNet2DModel
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from isodiff import runs
 from isodiff.config import ConfigError, ModelConfig
 
 EncoderState = tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]
@@ -117,7 +118,13 @@ def _missing(init_from: str) -> ConfigError:
 def resolve_checkpoint(init_from: str, ema: bool = True) -> tuple[str, str | None]:
     """Where the U-Net weights of `init_from` live: (path or hub id, subfolder)."""
     path = Path(init_from).expanduser()
-    if (path / "final").is_dir():  # an isodiff run
+    if (path / "final").is_dir() or (path / "status.json").is_file():  # an isodiff run
+        state, problem = runs.job_state(path)
+        if state != runs.DONE:
+            raise ConfigError(f"init_from={init_from!r} is an isodiff run that is not done "
+                              f"(state: {state}{': ' + problem if problem else ''}): only a "
+                              "done run is a base; finish it by running its command again, "
+                              "or pass another")
         sub = "unet_ema" if ema and (path / "final" / "unet_ema").is_dir() else "unet"
         return str(path / "final"), sub
     if (path / "config.json").is_file():

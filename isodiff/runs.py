@@ -3,32 +3,40 @@
     <run_root>/<tier>/<experiment>/<job>/
         config.yaml     resolved training config
         status.json     {"state": running|done|failed, ...}; the only truth about a job
+                        (done also records the sha256 of every file under final/)
+        .lock           held by the process that trains the job
         train.log  metrics.csv  tb/
         checkpoints/step_XXXXXXXX/   resumable state (accelerate save_state)
         final/unet  final/unet_ema   diffusers save_pretrained (safetensors)
-        metrics.json  eval/          written by isodiff.evaluate
+        metrics.json  eval/          written by isodiff.evaluate (under .metrics.json.lock)
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as dt
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import re
 import subprocess
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
 from isodiff.config import UserError
 
+log = logging.getLogger(__name__)
 RUNNING, DONE, FAILED = "running", "done", "failed"
 UNREADABLE = "unreadable"  # status.json exists but does not parse: the job is not done
+WEIGHTS_CHANGED = "weights changed"  # done, but final/ is not what it recorded: not done
 PACKAGES = ("isodiff", "torch", "diffusers", "accelerate", "clean-fid", "lpips", "numpy", "scipy",
             "scikit-learn")
 
@@ -97,8 +105,95 @@ def write_status(run_dir: str | os.PathLike, state: str, **fields: Any) -> None:
     atomic_write_json(Path(run_dir) / "status.json", status)
 
 
+def weights_record(run_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """What status.json keeps of final/: each file's sha256, and its size and mtime (a
+    cheap first check that the file is the one hashed)."""
+    final = Path(run_dir) / "final"
+    record = {}
+    for path in sorted(p for p in final.rglob("*") if p.is_file()):
+        stat = path.stat()
+        record[str(path.relative_to(final))] = {"sha256": sha256(path), "size": stat.st_size,
+                                                "mtime_ns": stat.st_mtime_ns}
+    return record
+
+
+def weights_problem(run_dir: str | os.PathLike, status: dict[str, Any]) -> str | None:
+    """Why final/ is not the weights status.json recorded when the job ended (None: it is).
+    A file whose mtime changed (a copy) is hashed again; one whose size changed is not."""
+    record = status.get("weights")
+    if not record:
+        return "status.json records no weights (the job ended before weights were recorded)"
+    final = Path(run_dir) / "final"
+    for name, want in record.items():
+        path = final / name
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return f"final/{name} is missing"
+        if stat.st_size != want["size"] or (stat.st_mtime_ns != want["mtime_ns"]
+                                            and sha256(path) != want["sha256"]):
+            return f"final/{name} is not the file the job wrote (its sha256 differs)"
+    return None
+
+
+def weights_digest(status: dict[str, Any], subfolder: str) -> str:
+    """One sha256 for the weights of final/<subfolder> as status.json records them."""
+    files = {name: want["sha256"] for name, want in sorted(status["weights"].items())
+             if name.startswith(f"{subfolder}/")}
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def stale_metrics(record: dict[str, Any], status: dict[str, Any]) -> list[str]:
+    """The metrics of metrics.json that measured other weights than those status.json
+    records (entries without a weights_sha256, from older versions, are not checked)."""
+    stale = []
+    for name, entry in record.get("metrics", {}).items():
+        protocol = entry.get("protocol", {})
+        if "weights_sha256" in protocol:
+            subfolder = str(protocol.get("weights", "")).removeprefix("final/")
+            if not status.get("weights") or \
+                    protocol["weights_sha256"] != weights_digest(status, subfolder):
+                stale.append(name)
+    return stale
+
+
+def job_state(run_dir: str | os.PathLike) -> tuple[str, str | None]:
+    """(state, problem): the status's state, except that a done job whose final/ weights
+    are missing or changed is `weights changed` (not done: it trains again)."""
+    status = read_status(run_dir)
+    if status is None:
+        return "not run", None
+    if status.get("state") == DONE and (problem := weights_problem(run_dir, status)):
+        return WEIGHTS_CHANGED, problem
+    return status.get("state", UNREADABLE), status.get("error")
+
+
 def is_done(run_dir: str | os.PathLike) -> bool:
-    return (read_status(run_dir) or {}).get("state") == DONE
+    """Done, with the weights it recorded."""
+    return job_state(run_dir)[0] == DONE
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: Path, what: str, holder: Callable[[], str] = lambda: "",
+              announce_every: float = 60.0) -> Iterator[None]:
+    """Hold an exclusive lock on lock_path (fcntl, released when the process dies); while
+    another process holds it, wait, saying so every `announce_every` seconds."""
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        while True:
+            log.warning("%s: waiting for the process that holds %s%s", what, lock_path,
+                        holder())
+            try:
+                lock.acquire(timeout=announce_every)
+                break
+            except Timeout:
+                continue
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def sha256(path: Path) -> str:

@@ -166,15 +166,27 @@ def run_specs(specs: list[Spec], tier: str, extra: list[str]) -> dict[str, dict[
 
 
 def _state(run_dir: Path) -> str:
-    """done (trained and evaluated), not evaluated, or the training state."""
-    state = (runs.read_status(run_dir) or {}).get("state", "not run")
-    if state == runs.DONE:
-        try:
-            if runs.read_json(run_dir / "metrics.json") is None:
-                return "not evaluated"
-        except runs.RunFileError as err:
-            log.error("%s", err)
-            return "metrics unreadable"
+    """done (trained and evaluated, every metric of its weights), or what it lacks; the
+    reasons are logged."""
+    state, problem = runs.job_state(run_dir)
+    if state != runs.DONE:
+        if problem:
+            log.error("%s: %s", run_dir, problem)
+        return state
+    try:
+        record = runs.read_json(run_dir / "metrics.json")
+    except runs.RunFileError as err:
+        log.error("%s", err)
+        return "metrics unreadable"
+    if record is None:
+        return "not evaluated"
+    if failed := record.get("failed"):
+        for name, failure in failed.items():
+            log.error("%s: evaluation of %s failed: %s", run_dir, name, failure.get("error"))
+        return "evaluation failed"
+    if stale := runs.stale_metrics(record, runs.read_status(run_dir)):
+        log.error("%s: %s measured other weights: evaluate it again", run_dir, ", ".join(stale))
+        return "metrics stale"
     return state
 
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -121,6 +122,25 @@ def check_finite(state: TrainState, cfg: TrainConfig) -> None:
             f"lower optim.lr={cfg.optim.lr:g} or lambda_iso={cfg.lambda_iso:g}")
 
 
+def environment(acc: Accelerator) -> dict[str, Any]:
+    """What decides the bits of a step besides the config. It is recorded, not part of the
+    job's identity (the same job gets the same folder on any machine); a resume under
+    another one is warned about and recorded in status.json as `not_bitwise`."""
+    return {"torch": torch.__version__, "device": str(acc.device),
+            "cuda": torch.version.cuda if acc.device.type == "cuda" else None,
+            "threads": torch.get_num_threads() if acc.device.type == "cpu" else None,
+            "processes": acc.num_processes}
+
+
+def environment_change(saved: dict[str, Any] | None, now: dict[str, Any]) -> str | None:
+    """How `now` differs from the environment a checkpoint was written under (None: same)."""
+    if saved is None:
+        return None  # a checkpoint of an older isodiff: nothing to compare
+    changed = [f"{k}={now.get(k)} (checkpoint: {saved.get(k)})" for k in sorted({*saved, *now})
+               if saved.get(k) != now.get(k)]
+    return ", ".join(changed) or None
+
+
 def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """Checkpoints renamed into place (they hold meta.json), newest first by folder name."""
     found = [(int(p.name.removeprefix(CHECKPOINT_PREFIX)), p)
@@ -129,8 +149,9 @@ def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def resume(state: TrainState, run_dir: Path) -> int:
-    """Load the newest checkpoint that loads completely; returns its step (0: none).
+def resume(state: TrainState, run_dir: Path) -> tuple[int, str | None]:
+    """Load the newest checkpoint that loads completely; returns its step (0: none) and
+    how the environment differs from the one that wrote it (None: same, or no checkpoint).
 
     A checkpoint can be complete and still damaged (a full disk, a killed copy): one whose
     files do not load is skipped, with the reason, and once an older one has loaded it is
@@ -158,12 +179,15 @@ def resume(state: TrainState, run_dir: Path) -> int:
         if skipped:
             log.warning("resuming from %s, the newest checkpoint that loads; the damaged "
                         "ones are kept as checkpoints/.corrupt-*", path.name)
-        return step
+        if change := environment_change(meta.get("environment"), environment(acc)):
+            log.warning("resuming %s at step %d with %s: the weights will not be bitwise "
+                        "those of an uninterrupted run", run_dir.name, step, change)
+        return step, change
     if skipped:
         raise UserError(f"no checkpoint of {run_dir} loads: "
                         + "; ".join(f"{p.name} ({why})" for p, why in skipped)
                         + ": delete its checkpoints/ folder to train it from step 0")
-    return 0
+    return 0, None
 
 
 def save_checkpoint(state: TrainState, run_dir: Path, step: int, keep: int) -> None:
@@ -179,7 +203,8 @@ def save_checkpoint(state: TrainState, run_dir: Path, step: int, keep: int) -> N
     acc.wait_for_everyone()  # every rank's files are in tmp before it is renamed
     if acc.is_main_process:
         # written last: the sha256 of every file, checked before a resume loads them
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "files": runs.file_hashes(tmp)}))
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "files": runs.file_hashes(tmp),
+                                                   "environment": environment(acc)}))
         tmp.rename(ckpt_dir / f"{CHECKPOINT_PREFIX}{step:08d}")
         complete = sorted(p for p in ckpt_dir.glob(f"{CHECKPOINT_PREFIX}*")
                           if (p / "meta.json").is_file())
@@ -275,8 +300,16 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
     state = build_state(cfg)
     acc, loop = state.accelerator, cfg.train
     dataset: Dataset = build_dataset(cfg.data, "train")
-    if start_step := resume(state, run_dir):
+    start_step, change = resume(state, run_dir)
+    if start_step:
         log.info("resuming %s from step %d", run_dir, start_step)
+    if acc.is_main_process and (status := runs.read_status(run_dir)) is not None:
+        # how this attempt's weights may differ from an uninterrupted run's (reset at step 0)
+        before = status.get("not_bitwise") or []
+        record = [*(before if start_step else []),
+                  *([f"resumed at step {start_step} with {change}"] if change else [])]
+        if record != before:
+            runs.write_status(run_dir, status["state"], not_bitwise=record or None)
     batches = iter(DataLoader(dataset, num_workers=cfg.data.num_workers, batch_sampler=StepBatches(
         len(dataset), loop.batch_size, cfg.seed, start_step * loop.grad_accum,
         acc.process_index, acc.num_processes)))
@@ -329,5 +362,6 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
     write_grid(state, cfg, run_dir, loop.steps, metric_log.tb)
     metric_log.close()
     acc.wait_for_everyone()
-    return {"step": loop.steps, "final_loss": last.get("loss", math.nan),
+    return {"step": loop.steps, "environment": environment(acc),
+            "final_loss": last.get("loss", math.nan),
             "final_mse": last.get("mse", math.nan), "steps_per_s": last.get("steps_per_s")}

@@ -110,9 +110,15 @@ def test_evaluation_refuses_non_finite_weights(finished: Path, tmp_path: Path) -
     weights[first] = torch.full_like(weights[first], math.nan)
     save_file(weights, path)
     result = run_cli("isodiff.evaluate", f"run={run_dir}", "eval=smoke", "metrics=[rtl]")
+    assert result.returncode == 2 and "not the file the job wrote" in result.stderr
+    assert not (run_dir / "metrics.json").exists()  # not done: nothing is written
+    # as if an older isodiff had recorded these weights: done, but not measurable
+    runs.write_status(run_dir, runs.DONE, weights=runs.weights_record(run_dir))
+    result = run_cli("isodiff.evaluate", f"run={run_dir}", "eval=smoke", "metrics=[rtl]")
     assert result.returncode == 2
     assert "non-finite weights" in result.stderr and "Traceback" not in result.stderr
-    assert not (run_dir / "metrics.json").exists()
+    record = runs.read_json(run_dir / "metrics.json")
+    assert record["metrics"] == {} and "non-finite" in record["failed"]["rtl"]["error"]
 
 
 def test_a_non_finite_metric_is_never_written_as_a_value(finished: Path, tmp_path: Path,
