@@ -1,7 +1,7 @@
 """The command line of the analysis commands: `[key=value ...] [spec ...]`, `--help`.
 
 One parser, so that tables, figures and the index agree on keys and on what is an error:
-an unknown key, a tier without a plan, or a tier without runs ends in one line and exit 2.
+an unknown key, an unknown tier, or a tier without runs ends in one line and exit 2.
 """
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from isodiff.config import UserError
-from isodiff.specs import tier_plan
+from isodiff.config import UserError, tier_config
 
 KEYS = ("tier", "run_root", "out")
 
@@ -33,7 +32,7 @@ def parse(argv: list[str]) -> Args:
         raise UserError(f"unknown option {unknown[0]}=: the options are "
                         f"{', '.join(k + '=' for k in KEYS)}")
     args = Args(options, [a for a in argv if "=" not in a])
-    tier_plan(args.tier)  # a tier without a plan is a typo
+    tier_config(args.tier)  # an unknown tier is a typo
     if not any((args.run_root / args.tier).rglob("status.json")):
         raise UserError(f"tier={args.tier}: no runs under {args.run_root / args.tier}; run "
                         f"`make reproduce` (or isodiff.sweep <spec> tier={args.tier}) first, "

@@ -76,10 +76,13 @@ def job_row(run_dir: Path) -> dict[str, Any]:
 
 
 def collect_runs(root: str | Path) -> pd.DataFrame:
-    """One row per job folder (a folder holding status.json) under root."""
+    """One row per job folder (a folder holding status.json) under root (a tier's folder:
+    <run_root>/<tier>, whose plans/ say which runs belong to which table)."""
     rows = [job_row(marker.parent) for marker in sorted(Path(root).rglob("status.json"))]
-    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=["path", "job",
-                                                                  *STATUS_COLUMNS, "problem"])
+    df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=["path", "job", *STATUS_COLUMNS,
+                                                               "problem"])
+    df.attrs["root"] = str(root)  # where tables find the plans of these runs
+    return df
 
 
 def main(argv: list[str]) -> int:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from isodiff.plan import FINETUNE, Plan, PlannedJob, write_plan
 from isodiff.runs import config_hash, weights_record
 from isodiff.specs import Spec, expand
 
@@ -28,9 +29,10 @@ def nest(flat: dict[str, object]) -> dict:
 def write_runs(root: Path, spec: Spec, tier: str, rng_seed: int = 0,
                fail: set[int] = frozenset()) -> list[Path]:
     """One folder per job of `spec`, holding config.yaml, status.json and metrics.json with
-    random metric values; jobs whose index is in `fail` are written as failed."""
+    random metric values, and the spec's plan naming them; jobs whose index is in `fail`
+    are written as failed."""
     rng = np.random.default_rng(rng_seed)
-    dirs = []
+    dirs, planned = [], []
     for i, job in enumerate(expand(spec, tier)):
         flat = {"data.name": job.dataset, "tier.name": tier, "experiment": job.dataset,
                 **{k: yaml.safe_load(v) for o in job.overrides if not o.startswith("data=")
@@ -51,4 +53,9 @@ def write_runs(root: Path, spec: Spec, tier: str, rng_seed: int = 0,
                                    for m in spec.metrics_for(tier)}}
             (run_dir / "metrics.json").write_text(json.dumps(metrics))
         dirs.append(run_dir)
+        point = {k: v for o in job.overrides if not o.startswith("data=")
+                 for k, v in [o.split("=", 1)]}
+        planned.append(PlannedJob(f"{job.dataset}/{run_dir.name}", FINETUNE, job.dataset, point,
+                                  spec.metrics_for(tier)))
+    write_plan(Plan(spec.name, tier, planned), root / tier)
     return dirs

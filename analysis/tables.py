@@ -21,11 +21,10 @@ import pandas as pd
 
 from analysis import cli
 from analysis.collect import collect_runs
+from isodiff.metrics import lower_is_better
 from isodiff.metrics.quality import check
-from isodiff.specs import Spec, all_specs, canonical, expand, load_spec
-
-# Lower is better for every metric of the paper's tables (LS is a conditional entropy).
-HIGHER_IS_BETTER = {"ls_accuracy", "separability_accuracy"}
+from isodiff.specs import Spec, all_specs, canonical, load_spec
+from isodiff.sweep import plan_for
 
 
 @dataclass
@@ -57,26 +56,21 @@ def _label(spec: Spec, pairs: list[tuple[str, object]]) -> str:
 
 
 def spec_rows(df: pd.DataFrame, spec: Spec, tier: str) -> tuple[pd.DataFrame, list[str]]:
-    """The collected jobs of a spec (one row per expected job, newest run wins) and the
-    problems: expected jobs that failed or are missing."""
-    expected = []
-    for job in expand(spec, tier):
-        fixed = dict(o.split("=", 1) for o in job.overrides if not o.startswith("data="))
-        expected.append({"_job": _key([("data.name", job.dataset), *sorted(fixed.items())]),
-                         "_name": ",".join(job.overrides),
-                         "_row": [("data.name", job.dataset),
-                                  *((k, fixed[k]) for k in spec.rows if k != "data.name")]})
-    keys = sorted({k for o in expand(spec, tier)[0].overrides if not o.startswith("data=")
-                   for k in [o.split("=", 1)[0]]})
+    """The collected jobs of a spec, one row per job of its plan (the folder the plan names,
+    never a folder that merely holds the same values), and the problems: planned jobs that
+    failed, are missing, or whose files are unreadable or stale."""
+    planned = plan_for(spec, tier, Path(df.attrs["root"])).finetunes()
+    expected = [{"_job": job.folder,
+                 "_name": ",".join([f"data={job.dataset}",
+                                    *(f"{k}={v}" for k, v in job.point.items())]),
+                 "_row": [("data.name", job.dataset),
+                          *((k, job.point[k]) for k in spec.rows if k != "data.name")]}
+                for job in planned]
     found = pd.DataFrame(columns=["_job"])
-    needed = [f"cfg.{k}" for k in ("data.name", "tier.name", "experiment", *keys)]
-    if not df.empty and all(c in df for c in needed):
-        sub = df[(df["cfg.tier.name"] == tier) & (df["cfg.experiment"] == df["cfg.data.name"])]
-        sub = sub.assign(_job=[_key([("data.name", r["cfg.data.name"]),
-                                     *((k, r[f"cfg.{k}"]) for k in keys)])
-                               for _, r in sub.iterrows()])
-        found = sub.sort_values("path").drop_duplicates("_job", keep="last")
-    merged = pd.DataFrame(expected).merge(found, on="_job", how="left")
+    if not df.empty:
+        found = df.assign(_job=["/".join(Path(p).parts[-2:]) for p in df["path"]])
+    merged = pd.DataFrame(expected, columns=["_job", "_name", "_row"]).merge(
+        found, on="_job", how="left")
     problems = []
     for _, row in merged.iterrows():
         state, problem = row.get("state"), row.get("problem")
@@ -103,7 +97,8 @@ def build_table(df: pd.DataFrame, spec: Spec, tier: str) -> Table:
         stats = values.groupby("_label", sort=False)["v"].agg(["mean", "std", "count"])
         numbers[[f"{metric}_mean", f"{metric}_std", f"{metric}_n"]] = stats.to_numpy()
         means = stats["mean"].groupby(dataset)
-        best = means.transform("max" if metric in HIGHER_IS_BETTER else "min")
+        lower = spec.lower_is_better.get(metric, lower_is_better(metric))
+        best = means.transform("min" if lower else "max")  # within each dataset
         display[metric] = [_cell(m, s, int(n), int(per_row[label]), m == best[label])
                            for label, (m, s, n) in stats.iterrows()]
         paper = [spec.paper.get(label, {}).get(metric) for label in order]

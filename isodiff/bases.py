@@ -2,7 +2,7 @@
 
 The tier's pretrained base models, one per dataset, as the paper starts from
 google/ddpm-ema-celebahq-256: trained with the tier's recipe (conf/tier/<tier>.yaml and
-experiments/tiers.yaml's `base`), evaluated on the quality check (eval=base: FID of 1,000
+conf/recipe/<tier>_base.yaml), evaluated on the quality check (eval=base: FID of 1,000
 samples against held-out images beside the real-vs-real floor, classifier confidence and
 class coverage), and exported to `out/<dataset>/` as diffusers UNet2DModel folders of the EMA
 weights, with `out/manifest.json`: the command and commit, device, package versions,
@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from diffusers import UNet2DModel
 
-from isodiff import runs, sweep
-from isodiff.config import ConfigError, UserError
+from isodiff import plan, runs, sweep
+from isodiff.config import BaseSource, ConfigError, UserError, tier_config
 from isodiff.metrics.quality import check
 from isodiff.models import load_unet
-from isodiff.specs import all_specs, tier_plan
+from isodiff.specs import all_specs
 
 log = logging.getLogger("isodiff.bases")
 MANIFEST = "manifest.json"
@@ -136,21 +136,21 @@ def datasets_of(tier: str) -> list[str]:
 def make_bases(tier: str, out: Path, extra: list[str], command: list[str]) -> dict[str, Any]:
     """Train (or resume; a done base is not retrained), evaluate and export every base of the
     tier; returns the manifest written to out/manifest.json."""
-    plan = tier_plan(tier)
-    if plan.base is None:
-        raise ConfigError(f"tier={tier} pretrains no base (its plan's base is null in "
-                          "experiments/tiers.yaml): bring a checkpoint with init_from=")
+    settings = tier_config(tier)
+    if settings.bases == BaseSource.given:
+        raise ConfigError(f"tier={tier} pretrains no base (tier.bases: given in "
+                          f"conf/tier/{tier}.yaml): bring a checkpoint with init_from=")
     datasets = datasets_of(tier)
-    bases = sweep.base_stage(datasets, tier, plan, extra)
+    bases = sweep.base_stage(datasets, tier, extra)
     if failed := [d for d, path in bases.items() if not runs.is_done(path)]:
         raise UserError(f"base training failed for {failed}: see status.json in "
                         + ", ".join(str(bases[d]) for d in failed))
     launch = [a for a in extra if a.startswith(sweep.LAUNCHER_KEYS)]
     sweep.evaluate_stage({path: set(QUALITY_METRICS) for path in bases.values()},
-                         plan.base_eval, launch)
+                         settings.base_eval, launch)
     for dataset, run_dir in bases.items():
         export(run_dir, out / dataset)
-    overrides = {d: sweep.base_overrides(d, tier, plan, extra) for d in datasets}
+    overrides = {d: plan.base_overrides(d, tier, extra) for d in datasets}
     manifest = describe(tier, datasets, bases, overrides, out, command)
     runs.atomic_write_json(out / MANIFEST, manifest)
     return manifest

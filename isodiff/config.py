@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 class UserError(Exception):
@@ -76,6 +79,22 @@ class LRSchedule(str, Enum):
     polynomial = "polynomial"
 
 
+class Stage(str, Enum):
+    """`stage`: which recipe of the tier a job follows (conf/recipe/<tier>_<stage>.yaml)."""
+
+    none = "none"  # the tier's training values alone
+    base = "base"  # pretraining the tier's base model of a dataset
+    finetune = "finetune"  # fine-tuning from a base (init_from), as every spec's job does
+
+
+class BaseSource(str, Enum):
+    """`tier.bases`: where a tier's fine-tunes start."""
+
+    shipped = "shipped"  # isodiff/pretrained/<tier>/<dataset> (`make bases` remakes them)
+    trained = "trained"  # the sweep pretrains them (stage=base) before the fine-tunes
+    given = "given"  # the user's checkpoint (init_from=)
+
+
 class MixedPrecision(str, Enum):
     no = "no"
     fp16 = "fp16"
@@ -109,7 +128,7 @@ class DataConfig:
     resolution: int = 32
     channels: int = 3
     root: str | None = None  # folder: the image directory
-    size: int | None = None  # number of items (shapes: generated; others: first N)
+    size: int | None = 10_000  # number of items (shapes: generated; others: first N; null: all)
     seed: int = 0  # shapes: the factor draw
     flip: bool = False  # folder: add mirrored copies (EDM's xflip)
     num_workers: int = 0
@@ -134,7 +153,7 @@ class ModelConfig:
     sample_size: int = 32
     in_channels: int = 3
     out_channels: int = 3
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    block_out_channels: list[int] = field(default_factory=lambda: [16, 32])
     down_block_types: list[str] = field(
         default_factory=lambda: ["DownBlock2D", "AttnDownBlock2D"])
     up_block_types: list[str] = field(default_factory=lambda: ["AttnUpBlock2D", "UpBlock2D"])
@@ -179,7 +198,7 @@ class DiffusionConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
+    lr: float = 2e-4
     betas: list[float] = field(default_factory=lambda: [0.95, 0.999])
     weight_decay: float = 1e-6
     eps: float = 1e-8
@@ -234,7 +253,19 @@ class LoopConfig:
 
 @dataclass
 class TierConfig:
+    """What a tier is besides its training values (conf/tier/<name>.yaml, the one place a
+    tier is defined): where its fine-tunes' bases come from and its evaluation presets."""
+
     name: str = "smoke"
+    bases: BaseSource = BaseSource.trained
+    eval: str = "smoke"  # the isodiff.evaluate preset of the fine-tunes (conf/eval/)
+    base_eval: str = "base"  # the preset of a base's quality check (`make bases`)
+
+    def __post_init__(self) -> None:
+        for key in ("eval", "base_eval"):
+            preset = getattr(self, key)
+            _check((CONF / "eval" / f"{preset}.yaml").is_file(), f"tier.{key}", preset,
+                   "is not a preset in conf/eval/")
 
 
 @dataclass
@@ -245,6 +276,8 @@ class TrainConfig:
     experiment: str = "default"
     run_root: str = "runs"
     name: str = "default"  # job folder name; conf/train.yaml derives it from the overrides
+    # the keys whose values name the job's folder (null: its command-line overrides)
+    name_keys: list[str] | None = None
     iso: IsoConfig = field(default_factory=IsoConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -252,6 +285,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     tier: TierConfig = field(default_factory=TierConfig)
+    stage: Stage = Stage.none
 
     def __post_init__(self) -> None:
         _check(self.seed >= 0, "seed", self.seed, "must be >= 0")
@@ -283,3 +317,16 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
         raise ConfigError(f"{err.full_key} is not a config key: check its spelling against "
                           "conf/ (python -m isodiff.train --cfg job lists every key)") from err
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def tier_config(tier: str) -> TierConfig:
+    """The `tier` node of conf/tier/<tier>.yaml, validated (ConfigError for an unknown tier)."""
+    path = CONF / "tier" / f"{tier}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in (CONF / "tier").glob("*.yaml")))
+        raise ConfigError(f"tier={tier!r} is not a tier (conf/tier/: {known})")
+    node = OmegaConf.load(path).get("tier", {})
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TierConfig), node))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"conf/tier/{tier}.yaml: {err}") from err

@@ -105,9 +105,14 @@ def export_torch_distributed_env(
 
 
 def rank(environ: Mapping[str, str] | None = None) -> int:
-    """This process's global rank (0 outside distributed jobs): only rank 0 writes files."""
+    """This process's global rank (0 outside distributed jobs): only rank 0 writes files.
+    torch's RANK, else SLURM's task id where SLURM started several tasks (before
+    export_torch_distributed_env has run, or in a command that never runs it)."""
     environ = os.environ if environ is None else environ
-    return int(environ.get("RANK", 0))
+    if "RANK" in environ:
+        return int(environ["RANK"])
+    several = int(environ.get("SLURM_STEP_NUM_TASKS") or 1) > 1
+    return int(environ.get("SLURM_PROCID", 0)) if several else 0
 
 
 def allreduce_check() -> dict[str, int | str]:

@@ -9,6 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from isodiff import distributed
 from isodiff.cli import USAGE, fail, hydra_main
 from isodiff.config import UserError
 from isodiff.evaluation import (
@@ -24,6 +25,9 @@ log = logging.getLogger("isodiff.evaluate")
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base=None)
 def main(cfg: DictConfig) -> dict:
+    if (rank := distributed.rank()) != 0:  # a multi-task profile: one evaluation per job
+        log.info("rank %d: the evaluation runs on rank 0 alone", rank)
+        return {}
     try:
         return evaluate_run(to_evaluate_config(cfg))
     except (UserError, EvaluationFailed) as err:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as dt
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -25,6 +26,7 @@ import re
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,7 @@ PACKAGES = ("isodiff", "torch", "diffusers", "accelerate", "clean-fid", "lpips",
             "scikit-learn")
 
 # Keys that do not change what a job computes: excluded from its identity.
-NON_IDENTITY_KEYS = ("run_root", "name", "experiment", "tier", "train.progress",
+NON_IDENTITY_KEYS = ("run_root", "name", "name_keys", "experiment", "tier", "train.progress",
                      "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.cpu_threads", "train.grid_samples", "train.grid_steps",
                      "diffusion.clip_sample", "data.num_workers", "cluster", "hydra")
@@ -226,18 +228,80 @@ def config_hash(cfg: DictConfig | dict, exclude: tuple[str, ...] = NON_IDENTITY_
 
 
 _NUMBER = re.compile(r"=(-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)(?=,|$)")
+_PAIR = re.compile(r",(?=[+~]?[A-Za-z_][\w.]*=)")  # a comma that starts the next key=value
+_SIGNED = re.compile(r"-[0-9a-f]{8}$")  # a job folder's name ends in its signature
+NAME_LENGTH = 120
+
+
+def _tree_digest(folder: Path) -> str:
+    files = tuple((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in sorted(folder.rglob("*")) if p.is_file())
+    return _cached_digest(str(folder), files)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_digest(folder: str, files: tuple[tuple[str, int, int], ...]) -> str:
+    """sha256 of a folder's files (cached while their sizes and mtimes hold)."""
+    hashes = {name: sha256(Path(folder) / name) for name, _, _ in files}
+    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def base_identity(init_from: str) -> str:
+    """What a fine-tune's signature holds of its base, never a path (a moved runs/ or
+    checkout reruns nothing): an isodiff run by its signature (the end of its folder name,
+    whether it has run yet or not), a checkpoint folder by the sha256 of its files, a hub
+    id as itself."""
+    path = Path(init_from).expanduser()
+    is_run = (path / "status.json").is_file() or (path / "config.yaml").is_file()
+    if _SIGNED.search(path.name) and (is_run or not path.exists()):
+        return "run:" + path.name.rsplit("-", 1)[1]
+    if path.is_dir():
+        return "checkpoint:" + _tree_digest(path)
+    return init_from
+
+
+def _readable(value: Any) -> str:
+    if isinstance(value, DictConfig):  # a config group: its name (data.name, model.name)
+        value = value.get("name")
+    if isinstance(value, Enum):
+        value = value.value
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return format(value, "g")
+    return str(value)
 
 
 def job_name(override_dirname: str, *, _root_: DictConfig) -> str:
-    """Readable, stable folder name of a job: its overrides plus its config hash.
+    """Readable, stable folder name of a job: `key=value` pairs, then its signature (the
+    hash of what it computes, with its base by identity, never by path).
 
+    The pairs are the config's `name_keys` (the sweep passes the keys its spec varies, so
+    tier-wide settings stay in config.yaml) or else the command line's overrides; pairs
+    are never cut, and those past NAME_LENGTH characters are left to the hash.
     Registered as the `job_name` resolver; conf/train.yaml uses it for `name`.
     """
-    # Numbers in one spelling: a multirun writes 1.0e-4 as 0.0001, a single run keeps it.
-    readable = _NUMBER.sub(lambda m: "=" + format(float(m.group(1)), "g"), override_dirname)
-    readable = re.sub(r"[^A-Za-z0-9=.,_+-]+", "_", readable)[:120] or "default"
-    cfg = OmegaConf.masked_copy(_root_, [k for k in _root_ if k not in ("hydra", "name")])
+    if keys := _root_.get("name_keys"):
+        pairs = [f"{k}={_readable(OmegaConf.select(_root_, k))}" for k in keys]
+    else:  # numbers in one spelling: a multirun writes 1.0e-4 as 0.0001, a single run keeps it
+        pairs = _PAIR.split(_NUMBER.sub(lambda m: "=" + format(float(m.group(1)), "g"),
+                                        override_dirname)) if override_dirname else []
+    kept = []
+    for pair in pairs:
+        if len(",".join([*kept, pair])) > NAME_LENGTH:
+            break
+        kept.append(pair)
+    readable = re.sub(r"[^A-Za-z0-9=.,_+-]+", "_", ",".join(kept)) or "default"
+    cfg = OmegaConf.to_container(OmegaConf.masked_copy(
+        _root_, [k for k in _root_ if k not in ("hydra", "name")]), resolve=True)
+    if cfg.get("init_from"):
+        cfg["init_from"] = base_identity(str(cfg["init_from"]))
     return f"{readable}-{config_hash(cfg)}"
+
+
+def signature(run_dir: str | os.PathLike) -> str:
+    """A job's signature: the end of its folder name."""
+    return Path(run_dir).name.rsplit("-", 1)[-1]
 
 
 def provenance() -> dict[str, Any]:

@@ -3,8 +3,8 @@
 A spec names its sweep (grid of training overrides per dataset, per tier where they
 differ), the metrics, how rows are keyed and labelled, and the paper's values. The same
 spec drives running (isodiff.sweep) and rendering (analysis.tables / analysis.figures).
-Stages shared by every spec (the pretrained base per dataset, the fine-tuning recipe, the
-evaluation preset) live in experiments/tiers.yaml, per tier.
+What a tier does for every spec (where bases come from, the base and fine-tune recipes,
+the evaluation preset) lives in conf/tier/<tier>.yaml and conf/recipe/<tier>_<stage>.yaml.
 """
 
 from __future__ import annotations
@@ -20,20 +20,6 @@ from omegaconf.errors import OmegaConfBaseException
 from isodiff.config import ConfigError
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-
-
-@dataclass
-class TierPlan:
-    """How a tier runs every spec: the base pretraining (None: the user gives init_from,
-    as in the paper tier), the fine-tuning overrides and the evaluation preset."""
-
-    base: list[str] | None = field(default_factory=list)
-    # Fine-tunes start from the bases isodiff ships (isodiff/pretrained/<tier>/<dataset>,
-    # made with `base` by `make bases`) instead of pretraining them in the sweep.
-    shipped: bool = False
-    base_eval: str = "base"  # the isodiff.evaluate preset of the bases' quality check
-    finetune: list[str] = field(default_factory=list)
-    eval: str = "smoke"
 
 
 @dataclass
@@ -110,14 +96,6 @@ def load_spec(name_or_path: str | Path) -> Spec:
 
 def all_specs() -> list[Spec]:
     return [load_spec(p) for p in sorted(EXPERIMENTS.glob("*.yaml")) if p.stem != "tiers"]
-
-
-def tier_plan(tier: str) -> TierPlan:
-    plans = OmegaConf.load(EXPERIMENTS / "tiers.yaml")
-    if tier not in plans:
-        raise ConfigError(f"tier={tier!r} has no plan in experiments/tiers.yaml "
-                          f"(known: {', '.join(plans)})")
-    return _load(plans[tier], TierPlan, f"experiments/tiers.yaml:{tier}")
 
 
 def format_value(value: Any) -> str:

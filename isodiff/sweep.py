@@ -1,12 +1,14 @@
-"""`python -m isodiff.sweep <spec> [tier=quick] [launcher overrides]`: run a spec end to end.
+"""`python -m isodiff.sweep <spec> [tier=quick] [overrides] [--plan]`: run a spec end to end.
 
 For each dataset: the tier's base model (trained once, shared by every spec), then the
 spec's grid as one Hydra multirun of isodiff.train fine-tuned from it, then isodiff.evaluate
 of the finished jobs on the metrics their specs show (and their figures draw).
-Launcher overrides (`cluster=slurm_local`, `hydra/launcher=submitit_local`, ...) go to
-both stages. Idempotent: finished jobs and computed metrics are skipped by the jobs
-themselves; a grid whose jobs are all done is not launched at all. Job outcomes are read
-from status files, never from exit codes.
+First every job is compiled into the plan (composed and validated: a bad key or value in
+a spec stops here, before any folder exists), written to <run_root>/<tier>/plans/<spec>.json;
+`--plan` prints it and launches nothing. Launcher overrides (`cluster=slurm_local`,
+`hydra/launcher=submitit_local`, ...) go to both stages. Idempotent: finished jobs and
+computed metrics are skipped by the jobs themselves; a grid whose jobs are all done is not
+launched at all. Job outcomes are read from status files, never from exit codes.
 """
 
 from __future__ import annotations
@@ -17,26 +19,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-
-from isodiff import runs
-from isodiff.config import UserError
+from isodiff import plan, runs
+from isodiff.config import BaseSource, UserError, tier_config
 from isodiff.evaluation import METRICS, metric_of
 from isodiff.specs import (
-    EXPERIMENTS,
     Spec,
-    TierPlan,
     all_specs,
-    expand,
-    grid_overrides,
     load_spec,
-    tier_plan,
 )
 
 log = logging.getLogger("isodiff.sweep")
-CONF = EXPERIMENTS.parent / "conf"
 # The overrides that choose where jobs run: they go to every stage (training, evaluation).
 LAUNCHER_KEYS = ("cluster=", "hydra/launcher=", "hydra.launcher.")
 PRETRAINED = Path(__file__).resolve().parent / "pretrained"
@@ -47,20 +39,9 @@ def shipped_base(tier: str, dataset: str) -> Path:
     path = PRETRAINED / tier / dataset
     if not (path / "config.json").is_file():
         raise UserError(f"no shipped {tier}-tier base for data={dataset} in {path}: train "
-                        f"it with `make bases TIER={tier}`, or add `shipped: false` to the "
-                        f"tier's plan in experiments/tiers.yaml to pretrain bases in the sweep")
+                        f"it with `make bases TIER={tier}`, or set `tier.bases: trained` in "
+                        f"conf/tier/{tier}.yaml to pretrain bases in the sweep")
     return path
-
-
-def job_dir(overrides: list[str]) -> Path:
-    """The folder `python -m isodiff.train <overrides>` writes to (composed, not run)."""
-    import isodiff.train  # noqa: F401  (schemas and the job_name resolver)
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONF), version_base=None):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    return Path(cfg.hydra.run.dir).resolve()
 
 
 def _multirun(module: str, args: list[str]) -> None:
@@ -69,43 +50,31 @@ def _multirun(module: str, args: list[str]) -> None:
     subprocess.run(cmd, check=False)  # outcomes come from status files
 
 
-def base_overrides(data: str, tier: str, plan: TierPlan, extra: list[str]) -> list[str]:
-    """The isodiff.train overrides of a tier's base model of `data`."""
-    return [f"tier={tier}", "experiment=base", f"data={data}", *(plan.base or []), *extra]
-
-
-def base_stage(datasets: list[str], tier: str, plan: TierPlan, extra: list[str]
-               ) -> dict[str, Path]:
+def base_stage(datasets: list[str], tier: str, extra: list[str]) -> dict[str, Path]:
     """The tier's base model of each dataset, trained once (one multirun over datasets)."""
-    bases = {d: job_dir(base_overrides(d, tier, plan, extra)) for d in datasets}
+    bases = {d: plan.job_dir(plan.base_overrides(d, tier, extra)) for d in datasets}
     pending = [d for d, path in bases.items() if not runs.is_done(path)]
     if pending:
-        _multirun("isodiff.train", base_overrides(",".join(pending), tier, plan, extra))
+        _multirun("isodiff.train", plan.base_overrides(",".join(pending), tier, extra))
     return bases
 
 
-def train_stage(spec: Spec, tier: str, plan: TierPlan, bases: dict[str, Path],
-                extra: list[str]) -> list[Path]:
-    """Train every job of the spec, one multirun per dataset; returns the job folders."""
-    dirs: list[Path] = []
+def train_stage(spec: Spec, compiled: plan.Plan, root: Path, bases: dict[str, Path],
+                extra: list[str]) -> None:
+    """Train the plan's fine-tunes of the spec, one multirun per dataset."""
+    tier = compiled.tier
     for dataset in spec.datasets_for(tier):
-        jobs = [j for j in expand(spec, tier) if j.dataset == dataset]
-        common = [f"tier={tier}", *plan.finetune, *extra]
-        base_dir = bases.get(dataset)
-        if base_dir is not None:
-            common.append(f"init_from='{base_dir}'")  # quoted: job folders hold '=' and ','
-        common.append(f"experiment={dataset}")
-        job_dirs = [job_dir([*common, *j.overrides]) for j in jobs]
-        dirs += job_dirs
-        if all(runs.is_done(d) for d in job_dirs):
+        dirs = [root / job.folder for job in compiled.finetunes() if job.dataset == dataset]
+        if all(runs.is_done(d) for d in dirs):
             continue
+        base_dir = bases.get(dataset)
         if base_dir is not None and (base_dir / "status.json").is_file() \
                 and not runs.is_done(base_dir):  # a base trained by the sweep
             log.error("base model %s is not done (%s): skipping %d jobs of %s", base_dir,
-                      (runs.read_status(base_dir) or {}).get("error"), len(jobs), dataset)
+                      runs.job_state(base_dir)[1], len(dirs), dataset)
             continue
-        _multirun("isodiff.train", [*common, *grid_overrides(spec, tier, dataset)])
-    return dirs
+        _multirun("isodiff.train", plan.multirun_overrides(
+            spec, tier, dataset, None if base_dir is None else str(base_dir), extra))
 
 
 def evaluation_metrics(table: Spec, tier: str) -> set[str]:
@@ -139,29 +108,56 @@ def evaluate_stage(jobs: dict[Path, set[str]], preset: str, extra: list[str]) ->
                                        f"metrics=[{','.join(metrics)}]", *extra])
 
 
-def run_specs(specs: list[Spec], tier: str, extra: list[str]) -> dict[str, dict[str, int]]:
-    """Bases, then every spec's training, then one evaluation of all their jobs; returns
-    the job states per spec (from status files)."""
-    plan = tier_plan(tier)
+def compile_plans(specs: list[Spec], tier: str, extra: list[str]
+                  ) -> tuple[list[plan.Plan], dict[str, Path], Path]:
+    """Every job of the specs' tables, composed and validated before anything runs:
+    (one plan per table, dataset -> base, the tier's folder)."""
+    settings = tier_config(tier)
     tables = list({s.name: s for s in (load_spec(s.source) if s.kind == "figure" else s
                                        for s in specs)}.values())
     datasets = list(dict.fromkeys(d for s in tables for d in s.datasets_for(tier)))
-    if plan.shipped:
+    trained = settings.bases == BaseSource.trained
+    if settings.bases == BaseSource.shipped:
         bases = {d: shipped_base(tier, d) for d in datasets}
+    elif trained:
+        bases = {d: plan.job_dir(plan.base_overrides(d, tier, extra)) for d in datasets}
     else:
-        bases = base_stage(datasets, tier, plan, extra) if plan.base is not None else {}
-    job_dirs = {s.name: train_stage(s, tier, plan, bases, extra) for s in tables}
+        bases = {}  # given: init_from= among the overrides
+    plans = [plan.compile_plan(t, tier, bases, trained, sorted(evaluation_metrics(t, tier)),
+                               extra) for t in tables]
+    root = plan.tier_dir(plan.compose_job([f"tier={tier}", *extra]))
+    return plans, bases, root
+
+
+def plan_for(spec: Spec, tier: str, root: Path) -> plan.Plan:
+    """The plan of a table spec's runs under a tier's folder: the one its last sweep wrote,
+    or else the one a sweep without extra overrides would compile."""
+    return plan.read_plan(root, spec.name) or compile_plans(
+        [spec], tier, [f"run_root={root.parent}"])[0][0]
+
+
+def run_specs(specs: list[Spec], tier: str, extra: list[str]) -> dict[str, dict[str, int]]:
+    """The plans (written beside the runs), then the bases, every spec's training, and one
+    evaluation of all their jobs; returns the job states per spec (from status files)."""
+    plans, bases, root = compile_plans(specs, tier, extra)
+    for compiled in plans:
+        log.info("plan: %s", plan.write_plan(compiled, root))
+    settings = tier_config(tier)
+    if bases and settings.bases == BaseSource.trained:
+        base_stage(list(bases), tier, extra)
+    for compiled in plans:
+        train_stage(compiled.source, compiled, root, bases, extra)
     needs: dict[Path, set[str]] = {}
-    for spec in tables:
-        for run_dir in job_dirs[spec.name]:
-            needs.setdefault(run_dir, set()).update(evaluation_metrics(spec, tier))
+    for compiled in plans:
+        for job in compiled.finetunes():
+            needs.setdefault(root / job.folder, set()).update(job.metrics)
     # Evaluation takes only the launcher overrides; the rest are training keys.
     launch = [a for a in extra if a.startswith(LAUNCHER_KEYS)]
-    evaluate_stage(needs, plan.eval, launch)
+    evaluate_stage(needs, settings.eval, launch)
     counts = {}
-    for name, dirs in job_dirs.items():
-        states = [_state(d) for d in dirs]
-        counts[name] = {s: states.count(s) for s in sorted(set(states))}
+    for compiled in plans:
+        states = [_state(root / job.folder) for job in compiled.finetunes()]
+        counts[compiled.spec] = {s: states.count(s) for s in sorted(set(states))}
     return counts
 
 
@@ -192,14 +188,26 @@ def _state(run_dir: Path) -> str:
 
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    if not argv or argv[0].startswith("-"):
+    if not argv or any(a in ("-h", "--help") for a in argv):
         print(__doc__)
+        return 0 if argv else 2
+    dry = "--plan" in argv
+    argv = [a for a in argv if a != "--plan"]
+    if unknown := [a for a in argv if a.startswith("-")]:
+        print(f"isodiff.sweep: unknown option {unknown[0]} (options: --plan, --help)",
+              file=sys.stderr)
         return 2
     names, rest = [a for a in argv if "=" not in a], [a for a in argv if "=" in a]
     tier = next((a.split("=", 1)[1] for a in rest if a.startswith("tier=")), "quick")
     extra = [a for a in rest if not a.startswith("tier=")]
     try:
-        counts = run_specs([load_spec(n) for n in names], tier, extra)
+        specs = [load_spec(n) for n in names]
+        if dry:
+            plans, _, root = compile_plans(specs, tier, extra)
+            print(f"# under {root}; nothing is launched")
+            print("\n".join(p.describe() for p in plans))
+            return 0
+        counts = run_specs(specs, tier, extra)
     except UserError as err:
         print(f"isodiff.sweep: {err}", file=sys.stderr)
         return 2

@@ -15,6 +15,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 import isodiff.train  # noqa: F401  (registers the schema and the job_name resolver)
+from isodiff.config import ModelConfig
+from isodiff.models import HUNet, build_unet
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -23,6 +25,20 @@ CONF = ROOT / "conf"
 # the subprocesses some tests start) on a 2-core machine.
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite never touches the network
+
+
+def tiny_model(size: int = 16, channels: int = 3, widths: tuple[int, ...] = (16, 32),
+               **kwargs: object) -> ModelConfig:
+    """The suite's tiny U-Net config: two levels, attention on the second."""
+    return ModelConfig(sample_size=size, in_channels=channels, out_channels=channels,
+                       block_out_channels=list(widths), **kwargs)
+
+
+def tiny_unet(size: int = 16, channels: int = 3, widths: tuple[int, ...] = (16, 32),
+              seed: int = 0, dtype: torch.dtype = torch.float32, **kwargs: object) -> HUNet:
+    """The suite's one tiny U-Net: tiny_model's, weights seeded by `seed`, in eval mode."""
+    torch.manual_seed(seed)
+    return build_unet(tiny_model(size, channels, widths, **kwargs)).to(dtype).eval()
 
 
 def compose_train(overrides: list[str], run_root: Path | None = None) -> DictConfig:

@@ -5,16 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from isodiff.config import DataConfig, DiffusionConfig, ModelConfig
+from isodiff.config import DataConfig, DiffusionConfig
 from isodiff.metrics.common import EvalContext
-from isodiff.models import HUNet, build_unet
-
-
-def tiny_unet(seed: int = 0) -> HUNet:
-    torch.manual_seed(seed)
-    return build_unet(ModelConfig(sample_size=16, block_out_channels=[16, 32])).eval()
+from isodiff.models import HUNet
+from tests.conftest import tiny_unet
 
 
 def tiny_context(refs_dir: Path, batch_size: int = 16, unet: HUNet | None = None) -> EvalContext:

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import pytest
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-from isodiff.config import ConfigError, IsoMetric, to_train_config
+from isodiff.config import (
+    ConfigError,
+    DataConfig,
+    DiffusionConfig,
+    IsoMetric,
+    ModelConfig,
+    OptimConfig,
+    to_train_config,
+)
 from isodiff.models import build_unet
 from tests.conftest import CONF, compose_train
 
@@ -28,6 +37,21 @@ def test_every_option_composes_and_validates(group: str, option: str, tmp_path) 
     if group == "model" and option != "ddpm_256":  # ddpm_256 (113 M parameters): test_models
         unet = build_unet(cfg.model)
         assert unet.config.sample_size == cfg.data.resolution
+
+
+SCHEMAS = {"data": DataConfig, "model": ModelConfig, "diffusion": DiffusionConfig,
+           "optim": OptimConfig}
+
+
+@pytest.mark.parametrize("group", sorted(SCHEMAS))
+def test_defaults_have_one_source_the_schema(group: str) -> None:
+    """A preset sets only what makes it that preset: no value that repeats the schema's
+    default, so that the schema and the YAML can never disagree."""
+    defaults = OmegaConf.to_container(OmegaConf.structured(SCHEMAS[group]), enum_to_str=True)
+    for path in sorted((CONF / group).glob("*.yaml")):
+        preset = OmegaConf.to_container(OmegaConf.load(path))
+        repeated = [k for k, v in preset.items() if k != "name" and defaults.get(k) == v]
+        assert not repeated, f"{path.name} repeats the schema's defaults of {repeated}"
 
 
 def test_defaults_are_the_quick_tier_and_plain_ddpm(tmp_path) -> None:

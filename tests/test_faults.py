@@ -18,6 +18,7 @@ from analysis.tables import spec_rows
 from isodiff import evaluation, runs
 from isodiff.config import UserError
 from isodiff.metrics.common import MetricResult
+from isodiff.plan import FINETUNE, Plan, PlannedJob, write_plan
 from isodiff.specs import load_spec
 from isodiff.training import NonFiniteWeightsError
 from tests.conftest import run_cli, run_train_job
@@ -152,6 +153,10 @@ def test_unreadable_run_files_are_that_runs_problem(finished: Path, tmp_path: Pa
         runs.atomic_write_json(job / "metrics.json", {"metrics": {}})
         (job / broken).write_text('{"state": "do')
         jobs.append(job)
+    point = {"iso.metric": "spherical", "iso.window": "0.5", "seed": "0"}
+    write_plan(Plan("table_1", "smoke", [PlannedJob(f"shapes/job-{lam}", FINETUNE, "shapes",
+                                                    {**point, "lambda_iso": lam})
+                                         for lam in ("0", "0.1")]), root)
     df = collect_runs(root)
     assert len(df) == 2
     rows = df.set_index("job")
@@ -201,7 +206,7 @@ def test_bad_input_is_one_line_exit_2_and_no_folder(args: list[str], names: list
 
 @pytest.mark.parametrize("module", ["analysis.tables", "analysis.figures", "analysis.index"])
 def test_analysis_of_a_tier_without_runs_fails_clearly(module: str, tmp_path: Path) -> None:
-    for tier, message in (("nosuch", "tier='nosuch' has no plan"), ("smoke", "no runs under")):
+    for tier, message in (("nosuch", "tier='nosuch' is not a tier"), ("smoke", "no runs under")):
         result = run_cli(module, f"tier={tier}", f"run_root={tmp_path}", f"out={tmp_path}/o")
         assert result.returncode == 2 and message in result.stderr, result.stderr
     assert not (tmp_path / "o").exists()

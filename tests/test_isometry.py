@@ -17,7 +17,7 @@ from torch.autograd.functional import jvp as functional_jvp
 from torch.autograd.functional import vjp as functional_vjp
 
 from isodiff import geometry as geo
-from isodiff.config import IsoConfig, IsoMetric, ModelConfig
+from isodiff.config import IsoConfig, IsoMetric
 from isodiff.isometry import (
     Regulariser,
     build_regulariser,
@@ -27,7 +27,8 @@ from isodiff.isometry import (
     path_lengths,
     sample_timesteps,
 )
-from isodiff.models import build_unet, higher_order_ad
+from isodiff.models import HUNet, higher_order_ad
+from tests.conftest import tiny_unet
 
 
 @pytest.fixture(autouse=True)
@@ -369,17 +370,13 @@ def test_sample_timesteps_rejects_bad_input():
 # ---- the regulariser on a U-Net ----------------------------------------------------------
 
 
-def tiny_unet(dtype: torch.dtype = torch.float64):
-    torch.manual_seed(0)
-    cfg = ModelConfig(sample_size=8, in_channels=1, out_channels=1, block_out_channels=[8, 16],
-                      down_block_types=["DownBlock2D", "AttnDownBlock2D"],
-                      up_block_types=["AttnUpBlock2D", "UpBlock2D"], norm_num_groups=4)
-    return build_unet(cfg).to(dtype)
+def grey_unet(dtype: torch.dtype = torch.float64) -> HUNet:
+    return tiny_unet(size=8, channels=1, widths=(8, 16), dtype=dtype, norm_num_groups=4)
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "spherical", "path_length"])
 def test_regulariser_reuses_the_main_forward_h(metric, one_thread):
-    unet = tiny_unet()
+    unet = grey_unet()
     x_t = torch.randn(3, 1, 8, 8, generator=gen(25)).requires_grad_()
     t = torch.tensor([600, 700, 999])
     reg = Regulariser(metric)
@@ -409,7 +406,7 @@ def test_regulariser_choices():
 
 
 def test_path_length_running_mean(one_thread):
-    unet = tiny_unet()
+    unet = grey_unet()
     reg = Regulariser("path_length", path_length_decay=0.5)
     x_t = torch.randn(2, 1, 8, 8, generator=gen(27))
     t = torch.tensor([900, 950])
@@ -438,7 +435,7 @@ def train_tiny(lambda_iso: float, steps: int = 8):
     from isodiff.diffusion import build_scheduler
     from isodiff.objective import DiffusionObjective
 
-    unet = tiny_unet(torch.float32)
+    unet = grey_unet(torch.float32)
     reg = Regulariser("spherical") if lambda_iso > 0 else None
     objective = DiffusionObjective(unet, build_scheduler(DiffusionConfig()), lambda_iso, reg)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
@@ -457,7 +454,7 @@ def train_tiny(lambda_iso: float, steps: int = 8):
 def test_training_with_lambda_iso_lowers_iso_loss(one_thread):
     x_t = torch.randn(8, 1, 8, 8, generator=gen(33), dtype=torch.float32)
     t = torch.arange(600, 1000, 50)
-    before = held_out_iso(tiny_unet(torch.float32), x_t, t)
+    before = held_out_iso(grey_unet(torch.float32), x_t, t)
     control = held_out_iso(train_tiny(0.0), x_t, t)
     regularised = held_out_iso(train_tiny(1.0), x_t, t)
     assert regularised < 0.9 * min(control, before), (before, control, regularised)

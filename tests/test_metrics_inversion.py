@@ -10,7 +10,8 @@ import torch
 
 from isodiff.metrics.inversion import InversionConfig, evaluate, reconstruction_errors
 from isodiff.sampling import quantise
-from tests.metric_helpers import tiny_context, tiny_unet
+from tests.conftest import tiny_unet
+from tests.metric_helpers import tiny_context
 
 
 def _l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

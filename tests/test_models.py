@@ -8,14 +8,14 @@ from diffusers import UNet2DModel
 
 from isodiff.config import ConfigError, ModelConfig
 from isodiff.models import HUNet, build_unet, higher_order_ad, init_unet, load_unet, unet_kwargs
+from tests.conftest import tiny_model, tiny_unet
 
-TINY = ModelConfig(sample_size=16, in_channels=3, out_channels=3, block_out_channels=[16, 32])
+TINY = tiny_model()
 
 
 @pytest.fixture(scope="module")
 def unet() -> HUNet:
-    torch.manual_seed(0)
-    return build_unet(TINY).eval()
+    return tiny_unet()
 
 
 def _inputs(batch: int = 3) -> tuple[torch.Tensor, torch.Tensor]:

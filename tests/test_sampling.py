@@ -6,10 +6,11 @@ import pytest
 import torch
 from diffusers import DDIMInverseScheduler
 
-from isodiff.config import DiffusionConfig, ModelConfig
+from isodiff.config import DiffusionConfig
 from isodiff.diffusion import build_ddim
-from isodiff.models import HUNet, build_unet
+from isodiff.models import HUNet
 from isodiff.sampling import DDIM, HEdit, ddim_schedule, ddim_step, latents, quantise
+from tests.conftest import tiny_unet
 
 CFG = DiffusionConfig()
 SHAPE = (3, 16, 16)
@@ -17,8 +18,7 @@ SHAPE = (3, 16, 16)
 
 @pytest.fixture(scope="module")
 def unet() -> HUNet:
-    torch.manual_seed(0)
-    return build_unet(ModelConfig(sample_size=16, block_out_channels=[16, 32])).eval()
+    return tiny_unet()
 
 
 def _diffusers_loop(unet: HUNet, scheduler, x: torch.Tensor) -> torch.Tensor:
@@ -74,8 +74,7 @@ def test_sample_and_invert_match_diffusers_loops(unet: HUNet) -> None:
 
 def test_inversion_is_exact_when_eps_does_not_depend_on_x() -> None:
     """With eps constant in x (zero output conv) DDIM is affine and inversion exact."""
-    torch.manual_seed(0)
-    unet = build_unet(ModelConfig(sample_size=16, block_out_channels=[16, 32])).eval()
+    unet = tiny_unet()
     with torch.no_grad():
         unet.conv_out.weight.zero_()
         unet.conv_out.bias.normal_()
@@ -145,7 +144,7 @@ def test_generated_samples_are_shared_between_metrics(tmp_path) -> None:
     cache's bytes it is sampled again, to the same images."""
     from isodiff.metrics.common import EvalContext
     from isodiff.sampling import to_images
-    from tests.metric_helpers import tiny_context, tiny_unet
+    from tests.metric_helpers import tiny_context
 
     ctx = tiny_context(tmp_path, batch_size=4)
     direct = to_images(ctx.ddim(3).sample(latents(0, range(6), ctx.image_shape)).x)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -34,9 +35,7 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 
 
 def test_smoke_job_completes_and_is_not_redone(run_root: Path) -> None:
-    t0 = time.perf_counter()
     status, run_dir = run_train_job([], run_root)
-    assert time.perf_counter() - t0 < 60
     assert status["state"] == "done" and status["step"] == 6
     assert len(status["git"]["commit"]) == 40  # the code that trained it
     for name in ("config.yaml", "metrics.csv", "train.log", "final/unet/config.json",
@@ -67,13 +66,17 @@ def test_batches_depend_only_on_position() -> None:
     first = [next(it) for _ in range(6)]
     resumed = iter(StepBatches(10, 4, seed=0, start=3, world=2))
     assert [next(resumed) for _ in range(3)] == first[3:]
+    # two ranks share one permutation per epoch: positions 0-3 on rank 0, 4-7 on rank 1,
+    # 8-9 at the start of rank 0's second micro-batch, so epoch 0 is each image once
     rank1 = iter(StepBatches(10, 4, seed=0, start=0, rank=1, world=2))
-    epoch0 = first[0] + next(rank1)[:2] + first[1][:0]
-    assert len(set(first[0]) | set(epoch0)) >= 4
-    seen = [i for batch in first[:5] for i in batch[:2]]
-    assert sorted(set(range(10))) == sorted(set(seen) | set(range(10)))
+    epoch0 = first[0] + next(rank1) + first[1][:2]
+    assert sorted(epoch0) == list(range(10))
+    alone = [i for batch in itertools.islice(iter(StepBatches(10, 5, seed=0, start=0)), 2)
+             for i in batch]
+    assert sorted(alone) == list(range(10)) and alone != list(range(10))  # shuffled
 
 
+@pytest.mark.slow
 def test_kill_then_rerun_equals_uninterrupted(tmp_path: Path) -> None:
     args = ["tier=smoke", "train.steps=16", "train.checkpoint_every=4", "train.progress=false"]
     env = {**os.environ, "OMP_NUM_THREADS": "2"}

@@ -4,3 +4,13 @@ Each module holds the metric's pure maths (arrays in, numbers out), its config (
 section of conf/eval/<preset>.yaml) and `evaluate(ctx, cfg) -> MetricResult`, which draws
 what the maths needs from a trained model through `isodiff.metrics.common.EvalContext`.
 """
+
+# Values where more is better; every other value (FID, PPL, RTL, MCN, VoR, LS as a
+# conditional entropy, errors, LPIPS, MSE) is better lower. A spec's `lower_is_better`
+# overrides this per value.
+HIGHER_IS_BETTER = ("psnr", "confident_", "classes_")
+
+
+def lower_is_better(value: str) -> bool:
+    """Whether a smaller number of this metric value is the better one."""
+    return not value.startswith(HIGHER_IS_BETTER)

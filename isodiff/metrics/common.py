@@ -29,6 +29,10 @@ from isodiff.runs import config_hash
 from isodiff.sampling import DDIM, SampleRNG, latents, to_images
 
 PATHS = {"slerp": slerp, "lerp": lerp}
+# Recorded in the protocol of every metric on slerp paths: the official scripts differ on
+# it from one to the next, isodiff uses geometry.slerp everywhere.
+SLERP_CONVENTION = ("one angle per sample pair over all non-batch dims, nothing normalised, "
+                    "lerp where the angle < 1e-4")
 
 
 def path_points(x0: torch.Tensor, x1: torch.Tensor, points: int, path: str = "slerp"

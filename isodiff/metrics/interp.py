@@ -15,7 +15,14 @@ import numpy as np
 import torch
 
 from isodiff.config import ConfigError
-from isodiff.metrics.common import PATHS, EvalContext, MetricResult, path_points, protocol_of
+from isodiff.metrics.common import (
+    PATHS,
+    SLERP_CONVENTION,
+    EvalContext,
+    MetricResult,
+    path_points,
+    protocol_of,
+)
 from isodiff.metrics.perceptual import Distance
 from isodiff.sampling import quantise, to_images
 
@@ -74,5 +81,6 @@ def evaluate(ctx: EvalContext, cfg: InterpConfig) -> MetricResult:
         values.update({f"{path}_{k}": v for k, v in smoothness(d).items()})
         arrays[f"{path}_adjacent"] = d
         arrays[f"{path}_frames"] = np.concatenate(kept)
-    protocol = {**protocol_of(cfg), "backbone": f"lpips-v0.1-{cfg.net}"}
+    protocol = {**protocol_of(cfg), "backbone": f"lpips-v0.1-{cfg.net}",
+                "slerp": SLERP_CONVENTION}
     return MetricResult(values, protocol, {"weights": weights}, arrays)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from isodiff.config import ConfigError
 from isodiff.geometry import slerp
-from isodiff.metrics.common import EvalContext, MetricResult, protocol_of
+from isodiff.metrics.common import SLERP_CONVENTION, EvalContext, MetricResult, protocol_of
 from isodiff.metrics.perceptual import Distance
 from isodiff.sampling import to_images
 
@@ -109,7 +109,10 @@ def evaluate(ctx: EvalContext, cfg: PPLConfig) -> MetricResult:
         values["ppl_isodiff_compat"] = batch_mean_percentile_mean(d_all["isodiff_compat"],
                                                                   cfg.compat_batch)
     protocol = {**protocol_of(cfg), "backbones": {v: f"lpips-v0.1-{VARIANT_NET[v]}"
-                                                  for v in cfg.variants}, "path": "slerp"}
+                                                  for v in cfg.variants}, "path": "slerp",
+                "slerp": SLERP_CONVENTION,
+                "departure": "images clamped to [-1, 1] before LPIPS (what an image file "
+                             "holds); StyleGAN feeds the generator's raw output"}
     provenance = {"weights": {v: weights for v, (_, weights) in loaded.items()}}
     arrays = {**{f"d_{v}": x for v, x in d_all.items()}, "w": np.concatenate(ws)}
     return MetricResult(values, protocol, provenance, arrays)

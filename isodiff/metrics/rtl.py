@@ -17,7 +17,13 @@ import numpy as np
 import torch
 
 from isodiff.config import ConfigError
-from isodiff.metrics.common import EvalContext, MetricResult, path_points, protocol_of
+from isodiff.metrics.common import (
+    SLERP_CONVENTION,
+    EvalContext,
+    MetricResult,
+    path_points,
+    protocol_of,
+)
 
 WHICH_T = ("all", "T")
 
@@ -69,4 +75,4 @@ def evaluate(ctx: EvalContext, cfg: RTLConfig) -> MetricResult:
     rtl = np.concatenate(rtl)
     values = {"mrtl": float(rtl.mean()), "rtl_T": float(rtl[:, 0].mean())}
     arrays = {"rtl": rtl, "timesteps": timesteps.numpy()}
-    return MetricResult(values, protocol_of(cfg), arrays=arrays)
+    return MetricResult(values, {**protocol_of(cfg), "slerp": SLERP_CONVENTION}, arrays=arrays)

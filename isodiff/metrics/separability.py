@@ -117,5 +117,7 @@ def evaluate(ctx: EvalContext, cfg: SeparabilityConfig) -> MetricResult:
         values[f"error_{space}"] = float(np.mean(errors))
         arrays[f"entropy_{space}"] = np.array(entropies)
     protocol = {**protocol_of(cfg), "h_at": "first DDIM step (t = T)",
+                "departure": "features standardised (StandardScaler) before the linear SVM; "
+                             "StyleGAN fits the SVM on raw latents",
                 "attributes": [a.name for a in predictor.attributes]}
     return MetricResult(values, protocol, {"classifier_heldout": predictor.report}, arrays)
