@@ -95,6 +95,23 @@ class BaseSource(str, Enum):
     given = "given"  # the user's checkpoint (init_from=)
 
 
+class BetaSchedule(str, Enum):
+    """`diffusion.beta_schedule`: diffusers' DDPMScheduler schedules."""
+
+    linear = "linear"
+    scaled_linear = "scaled_linear"
+    squaredcos_cap_v2 = "squaredcos_cap_v2"
+    sigmoid = "sigmoid"
+
+
+# The U-Net blocks HUNet's split forward supports (diffusers' UNet2DModel without cross
+# attention); others fail here rather than when the job has started.
+DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D", "SkipDownBlock2D",
+               "AttnSkipDownBlock2D")
+UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D", "SkipUpBlock2D",
+             "AttnSkipUpBlock2D")
+
+
 class MixedPrecision(str, Enum):
     no = "no"
     fp16 = "fp16"
@@ -171,6 +188,10 @@ class ModelConfig:
         _check(len(self.down_block_types) == n and len(self.up_block_types) == n,
                "model.down_block_types", self.down_block_types,
                "block_out_channels, down_block_types and up_block_types need equal lengths")
+        for key, blocks, known in (("model.down_block_types", self.down_block_types,
+                                    DOWN_BLOCKS),
+                                   ("model.up_block_types", self.up_block_types, UP_BLOCKS)):
+            _check(set(blocks) <= set(known), key, blocks, f"use blocks of {list(known)}")
         _check(all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
                "model.norm_num_groups", self.norm_num_groups,
                "must divide every entry of model.block_out_channels")
@@ -179,7 +200,7 @@ class ModelConfig:
 @dataclass
 class DiffusionConfig:
     num_train_timesteps: int = 1000
-    beta_schedule: str = "linear"
+    beta_schedule: BetaSchedule = BetaSchedule.linear
     beta_start: float = 1e-4
     beta_end: float = 0.02
     prediction_type: str = "epsilon"

@@ -10,7 +10,7 @@ from isodiff.config import DiffusionConfig
 def build_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
     return DDPMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,
-        beta_schedule=cfg.beta_schedule,
+        beta_schedule=cfg.beta_schedule.value,
         beta_start=cfg.beta_start,
         beta_end=cfg.beta_end,
         prediction_type=cfg.prediction_type,

@@ -19,6 +19,7 @@ import datetime as dt
 import json
 import logging
 import math
+import re
 import time
 import traceback
 from collections.abc import Callable
@@ -104,6 +105,8 @@ class EvaluateConfig:
             raise ConfigError(f"metrics: unknown {sorted(unknown)}; use {list(METRICS)}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
+            raise ConfigError(f"device={self.device!r}: use auto, cpu, cuda, cuda:N or mps")
 
 
 def metric_of(value: str) -> str:

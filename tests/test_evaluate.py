@@ -37,6 +37,8 @@ def test_bad_options_name_the_key() -> None:
         compose_evaluate(["run=/nowhere", "metrics=[fid,nonsense]"])
     with pytest.raises(ConfigError, match="eval.fid.mode"):
         compose_evaluate(["run=/nowhere", "eval.fid.mode=sharp"])
+    with pytest.raises(ConfigError, match="device='gpu'"):
+        compose_evaluate(["run=/nowhere", "device=gpu"])
 
 
 def test_a_run_that_is_not_done_is_refused(tmp_path: Path) -> None:

@@ -190,6 +190,9 @@ def test_a_job_with_an_unreadable_status_runs_again_and_ends_done(finished: Path
     (["optim.lr_schedule=cosin"], ["optim.lr_schedule", "cosine_with_restarts"]),
     (["data.channels=1"], ["data.channels=1", "data.channels=3"]),
     (["init_from=runs/a=1,b=2"], ["must be quoted"]),
+    (["diffusion.beta_schedule=cosin"], ["diffusion.beta_schedule", "squaredcos_cap_v2"]),
+    (["model=tiny", "model.down_block_types=[DownBlock2D,CrossAttnDownBlock2D]"],
+     ["model.down_block_types", "AttnDownBlock2D"]),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_folder(args: list[str], names: list[str],
                                                     tmp_path: Path) -> None:
