@@ -86,6 +86,9 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
 
 
 def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
     root = Path(argv[0] if argv else "runs")
     jobs = collect_runs(root)
     if jobs.empty:
@@ -104,5 +107,10 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """The `isodiff-collect` console command."""
     sys.exit(main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    command()

@@ -239,5 +239,10 @@ def main(argv: list[str]) -> int:
     return cli.run(__doc__, argv, work)
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """The `isodiff-tables` console command."""
     sys.exit(main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    command()

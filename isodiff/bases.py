@@ -192,5 +192,10 @@ def main(argv: list[str]) -> int:
     return int(status)
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """The `isodiff-bases` console command."""
     sys.exit(main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    command()

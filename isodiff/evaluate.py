@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from isodiff import distributed
 from isodiff.cli import USAGE, fail, hydra_main
-from isodiff.config import UserError
+from isodiff.config import CONF, UserError
 from isodiff.evaluation import (
     EvaluationFailed,
     evaluate_run,
@@ -23,7 +23,7 @@ register_schemas()
 log = logging.getLogger("isodiff.evaluate")
 
 
-@hydra.main(config_path="../conf", config_name="evaluate", version_base=None)
+@hydra.main(config_path=str(CONF), config_name="evaluate", version_base=None)
 def main(cfg: DictConfig) -> dict:
     if (rank := distributed.rank()) != 0:  # a multi-task profile: one evaluation per job
         log.info("rank %d: the evaluation runs on rank 0 alone", rank)
@@ -36,5 +36,10 @@ def main(cfg: DictConfig) -> dict:
         fail(err, code=1 if isinstance(err, EvaluationFailed) else USAGE)
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """The `isodiff-evaluate` console command."""
     hydra_main(main)
+
+
+if __name__ == "__main__":
+    command()

@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from isodiff.cli import hydra_main
+from isodiff.config import CONF
 from isodiff.isometry import isometry_loss
 
 SETTINGS = {"reconstruction": None, "euclidean": "euclidean", "spherical": "spherical"}
@@ -215,7 +216,7 @@ def run_toy(cfg: ToyConfig) -> dict:
 ConfigStore.instance().store(name="toy_schema", node=ToyConfig)
 
 
-@hydra.main(config_path="../conf", config_name="toy", version_base=None)
+@hydra.main(config_path=str(CONF), config_name="toy", version_base=None)
 def main(cfg: DictConfig) -> None:
     result = run_toy(OmegaConf.to_object(cfg))  # type: ignore[arg-type]
     for name, n in result["settings"].items():
@@ -223,5 +224,10 @@ def main(cfg: DictConfig) -> None:
     print(f"figure: {', '.join(result['figure'])} ({result['seconds']:.0f} s)")
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """The `isodiff-toy` console command."""
     hydra_main(main)
+
+
+if __name__ == "__main__":
+    command()

@@ -11,7 +11,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from isodiff.cli import fail, hydra_main
-from isodiff.config import TrainConfig, UserError, register_schemas
+from isodiff.config import CONF, TrainConfig, UserError, register_schemas
 from isodiff.distributed import export_torch_distributed_env
 from isodiff.jobs import run_job
 from isodiff.runs import job_name
@@ -28,7 +28,7 @@ def _train(cfg: TrainConfig, run_dir: Path) -> dict:
     return train(cfg, run_dir)
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base=None)
+@hydra.main(config_path=str(CONF), config_name="train", version_base=None)
 def main(cfg: DictConfig) -> dict:
     export_torch_distributed_env()  # SLURM tasks -> torch ranks, before any Accelerator
     hydra_cfg = HydraConfig.get()
@@ -40,5 +40,10 @@ def main(cfg: DictConfig) -> dict:
         fail(err)  # here, not in hydra_main: Hydra would first log the job's overrides
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """The `isodiff-train` console command."""
     hydra_main(main)
+
+
+if __name__ == "__main__":
+    command()
