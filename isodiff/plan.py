@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from isodiff import runs
 from isodiff.cli import one_line
 from isodiff.config import ConfigError, to_train_config
-from isodiff.specs import EXPERIMENTS, Spec, expand, grid_overrides
+from isodiff.specs import EXPERIMENTS, Spec, all_specs, expand, grid_overrides
 
 CONF = EXPERIMENTS.parent / "conf"
 BASE, FINETUNE = "base", "finetune"
@@ -97,12 +97,19 @@ def base_overrides(data: str, tier: str, extra: list[str]) -> list[str]:
             "name_keys=[data.name]", *extra]
 
 
+def name_keys(spec: Spec, tier: str) -> list[str]:
+    """The keys that name a fine-tune's folder: those the specs of experiments/ (and this
+    one) vary at this tier, sorted, so that a job shared by several tables has one folder
+    and runs once, and tier-wide settings stay out of the name."""
+    specs = [s for s in all_specs() if s.kind == "table"] + [spec]
+    return sorted({k for s in specs for k in s.grid_for(tier)}) or ["data.name"]
+
+
 def finetune_common(spec: Spec, tier: str, dataset: str, base: str | None,
                     extra: list[str]) -> list[str]:
     """The overrides every fine-tune of a spec's dataset shares (the tier's fine-tune
-    recipe, conf/recipe/<tier>_finetune.yaml); the folder is named by the keys the spec
-    varies."""
-    keys = list(spec.grid_for(tier)) or ["data.name"]
+    recipe, conf/recipe/<tier>_finetune.yaml); the folder is named by name_keys."""
+    keys = name_keys(spec, tier)
     common = [f"tier={tier}", "stage=finetune", *extra, f"experiment={dataset}",
               f"name_keys=[{','.join(keys)}]"]
     if base is not None:

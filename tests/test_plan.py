@@ -45,11 +45,21 @@ def test_folders_are_named_by_the_keys_the_spec_varies(tmp_path: Path) -> None:
     (table_1,) = plans
     folders = [job.folder for job in table_1.finetunes()]
     assert len(folders) == 20 and len(set(folders)) == 20
-    assert folders[0].startswith("shapes/lambda_iso=0,seed=0-")
-    assert any(f.startswith("mnist/lambda_iso=0.1,seed=4-") for f in folders)
+    named = "iso.metric=spherical,iso.window=0.5,lambda_iso={},seed={}-"
+    assert folders[0].startswith("shapes/" + named.format(0, 0))
+    assert any(f.startswith("mnist/" + named.format(0.1, 4)) for f in folders)
     # the tier's recipe (optim=finetune, train.steps, ...) is in config.yaml, not the name
     assert not any("optim" in f or "train." in f for f in folders)
     assert root == tmp_path.resolve() / "quick" and not tmp_path.joinpath("quick").exists()
+
+
+def test_a_job_shared_by_two_tables_has_one_folder(tmp_path: Path) -> None:
+    """Table 1's lambda_iso = 0.1 spherical job is also Table 4's: one folder, trained once."""
+    plans, _, _ = sweep.compile_plans([load_spec("table_1"), load_spec("table_4")], "quick",
+                                      [f"run_root={tmp_path}"])
+    table_1, table_4 = ({j.folder for j in p.finetunes()} for p in plans)
+    shared = {f for f in table_1 if "lambda_iso=0.1,seed=0-" in f and f.startswith("shapes/")}
+    assert len(shared) == 1 and shared <= table_4
 
 
 def test_plan_prints_and_launches_nothing(tmp_path: Path) -> None:
@@ -57,7 +67,8 @@ def test_plan_prints_and_launches_nothing(tmp_path: Path) -> None:
                      f"run_root={tmp_path}/runs", "--plan")
     assert result.returncode == 0, result.stderr
     assert "base     base/data.name=shapes-" in result.stdout
-    assert "finetune shapes/lambda_iso=0.1,seed=0-" in result.stdout
+    assert "finetune shapes/iso.metric=spherical,iso.window=0.5,lambda_iso=0.1,seed=0-" \
+        in result.stdout
     assert not (tmp_path / "runs").exists()
 
 
