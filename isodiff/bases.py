@@ -92,7 +92,7 @@ def describe(tier: str, datasets: list[str], bases: dict[str, Path],
         run_dir = bases[dataset]
         status = runs.read_status(run_dir) or {}
         entries[dataset] = {
-            "job": run_dir.name, "config_hash": run_dir.name.rsplit("-", 1)[-1],
+            "job": run_dir.name, "config_hash": runs.signature(run_dir),
             "trained_at_commit": status.get("git"), "train_overrides": overrides[dataset],
             "steps": status.get("step"), "final_mse": status.get("final_mse"),
             "training_seconds": round(training_seconds(run_dir), 1),

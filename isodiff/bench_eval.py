@@ -35,8 +35,6 @@ from isodiff.metrics.fid import reference_stats
 from isodiff.models import build_unet
 from isodiff.sampling import DDIM, latents
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
 
 def _clock(cuda: bool) -> tuple[float, float]:
     if cuda:
@@ -53,7 +51,7 @@ def bench(tier: str, preset: str, batch_size: int, refs_dir: Path) -> dict:
     GlobalHydra.instance().clear()
     config.register_schemas()
     evaluation.register_schemas()
-    with initialize_config_dir(str(CONF), version_base=None):
+    with initialize_config_dir(str(config.CONF), version_base=None):
         train_cfg = config.to_train_config(compose("train", overrides=[f"tier={tier}",
                                                                       "name=bench"]))
         eval_cfg = evaluation.to_evaluate_config(compose("evaluate", overrides=[

@@ -23,25 +23,20 @@ from omegaconf.errors import OmegaConfBaseException
 
 from isodiff import runs
 from isodiff.cli import one_line
-from isodiff.config import ConfigError, to_train_config
-from isodiff.specs import EXPERIMENTS, Spec, all_specs, expand, grid_overrides
+from isodiff.config import CONF, ConfigError, to_train_config
+from isodiff.specs import Spec, all_specs, expand, grid_overrides
 
-CONF = EXPERIMENTS.parent / "conf"
 BASE, FINETUNE = "base", "finetune"
 
 
 @dataclass(frozen=True)
 class PlannedJob:
-    folder: str  # <experiment>/<name>, relative to <run_root>/<tier>
+    folder: str  # <experiment>/<name>-<signature>, relative to <run_root>/<tier>
     stage: str  # base | finetune
     dataset: str
     point: dict[str, Any] = field(default_factory=dict)  # the spec's keys -> values
     metrics: list[str] = field(default_factory=list)  # what isodiff.evaluate computes
     base: str | None = None  # what it fine-tunes: a planned base's folder, or init_from
-
-    @property
-    def signature(self) -> str:
-        return runs.signature(self.folder)
 
 
 @dataclass
@@ -129,9 +124,8 @@ def compile_plan(spec: Spec, tier: str, bases: dict[str, Path], trained: bool,
     for dataset in spec.datasets_for(tier):
         base = bases.get(dataset)
         base_ref = None
-        if base is not None and trained:
-            cfg = compose_job(base_overrides(dataset, tier, extra))
-            base_ref = _relative(Path(cfg.hydra.run.dir).resolve(), cfg)
+        if base is not None and trained:  # base: <tier folder>/base/<name>
+            base_ref = "/".join(base.parts[-2:])
             jobs.append(PlannedJob(base_ref, BASE, dataset))
         common = finetune_common(spec, tier, dataset, None if base is None else str(base),
                                  extra)

@@ -254,7 +254,7 @@ def base_identity(init_from: str) -> str:
     path = Path(init_from).expanduser()
     is_run = (path / "status.json").is_file() or (path / "config.yaml").is_file()
     if _SIGNED.search(path.name) and (is_run or not path.exists()):
-        return "run:" + path.name.rsplit("-", 1)[1]
+        return "run:" + signature(path)
     if path.is_dir():
         return "checkpoint:" + _tree_digest(path)
     return init_from
