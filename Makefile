@@ -32,11 +32,16 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch, torchvision, diffusers, lpips, cleanfid, hydra, submitit; print('isodiff env ok: torch', torch.__version__)"
 	touch $@
 
+# Test files run in TEST_WORKERS processes (pytest-xdist), a file to a process, so that each
+# module-scoped fixture is built once; most of the suite's time is subprocesses and imports.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -q
+
 test: install
-	$(PY) -m pytest -m "not slurm" -q
+	$(PYTEST) -m "not slurm"
 
 test-fast: install
-	$(PY) -m pytest -m "not slurm and not slow" -q
+	$(PYTEST) -m "not slurm and not slow"
 
 lint: install
 	$(VENV)/bin/ruff check isodiff analysis tests
