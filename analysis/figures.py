@@ -264,9 +264,49 @@ def inversion(df: pd.DataFrame, spec: Spec, tier: str) -> Figure | None:
     return fig
 
 
+def _edit_caption(run_dir: Path, array: str) -> str:
+    """What an edit picture shows, from the protocol of the linearity metric that made it."""
+    try:
+        protocol = read_json(run_dir / "metrics.json", {})["metrics"]["linearity"]["protocol"]
+    except (RunFileError, KeyError):
+        return array
+    targets = protocol.get("targets_used", [])
+    if array.startswith("grid"):
+        alphas = ", ".join(f"{a:g}" for a in protocol.get("grid_strengths", []))
+        return (f"a v({targets[0] if targets else '1st'}) down, b v("
+                f"{targets[1] if len(targets) > 1 else '2nd'}) across, a, b = {alphas}")
+    alphas = ", ".join(f"{a:g}" for a in protocol.get("strengths", []))
+    return f"a sample a row; v({targets[0] if targets else '1st'}), alpha = {alphas}"
+
+
+def edit_pictures(df: pd.DataFrame, spec: Spec, tier: str) -> Figure | None:
+    """Figures 7 and 8: per dataset, the edit images `spec.array` of eval/linearity.npz of
+    each arm (its lowest training seed) side by side, the control first; the same x_T in
+    every arm (sample i seeded by the evaluation seed and i)."""
+    if not spec.array:
+        raise ValueError(f"{spec.name}: figure=edit_pictures needs `array` (e.g. strip_xT_svm)")
+    by_dataset = {}
+    for dataset, dataset_arms in arms(df, spec, tier).items():
+        shown = [(arm, found) for arm in sorted(dataset_arms, key=lambda a: not a.control)
+                 if (found := _shown(arm, "linearity", spec.array))]
+        if shown:
+            by_dataset[dataset] = shown
+    if not by_dataset:
+        return None
+    rows = max(found[2].shape[0] for shown in by_dataset.values() for _, found in shown)
+    fig, subfigs = _panels(spec, tier, [0.5 * rows + 0.8] * len(by_dataset),
+                           4.2 * max(len(s) for s in by_dataset.values()))
+    for subfig, (dataset, shown) in zip(subfigs, by_dataset.items(), strict=True):
+        axes = subfig.subplots(1, len(shown), squeeze=False)[0]
+        for ax, (arm, (seed, _, images)) in zip(axes, shown, strict=True):
+            _picture(ax, _strip(images), f"{arm.label}, training seed {seed}")
+        subfig.suptitle(f"{dataset}: {_edit_caption(shown[0][1][1], spec.array)}", fontsize=9)
+    return fig
+
+
 # Picture figures lay out their own panels (a subfigure a dataset); None: nothing to draw.
 PANELS: dict[str, Callable[[pd.DataFrame, Spec, str], Figure | None]] = {
-    "interp_strips": interp_strips, "inversion": inversion}
+    "interp_strips": interp_strips, "inversion": inversion, "edit_pictures": edit_pictures}
 
 
 def _plot(df: pd.DataFrame, spec: Spec, tier: str) -> Figure | None:

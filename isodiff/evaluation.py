@@ -36,10 +36,12 @@ from isodiff import pictures, runs
 from isodiff.assets import atomic_save
 from isodiff.config import ConfigError, to_train_config
 from isodiff.metrics import (
+    disentanglement,
     fid,
     interp,
     inversion,
     jacobian,
+    linearity,
     liso,
     ppl,
     quality,
@@ -56,6 +58,7 @@ METRICS: dict[str, Callable[[EvalContext, Any], MetricResult]] = {
     "fid": fid.evaluate, "ppl": ppl.evaluate, "rtl": rtl.evaluate, "interp": interp.evaluate,
     "jacobian": jacobian.evaluate, "separability": separability.evaluate,
     "inversion": inversion.evaluate, "quality": quality.evaluate, "liso": liso.evaluate,
+    "linearity": linearity.evaluate, "disentanglement": disentanglement.evaluate,
 }
 # Which metric writes a value of metrics.json, by name or name prefix: the values a spec
 # shows say which metrics its jobs need (tests check it against a real evaluation).
@@ -63,7 +66,8 @@ VALUE_PREFIXES = {"fid": "fid", "ppl_": "ppl", "mrtl": "rtl", "rtl_": "rtl", "sl
                   "lerp_": "interp", "mcn_": "jacobian", "vor_": "jacobian",
                   "ls_": "separability", "error_": "separability", "mse": "inversion",
                   "psnr": "inversion", "lpips": "inversion",
-                  "confident_": "quality", "classes_": "quality", "liso": "liso"}
+                  "confident_": "quality", "classes_": "quality", "liso": "liso",
+                  "lin_": "linearity", "dci_": "disentanglement", "mig_": "disentanglement"}
 
 
 @dataclass
@@ -81,6 +85,9 @@ class EvalConfig:
     inversion: inversion.InversionConfig = field(default_factory=inversion.InversionConfig)
     quality: quality.QualityConfig = field(default_factory=quality.QualityConfig)
     liso: liso.LisoConfig = field(default_factory=liso.LisoConfig)
+    linearity: linearity.LinearityConfig = field(default_factory=linearity.LinearityConfig)
+    disentanglement: disentanglement.DisentanglementConfig = field(
+        default_factory=disentanglement.DisentanglementConfig)
     # samples.png: a grid of this many DDIM samples (eval.grid_steps) from fixed x_T
     grid_samples: int = 64
     grid_steps: int = 50
@@ -227,6 +234,12 @@ def compute_entry(ctx: EvalContext, name: str, metric_cfg: Any, request: dict[st
     """One metric computed: its metrics.json entry (its arrays written to eval/)."""
     start, sampling = time.perf_counter(), ctx.sampling_seconds
     result = METRICS[name](ctx, metric_cfg)
+    # A metric adds protocol fields but never changes a requested one: the stored protocol
+    # must match the next request, or the metric would be recomputed every time.
+    if clash := sorted(k for k, v in _json_normal(result.protocol).items()
+                       if k in request and request[k] != v):
+        raise RuntimeError(f"{name} rewrites the requested protocol fields {clash}: name "
+                           "what it resolved differently (e.g. <field>_used)")
     arrays = None
     if result.arrays:
         atomic_save(run_dir / "eval" / f"{name}.npz",

@@ -51,6 +51,7 @@ class Spec:
     paper_source: str = ""
     figure: str | None = None  # kind=figure: the plot (analysis.figures.PLOTS)
     source: str | None = None  # kind=figure: the table spec whose runs it draws
+    array: str | None = None  # kind=figure: the array of eval/<metric>.npz a picture shows
     notes: list[str] = field(default_factory=list)
 
     def datasets_for(self, tier: str) -> list[str]:

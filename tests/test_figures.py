@@ -1,5 +1,5 @@
-"""Picture figures (interpolation strips, inversion) and the results landing page, drawn
-from synthetic run folders that hold the arrays the interp and inversion metrics store."""
+"""Picture figures (interpolation strips, inversion, edits) and the results landing page,
+drawn from synthetic run folders that hold the arrays the metrics store."""
 
 from __future__ import annotations
 
@@ -171,6 +171,44 @@ def test_inversion_shows_sources_then_ours_then_the_control(tmp_path: Path) -> N
     assert f"mnist: WARNING: the arms' source images differ; shown: those of {OURS}" in texts
     written = figures.render_all(tmp_path / "runs", "quick", tmp_path / "results", ["figure_6"])
     assert [p.suffix for p in written] == [".png", ".pdf"]
+
+
+def test_edit_pictures_show_each_arm_side_by_side_control_first(tmp_path: Path) -> None:
+    """Figures 7 and 8 from Table 5's runs: image (row, column) of a run's strip or grid is
+    the constant _value(arm, seed, row) + column, so each panel says whose images it holds."""
+    dirs = write_runs(tmp_path / "runs", load_spec("table_5"), "quick")
+    strengths = [-2.0, -1.0, 0.0, 1.0, 2.0]
+    for d in dirs:
+        dataset, arm, seed = _job(d)
+        images = np.stack([np.stack([np.full((_channels(dataset), PX, PX),
+                                             _value(arm, seed, r) + c, np.uint8)
+                                     for c in range(5)]) for r in range(4)])
+        (d / "eval").mkdir()
+        np.savez(d / "eval" / "linearity.npz", strip_xT_svm=images, grid_xT_svm=images[:, :4])
+        record = json.loads((d / "metrics.json").read_text())
+        record["metrics"]["linearity"] = {"values": {}, "protocol": {
+            "strengths": strengths, "grid_strengths": strengths[:4],
+            "targets_used": ["hue", "x"]}}
+        (d / "metrics.json").write_text(json.dumps(record))
+    df = collect_runs(tmp_path / "runs" / "quick")
+    fig = figures.edit_pictures(df, load_spec("figure_7"), "quick")
+    shown = _pictures(fig)
+    assert [title for title, _ in shown] == [f"{CONTROL}, training seed 0",
+                                             f"{OURS}, training seed 0"] * 2
+    for (_, picture), arm in zip(shown, [0, 1, 0, 1], strict=True):
+        assert picture.shape[:2] == (4 * (PX + 1) + 1, 5 * (PX + 1) + 1)
+        for r in range(4):
+            for c in (0, 4):
+                np.testing.assert_allclose(_cell(picture, r, c),
+                                           (_value(arm, 0, r) + c) / 255, atol=1e-6)
+    texts = _texts(fig)
+    assert "shapes: a sample a row; v(hue), alpha = -2, -1, 0, 1, 2" in texts
+    grid = figures.edit_pictures(df, load_spec("figure_8"), "quick")
+    assert "mnist: a v(hue) down, b v(x) across, a, b = -2, -1, 0, 1" in _texts(grid)
+    written = figures.render_all(tmp_path / "runs", "quick", tmp_path / "results",
+                                 ["figure_7", "figure_8"])
+    assert sorted(p.name for p in written) == ["figure_7.pdf", "figure_7.png",
+                                               "figure_8.pdf", "figure_8.png"]
 
 
 def _links(page: str) -> list[str]:

@@ -7,8 +7,8 @@ what the maths needs from a trained model through `isodiff.metrics.common.EvalCo
 
 # Values where more is better; every other value (FID, PPL, RTL, MCN, VoR, LS as a
 # conditional entropy, errors, LPIPS, MSE) is better lower. A spec's `lower_is_better`
-# overrides this per value.
-HIGHER_IS_BETTER = ("psnr", "confident_", "classes_")
+# overrides this per value (e.g. the R^2 of an edit, lin_*_r2).
+HIGHER_IS_BETTER = ("psnr", "confident_", "classes_", "dci_", "mig_")
 
 
 def lower_is_better(value: str) -> bool:

@@ -76,22 +76,30 @@ class AttributeModel:
         self.net, self.attributes, self.report = net.eval(), attributes, report
 
     @torch.no_grad()
+    def responses(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        """name -> the head's raw output: categorical: the class logits (N, classes);
+        continuous: the standardised value (N,) (value - mean) / std."""
+        device = next(self.net.parameters()).device
+        out = torch.cat([self.net(images[i: i + 256].to(device)).cpu()
+                         for i in range(0, len(images), 256)]).double()
+        result, col = {}, 0
+        for a in self.attributes:
+            part = out[:, col: col + a.classes]
+            result[a.name] = (part if a.kind == "categorical" else part[:, 0]).numpy()
+            col += a.classes
+        return result
+
     def predict(self, images: torch.Tensor) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
         """name -> (prediction, confidence): categorical: the class and its probability;
         continuous: the value and None."""
-        device = next(self.net.parameters()).device
-        out = torch.cat([self.net(images[i: i + 256].to(device)).cpu()
-                         for i in range(0, len(images), 256)])
-        result, col = {}, 0
-        for a in self.attributes:
+        result = {}
+        for a, raw in zip(self.attributes, self.responses(images).values(), strict=True):
             if a.kind == "categorical":
-                p = out[:, col: col + a.classes].softmax(1)
+                p = torch.from_numpy(raw).float().softmax(1)
                 conf, label = p.max(1)
                 result[a.name] = (label.numpy(), conf.double().numpy())
             else:
-                value = out[:, col] * a.std + a.mean
-                result[a.name] = (value.double().numpy(), None)
-            col += a.classes
+                result[a.name] = (raw * a.std + a.mean, None)
         return result
 
 
@@ -152,7 +160,8 @@ def attribute_model(ctx: EvalContext, cfg: AttributeConfig) -> AttributeModel:
     """The dataset's attribute predictor: from the refs cache, or trained and cached."""
     if not ctx.dataset("train").factor_names:
         raise ConfigError(f"data={ctx.data.name.value} has no factors to predict: attribute "
-                          "metrics need data=shapes or data=mnist")
+                          "metrics need data=shapes, data=mnist, or data=folder with "
+                          "data.attributes=<a CelebA-style attribute file>")
     stem = Path(ctx.refs_dir) / f"attributes-{ctx.data_key}-{config_hash(dataclasses.asdict(cfg))}"
     weights, report = stem.with_suffix(".pt"), stem.with_suffix(".json")
     with ctx.building(weights):
