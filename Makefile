@@ -12,10 +12,12 @@ STAMP := $(VENV)/.installed
 
 MAIN_SPECS := table_1
 ABLATION_SPECS := table_2 table_3 table_4
+# Editing and disentanglement, measured on Table 1's runs (they train nothing new)
+EDITING_SPECS := table_5 table_6
 # CLUSTER=<profile> sends every job through that conf/cluster profile (SLURM or local).
 LAUNCH := $(if $(CLUSTER),cluster=$(CLUSTER),)
 
-.PHONY: install test test-fast lint reproduce bases sweep sweep-ablations tables figures bench clean
+.PHONY: install test test-fast lint reproduce bases sweep sweep-ablations sweep-editing tables figures bench clean
 
 install: $(STAMP)
 
@@ -50,7 +52,8 @@ lint: install
 # stop the others; it is listed under its table and makes the target fail at the end.
 reproduce: install
 	@start=$$(date +%s); \
-	$(PY) -m isodiff.sweep $(MAIN_SPECS) $(ABLATION_SPECS) tier=quick cluster=local_pool; \
+	$(PY) -m isodiff.sweep $(MAIN_SPECS) $(ABLATION_SPECS) $(EDITING_SPECS) tier=quick \
+	    cluster=local_pool; \
 	status=$$?; \
 	$(PY) -m analysis.tables tier=quick || status=1; \
 	$(PY) -m analysis.figures tier=quick || status=1; \
@@ -75,6 +78,9 @@ sweep: install
 
 sweep-ablations: install
 	$(PY) -m isodiff.sweep $(ABLATION_SPECS) tier=$(TIER) $(LAUNCH)
+
+sweep-editing: install
+	$(PY) -m isodiff.sweep $(EDITING_SPECS) tier=$(TIER) $(LAUNCH)
 
 tables: install
 	$(PY) -m analysis.tables tier=$(TIER)
