@@ -46,7 +46,7 @@ test-fast: install
 	$(PYTEST) -m "not slurm and not slow"
 
 lint: install
-	$(VENV)/bin/ruff check isodiff analysis tests
+	$(VENV)/bin/ruff check isodiff analysis tests examples
 
 # The quick tier, offline, end to end: every spec, then every table. A failed job does not
 # stop the others; it is listed under its table and makes the target fail at the end.

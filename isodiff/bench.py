@@ -48,8 +48,8 @@ from omegaconf import OmegaConf
 from isodiff import geometry as geo
 from isodiff.config import DiffusionConfig, ModelConfig
 from isodiff.diffusion import build_scheduler
-from isodiff.isometry import Regulariser, draw_probes
-from isodiff.models import HUNet, build_unet, higher_order_ad
+from isodiff.isometry import Regulariser, draw_probes, higher_order_ad
+from isodiff.models import HUNet, build_unet
 from isodiff.objective import DiffusionObjective
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -83,8 +83,8 @@ def _objective_step(reg: Regulariser | None, lambda_iso: float) -> Step:
 def _iso_separate(unet, x0, noise, t, g):
     x_t = build_scheduler(DiffusionConfig()).add_noise(x0, noise, t)
     eps, _ = unet.eps_and_h(x_t, t)
-    return F.mse_loss(eps, noise) + LAMBDA_ISO * Regulariser("spherical")(unet, x_t, t,
-                                                                          generator=g)
+    return F.mse_loss(eps, noise) + LAMBDA_ISO * Regulariser("spherical")(unet.encode_h, x_t,
+                                                                          t, generator=g)
 
 
 def _iso_forward_mode(unet, x0, noise, t, g):

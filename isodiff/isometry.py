@@ -28,19 +28,35 @@ Metrics of X:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 from torch.autograd import grad
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from isodiff.config import IsoConfig, IsoMetric
 from isodiff.geometry import onto_sphere, sphere_radius, sq_norm, tangent_project
-from isodiff.models import HUNet, higher_order_ad
 
 METRICS = ("euclidean", "spherical", "isodiff_compat")
 PROBES = ("gaussian", "rademacher")
+# The h-encoder being regularised: (x_t (B, ...), t (B,)) -> h (B, ...), differentiable in
+# x_t; e.g. HUNet.encode_h, or isodiff.adapters.h_encoder(unet) for any diffusers U-Net.
+Encoder = Callable[..., Tensor]
+
+
+@contextlib.contextmanager
+def higher_order_ad() -> Iterator[None]:
+    """Attention that supports double backward and forward-mode AD.
+
+    The fused SDPA kernels (flash, memory-efficient, and the CPU flash kernel) have no
+    second derivative; the math kernel is plain matmul + softmax and differentiates to
+    any order. Used wherever the isometric loss differentiates through the U-Net twice.
+    """
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
 
 
 def draw_probes(like: Tensor, n_probes: int = 1, probe: str = "gaussian",
@@ -131,7 +147,8 @@ def isometry_loss(f: Callable[[Tensor], Tensor], x: Tensor, *, metric: str = "sp
         raise ValueError("metric=isodiff_compat uses the official Gaussian chart probe")
     point = evaluation_point(x.detach(), metric, radius).requires_grad_()
     v = draw_probes(point, n_probes, probe, generator)
-    return isometry_loss_from_h(f(point), point, v, metric=metric)
+    with higher_order_ad():  # attention in f is differentiated twice
+        return isometry_loss_from_h(f(point), point, v, metric=metric)
 
 
 def path_lengths(h: Tensor, x: Tensor, y: Tensor) -> Tensor:
@@ -202,14 +219,18 @@ class Regulariser(nn.Module):
         n = iso_mask.numel()
         return at_x_t and bool(iso_mask.all()) and self.n_regularised(n) == n
 
-    def forward(self, unet: HUNet, x_t: Tensor, t: Tensor, *, h: Tensor | None = None,
-                generator: torch.Generator | None = None) -> Tensor:
+    def forward(self, encoder: Encoder, x_t: Tensor, t: Tensor, *, h: Tensor | None = None,
+                generator: torch.Generator | None = None, **condition: Tensor) -> Tensor:
+        """The term at the batch (x_t, t): encoder(x, t, **condition) gives h; condition
+        tensors (e.g. encoder_hidden_states of a text-conditional U-Net) have the batch as
+        their first dimension. `h`: the encoder's output at x_t already computed with a
+        graph from x_t (see `reuses_h`)."""
         with higher_order_ad():
             if h is None:
                 k = self.n_regularised(x_t.shape[0])
                 x = evaluation_point(x_t[:k].detach(), self.metric, self.radius)
                 x = x.requires_grad_()
-                h = unet.encode_h(x, t[:k])
+                h = encoder(x, t[:k], **{name: c[:k] for name, c in condition.items()})
             else:
                 x = x_t
             if self.metric == "path_length":
@@ -229,11 +250,3 @@ class Regulariser(nn.Module):
                                            self.pl_mean.lerp(batch_mean, self.decay)))
             self.pl_updates += 1
         return (lengths - self.pl_mean).pow(2).mean()
-
-
-def build_regulariser(cfg: IsoConfig) -> Regulariser | None:
-    """The regulariser named by `iso.metric` (None for metric=none)."""
-    if cfg.metric == IsoMetric.none:
-        return None
-    return Regulariser(cfg.metric.value, cfg.radius.value, cfg.n_probes, cfg.probe.value,
-                       cfg.batch_fraction, cfg.path_length_decay)

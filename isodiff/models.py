@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from diffusers import UNet2DModel
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from isodiff import runs
 from isodiff.config import ConfigError, ModelConfig
@@ -77,18 +75,6 @@ class HUNet(UNet2DModel):
         if h_offset is not None:
             h_used = h_used + h_offset
         return self.decode(h_used, skips, emb, timesteps), h
-
-
-@contextlib.contextmanager
-def higher_order_ad() -> Iterator[None]:
-    """Attention that supports double backward and forward-mode AD.
-
-    The fused SDPA kernels (flash, memory-efficient, and the CPU flash kernel) have no
-    second derivative; the math kernel is plain matmul + softmax and differentiates to
-    any order. Used wherever the isometric loss differentiates through the U-Net twice.
-    """
-    with sdpa_kernel(SDPBackend.MATH):
-        yield
 
 
 def unet_kwargs(cfg: ModelConfig) -> dict:

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from torch import nn
 
-from isodiff.isometry import Regulariser
-from isodiff.models import HUNet, higher_order_ad
+from isodiff.config import IsoConfig, IsoMetric
+from isodiff.isometry import Regulariser, higher_order_ad
+from isodiff.models import HUNet
 
 
 class DiffusionObjective(nn.Module):
@@ -40,8 +41,16 @@ class DiffusionObjective(nn.Module):
         out = {"loss": mse, "mse": mse}
         if active:
             if reuse:
-                iso = reg(self.unet, x_t, t, h=h, generator=generator)
+                iso = reg(self.unet.encode_h, x_t, t, h=h, generator=generator)
             else:
-                iso = reg(self.unet, x_t[iso_mask], t[iso_mask], generator=generator)
+                iso = reg(self.unet.encode_h, x_t[iso_mask], t[iso_mask], generator=generator)
             out.update(loss=mse + self.lambda_iso * iso, iso=iso)
         return out
+
+
+def build_regulariser(cfg: IsoConfig) -> Regulariser | None:
+    """The regulariser named by `iso.metric` (None for metric=none)."""
+    if cfg.metric == IsoMetric.none:
+        return None
+    return Regulariser(cfg.metric.value, cfg.radius.value, cfg.n_probes, cfg.probe.value,
+                       cfg.batch_fraction, cfg.path_length_decay)

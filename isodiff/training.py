@@ -31,9 +31,9 @@ from isodiff import pictures, runs, seeding
 from isodiff.config import TrainConfig, UserError
 from isodiff.data import build_dataset
 from isodiff.diffusion import build_scheduler
-from isodiff.isometry import build_regulariser, sample_timesteps
+from isodiff.isometry import sample_timesteps
 from isodiff.models import HUNet, init_unet, nonfinite
-from isodiff.objective import DiffusionObjective
+from isodiff.objective import DiffusionObjective, build_regulariser
 
 log = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "step_"

@@ -20,14 +20,15 @@ from isodiff import geometry as geo
 from isodiff.config import IsoConfig, IsoMetric
 from isodiff.isometry import (
     Regulariser,
-    build_regulariser,
     draw_probes,
+    higher_order_ad,
     isometry_loss,
     isometry_loss_from_h,
     path_lengths,
     sample_timesteps,
 )
-from isodiff.models import HUNet, higher_order_ad
+from isodiff.models import HUNet
+from isodiff.objective import build_regulariser
 from tests.conftest import tiny_unet
 
 
@@ -381,11 +382,11 @@ def test_regulariser_reuses_the_main_forward_h(metric, one_thread):
     t = torch.tensor([600, 700, 999])
     reg = Regulariser(metric)
     assert reg.reuses_h(torch.ones(3, dtype=torch.bool))
-    separate = reg(unet, x_t, t, generator=gen(26))
+    separate = reg(unet.encode_h, x_t, t, generator=gen(26))
     reg.pl_updates.zero_()
     with higher_order_ad():  # the main forward is differentiated twice: math attention
         _, h = unet.eps_and_h(x_t, t)
-    reused = reg(unet, x_t, t, h=h, generator=gen(26))
+    reused = reg(unet.encode_h, x_t, t, h=h, generator=gen(26))
     torch.testing.assert_close(reused, separate)
     grads = torch.autograd.grad(reused, list(unet.parameters()), allow_unused=True)
     assert sum(g.abs().sum() for g in grads if g is not None) > 0
@@ -410,10 +411,10 @@ def test_path_length_running_mean(one_thread):
     reg = Regulariser("path_length", path_length_decay=0.5)
     x_t = torch.randn(2, 1, 8, 8, generator=gen(27))
     t = torch.tensor([900, 950])
-    first = reg(unet, x_t, t, generator=gen(28))
+    first = reg(unet.encode_h, x_t, t, generator=gen(28))
     assert int(reg.pl_updates) == 1 and reg.pl_mean > 0
     mean1 = reg.pl_mean.clone()
-    reg(unet, 2 * x_t, t, generator=gen(29))
+    reg(unet.encode_h, 2 * x_t, t, generator=gen(29))
     assert int(reg.pl_updates) == 2 and not torch.equal(reg.pl_mean, mean1)
     grads = torch.autograd.grad(first, list(unet.parameters()), allow_unused=True)
     assert sum(g.abs().sum() for g in grads if g is not None) > 0

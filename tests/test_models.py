@@ -7,7 +7,8 @@ import torch
 from diffusers import UNet2DModel
 
 from isodiff.config import ConfigError, ModelConfig
-from isodiff.models import HUNet, build_unet, higher_order_ad, init_unet, load_unet, unet_kwargs
+from isodiff.isometry import higher_order_ad
+from isodiff.models import HUNet, build_unet, init_unet, load_unet, unet_kwargs
 from tests.conftest import tiny_model, tiny_unet
 
 TINY = tiny_model()

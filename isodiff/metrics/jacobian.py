@@ -22,8 +22,8 @@ from scipy.sparse.linalg import LinearOperator, eigsh
 from isodiff.config import ConfigError
 from isodiff.diffusion import build_scheduler
 from isodiff.geometry import tangent_project
+from isodiff.isometry import higher_order_ad
 from isodiff.metrics.common import EvalContext, MetricResult, protocol_of
-from isodiff.models import higher_order_ad
 from isodiff.sampling import SampleRNG
 
 Map = Callable[[torch.Tensor], torch.Tensor]  # (B, *x) -> (B, m)

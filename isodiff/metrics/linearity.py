@@ -34,11 +34,11 @@ from scipy.special import logsumexp
 
 from isodiff import directions as dirs
 from isodiff.config import ConfigError
+from isodiff.isometry import higher_order_ad
 from isodiff.metrics.attributes import AttributeConfig, AttributeModel, attribute_model
 from isodiff.metrics.common import EvalContext, MetricResult, protocol_of
 from isodiff.metrics.jacobian import h_map
 from isodiff.metrics.perceptual import Distance
-from isodiff.models import higher_order_ad
 from isodiff.sampling import latents, quantise
 
 SOURCES = ("mean", "svm", "local")

@@ -17,9 +17,8 @@ import torch
 
 from isodiff.config import ConfigError
 from isodiff.diffusion import build_scheduler
-from isodiff.isometry import isometry_terms
+from isodiff.isometry import higher_order_ad, isometry_terms
 from isodiff.metrics.common import EvalContext, MetricResult, protocol_of
-from isodiff.models import higher_order_ad
 from isodiff.sampling import SampleRNG
 
 
