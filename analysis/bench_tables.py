@@ -1,6 +1,6 @@
 """Benchmark: collect + render of 1,000 synthetic run folders (target: under 5 s).
 
-    python -m analysis.bench_tables [out=results/bench]
+    python -m isodiff.analysis.bench_tables [out=results/bench]
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from analysis.collect import collect_runs
-from analysis.synthetic import write_runs
-from analysis.tables import build_table, write_table
+from isodiff.analysis.collect import collect_runs
+from isodiff.analysis.synthetic import write_runs
+from isodiff.analysis.tables import build_table, write_table
+
 from isodiff.specs import load_spec
 
 N_RUNS, TARGET_S = 1000, 5.0

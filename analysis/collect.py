@@ -1,7 +1,7 @@
 """Walk a runs tree into one DataFrame: a row per job, from status files (never exit codes),
 with its config flattened to dotted keys and its metric values.
 
-    python -m analysis.collect [runs/quick]
+    python -m isodiff.analysis.collect [runs/quick]
 """
 
 from __future__ import annotations

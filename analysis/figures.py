@@ -1,6 +1,6 @@
 """Figure specs + evaluated runs -> PNG and PDF figures, whatever has finished.
 
-    python -m analysis.figures [tier=quick] [run_root=runs] [out=results] [spec ...]
+    python -m isodiff.analysis.figures [tier=quick] [run_root=runs] [out=results] [spec ...]
 
 A figure spec names a table spec whose runs it draws (`source`), the kind of plot
 (`figure`) and the config keys whose values make one curve each (`rows` of the spec);
@@ -23,11 +23,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from isodiff.analysis import cli  # noqa: E402
+from isodiff.analysis.collect import collect_runs  # noqa: E402
+from isodiff.analysis.tables import _label, spec_rows  # noqa: E402
 from matplotlib.figure import Figure, SubFigure  # noqa: E402
 
-from analysis import cli  # noqa: E402
-from analysis.collect import collect_runs  # noqa: E402
-from analysis.tables import _label, spec_rows  # noqa: E402
 from isodiff.pictures import tile  # noqa: E402
 from isodiff.runs import RunFileError, read_json  # noqa: E402
 from isodiff.specs import Spec, all_specs, canonical, load_spec  # noqa: E402

@@ -1,6 +1,6 @@
 """results/<tier>/index.md: the landing page of a tier's results, as GitHub renders it.
 
-    python -m analysis.index [tier=quick] [run_root=runs] [out=results]
+    python -m isodiff.analysis.index [tier=quick] [run_root=runs] [out=results]
 
 Every table analysis.tables wrote (tables/*.md) inline, every figure (figures/*.png) under
 its spec's title, and the sample grid of every evaluated run, copied to
@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 from urllib.parse import quote
 
-from analysis import cli
-from analysis.collect import collect_runs
+from isodiff.analysis import cli
+from isodiff.analysis.collect import collect_runs
+
 from isodiff.specs import all_specs
 
 
@@ -35,7 +36,7 @@ def tables_section(page_dir: Path) -> list[str]:
     lines = ["## Tables", ""]
     tables = sorted((page_dir / "tables").glob("*.md"))
     if not tables:
-        return [*lines, "No tables yet: run `python -m analysis.tables`.", ""]
+        return [*lines, "No tables yet: run `python -m isodiff.analysis.tables`.", ""]
     for path in tables:
         others = [f"[{suffix[1:]}]({_link(path.with_suffix(suffix), page_dir)})"
                   for suffix in (".tex", ".csv") if path.with_suffix(suffix).is_file()]
@@ -49,7 +50,7 @@ def figures_section(page_dir: Path) -> list[str]:
     lines = ["## Figures", ""]
     figures = sorted((page_dir / "figures").glob("*.png"))
     if not figures:
-        return [*lines, "No figures yet: run `python -m analysis.figures`.", ""]
+        return [*lines, "No figures yet: run `python -m isodiff.analysis.figures`.", ""]
     titles = {spec.name: spec.title for spec in all_specs()}
     for path in figures:
         title = titles.get(path.stem, path.stem)
@@ -93,7 +94,7 @@ def write_index(run_root: Path, tier: str, out: Path) -> Path:
     page_dir = out / tier
     page_dir.mkdir(parents=True, exist_ok=True)
     lines = [f"# isodiff results: the `{tier}` tier", "",
-             "Written by `python -m analysis.index` from the tables, figures and runs that "
+             "Written by `python -m isodiff.analysis.index` from the tables, figures and runs that "
              "had finished.", "",
              *tables_section(page_dir), *figures_section(page_dir),
              *samples_section(run_root, tier, page_dir)]

@@ -1,6 +1,6 @@
 """Specs + collected runs -> the paper's tables (Markdown, LaTeX, CSV), whatever has finished.
 
-    python -m analysis.tables [tier=quick] [run_root=runs] [out=results] [spec ...]
+    python -m isodiff.analysis.tables [tier=quick] [run_root=runs] [out=results] [spec ...]
 
 A cell is the mean ± std over seeds (n < expected seeds is footnoted); the best mean of each
 metric within a dataset is bold; the paper's value stands beside ours ("n/a" until
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from isodiff.analysis import cli
+from isodiff.analysis.collect import collect_runs
 
-from analysis import cli
-from analysis.collect import collect_runs
 from isodiff.metrics import lower_is_better
 from isodiff.metrics.quality import check
 from isodiff.specs import Spec, all_specs, canonical, load_spec

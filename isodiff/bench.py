@@ -46,13 +46,13 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from isodiff import geometry as geo
-from isodiff.config import DiffusionConfig, ModelConfig
+from isodiff.config import CONF, DiffusionConfig, ModelConfig
 from isodiff.diffusion import build_scheduler
 from isodiff.isometry import Regulariser, draw_probes, higher_order_ad
 from isodiff.models import HUNet, build_unet
 from isodiff.objective import DiffusionObjective
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+MODELS = CONF / "model"
 # (resolution, channels, batch size, warm-up runs, timed runs, variants)
 ARCHS = {
     "small": (32, 1, 16, 1, 3, ["plain", "iso_fast", "iso_official_style", "path_length",
@@ -65,7 +65,7 @@ Step = Callable[[HUNet, torch.Tensor, torch.Tensor, torch.Tensor, torch.Generato
 
 
 def model_config(arch: str, resolution: int, channels: int) -> ModelConfig:
-    yaml = OmegaConf.load(CONF / f"{arch}.yaml")
+    yaml = OmegaConf.load(MODELS / f"{arch}.yaml")
     yaml.sample_size, yaml.in_channels, yaml.out_channels = resolution, channels, channels
     return ModelConfig(**OmegaConf.to_container(yaml))  # type: ignore[arg-type]
 

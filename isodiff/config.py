@@ -15,7 +15,15 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+
+def shipped(name: str) -> Path:
+    """A folder the repository keeps at its top level (conf, experiments): there in a
+    checkout, inside the package in an installed wheel (pyproject's package-dir)."""
+    package = Path(__file__).resolve().parent
+    return package / name if (package / name).is_dir() else package.parent / name
+
+
+CONF = shipped("conf")
 
 
 class UserError(Exception):

@@ -17,9 +17,9 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from isodiff.config import ConfigError
+from isodiff.config import ConfigError, shipped
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+EXPERIMENTS = shipped("experiments")
 
 
 @dataclass

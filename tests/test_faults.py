@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from isodiff.analysis.collect import collect_runs
+from isodiff.analysis.tables import spec_rows
 from safetensors.torch import load_file, save_file
 
-from analysis.collect import collect_runs
-from analysis.tables import spec_rows
 from isodiff import evaluation, runs
 from isodiff.config import UserError
 from isodiff.metrics.common import MetricResult
@@ -207,7 +207,8 @@ def test_bad_input_is_one_line_exit_2_and_no_folder(args: list[str], names: list
     assert not run_root.exists()
 
 
-@pytest.mark.parametrize("module", ["analysis.tables", "analysis.figures", "analysis.index"])
+@pytest.mark.parametrize("module", ["isodiff.analysis.tables", "isodiff.analysis.figures",
+                                    "isodiff.analysis.index"])
 def test_analysis_of_a_tier_without_runs_fails_clearly(module: str, tmp_path: Path) -> None:
     for tier, message in (("nosuch", "tier='nosuch' is not a tier"), ("smoke", "no runs under")):
         result = run_cli(module, f"tier={tier}", f"run_root={tmp_path}", f"out={tmp_path}/o")

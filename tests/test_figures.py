@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from isodiff.analysis import figures, tables
+from isodiff.analysis.collect import collect_runs
+from isodiff.analysis.index import write_index
+from isodiff.analysis.synthetic import write_runs
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 from PIL import Image
 
-from analysis import figures, tables
-from analysis.collect import collect_runs
-from analysis.index import write_index
-from analysis.synthetic import write_runs
 from isodiff.pictures import save_png
 from isodiff.specs import load_spec
 from isodiff.sweep import evaluation_metrics

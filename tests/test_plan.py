@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from isodiff.analysis.collect import collect_runs
+from isodiff.analysis.synthetic import write_runs
+from isodiff.analysis.tables import build_table
 from omegaconf import open_dict
 
-from analysis.collect import collect_runs
-from analysis.synthetic import write_runs
-from analysis.tables import build_table
 from isodiff import distributed, plan, runs, sweep
 from isodiff.config import ConfigError
 from isodiff.jobs import run_job

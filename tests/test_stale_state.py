@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 from filelock import FileLock
+from isodiff.analysis.collect import collect_runs, job_row
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from analysis.collect import collect_runs, job_row
 from isodiff import evaluation, runs, sweep
 from isodiff.cli import quote_paths
 from isodiff.config import ConfigError, DataConfig, DatasetName

@@ -43,7 +43,7 @@ def _sweep(spec: Path, run_root: Path):
 
 
 def _table(spec: Path, run_root: Path, out: Path) -> str:
-    proc = run_cli("analysis.tables", str(spec), "tier=smoke", f"run_root={run_root}",
+    proc = run_cli("isodiff.analysis.tables", str(spec), "tier=smoke", f"run_root={run_root}",
                    f"out={out}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     return (out / "smoke" / "tables" / f"{spec.stem}.md").read_text()

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from isodiff.analysis.collect import collect_runs
+from isodiff.analysis.synthetic import write_runs
+from isodiff.analysis.tables import build_table, render_all, to_markdown
 
-from analysis.collect import collect_runs
-from analysis.synthetic import write_runs
-from analysis.tables import build_table, render_all, to_markdown
 from isodiff.config import ConfigError
 from isodiff.specs import all_specs, expand, load_spec
 
@@ -110,8 +110,8 @@ def test_render_all_writes_markdown_latex_csv(tmp_path: Path) -> None:
 
 
 def test_figures_draw_one_curve_per_setting(tmp_path: Path) -> None:
-    from analysis.figures import curves
-    from analysis.figures import render_all as render_figures
+    from isodiff.analysis.figures import curves
+    from isodiff.analysis.figures import render_all as render_figures
 
     dirs = write_runs(tmp_path / "runs", load_spec("table_4"), "smoke")
     rng = np.random.default_rng(0)

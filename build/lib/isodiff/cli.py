@@ -1,0 +1,96 @@
+"""How every Hydra entry point reports a user's mistake: one line, exit 2.
+
+Hydra prints its own composition errors over several lines (or a stack) and exits 1;
+`hydra_main` has Hydra raise them instead (HYDRA_FULL_ERROR) and turns them, and every
+UserError of isodiff, into one line naming the key, the allowed values and the fix.
+A user who sets HYDRA_FULL_ERROR=1 gets Hydra's full traceback, as Hydra documents.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf.errors import OmegaConfBaseException
+
+from isodiff.config import UserError
+
+USAGE = 2
+
+
+def one_line(err: BaseException) -> str:
+    """A Hydra or OmegaConf error as one line: the key, what is wrong, the fix."""
+    cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file:
+        group, _, value = err.missing_cfg_file.rpartition("/")
+        options = ", ".join(err.options or [])
+        return (f"{group}={value}: no such option; choose one of: {options} "
+                f"(the files of conf/{group}/)")
+    if isinstance(err, OverrideParseException):
+        return (f"{str(err).splitlines()[0]}: a value that holds '=', ',' or spaces (a job "
+                "folder, say) must be quoted, e.g. \"run='runs/quick/mnist/a=1,b=2-abc'\"")
+    key = getattr(cause, "full_key", None)
+    first = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+    if key and re.search(r"not in '|not in struct", first):
+        return (f"{key} is not a config key: check its spelling (python -m isodiff.train "
+                "--cfg job lists every key)")
+    return f"{key}: {first}" if key else first
+
+
+def fail(err: BaseException | str, code: int = USAGE) -> NoReturn:
+    """The end of a command on a user's mistake (exit 2) or a recorded failure: its line
+    on stderr."""
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(code)
+
+
+# Keys whose values are paths; job folders hold '=' and ',', which Hydra's grammar reserves.
+PATH_KEYS = ("run", "init_from", "data.root", "refs_dir", "run_root")
+
+
+def _existing(value: str) -> list[str] | None:
+    """value split at commas into paths that exist, longest first (None: no such split)."""
+    parts = value.split(",")
+    for cut in range(len(parts), 0, -1):
+        head = ",".join(parts[:cut])
+        if Path(head).expanduser().exists():
+            rest = _existing(",".join(parts[cut:])) if cut < len(parts) else []
+            if rest is not None:
+                return [head, *rest]
+    return None
+
+
+def quote_paths(args: list[str]) -> list[str]:
+    """Overrides with unquoted paths of PATH_KEYS quoted for Hydra: `run=<job folder>`, as
+    printed or pasted, works (a comma list of existing folders is a sweep over them)."""
+    quoted = []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        if eq and key.lstrip("+~") in PATH_KEYS and re.search(r"[=, ]", value) \
+                and not value.startswith(("'", '"', "[")) and "'" not in value \
+                and (paths := _existing(value)):
+            arg = f"{key}=" + ",".join(f"'{path}'" for path in paths)
+        quoted.append(arg)
+    return quoted
+
+
+def hydra_main(main: Callable[[], Any]) -> None:
+    """Run a @hydra.main function; user errors end in one line on stderr and exit 2."""
+    sys.argv[1:] = quote_paths(sys.argv[1:])
+    full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises; this function reports
+    try:
+        main()
+    except UserError as err:
+        if full:
+            raise
+        fail(err)
+    except (HydraException, OmegaConfBaseException) as err:
+        if full:
+            raise
+        fail(one_line(err))

@@ -1,0 +1,374 @@
+"""Typed schemas of the training config (one dataclass per config group).
+
+Hydra merges the YAML files of conf/ onto these schemas, so an unknown key or a wrong type
+fails at composition with the key's full name. Ranges and cross-field rules are checked in
+`__post_init__`, which runs when `to_object` turns the composed config into dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+
+def shipped(name: str) -> Path:
+    """A folder the repository keeps at its top level (conf, experiments): there in a
+    checkout, inside the package in an installed wheel (pyproject's package-dir)."""
+    package = Path(__file__).resolve().parent
+    return package / name if (package / name).is_dir() else package.parent / name
+
+
+CONF = shipped("conf")
+
+
+class UserError(Exception):
+    """An error the user can fix: entry points print its message alone and exit 2."""
+
+
+class ConfigError(UserError, ValueError):
+    """A bad config value or input: the message names the key and the fix."""
+
+
+def _check(ok: bool, key: str, value: object, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: {fix}")
+
+
+class IsoMetric(str, Enum):
+    """Riemannian metric of the latent X (`iso.metric`)."""
+
+    none = "none"
+    euclidean = "euclidean"
+    spherical = "spherical"
+    isodiff_compat = "isodiff_compat"
+    path_length = "path_length"
+
+
+class IsoRadius(str, Enum):
+    """Radius of the sphere that the spherical chart lives on (`iso.radius`)."""
+
+    norm = "norm"  # each sample's own |x_t|: the point is x_t itself
+    sqrt_n = "sqrt_n"  # the paper's sqrt(dim): x_t is projected radially onto it
+    official = "official"  # the official code's inconsistent chart (see isometry.py)
+
+
+class IsoSchedule(str, Enum):
+    """How the timestep window is applied (`iso.schedule`)."""
+
+    micro_batch = "micro_batch"  # official: one regime draw per micro-batch
+    per_sample = "per_sample"  # each sample draws its own regime
+
+
+class Probe(str, Enum):
+    gaussian = "gaussian"
+    rademacher = "rademacher"
+
+
+class DatasetName(str, Enum):
+    shapes = "shapes"
+    mnist = "mnist"
+    folder = "folder"
+
+
+class LRSchedule(str, Enum):
+    """`optim.lr_schedule`: the schedules of diffusers.optimization.get_scheduler that need
+    only warm-up and training steps."""
+
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+    linear = "linear"
+    cosine = "cosine"
+    cosine_with_restarts = "cosine_with_restarts"
+    polynomial = "polynomial"
+
+
+class Stage(str, Enum):
+    """`stage`: which recipe of the tier a job follows (conf/recipe/<tier>_<stage>.yaml)."""
+
+    none = "none"  # the tier's training values alone
+    base = "base"  # pretraining the tier's base model of a dataset
+    finetune = "finetune"  # fine-tuning from a base (init_from), as every spec's job does
+
+
+class BaseSource(str, Enum):
+    """`tier.bases`: where a tier's fine-tunes start."""
+
+    shipped = "shipped"  # isodiff/pretrained/<tier>/<dataset> (`make bases` remakes them)
+    trained = "trained"  # the sweep pretrains them (stage=base) before the fine-tunes
+    given = "given"  # the user's checkpoint (init_from=)
+
+
+class BetaSchedule(str, Enum):
+    """`diffusion.beta_schedule`: diffusers' DDPMScheduler schedules."""
+
+    linear = "linear"
+    scaled_linear = "scaled_linear"
+    squaredcos_cap_v2 = "squaredcos_cap_v2"
+    sigmoid = "sigmoid"
+
+
+# The U-Net blocks HUNet's split forward supports (diffusers' UNet2DModel without cross
+# attention); others fail here rather than when the job has started.
+DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D", "SkipDownBlock2D",
+               "AttnSkipDownBlock2D")
+UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D", "SkipUpBlock2D",
+             "AttnSkipUpBlock2D")
+
+
+class MixedPrecision(str, Enum):
+    no = "no"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+@dataclass
+class IsoConfig:
+    metric: IsoMetric = IsoMetric.spherical
+    window: float = 0.5  # the paper's p: iso loss on t in [p*T, T)
+    schedule: IsoSchedule = IsoSchedule.micro_batch
+    radius: IsoRadius = IsoRadius.norm
+    n_probes: int = 1
+    probe: Probe = Probe.gaussian
+    batch_fraction: float = 1.0  # share of a regularised micro-batch that gets the iso term
+    path_length_decay: float = 0.01  # running-mean rate of the path-length baseline
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.window < 1.0, "iso.window", self.window,
+               "the timestep window p must be in [0, 1): iso loss on t in [p*T, T)")
+        _check(self.n_probes >= 1, "iso.n_probes", self.n_probes, "use at least 1 probe")
+        _check(0.0 < self.batch_fraction <= 1.0, "iso.batch_fraction", self.batch_fraction,
+               "must be in (0, 1]")
+        _check(0.0 < self.path_length_decay <= 1.0, "iso.path_length_decay",
+               self.path_length_decay, "must be in (0, 1]")
+
+
+@dataclass
+class DataConfig:
+    name: DatasetName = DatasetName.shapes
+    resolution: int = 32
+    channels: int = 3
+    root: str | None = None  # folder: the image directory
+    size: int | None = 10_000  # number of items (shapes: generated; others: first N; null: all)
+    seed: int = 0  # shapes: the factor draw
+    flip: bool = False  # folder: add mirrored copies (EDM's xflip)
+    num_workers: int = 0
+    # folder: the images' attributes as factors, from a file in CelebA's list_attr_celeba.txt
+    # format (image count, attribute names, `file v1 v2 ..` of -1/1); null: no factors
+    attributes: str | None = None
+    attribute_names: list[str] | None = None  # folder: keep only these attributes (null: all)
+
+    def __post_init__(self) -> None:
+        _check(self.resolution >= 8, "data.resolution", self.resolution, "must be >= 8")
+        _check(self.channels in (1, 3), "data.channels", self.channels, "must be 1 or 3")
+        _check(self.size is None or self.size >= 1, "data.size", self.size,
+               "must be >= 1 or null (all)")
+        _check(self.name != DatasetName.shapes or self.channels == 3, "data.channels",
+               self.channels, "data=shapes is coloured: use data.channels=3")
+        _check(self.name != DatasetName.folder or bool(self.root), "data.root", self.root,
+               "data=folder needs data.root=/path/to/images")
+        _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
+        _check(self.attributes is None or self.name == DatasetName.folder, "data.attributes",
+               self.attributes, f"data={DatasetName(self.name).value} has its own factors: "
+               "attribute files are for data=folder; drop data.attributes")
+        names = self.attribute_names
+        _check(names is None or self.attributes is not None, "data.attribute_names", names,
+               "selects attributes of data.attributes: set data.attributes=/path/to/"
+               "list_attr_celeba.txt, or data.attribute_names=null")
+        _check(names is None or len(set(names)) == len(names) >= 1, "data.attribute_names",
+               names, "list each attribute once, at least one (null: all of the file's)")
+
+
+@dataclass
+class ModelConfig:
+    """Arguments of diffusers' UNet2DModel (names kept as diffusers spells them)."""
+
+    name: str = "tiny"
+    sample_size: int = 32
+    in_channels: int = 3
+    out_channels: int = 3
+    block_out_channels: list[int] = field(default_factory=lambda: [16, 32])
+    down_block_types: list[str] = field(
+        default_factory=lambda: ["DownBlock2D", "AttnDownBlock2D"])
+    up_block_types: list[str] = field(default_factory=lambda: ["AttnUpBlock2D", "UpBlock2D"])
+    layers_per_block: int = 1
+    attention_head_dim: int | None = 8
+    norm_num_groups: int = 8
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    downsample_padding: int = 1
+
+    def __post_init__(self) -> None:
+        n = len(self.block_out_channels)
+        _check(len(self.down_block_types) == n and len(self.up_block_types) == n,
+               "model.down_block_types", self.down_block_types,
+               "block_out_channels, down_block_types and up_block_types need equal lengths")
+        for key, blocks, known in (("model.down_block_types", self.down_block_types,
+                                    DOWN_BLOCKS),
+                                   ("model.up_block_types", self.up_block_types, UP_BLOCKS)):
+            _check(set(blocks) <= set(known), key, blocks, f"use blocks of {list(known)}")
+        _check(all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
+               "model.norm_num_groups", self.norm_num_groups,
+               "must divide every entry of model.block_out_channels")
+
+
+@dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = 1000
+    beta_schedule: BetaSchedule = BetaSchedule.linear
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    prediction_type: str = "epsilon"
+    # DDIM sampling clamps its x0 prediction to [-1, 1] (diffusers' DDIMScheduler
+    # clip_sample, on in the official code); inversion never clips.
+    clip_sample: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.num_train_timesteps >= 2, "diffusion.num_train_timesteps",
+               self.num_train_timesteps, "must be >= 2")
+        _check(0.0 < self.beta_start < self.beta_end < 1.0, "diffusion.beta_start",
+               (self.beta_start, self.beta_end), "need 0 < beta_start < beta_end < 1")
+        _check(self.prediction_type == "epsilon", "diffusion.prediction_type",
+               self.prediction_type, "only epsilon prediction is supported")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.95, 0.999])
+    weight_decay: float = 1e-6
+    eps: float = 1e-8
+    lr_schedule: LRSchedule = LRSchedule.constant
+    warmup_steps: int = 0
+    grad_clip: float = 1.0  # max grad norm; 0 disables
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True  # diffusers EMAModel warm-up: decay = 1 - (1 + step/gamma)^-power
+    ema_power: float = 0.75
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+               self.betas, "need two values in [0, 1)")
+        _check(0.0 <= self.ema_decay < 1.0, "optim.ema_decay", self.ema_decay,
+               "must be in [0, 1)")
+        _check(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "must be >= 0")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
+
+
+@dataclass
+class LoopConfig:
+    """Length and bookkeeping of one training job (`train.*`)."""
+
+    steps: int = 100  # optimizer steps
+    batch_size: int = 16  # per process and micro-batch
+    grad_accum: int = 1
+    mixed_precision: MixedPrecision = MixedPrecision.no
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    progress: bool = True
+    # CPU only: torch's intra-op threads (null = torch's default). Small U-Nets gain little
+    # from threads and lose ~10x when OpenMP threads contend with other processes.
+    cpu_threads: int | None = None
+    # A grid of EMA samples (DDIM from fixed x_T) at every checkpoint and at the end:
+    # samples/step_*.png and TensorBoard. 0 disables.
+    grid_samples: int = 64
+    grid_steps: int = 50
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints",
+                    "log_every"):
+            value = getattr(self, key)
+            _check(value >= 1, f"train.{key}", value, "must be >= 1")
+        _check(self.grid_samples >= 0, "train.grid_samples", self.grid_samples,
+               "must be >= 0 (0: no sample grids)")
+        _check(self.grid_steps >= 1, "train.grid_steps", self.grid_steps, "must be >= 1")
+        _check(self.cpu_threads is None or self.cpu_threads >= 1, "train.cpu_threads",
+               self.cpu_threads, "must be >= 1 or null (torch's default)")
+
+
+@dataclass
+class TierConfig:
+    """What a tier is besides its training values (conf/tier/<name>.yaml, the one place a
+    tier is defined): where its fine-tunes' bases come from and its evaluation presets."""
+
+    name: str = "smoke"
+    bases: BaseSource = BaseSource.trained
+    eval: str = "smoke"  # the isodiff.evaluate preset of the fine-tunes (conf/eval/)
+    base_eval: str = "base"  # the preset of a base's quality check (`make bases`)
+
+    def __post_init__(self) -> None:
+        for key in ("eval", "base_eval"):
+            preset = getattr(self, key)
+            _check((CONF / "eval" / f"{preset}.yaml").is_file(), f"tier.{key}", preset,
+                   "is not a preset in conf/eval/")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    lambda_iso: float = 0.0
+    init_from: str | None = None  # run dir, diffusers checkpoint dir or cached hub id
+    experiment: str = "default"
+    run_root: str = "runs"
+    name: str = "default"  # job folder name; conf/train.yaml derives it from the overrides
+    # the keys whose values name the job's folder (null: its command-line overrides)
+    name_keys: list[str] | None = None
+    iso: IsoConfig = field(default_factory=IsoConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    tier: TierConfig = field(default_factory=TierConfig)
+    stage: Stage = Stage.none
+
+    def __post_init__(self) -> None:
+        _check(self.seed >= 0, "seed", self.seed, "must be >= 0")
+        _check(self.lambda_iso >= 0, "lambda_iso", self.lambda_iso,
+               "the weight of the isometric loss must be >= 0 (0 trains plain DDPM)")
+        _check(self.model.in_channels == self.data.channels, "model.in_channels",
+               self.model.in_channels, f"must equal data.channels={self.data.channels}")
+        _check(self.model.sample_size == self.data.resolution, "model.sample_size",
+               self.model.sample_size, f"must equal data.resolution={self.data.resolution}")
+
+    @property
+    def regularised(self) -> bool:
+        return self.lambda_iso > 0 and self.iso.metric != IsoMetric.none
+
+
+def register_schemas() -> None:
+    """Make the schemas available to conf/ (`defaults: [train_schema, ...]`)."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def to_train_config(cfg: DictConfig) -> TrainConfig:
+    """Composed DictConfig -> validated TrainConfig (raises ConfigError on bad values)."""
+    # Re-merging a plain container into the schema refuses keys forced in with `+key=`.
+    plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    plain.pop("hydra", None)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), plain)
+    except ConfigKeyError as err:
+        raise ConfigError(f"{err.full_key} is not a config key: check its spelling against "
+                          "conf/ (python -m isodiff.train --cfg job lists every key)") from err
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def tier_config(tier: str) -> TierConfig:
+    """The `tier` node of conf/tier/<tier>.yaml, validated (ConfigError for an unknown tier)."""
+    path = CONF / "tier" / f"{tier}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in (CONF / "tier").glob("*.yaml")))
+        raise ConfigError(f"tier={tier!r} is not a tier (conf/tier/: {known})")
+    node = OmegaConf.load(path).get("tier", {})
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TierConfig), node))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"conf/tier/{tier}.yaml: {err}") from err

@@ -1,0 +1,122 @@
+"""Editing directions in x_T and in h, and edits along them.
+
+A direction comes from one of three sources, all returned as vectors in the code space:
+- supervised: the class-mean difference or the linear-SVM normal of labelled codes (x_T, or
+  h at t = T), the labels from ground-truth factors, a dataset's labels or an attribute file;
+- local (unsupervised): the top right-singular vectors v_k of J = dh/dx_T at one x_T, by
+  subspace iteration with JVPs and VJPs (Park et al., NeurIPS 2023's local basis), and their
+  images in h, s_k u_k = J v_k;
+- applied in x_T (x_T + alpha v, then DDIM) or in h by Asyrp's asymmetric process
+  (h + alpha v on the steps with t >= t_edit; `isodiff.sampling.HEdit`).
+
+Strengths are in units of the direction's scale: `scaled` sets it to one standard
+deviation of the codes' projection on the direction, so alpha = 2 is as far along it as two
+standard deviations of the data's own codes, in every space and for every model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from sklearn.svm import LinearSVC
+
+from isodiff.sampling import DDIM, HEdit, to_images
+
+Map = Callable[[torch.Tensor], torch.Tensor]  # (B, *x) -> (B, m), row by row
+SPACES = ("x_T", "h")
+
+
+def class_mean_direction(codes: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """mean(codes of label 1) - mean(codes of label 0), (N, D) and (N,) -> (D,)."""
+    labels = np.asarray(labels).astype(bool)
+    if labels.all() or not labels.any():
+        raise ValueError("a class-mean direction needs samples of both labels")
+    return codes[labels].mean(axis=0) - codes[~labels].mean(axis=0)
+
+
+def svm_direction(codes: np.ndarray, labels: np.ndarray, C: float = 1.0) -> np.ndarray:
+    """The normal of a linear SVM separating label 1 from label 0, in code units (D,).
+
+    The SVM is fit on standardised codes (as linear separability is); its normal w there is
+    w / scale in the codes' own units, pointing towards label 1.
+    """
+    labels = np.asarray(labels).astype(np.int64)
+    if len(np.unique(labels)) < 2:
+        raise ValueError("an SVM direction needs samples of both labels")
+    mean, scale = codes.mean(axis=0), codes.std(axis=0)
+    scale = np.where(scale > 0, scale, 1.0)
+    svm = LinearSVC(C=C, max_iter=20_000).fit((codes - mean) / scale, labels)
+    return svm.coef_[0] / scale
+
+
+def scaled(direction: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """The direction with the length of one standard deviation of the codes' projection on
+    it (alpha = 1 is one such standard deviation)."""
+    unit = direction / np.linalg.norm(direction)
+    return unit * (codes @ unit).std()
+
+
+def top_singular_vectors(f: Map, x: torch.Tensor, k: int, iters: int = 20, seed: int = 0
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(V (k, n), U (k, m), s (k,)): the top-k right- and left-singular vectors of J = df/dx
+    at one point x (*x), singular values decreasing, J V^T = U^T diag(s).
+
+    Subspace (block power) iteration on J^T J: V <- orth(J^T J V), one batched JVP and one
+    batched VJP per iteration, so J is never formed. The error in V falls as
+    (s_{k+1} / s_k)^(2 iters).
+    """
+    n = x.numel()
+    gen = torch.Generator().manual_seed(seed)
+    V = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))[0]
+    primal = x.expand(k, *x.shape).clone()
+    _, vjp = torch.func.vjp(f, primal)
+
+    def J(v: torch.Tensor) -> torch.Tensor:  # (n, k) -> (m, k)
+        tangent = v.T.reshape(k, *x.shape).to(x.dtype)
+        return torch.func.jvp(f, (primal,), (tangent,))[1].T.double()
+
+    for _ in range(iters):
+        W = vjp(J(V).T.to(x.dtype).contiguous())[0].reshape(k, n).T.double()
+        V = torch.linalg.qr(W)[0]
+    JV = J(V)
+    s = JV.norm(dim=0)
+    order = torch.argsort(s, descending=True)
+    V, JV, s = V[:, order], JV[:, order], s[order]
+    return V.T.contiguous(), (JV / s).T.contiguous(), s
+
+
+def edit(ddim: DDIM, x_T: torch.Tensor, space: str, offsets: torch.Tensor, t_edit: int = 0
+         ) -> torch.Tensor:
+    """Images (E, N, C, H, W) in [-1, 1] of N samples under E edits.
+
+    offsets: (E, N or 1, D), edit e of sample i moves x_T (space "x_T") or h on the steps
+    with t >= t_edit (space "h", Asyrp) by offsets[e, i]. A zero offset gives the unedited
+    sample exactly, in both spaces.
+    """
+    if space not in SPACES:
+        raise ValueError(f"space={space!r}: use one of {SPACES}")
+    E, N = offsets.shape[0], x_T.shape[0]
+    offsets = offsets.expand(E, N, offsets.shape[-1]).reshape(E * N, -1).float()
+    start = x_T.repeat(E, *([1] * (x_T.ndim - 1)))
+    if space == "x_T":
+        out = ddim.sample(start + offsets.reshape(start.shape)).x
+    else:
+        out = ddim.sample(start, edit=HEdit(offset=offsets, t_edit=t_edit)).x
+    return to_images(out).reshape(E, N, *x_T.shape[1:])
+
+
+def strength_offsets(strengths: Sequence[float], directions: torch.Tensor) -> torch.Tensor:
+    """(S, N or 1, D) offsets alpha_s * direction for directions (N or 1, D)."""
+    alphas = torch.as_tensor(list(strengths), dtype=directions.dtype)
+    return alphas[:, None, None] * directions[None]
+
+
+def pair_offsets(strengths: Sequence[float], first: torch.Tensor, second: torch.Tensor
+                 ) -> torch.Tensor:
+    """(S * S, N or 1, D) offsets a * first + b * second over the grid (a, b) of strengths,
+    a-major: row a of Figure 8's layout."""
+    alphas = torch.as_tensor(list(strengths), dtype=first.dtype)
+    a, b = torch.meshgrid(alphas, alphas, indexing="ij")
+    return a.reshape(-1, 1, 1) * first[None] + b.reshape(-1, 1, 1) * second[None]

@@ -1,0 +1,311 @@
+"""Evaluate one finished run: every enabled metric, recorded with its protocol.
+
+    <run>/metrics.json   {"run": ..., "metrics": {<name>: {"values": {...},
+                          "protocol": {...}, "provenance": {...}, "arrays": "eval/<name>.npz"}}}
+    <run>/eval/<name>.npz   per-sample arrays for figures
+
+A metric whose stored protocol matches the requested one is skipped (idempotent). The
+protocol holds the sha256 of the weights measured, so a metric of weights that changed is
+computed again. Each metric is computed under its own lock (eval/.<name>.lock) and merged
+into metrics.json under .metrics.json.lock, so concurrent evaluations of one run neither
+repeat nor lose work; an interrupted evaluation keeps what it finished. A metric that fails
+is recorded under "failed" and the others are still computed. Only runs that are done, with
+the weights they recorded, are evaluated.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+import re
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from isodiff import pictures, runs
+from isodiff.assets import atomic_save
+from isodiff.config import ConfigError, to_train_config
+from isodiff.metrics import (
+    disentanglement,
+    fid,
+    interp,
+    inversion,
+    jacobian,
+    linearity,
+    liso,
+    ppl,
+    quality,
+    rtl,
+    separability,
+)
+from isodiff.metrics.common import EvalContext, MetricResult, protocol_of
+from isodiff.models import load_unet, nonfinite, resolve_checkpoint
+
+log = logging.getLogger(__name__)
+
+# name -> the module's evaluate; the name is also the config section of conf/eval/*.yaml
+METRICS: dict[str, Callable[[EvalContext, Any], MetricResult]] = {
+    "fid": fid.evaluate, "ppl": ppl.evaluate, "rtl": rtl.evaluate, "interp": interp.evaluate,
+    "jacobian": jacobian.evaluate, "separability": separability.evaluate,
+    "inversion": inversion.evaluate, "quality": quality.evaluate, "liso": liso.evaluate,
+    "linearity": linearity.evaluate, "disentanglement": disentanglement.evaluate,
+}
+# Which metric writes a value of metrics.json, by name or name prefix: the values a spec
+# shows say which metrics its jobs need (tests check it against a real evaluation).
+VALUE_PREFIXES = {"fid": "fid", "ppl_": "ppl", "mrtl": "rtl", "rtl_": "rtl", "slerp_": "interp",
+                  "lerp_": "interp", "mcn_": "jacobian", "vor_": "jacobian",
+                  "ls_": "separability", "error_": "separability", "mse": "inversion",
+                  "psnr": "inversion", "lpips": "inversion",
+                  "confident_": "quality", "classes_": "quality", "liso": "liso",
+                  "lin_": "linearity", "dci_": "disentanglement", "mig_": "disentanglement"}
+
+
+@dataclass
+class EvalConfig:
+    """One preset of conf/eval/: per-metric sample counts and DDIM steps."""
+
+    name: str = "quick"
+    fid: fid.FIDConfig = field(default_factory=fid.FIDConfig)
+    ppl: ppl.PPLConfig = field(default_factory=ppl.PPLConfig)
+    rtl: rtl.RTLConfig = field(default_factory=rtl.RTLConfig)
+    interp: interp.InterpConfig = field(default_factory=interp.InterpConfig)
+    jacobian: jacobian.JacobianConfig = field(default_factory=jacobian.JacobianConfig)
+    separability: separability.SeparabilityConfig = field(
+        default_factory=separability.SeparabilityConfig)
+    inversion: inversion.InversionConfig = field(default_factory=inversion.InversionConfig)
+    quality: quality.QualityConfig = field(default_factory=quality.QualityConfig)
+    liso: liso.LisoConfig = field(default_factory=liso.LisoConfig)
+    linearity: linearity.LinearityConfig = field(default_factory=linearity.LinearityConfig)
+    disentanglement: disentanglement.DisentanglementConfig = field(
+        default_factory=disentanglement.DisentanglementConfig)
+    # samples.png: a grid of this many DDIM samples (eval.grid_steps) from fixed x_T
+    grid_samples: int = 64
+    grid_steps: int = 50
+
+
+@dataclass
+class EvaluateConfig:
+    run: str = MISSING  # a run directory whose status is done
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ema: bool = True  # the EMA weights (final/unet_ema) when the run has them
+    seed: int = 0  # sample i of every metric is seeded by (seed, i)
+    batch_size: int = 64
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    metrics: list[str] | None = None  # only these (default: every enabled one)
+    refs_dir: str | None = None  # dataset-level caches; default <run>/../../_refs
+    force: bool = False  # recompute even when the stored protocol matches
+    clip_sample: bool | None = None  # DDIM x0 clipping; null: the run's diffusion.clip_sample
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if unknown := set(self.metrics or ()) - set(METRICS):
+            raise ConfigError(f"metrics: unknown {sorted(unknown)}; use {list(METRICS)}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
+            raise ConfigError(f"device={self.device!r}: use auto, cpu, cuda, cuda:N or mps")
+
+
+def metric_of(value: str) -> str:
+    """The metric (a key of METRICS) that computes `value`; a metric's own name stands for
+    itself (figure specs name the metric whose arrays they draw)."""
+    if value in METRICS:
+        return value
+    for prefix, metric in VALUE_PREFIXES.items():
+        if value.startswith(prefix):
+            return metric
+    raise ConfigError(f"{value!r} is computed by no metric of isodiff.evaluate: name a value "
+                      f"of metrics.json (prefixes {list(VALUE_PREFIXES)}) or a metric "
+                      f"({list(METRICS)})")
+
+
+class EvaluationFailed(RuntimeError):
+    """Some metrics of a run failed (each recorded under "failed" in its metrics.json)."""
+
+
+def register_schemas() -> None:
+    ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
+
+
+def to_evaluate_config(cfg: DictConfig) -> EvaluateConfig:
+    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvaluateConfig), cfg))
+
+
+def _json_normal(obj: Any) -> Any:
+    """obj as it reads back from metrics.json (tuples -> lists, int keys -> str)."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_context(cfg: EvaluateConfig) -> tuple[EvalContext, dict[str, Any]]:
+    """The run's model and data as an EvalContext, and the protocol fields all metrics share.
+
+    Refuses a run that is not done (ConfigError naming the state and the fix).
+    """
+    run_dir = Path(cfg.run).expanduser()
+    state, problem = runs.job_state(run_dir)
+    if state == runs.WEIGHTS_CHANGED:
+        raise ConfigError(f"run={cfg.run!r}: {problem}: nothing is measured; train the job "
+                          "again (its command, or the sweep that made it, retrains it)")
+    if state != runs.DONE:
+        raise ConfigError(f"run={cfg.run!r}: status is {state}; only a finished run can be "
+                          "evaluated: train it first (python -m isodiff.train ...), or pass "
+                          "the directory of a run whose status.json says done")
+    train_cfg = to_train_config(OmegaConf.load(run_dir / "config.yaml"))
+    if cfg.clip_sample is not None:
+        train_cfg.diffusion.clip_sample = cfg.clip_sample
+    _, subfolder = resolve_checkpoint(str(run_dir), cfg.ema)
+    unet = load_unet(str(run_dir), ema=cfg.ema).to(_device(cfg.device))
+    if bad := nonfinite(unet.named_parameters()):
+        raise ConfigError(f"run={cfg.run!r}: final/{subfolder} holds non-finite weights "
+                          f"({len(bad)} tensors, e.g. {bad[0]}): nothing is measured; retrain "
+                          "it with a lower optim.lr or lambda_iso")
+    refs_dir = Path(cfg.refs_dir) if cfg.refs_dir else run_dir.parent.parent / "_refs"
+    ctx = EvalContext(unet, train_cfg.diffusion, train_cfg.data, seed=cfg.seed,
+                      batch_size=cfg.batch_size, refs_dir=refs_dir, progress=cfg.progress)
+    common = {"seed": cfg.seed, "weights": f"final/{subfolder}",
+              "weights_sha256": runs.weights_digest(runs.read_status(run_dir), subfolder),
+              "ema": subfolder == "unet_ema", "sampler": "DDIM eta=0 fp32",
+              "clip_sample": train_cfg.diffusion.clip_sample, "data": ctx.data_key}
+    return ctx, common
+
+
+def finite_values(values: dict[str, float]) -> tuple[dict[str, float], list[str]]:
+    """The finite values, and the names of the others (nan/inf never reach metrics.json as
+    numbers, so never a table)."""
+    finite = {k: v for k, v in values.items() if math.isfinite(float(v))}
+    return finite, sorted(set(values) - set(finite))
+
+
+def write_samples(ctx: EvalContext, cfg: EvalConfig, path: Path) -> None:
+    """The picture beside the numbers: a grid of the evaluated weights' samples (made once:
+    the weights of a done run do not change)."""
+    if cfg.grid_samples and not path.is_file():
+        grid = pictures.sample_grid(ctx.unet, ctx.diffusion, cfg.grid_samples, cfg.grid_steps,
+                                    ctx.batch_size)
+        pictures.save_png(grid, path, scale=max(1, 64 // ctx.data.resolution))
+
+
+def read_record(run_dir: Path) -> dict[str, Any]:
+    """metrics.json, or an empty record (a damaged one is computed again, with a warning)."""
+    empty = {"run": str(run_dir), "metrics": {}}
+    try:
+        return runs.read_json(run_dir / "metrics.json") or empty
+    except runs.RunFileError as err:
+        log.warning("%s: every metric is computed again", err)
+        return empty
+
+
+def update_record(run_dir: Path, name: str, entry: dict[str, Any] | None = None,
+                  failure: dict[str, Any] | None = None) -> None:
+    """Store one metric's entry (or its failure) in metrics.json: read, change and write
+    under .metrics.json.lock, so that concurrent evaluations of the run never lose a value."""
+    with runs.exclusive(run_dir / ".metrics.json.lock", f"metrics.json of {run_dir.name}"):
+        record = read_record(run_dir)
+        failed = record.setdefault("failed", {})
+        failed.pop(name, None)
+        if entry is not None:
+            record["metrics"][name] = entry
+        if failure is not None:
+            failed[name] = failure
+        if not failed:
+            del record["failed"]
+        runs.atomic_write_json(run_dir / "metrics.json", record)
+
+
+def compute_entry(ctx: EvalContext, name: str, metric_cfg: Any, request: dict[str, Any],
+                  run_dir: Path, made_by: dict[str, Any]) -> dict[str, Any]:
+    """One metric computed: its metrics.json entry (its arrays written to eval/)."""
+    start, sampling = time.perf_counter(), ctx.sampling_seconds
+    result = METRICS[name](ctx, metric_cfg)
+    # A metric adds protocol fields but never changes a requested one: the stored protocol
+    # must match the next request, or the metric would be recomputed every time.
+    if clash := sorted(k for k, v in _json_normal(result.protocol).items()
+                       if k in request and request[k] != v):
+        raise RuntimeError(f"{name} rewrites the requested protocol fields {clash}: name "
+                           "what it resolved differently (e.g. <field>_used)")
+    arrays = None
+    if result.arrays:
+        atomic_save(run_dir / "eval" / f"{name}.npz",
+                    lambda tmp, arrays=result.arrays: np.savez(tmp, **arrays))
+        arrays = f"eval/{name}.npz"
+    values, dropped = finite_values(result.values)
+    if dropped:
+        log.warning("%s: %s not finite: left out of the values (listed as nonfinite)",
+                    name, ", ".join(dropped))
+    log.info("%s: %s", name, result.values)
+    return _json_normal({
+        "values": values, **({"nonfinite": dropped} if dropped else {}),
+        "protocol": {**request, **result.protocol},
+        "provenance": {**result.provenance, **made_by, "device": str(ctx.device),
+                       "seconds": time.perf_counter() - start,
+                       "sampling_seconds": ctx.sampling_seconds - sampling,
+                       "evaluated": _now()},
+        "arrays": arrays,
+    })
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _failure(err: BaseException, request: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(),
+            "when": _now(), **({"protocol": request} if request else {})}
+
+
+def evaluate_run(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Compute every selected metric not already stored with the same protocol; returns
+    the content of metrics.json. Raises EvaluationFailed, after trying every metric, when
+    some failed."""
+    run_dir = Path(cfg.run).expanduser()
+    names = cfg.metrics or [n for n in METRICS if getattr(cfg.eval, n).enabled]
+    try:
+        ctx, common = build_context(cfg)
+    except Exception as err:
+        if runs.is_done(run_dir):  # a finished run that cannot be measured: its own record
+            for name in names:
+                update_record(run_dir, name, failure=_failure(err))
+        raise
+    made_by = runs.provenance()
+    write_samples(ctx, cfg.eval, run_dir / "samples.png")
+    (run_dir / "eval").mkdir(exist_ok=True)  # arrays and per-metric locks
+    failures = {}
+    for name in names:
+        metric_cfg = getattr(cfg.eval, name)
+        request = _json_normal({**common, **protocol_of(metric_cfg)})
+        with runs.exclusive(run_dir / "eval" / f".{name}.lock", f"{name} of {run_dir.name}"):
+            stored = read_record(run_dir)["metrics"].get(name, {}).get("protocol", {})
+            if not cfg.force and all(stored.get(k) == v for k, v in request.items()):
+                log.info("%s: up to date with this protocol, skipped", name)
+                continue
+            log.info("%s: computing", name)
+            try:
+                entry = compute_entry(ctx, name, metric_cfg, request, run_dir, made_by)
+            except Exception as err:  # the other metrics are still computed
+                log.exception("%s failed", name)
+                failures[name] = f"{type(err).__name__}: {err}"
+                update_record(run_dir, name, failure=_failure(err, request))
+                continue
+            update_record(run_dir, name, entry)
+    if failures:
+        raise EvaluationFailed(f"{run_dir}: {len(failures)} of {len(names)} metrics failed ("
+                               + "; ".join(f"{k}: {v}" for k, v in failures.items())
+                               + "); each is recorded under 'failed' in its metrics.json")
+    return read_record(run_dir)

@@ -1,0 +1,94 @@
+"""Run one job under the run-directory contract: validate, skip if done, record the outcome."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from isodiff import distributed, runs
+from isodiff.config import ConfigError, TrainConfig, to_train_config
+from isodiff.models import resolve_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def remove_empty(run_dir: Path, run_root: Path) -> None:
+    """The folders Hydra made for a job that never ran, up to run_root itself: each is
+    kept once it holds anything."""
+    folder, stop = run_dir.resolve(), run_root.resolve()
+    while folder == stop or stop in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty (or gone): kept
+        folder = folder.parent
+
+
+def _holder(run_dir: Path) -> str:
+    status = runs.read_status(run_dir) or {}
+    return f" (status.json: {status.get('state')}, pid {status.get('pid')} on {status.get('host')})"
+
+
+def run_job(cfg: DictConfig, run_dir: Path, work: Callable[[TrainConfig, Path], dict]) -> dict:
+    """Validate cfg, then run `work` in run_dir unless it is already done.
+
+    The job holds run_dir/.lock while it decides and works: a second process given the same
+    job (two sweeps on one runs folder) waits, then finds it done. status.json is written
+    `running` before the work and `done` (with the work's summary and the sha256 of final/)
+    or `failed` (with error and traceback) after; an invalid config, or a base (init_from)
+    that is missing or not done, writes nothing.
+    """
+    try:
+        typed = to_train_config(cfg)
+        if typed.init_from and not runs.is_done(run_dir):  # its base exists and is done
+            resolve_checkpoint(typed.init_from)
+    except ConfigError:
+        remove_empty(run_dir, Path(str(cfg.get("run_root", run_dir.parent))))
+        raise
+    if distributed.rank() != 0:  # rank 0 alone keeps the run folder's books (and its lock)
+        return runs.read_status(run_dir) if runs.is_done(run_dir) else work(typed, run_dir)
+    with runs.exclusive(run_dir / ".lock", f"job {run_dir.name}", lambda: _holder(run_dir)):
+        return _run_locked(cfg, typed, run_dir, work)
+
+
+def _run_locked(cfg: DictConfig, typed: TrainConfig, run_dir: Path,
+                work: Callable[[TrainConfig, Path], dict]) -> dict:
+    state, problem = runs.job_state(run_dir)
+    status = runs.read_status(run_dir) or {}
+    if state == runs.DONE:
+        log.info("%s is done already: skipped", run_dir)
+        return status
+    if state == runs.UNREADABLE:
+        log.warning("%s: the job runs again (from its newest checkpoint that loads)", problem)
+    if state == runs.WEIGHTS_CHANGED:
+        log.warning("%s: %s: the job trains again (from its newest checkpoint that loads), and "
+                    "its metrics are computed again", run_dir, problem)
+    resolved = OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
+                                 resolve=True)
+    runs.atomic_write_text(run_dir / "config.yaml", resolved)
+    runs.write_status(run_dir, runs.RUNNING, host=socket.gethostname(), pid=os.getpid(),
+                      attempts=status.get("attempts", 0) + 1, weights=None,
+                      slurm_job_id=os.environ.get("SLURM_JOB_ID"), git=runs.provenance()["git"])
+    file_log = logging.FileHandler(run_dir / "train.log")
+    file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(file_log)
+    try:
+        summary = work(typed, run_dir)
+    except SystemExit:
+        raise  # submitit's preemption/timeout requeue: the job stays `running` and resumes
+    except BaseException as err:
+        log.exception("job failed")
+        runs.write_status(run_dir, runs.FAILED, error=f"{type(err).__name__}: {err}",
+                          traceback=traceback.format_exc())
+        raise
+    finally:
+        logging.getLogger().removeHandler(file_log)
+        file_log.close()
+    runs.write_status(run_dir, runs.DONE, **summary, weights=runs.weights_record(run_dir))
+    return runs.read_status(run_dir)

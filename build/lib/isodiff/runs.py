@@ -1,0 +1,328 @@
+"""The run-directory contract: atomic files, status, identity of a job.
+
+    <run_root>/<tier>/<experiment>/<job>/
+        config.yaml     resolved training config
+        status.json     {"state": running|done|failed, ...}; the only truth about a job
+                        (done also records the sha256 of every file under final/)
+        .lock           held by the process that trains the job
+        train.log  metrics.csv  tb/
+        checkpoints/step_XXXXXXXX/   resumable state (accelerate save_state)
+        final/unet  final/unet_ema   diffusers save_pretrained (safetensors)
+        metrics.json  eval/          written by isodiff.evaluate (under .metrics.json.lock)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime as dt
+import functools
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+from omegaconf import DictConfig, OmegaConf
+
+from isodiff.config import UserError
+
+log = logging.getLogger(__name__)
+RUNNING, DONE, FAILED = "running", "done", "failed"
+UNREADABLE = "unreadable"  # status.json exists but does not parse: the job is not done
+WEIGHTS_CHANGED = "weights changed"  # done, but final/ is not what it recorded: not done
+PACKAGES = ("isodiff", "torch", "diffusers", "accelerate", "clean-fid", "lpips", "numpy", "scipy",
+            "scikit-learn")
+
+# Keys that do not change what a job computes: excluded from its identity (data.attributes
+# and data.attribute_names label the images for the metrics; training never reads them).
+NON_IDENTITY_KEYS = ("run_root", "name", "name_keys", "experiment", "tier", "train.progress",
+                     "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.cpu_threads", "train.grid_samples", "train.grid_steps",
+                     "diffusion.clip_sample", "data.num_workers", "data.attributes",
+                     "data.attribute_names", "cluster", "hydra")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write via a temp file in the same folder + rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+class RunFileError(UserError):
+    """A run file that exists but does not parse (a killed copy, a full disk): the problem
+    of that run alone, which every reader reports and goes on."""
+
+
+def read_json(path: str | os.PathLike, default: Any = None) -> Any:
+    """The JSON object in path; default when it does not exist; RunFileError (naming the
+    file) when it exists but is not a JSON object."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return default
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunFileError(f"{path} is unreadable ({type(err).__name__}: {err})") from err
+    if not isinstance(value, dict):
+        raise RunFileError(f"{path} is unreadable (a JSON {type(value).__name__}, "
+                           "not an object)")
+    return value
+
+
+def read_status(run_dir: str | os.PathLike) -> dict | None:
+    """status.json; None when the job never started; state `unreadable` (with the error)
+    when the file does not parse, so the job counts as not done and runs again."""
+    try:
+        return read_json(Path(run_dir) / "status.json")
+    except RunFileError as err:
+        return {"state": UNREADABLE, "error": str(err)}
+
+
+def write_status(run_dir: str | os.PathLike, state: str, **fields: Any) -> None:
+    """Replace status.json, keeping earlier fields that `fields` does not override."""
+    status = {k: v for k, v in (read_status(run_dir) or {}).items()
+              if k not in ("error", "traceback")}
+    status.update(fields, state=state,
+                  updated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    atomic_write_json(Path(run_dir) / "status.json", status)
+
+
+def weights_record(run_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """What status.json keeps of final/: each file's sha256, and its size and mtime (a
+    cheap first check that the file is the one hashed)."""
+    final = Path(run_dir) / "final"
+    record = {}
+    for path in sorted(p for p in final.rglob("*") if p.is_file()):
+        stat = path.stat()
+        record[str(path.relative_to(final))] = {"sha256": sha256(path), "size": stat.st_size,
+                                                "mtime_ns": stat.st_mtime_ns}
+    return record
+
+
+def weights_problem(run_dir: str | os.PathLike, status: dict[str, Any]) -> str | None:
+    """Why final/ is not the weights status.json recorded when the job ended (None: it is).
+    A file whose mtime changed (a copy) is hashed again; one whose size changed is not."""
+    record = status.get("weights")
+    if not record:
+        return "status.json records no weights (the job ended before weights were recorded)"
+    final = Path(run_dir) / "final"
+    for name, want in record.items():
+        path = final / name
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return f"final/{name} is missing"
+        if stat.st_size != want["size"] or (stat.st_mtime_ns != want["mtime_ns"]
+                                            and sha256(path) != want["sha256"]):
+            return f"final/{name} is not the file the job wrote (its sha256 differs)"
+    return None
+
+
+def weights_digest(status: dict[str, Any], subfolder: str) -> str:
+    """One sha256 for the weights of final/<subfolder> as status.json records them."""
+    files = {name: want["sha256"] for name, want in sorted(status["weights"].items())
+             if name.startswith(f"{subfolder}/")}
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def stale_metrics(record: dict[str, Any], status: dict[str, Any]) -> list[str]:
+    """The metrics of metrics.json that measured other weights than those status.json
+    records (entries without a weights_sha256, from older versions, are not checked)."""
+    stale = []
+    for name, entry in record.get("metrics", {}).items():
+        protocol = entry.get("protocol", {})
+        if "weights_sha256" in protocol:
+            subfolder = str(protocol.get("weights", "")).removeprefix("final/")
+            if not status.get("weights") or \
+                    protocol["weights_sha256"] != weights_digest(status, subfolder):
+                stale.append(name)
+    return stale
+
+
+def job_state(run_dir: str | os.PathLike) -> tuple[str, str | None]:
+    """(state, problem): the status's state, except that a done job whose final/ weights
+    are missing or changed is `weights changed` (not done: it trains again)."""
+    status = read_status(run_dir)
+    if status is None:
+        return "not run", None
+    if status.get("state") == DONE and (problem := weights_problem(run_dir, status)):
+        return WEIGHTS_CHANGED, problem
+    return status.get("state", UNREADABLE), status.get("error")
+
+
+def is_done(run_dir: str | os.PathLike) -> bool:
+    """Done, with the weights it recorded."""
+    return job_state(run_dir)[0] == DONE
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: Path, what: str, holder: Callable[[], str] = lambda: "",
+              announce_every: float = 60.0) -> Iterator[None]:
+    """Hold an exclusive lock on lock_path (fcntl, released when the process dies); while
+    another process holds it, wait, saying so every `announce_every` seconds."""
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        while True:
+            log.warning("%s: waiting for the process that holds %s%s", what, lock_path,
+                        holder())
+            try:
+                lock.acquire(timeout=announce_every)
+                break
+            except Timeout:
+                continue
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_hashes(folder: Path, skip: str = "") -> dict[str, str]:
+    """sha256 of every file under folder, by path relative to it (skip: one left out)."""
+    return {str(p.relative_to(folder)): sha256(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and str(p.relative_to(folder)) != skip}
+
+
+def config_hash(cfg: DictConfig | dict, exclude: tuple[str, ...] = NON_IDENTITY_KEYS) -> str:
+    """Short stable hash of what a job computes (dora-style signature)."""
+    container = (OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig)
+                 else copy.deepcopy(cfg))
+    for key in exclude:
+        *parents, leaf = key.split(".")
+        node = container
+        for p in parents:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    blob = json.dumps(container, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:8]
+
+
+_NUMBER = re.compile(r"=(-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)(?=,|$)")
+_PAIR = re.compile(r",(?=[+~]?[A-Za-z_][\w.]*=)")  # a comma that starts the next key=value
+_SIGNED = re.compile(r"-[0-9a-f]{8}$")  # a job folder's name ends in its signature
+NAME_LENGTH = 120
+
+
+def _tree_digest(folder: Path) -> str:
+    files = tuple((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in sorted(folder.rglob("*")) if p.is_file())
+    return _cached_digest(str(folder), files)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_digest(folder: str, files: tuple[tuple[str, int, int], ...]) -> str:
+    """sha256 of a folder's files (cached while their sizes and mtimes hold)."""
+    hashes = {name: sha256(Path(folder) / name) for name, _, _ in files}
+    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def base_identity(init_from: str) -> str:
+    """What a fine-tune's signature holds of its base, never a path (a moved runs/ or
+    checkout reruns nothing): an isodiff run by its signature (the end of its folder name,
+    whether it has run yet or not), a checkpoint folder by the sha256 of its files, a hub
+    id as itself."""
+    path = Path(init_from).expanduser()
+    is_run = (path / "status.json").is_file() or (path / "config.yaml").is_file()
+    if _SIGNED.search(path.name) and (is_run or not path.exists()):
+        return "run:" + signature(path)
+    if path.is_dir():
+        return "checkpoint:" + _tree_digest(path)
+    return init_from
+
+
+def _readable(value: Any) -> str:
+    if isinstance(value, DictConfig):  # a config group: its name (data.name, model.name)
+        value = value.get("name")
+    if isinstance(value, Enum):
+        value = value.value
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return format(value, "g")
+    return str(value)
+
+
+def job_name(override_dirname: str, *, _root_: DictConfig) -> str:
+    """Readable, stable folder name of a job: `key=value` pairs, then its signature (the
+    hash of what it computes, with its base by identity, never by path).
+
+    The pairs are the config's `name_keys` (the sweep passes the keys its spec varies, so
+    tier-wide settings stay in config.yaml) or else the command line's overrides; pairs
+    are never cut, and those past NAME_LENGTH characters are left to the hash.
+    Registered as the `job_name` resolver; conf/train.yaml uses it for `name`.
+    """
+    if keys := _root_.get("name_keys"):
+        pairs = [f"{k}={_readable(OmegaConf.select(_root_, k))}" for k in keys]
+    else:  # numbers in one spelling: a multirun writes 1.0e-4 as 0.0001, a single run keeps it
+        pairs = _PAIR.split(_NUMBER.sub(lambda m: "=" + format(float(m.group(1)), "g"),
+                                        override_dirname)) if override_dirname else []
+    kept = []
+    for pair in pairs:
+        if len(",".join([*kept, pair])) > NAME_LENGTH:
+            break
+        kept.append(pair)
+    readable = re.sub(r"[^A-Za-z0-9=.,_+-]+", "_", ",".join(kept)) or "default"
+    cfg = OmegaConf.to_container(OmegaConf.masked_copy(
+        _root_, [k for k in _root_ if k not in ("hydra", "name")]), resolve=True)
+    if cfg.get("init_from"):
+        cfg["init_from"] = base_identity(str(cfg["init_from"]))
+    return f"{readable}-{config_hash(cfg)}"
+
+
+def signature(run_dir: str | os.PathLike) -> str:
+    """A job's signature: the end of its folder name."""
+    return Path(run_dir).name.rsplit("-", 1)[-1]
+
+
+def provenance() -> dict[str, Any]:
+    """What produced a result without changing it: package versions and the git commit of
+    the checkout (dirty: uncommitted changes to tracked or unignored files)."""
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    here = Path(__file__).resolve().parents[1]
+    git = None
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], check=True,
+                                capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--", "."],
+                               check=True, capture_output=True, text=True).stdout.strip()
+        git = {"commit": commit, "dirty": bool(dirty)}
+    except (OSError, subprocess.CalledProcessError):
+        pass  # not a git checkout, or no commit yet
+    return {"packages": versions, "git": git}
