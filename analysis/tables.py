@@ -200,7 +200,9 @@ def to_markdown(table: Table, tier: str) -> str:
     if any("n/a¹" in str(v) for v in frame.to_numpy().ravel()):
         notes.append(f"¹ paper value not transcribed yet ({spec.paper_source or 'paper'}).")
     if any("–²" in str(v) for v in frame.to_numpy().ravel()):
-        notes.append("² no finished run with this metric (see below).")
+        notes.append("² no value: no finished run of the row has this metric (not yet run or "
+                     "failed: see below), or the metric is not defined for the dataset "
+                     "(e.g. leakage and interaction need two attributes; mnist has one).")
     notes += [f"- missing: {p}" for p in table.problems]
     notes += [f"- {n}" for n in spec.notes]
     return "\n".join([*lines, "", *notes, ""])
