@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import re
+import shutil
 import subprocess
 import sys
 import venv
@@ -29,9 +30,14 @@ SUITE_ONLY = ("hydra", "omegaconf", "accelerate", "diffusers")
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("dist")
+    """The wheel, built from a copy of the checkout: setuptools writes build/ beside the
+    sources, and a stale build/ there could put deleted files into the wheel."""
+    source, out = tmp_path_factory.mktemp("src") / "isodiff", tmp_path_factory.mktemp("dist")
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "runs", "results", "outputs", "multirun",
+        "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", str(out), str(ROOT)], check=True,
+                    "--no-build-isolation", "-w", str(out), str(source)], check=True,
                    capture_output=True)
     return next(out.glob("isodiff-*.whl"))
 

@@ -1,1 +1,0 @@
-"""Runs -> tables and figures."""
