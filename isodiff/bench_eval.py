@@ -82,7 +82,7 @@ def bench(tier: str, preset: str, batch_size: int, refs_dir: Path) -> dict:
     for steps, n in trajectories.items():
         ddim = DDIM(unet, train_cfg.diffusion, steps, batch_size)
         for lo in range(0, n, batch_size):
-            ddim.sample(latents(0, range(lo, min(lo + batch_size, n)), ctx.image_shape))
+            ddim.sample(latents(0, range(lo, min(lo + batch_size, n)), ctx.x_shape))
     pure = _elapsed(start, cuda)
     clock = "wall_s" if cuda else "cpu_s"
     return {"tier": tier, "preset": preset, "batch_size": batch_size,

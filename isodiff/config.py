@@ -311,6 +311,15 @@ class TierConfig:
 
 
 @dataclass
+class LatentConfig:
+    """Latent diffusion (isodiff.latent): the U-Net models the codes of a frozen autoencoder."""
+
+    # a diffusers VQModel or AutoencoderKL folder (save_pretrained); null: a pixel model
+    autoencoder: str | None = None
+    scale: float | None = None  # latent scaling factor; null: the checkpoint's scaling_factor
+
+
+@dataclass
 class TrainConfig:
     seed: int = 0
     lambda_iso: float = 0.0
@@ -328,15 +337,27 @@ class TrainConfig:
     train: LoopConfig = field(default_factory=LoopConfig)
     tier: TierConfig = field(default_factory=TierConfig)
     stage: Stage = Stage.none
+    latent: LatentConfig = field(default_factory=LatentConfig)
 
     def __post_init__(self) -> None:
         _check(self.seed >= 0, "seed", self.seed, "must be >= 0")
         _check(self.lambda_iso >= 0, "lambda_iso", self.lambda_iso,
                "the weight of the isometric loss must be >= 0 (0 trains plain DDPM)")
-        _check(self.model.in_channels == self.data.channels, "model.in_channels",
-               self.model.in_channels, f"must equal data.channels={self.data.channels}")
-        _check(self.model.sample_size == self.data.resolution, "model.sample_size",
-               self.model.sample_size, f"must equal data.resolution={self.data.resolution}")
+        channels, size, what = self.data.channels, self.data.resolution, "data"
+        if self.latent.autoencoder:  # the U-Net models the autoencoder's latents
+            from isodiff.latent import autoencoder_geometry
+
+            _, channels, factor = autoencoder_geometry(self.latent)
+            size, what = self.data.resolution // factor, "the latent of latent.autoencoder"
+            _check(not self.diffusion.clip_sample, "diffusion.clip_sample", True,
+                   "latents are not in [-1, 1]: latent diffusion needs "
+                   "diffusion.clip_sample=false (as diffusers' LDM pipelines)")
+        _check(self.model.in_channels == channels, "model.in_channels", self.model.in_channels,
+               f"must equal the channels of {what} ({channels})")
+        _check(self.model.out_channels == channels, "model.out_channels",
+               self.model.out_channels, f"must equal the channels of {what} ({channels})")
+        _check(self.model.sample_size == size, "model.sample_size", self.model.sample_size,
+               f"must equal the resolution of {what} ({size})")
 
     @property
     def regularised(self) -> bool:

@@ -87,13 +87,13 @@ def top_singular_vectors(f: Map, x: torch.Tensor, k: int, iters: int = 20, seed:
     return V.T.contiguous(), (JV / s).T.contiguous(), s
 
 
-def edit(ddim: DDIM, x_T: torch.Tensor, space: str, offsets: torch.Tensor, t_edit: int = 0
-         ) -> torch.Tensor:
+def edit(ddim: DDIM, x_T: torch.Tensor, space: str, offsets: torch.Tensor, t_edit: int = 0,
+         decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Images (E, N, C, H, W) in [-1, 1] of N samples under E edits.
 
     offsets: (E, N or 1, D), edit e of sample i moves x_T (space "x_T") or h on the steps
     with t >= t_edit (space "h", Asyrp) by offsets[e, i]. A zero offset gives the unedited
-    sample exactly, in both spaces.
+    sample exactly, in both spaces. decode: a latent model's decoder (isodiff.latent).
     """
     if space not in SPACES:
         raise ValueError(f"space={space!r}: use one of {SPACES}")
@@ -104,7 +104,8 @@ def edit(ddim: DDIM, x_T: torch.Tensor, space: str, offsets: torch.Tensor, t_edi
         out = ddim.sample(start + offsets.reshape(start.shape)).x
     else:
         out = ddim.sample(start, edit=HEdit(offset=offsets, t_edit=t_edit)).x
-    return to_images(out).reshape(E, N, *x_T.shape[1:])
+    images = to_images(decode(out) if decode else out)
+    return images.reshape(E, N, *images.shape[1:])
 
 
 def strength_offsets(strengths: Sequence[float], directions: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from isodiff import pictures, runs
 from isodiff.assets import atomic_save
 from isodiff.config import ConfigError, to_train_config
+from isodiff.latent import build_codec
 from isodiff.metrics import (
     disentanglement,
     fid,
@@ -178,11 +179,15 @@ def build_context(cfg: EvaluateConfig) -> tuple[EvalContext, dict[str, Any]]:
                           "it with a lower optim.lr or lambda_iso")
     refs_dir = Path(cfg.refs_dir) if cfg.refs_dir else run_dir.parent.parent / "_refs"
     ctx = EvalContext(unet, train_cfg.diffusion, train_cfg.data, seed=cfg.seed,
-                      batch_size=cfg.batch_size, refs_dir=refs_dir, progress=cfg.progress)
+                      batch_size=cfg.batch_size, refs_dir=refs_dir, progress=cfg.progress,
+                      codec=build_codec(train_cfg.latent, unet.device))
     common = {"seed": cfg.seed, "weights": f"final/{subfolder}",
               "weights_sha256": runs.weights_digest(runs.read_status(run_dir), subfolder),
               "ema": subfolder == "unet_ema", "sampler": "DDIM eta=0 fp32",
               "clip_sample": train_cfg.diffusion.clip_sample, "data": ctx.data_key}
+    if train_cfg.latent.autoencoder:  # (a pixel model's protocol is what it was before)
+        common["latent"] = {"autoencoder": runs.base_identity(train_cfg.latent.autoencoder),
+                            "scale": ctx.codec.scale}
     return ctx, common
 
 
@@ -198,7 +203,7 @@ def write_samples(ctx: EvalContext, cfg: EvalConfig, path: Path) -> None:
     the weights of a done run do not change)."""
     if cfg.grid_samples and not path.is_file():
         grid = pictures.sample_grid(ctx.unet, ctx.diffusion, cfg.grid_samples, cfg.grid_steps,
-                                    ctx.batch_size)
+                                    ctx.batch_size, ctx.codec)
         pictures.save_png(grid, path, scale=max(1, 64 // ctx.data.resolution))
 
 

@@ -15,6 +15,7 @@ from torchvision.utils import make_grid
 
 from isodiff.assets import atomic_save
 from isodiff.config import DiffusionConfig
+from isodiff.latent import Codec
 from isodiff.models import HUNet
 from isodiff.sampling import DDIM, latents, to_images
 
@@ -22,12 +23,13 @@ GRID_SEED = 0
 
 
 def sample_grid(unet: HUNet, diffusion: DiffusionConfig, n: int, steps: int,
-                batch_size: int = 64) -> torch.Tensor:
+                batch_size: int = 64, codec: Codec | None = None) -> torch.Tensor:
     """n DDIM-`steps` samples from the fixed x_T of samples 0..n-1, as one (C, H, W) grid
-    in [0, 1] with ceil(sqrt(n)) images a row."""
+    in [0, 1] with ceil(sqrt(n)) images a row (a latent model's decoded by `codec`)."""
     c = unet.config
     x_T = latents(GRID_SEED, range(n), (c.in_channels, c.sample_size, c.sample_size))
-    images = to_images(DDIM(unet, diffusion, steps, batch_size).sample(x_T).x)
+    x = DDIM(unet, diffusion, steps, batch_size).sample(x_T).x
+    images = to_images((codec or Codec()).decode(x))
     return tile(images, math.ceil(math.sqrt(n)))
 
 

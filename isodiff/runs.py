@@ -298,6 +298,9 @@ def job_name(override_dirname: str, *, _root_: DictConfig) -> str:
         _root_, [k for k in _root_ if k not in ("hydra", "name")]), resolve=True)
     if cfg.get("init_from"):
         cfg["init_from"] = base_identity(str(cfg["init_from"]))
+    latent = cfg.pop("latent", None) or {}
+    if latent.get("autoencoder"):  # a pixel model's signature is what it was before latents
+        cfg["latent"] = {**latent, "autoencoder": base_identity(str(latent["autoencoder"]))}
     return f"{readable}-{config_hash(cfg)}"
 
 

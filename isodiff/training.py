@@ -32,6 +32,7 @@ from isodiff.config import TrainConfig, UserError
 from isodiff.data import build_dataset
 from isodiff.diffusion import build_scheduler
 from isodiff.isometry import sample_timesteps
+from isodiff.latent import Codec, build_codec
 from isodiff.models import HUNet, init_unet, nonfinite
 from isodiff.objective import DiffusionObjective, build_regulariser
 
@@ -82,6 +83,7 @@ class TrainState:
     ema: EMAModel
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    codec: Codec  # images -> the space the U-Net models (the identity for a pixel model)
 
 
 def build_state(cfg: TrainConfig) -> TrainState:
@@ -105,7 +107,7 @@ def build_state(cfg: TrainConfig) -> TrainState:
     ema.to(accelerator.device)
     accelerator.register_for_checkpointing(ema, lr_scheduler)
     return TrainState(accelerator, objective, accelerator.unwrap_model(objective).unet, ema,
-                      optimizer, lr_scheduler)
+                      optimizer, lr_scheduler, build_codec(cfg.latent, accelerator.device))
 
 
 def check_finite(state: TrainState, cfg: TrainConfig) -> None:
@@ -226,7 +228,7 @@ def write_grid(state: TrainState, cfg: TrainConfig, run_dir: Path, step: int,
     state.ema.copy_to(params)
     try:
         grid = pictures.sample_grid(state.unet, cfg.diffusion, loop.grid_samples,
-                                    loop.grid_steps)
+                                    loop.grid_steps, codec=state.codec)
     finally:
         state.ema.restore(params)
         state.unet.train(mode)
@@ -320,7 +322,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
     for step in range(start_step, loop.steps):
         totals: dict[str, float] = {}
         for micro in range(loop.grad_accum):
-            x0 = next(batches)[0].to(acc.device)
+            x0 = state.codec.encode(next(batches)[0].to(acc.device))  # no graph: frozen
             g = seeding.generator(cfg.seed, "train", step, micro, acc.process_index)
             t, iso_mask = draw_timesteps(cfg, x0.shape[0], g)
             noise = torch.randn(x0.shape, generator=g).to(acc.device)

@@ -147,7 +147,7 @@ def test_generated_samples_are_shared_between_metrics(tmp_path) -> None:
     from tests.metric_helpers import tiny_context
 
     ctx = tiny_context(tmp_path, batch_size=4)
-    direct = to_images(ctx.ddim(3).sample(latents(0, range(6), ctx.image_shape)).x)
+    direct = to_images(ctx.ddim(3).sample(latents(0, range(6), ctx.x_shape)).x)
     ran = ctx.ddim(3).trajectories
     first = torch.cat([ctx.generated(3, range(0, 4)), ctx.generated(3, range(4, 6))])
     assert torch.equal(first, direct)

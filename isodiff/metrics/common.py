@@ -23,6 +23,7 @@ from isodiff import assets
 from isodiff.config import ConfigError, DataConfig, DiffusionConfig
 from isodiff.data import build_dataset, data_identity
 from isodiff.geometry import lerp, slerp
+from isodiff.latent import Codec
 from isodiff.metrics.perceptual import Distance, lpips_distance
 from isodiff.models import HUNet
 from isodiff.runs import config_hash
@@ -69,16 +70,18 @@ class EvalContext:
     network call; refs_dir: cache of per-dataset artefacts (FID statistics, attribute
     classifiers), shared by the runs of a tier; random_lpips: random LPIPS trunks, for
     unit tests only (their provenance says so, and evaluate refuses to record them);
-    cache_bytes: memory for generated images shared between metrics (`generated`).
+    cache_bytes: memory for generated images shared between metrics (`generated`); codec:
+    a latent model's autoencoder (isodiff.latent), which every image passes through.
     """
 
     def __init__(self, unet: HUNet, diffusion: DiffusionConfig, data: DataConfig, *,
                  seed: int = 0, batch_size: int = 64, refs_dir: Path | str = "refs",
                  progress: bool = False, random_lpips: bool = False,
-                 cache_bytes: int = 2**30) -> None:
+                 cache_bytes: int = 2**30, codec: Codec | None = None) -> None:
         self.unet, self.diffusion, self.data = unet.float().eval(), diffusion, data
         self.seed, self.batch_size, self.progress = seed, batch_size, progress
         self.refs_dir, self.random_lpips = Path(refs_dir), random_lpips
+        self.codec = codec or Codec()
         self._samplers: dict[int, DDIM] = {}
         self._lpips: dict[str, assets.Loaded] = {}
         self._datasets: dict[str, Dataset] = {}
@@ -90,8 +93,20 @@ class EvalContext:
         return self.unet.device
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (self.data.channels, self.data.resolution, self.data.resolution)
+    def x_shape(self) -> tuple[int, int, int]:
+        """The shape of x_T and of everything DDIM runs on: the image's for a pixel model,
+        the latent's for a latent one."""
+        c = self.unet.config
+        return (c.in_channels, c.sample_size, c.sample_size)
+
+    def images(self, x: torch.Tensor) -> torch.Tensor:
+        """DDIM outputs -> images in [-1, 1] (decoded first by a latent model's codec)."""
+        return to_images(self.codec.decode(x))
+
+    def real_codes(self, split: str, n: int, key: str) -> torch.Tensor:
+        """The first n images of a split in the space DDIM runs on (`real_batches`, encoded
+        by a latent model's codec), on the CPU."""
+        return torch.cat([self.codec.encode(x).cpu() for x in self.real_batches(split, n, key)])
 
     @property
     def data_key(self) -> str:
@@ -112,8 +127,8 @@ class EvalContext:
         images = {i: self._images[(steps, i)] for i in rows if (steps, i) in self._images}
         missing = [i for i in rows if i not in images]
         if missing:
-            x_T = latents(self.seed, missing, self.image_shape)
-            new = to_images(self.ddim(steps).sample(x_T).x).cpu()
+            x_T = latents(self.seed, missing, self.x_shape)
+            new = self.images(self.ddim(steps).sample(x_T).x).cpu()
             for i, image in zip(missing, new, strict=True):
                 images[i] = image
                 if image.nbytes <= self._free_bytes:
@@ -173,4 +188,4 @@ class EvalContext:
         """Pair i of every interpolation metric: (x0, x1) ~ N(0, I), seeded by (seed, i); the
         generators go on with each sample's stream for any further draws (PPL's w)."""
         rng = SampleRNG(self.seed, list(indices))
-        return rng.randn(*self.image_shape), rng.randn(*self.image_shape), rng
+        return rng.randn(*self.x_shape), rng.randn(*self.x_shape), rng

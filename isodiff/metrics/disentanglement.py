@@ -235,7 +235,7 @@ def codes_of(ctx: EvalContext, cfg: DisentanglementConfig) -> dict[str, np.ndarr
     t_T = int(ddim.schedule.timesteps[0])
     parts: dict[str, list[np.ndarray]] = {"h": [], "xT": []}
     for x in ctx.real_batches("test", cfg.n, "eval.disentanglement.n"):
-        x_T = ddim.invert(x).x
+        x_T = ddim.invert(ctx.codec.encode(x)).x
         with torch.no_grad():
             h = ctx.unet.encode_h(x_T.to(ctx.device), t_T)
         if cfg.h_pool > 1:

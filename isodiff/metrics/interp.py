@@ -24,7 +24,7 @@ from isodiff.metrics.common import (
     protocol_of,
 )
 from isodiff.metrics.perceptual import Distance
-from isodiff.sampling import quantise, to_images
+from isodiff.sampling import quantise
 
 
 @dataclass
@@ -73,7 +73,7 @@ def evaluate(ctx: EvalContext, cfg: InterpConfig) -> MetricResult:
         for rows in ctx.chunks(cfg.pairs, f"interp {path}",
                                size=max(1, ctx.batch_size // cfg.frames)):
             x0, x1, _ = ctx.endpoints(rows)
-            images = to_images(ddim.sample(path_points(x0, x1, cfg.frames, path)).x)
+            images = ctx.images(ddim.sample(path_points(x0, x1, cfg.frames, path)).x)
             frames = images.reshape(len(rows), cfg.frames, *images.shape[1:])
             curves.append(adjacent_distances(frames, distance))
             kept.append(quantise(frames[:max(0, cfg.keep_frames - rows.start)]).numpy())

@@ -15,7 +15,7 @@ import torch
 from isodiff.config import ConfigError
 from isodiff.metrics.common import EvalContext, MetricResult, protocol_of
 from isodiff.metrics.perceptual import Distance
-from isodiff.sampling import quantise, to_images
+from isodiff.sampling import quantise
 
 
 @dataclass
@@ -50,7 +50,7 @@ def evaluate(ctx: EvalContext, cfg: InversionConfig) -> MetricResult:
     ddim = ctx.ddim(cfg.steps)
     parts, sources, reconstructions = [], [], []
     for x in ctx.real_batches("test", cfg.n, "eval.inversion.n"):
-        x_rec = to_images(ddim.sample(ddim.invert(x).x).x)
+        x_rec = ctx.images(ddim.sample(ddim.invert(ctx.codec.encode(x)).x).x)
         parts.append(reconstruction_errors(x, x_rec, distance))
         keep = max(0, cfg.keep_images - sum(len(s) for s in sources))
         sources.append(quantise(x[:keep]).numpy())

@@ -150,8 +150,8 @@ def h_map(ctx: EvalContext, t: int, pool: int) -> Map:
 
 def evaluate(ctx: EvalContext, cfg: JacobianConfig) -> MetricResult:
     """MCN and VoR of x_t -> h at each configured t over cfg.n held-out x_t."""
-    x_0 = torch.cat(list(ctx.real_batches("test", cfg.n, "eval.jacobian.n")))
-    noise = SampleRNG(ctx.seed, range(cfg.n)).randn(*ctx.image_shape)
+    x_0 = ctx.real_codes("test", cfg.n, "eval.jacobian.n")
+    noise = SampleRNG(ctx.seed, range(cfg.n)).randn(*ctx.x_shape)
     alphas = build_scheduler(ctx.diffusion).alphas_cumprod.double()
     values, arrays, methods = {}, {}, {}
     for t in cfg.timesteps:

@@ -226,7 +226,8 @@ def _measure(ctx: EvalContext, cfg: LinearityConfig, predictor: AttributeModel,
     D, S, N = len(edits.vectors), len(strengths), len(x_T)
     offsets = torch.cat([dirs.strength_offsets(strengths, v.expand(N, -1))
                          for v in edits.vectors])
-    images = dirs.edit(ddim, x_T, space, offsets, cfg.t_edit).reshape(D, S, N, *x_T.shape[1:])
+    images = dirs.edit(ddim, x_T, space, offsets, cfg.t_edit, ctx.codec.decode)
+    images = images.reshape(D, S, N, *images.shape[2:])
     raw = {k: v.reshape(D, S * N, *v.shape[1:])
            for k, v in predictor.responses(images.flatten(0, 2)).items()}
     continuous = [a.name for a in predictor.attributes if a.kind == "continuous"]
@@ -263,8 +264,8 @@ def _measure(ctx: EvalContext, cfg: LinearityConfig, predictor: AttributeModel,
         values.update(_combination(ctx, cfg, predictor, x_T, space, edits, chosen[:2], prefix))
         g = len(cfg.grid_strengths)
         grid = dirs.pair_offsets(cfg.grid_strengths, edits.vectors[0][:1], edits.vectors[1][:1])
-        arrays["grid"] = quantise(dirs.edit(ddim, x_T[:1], space, grid, cfg.t_edit)[:, 0]
-                                  ).numpy().reshape(g, g, *x_T.shape[1:])
+        pictures = dirs.edit(ddim, x_T[:1], space, grid, cfg.t_edit, ctx.codec.decode)[:, 0]
+        arrays["grid"] = quantise(pictures).numpy().reshape(g, g, *pictures.shape[1:])
     return values, arrays
 
 
@@ -275,7 +276,8 @@ def _combination(ctx: EvalContext, cfg: LinearityConfig, predictor: AttributeMod
     m, N = float(np.abs(cfg.strengths).max()), len(x_T)
     first, second = (v.expand(N, -1) for v in edits.vectors[:2])
     images = dirs.edit(ctx.ddim(cfg.steps), x_T, space,
-                       dirs.pair_offsets([-m, 0.0, m], first, second), cfg.t_edit)
+                       dirs.pair_offsets([-m, 0.0, m], first, second), cfg.t_edit,
+                       ctx.codec.decode)
     raw = predictor.responses(images.flatten(0, 1))
     f = np.stack([response(raw, t) for t in targets], axis=-1).reshape(3, 3, N, len(targets))
     pixels = images.reshape(3, 3, N, -1).double().numpy()
@@ -291,7 +293,7 @@ def evaluate(ctx: EvalContext, cfg: LinearityConfig) -> MetricResult:
     codes: dict[str, list[np.ndarray]] = {"x_T": [], "h": []}
     raw_parts = []
     for rows in ctx.chunks(cfg.fit_n, "editing: fit samples"):
-        x_T = latents(ctx.seed, rows, ctx.image_shape)
+        x_T = latents(ctx.seed, rows, ctx.x_shape)
         raw_parts.append(predictor.responses(ctx.generated(cfg.steps, rows)))
         with torch.no_grad():
             codes["h"].append(ctx.unet.encode_h(x_T.to(ctx.device), t_T).flatten(1).cpu()
@@ -299,7 +301,7 @@ def evaluate(ctx: EvalContext, cfg: LinearityConfig) -> MetricResult:
         codes["x_T"].append(x_T.flatten(1).double().numpy())
     raw = _concat(raw_parts)
     fit = {space: np.concatenate(parts) for space, parts in codes.items()}
-    x_T = latents(ctx.seed, range(cfg.fit_n, cfg.fit_n + cfg.n), ctx.image_shape)
+    x_T = latents(ctx.seed, range(cfg.fit_n, cfg.fit_n + cfg.n), ctx.x_shape)
     local = _local(ctx, cfg, x_T, t_T) if "local" in cfg.sources else {}
     distance, weights = ctx.lpips(cfg.net)
     values, arrays, skipped = {}, {}, []

@@ -36,9 +36,9 @@ class LisoConfig:
 
 def evaluate(ctx: EvalContext, cfg: LisoConfig) -> MetricResult:
     """L_iso (spherical) of the evaluated U-Net's h-encoder at held-out x_t, per timestep."""
-    x_0 = torch.cat(list(ctx.real_batches("test", cfg.n, "eval.liso.n")))
+    x_0 = ctx.real_codes("test", cfg.n, "eval.liso.n")
     rng = SampleRNG(ctx.seed, range(cfg.n))
-    noise, probes = rng.randn(*ctx.image_shape), rng.randn(cfg.probes, *ctx.image_shape)
+    noise, probes = rng.randn(*ctx.x_shape), rng.randn(cfg.probes, *ctx.x_shape)
     alphas = build_scheduler(ctx.diffusion).alphas_cumprod.double()
     values = {}
     for t in cfg.timesteps:
@@ -56,6 +56,6 @@ def evaluate(ctx: EvalContext, cfg: LisoConfig) -> MetricResult:
             den.append(terms[1].detach().double().cpu())
         values[f"liso_t{t}"] = float(torch.cat(num, 1).mean() / torch.cat(den, 1).mean() ** 2)
     values["liso"] = float(np.mean([values[f"liso_t{t}"] for t in cfg.timesteps]))
-    values["liso_scaled"] = values["liso"] * (int(np.prod(ctx.image_shape)) - 1)
+    values["liso_scaled"] = values["liso"] * (int(np.prod(ctx.x_shape)) - 1)
     protocol = {**protocol_of(cfg), "metric": "spherical", "x_t": "q(x_t|x_0), test split"}
     return MetricResult(values, protocol)

@@ -23,7 +23,6 @@ from isodiff.config import ConfigError
 from isodiff.geometry import slerp
 from isodiff.metrics.common import SLERP_CONVENTION, EvalContext, MetricResult, protocol_of
 from isodiff.metrics.perceptual import Distance
-from isodiff.sampling import to_images
 
 VARIANT_NET = {"stylegan": "vgg", "isodiff_compat": "alex"}
 
@@ -90,7 +89,7 @@ def evaluate(ctx: EvalContext, cfg: PPLConfig) -> MetricResult:
     distances = {v: distance for v, (distance, _) in loaded.items()}
 
     def generate(z: torch.Tensor) -> torch.Tensor:
-        return to_images(ddim.sample(z).x)
+        return ctx.images(ddim.sample(z).x)
 
     d: dict[str, list[np.ndarray]] = {v: [] for v in cfg.variants}
     ws = []

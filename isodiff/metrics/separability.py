@@ -92,7 +92,7 @@ def evaluate(ctx: EvalContext, cfg: SeparabilityConfig) -> MetricResult:
     spaces: dict[str, list[np.ndarray]] = {"h": [], "x_T": []}
     predicted: list[dict] = []
     for rows in ctx.chunks(cfg.n, "separability samples"):
-        x_T = latents(ctx.seed, rows, ctx.image_shape)
+        x_T = latents(ctx.seed, rows, ctx.x_shape)
         predicted.append(predictor.predict(ctx.generated(cfg.steps, rows)))
         with torch.no_grad():
             spaces["h"].append(ctx.unet.encode_h(x_T.to(ctx.device), t_T).flatten(1).cpu().numpy())
