@@ -154,6 +154,18 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def full_fp32(device: torch.device) -> dict[str, Any]:
+    """Every metric is specified in fp32: on CUDA, TF32 matmuls and convolutions (10-bit
+    mantissas, which shift singular values and hence MCN/VoR) are switched off for the
+    evaluation, and the protocol says so. A CPU has no TF32: its protocol is unchanged."""
+    if device.type != "cuda":
+        return {}
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    return {"tf32": False}
+
+
 def build_context(cfg: EvaluateConfig) -> tuple[EvalContext, dict[str, Any]]:
     """The run's model and data as an EvalContext, and the protocol fields all metrics share.
 
@@ -184,7 +196,8 @@ def build_context(cfg: EvaluateConfig) -> tuple[EvalContext, dict[str, Any]]:
     common = {"seed": cfg.seed, "weights": f"final/{subfolder}",
               "weights_sha256": runs.weights_digest(runs.read_status(run_dir), subfolder),
               "ema": subfolder == "unet_ema", "sampler": "DDIM eta=0 fp32",
-              "clip_sample": train_cfg.diffusion.clip_sample, "data": ctx.data_key}
+              "clip_sample": train_cfg.diffusion.clip_sample, "data": ctx.data_key,
+              **full_fp32(unet.device)}
     if train_cfg.latent.autoencoder:  # (a pixel model's protocol is what it was before)
         common["latent"] = {"autoencoder": runs.base_identity(train_cfg.latent.autoencoder),
                             "scale": ctx.codec.scale}

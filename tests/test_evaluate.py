@@ -85,3 +85,21 @@ def test_smoke_run_end_to_end(run_root: Path, monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr(evaluation, "METRICS", dict.fromkeys(METRICS, fail))
     assert evaluate_run(cfg) == record
+
+
+def test_evaluation_is_full_fp32_on_cuda_and_says_so() -> None:
+    import torch
+
+    from isodiff.evaluation import full_fp32
+
+    assert full_fp32(torch.device("cpu")) == {}  # no TF32 on a CPU: the protocol is as before
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = matmul.allow_tf32, cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    matmul.allow_tf32 = cudnn.allow_tf32 = True
+    try:
+        assert full_fp32(torch.device("cuda", 0)) == {"tf32": False}
+        assert not matmul.allow_tf32 and not cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])
