@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
 from isodiff.sampling import DDIM, HEdit, to_images
@@ -45,10 +47,9 @@ def svm_direction(codes: np.ndarray, labels: np.ndarray, C: float = 1.0) -> np.n
     labels = np.asarray(labels).astype(np.int64)
     if len(np.unique(labels)) < 2:
         raise ValueError("an SVM direction needs samples of both labels")
-    mean, scale = codes.mean(axis=0), codes.std(axis=0)
-    scale = np.where(scale > 0, scale, 1.0)
-    svm = LinearSVC(C=C, max_iter=20_000).fit((codes - mean) / scale, labels)
-    return svm.coef_[0] / scale
+    scaler, svm = make_pipeline(StandardScaler(), LinearSVC(C=C, max_iter=20_000)).fit(
+        codes, labels)
+    return svm.coef_[0] / scaler.scale_
 
 
 def scaled(direction: np.ndarray, codes: np.ndarray) -> np.ndarray:

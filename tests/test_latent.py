@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import AutoencoderKL, VQModel
+from omegaconf import open_dict
 from PIL import Image
 
 from isodiff.config import ConfigError, LatentConfig
@@ -76,8 +77,13 @@ def test_a_latent_model_is_validated_before_anything_runs(autoencoders: dict[str
         with pytest.raises(ConfigError, match=key):
             to_train_config(compose_train(["tier=smoke", *good, *bad], tmp_path))
     assert not (tmp_path / "smoke").exists()
-    # a pixel job's folder is what it was before latents existed: no latent key, no path
+    # a pixel job's name is that of its config without the latent node (so folders named
+    # before latents existed stay valid); a latent job's differs and holds no path
+    pixel_cfg = compose_train(["tier=smoke"], tmp_path)
+    with open_dict(pixel_cfg):
+        del pixel_cfg["latent"]
     pixel = compose_train(["tier=smoke"], tmp_path).name
+    assert pixel_cfg.name == pixel
     latent = compose_train(["tier=smoke", *good], tmp_path).name
     assert pixel != latent and str(path) not in latent
 

@@ -38,13 +38,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.special import xlogy
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.preprocessing import StandardScaler
 
 from isodiff.config import ConfigError
 from isodiff.metrics.common import EvalContext, MetricResult, protocol_of
+from isodiff.metrics.jacobian import h_map
 
 KINDS = ("categorical", "continuous")
 
@@ -234,16 +234,15 @@ def codes_of(ctx: EvalContext, cfg: DisentanglementConfig) -> dict[str, np.ndarr
     ddim = ctx.ddim(cfg.steps)
     t_T = int(ddim.schedule.timesteps[0])
     parts: dict[str, list[np.ndarray]] = {"h": [], "xT": []}
+    h_of = h_map(ctx, t_T, cfg.h_pool)
     for x in ctx.real_batches("test", cfg.n, "eval.disentanglement.n"):
         x_T = ddim.invert(ctx.codec.encode(x)).x
         with torch.no_grad():
-            h = ctx.unet.encode_h(x_T.to(ctx.device), t_T)
-        if cfg.h_pool > 1:
-            if min(h.shape[-2:]) < cfg.h_pool:
-                raise ConfigError(f"eval.disentanglement.h_pool={cfg.h_pool} is larger than "
-                                  f"h ({tuple(h.shape[-2:])})")
-            h = F.avg_pool2d(h, cfg.h_pool)
-        parts["h"].append(h.flatten(1).double().cpu().numpy())
+            try:
+                h = h_of(x_T.to(ctx.device))
+            except RuntimeError as err:  # a pool wider than h
+                raise ConfigError(f"eval.disentanglement.h_pool={cfg.h_pool}: {err}") from err
+        parts["h"].append(h.double().cpu().numpy())
         parts["xT"].append(x_T.flatten(1).double().cpu().numpy())
     return {space: np.concatenate(p) for space, p in parts.items()}
 

@@ -194,8 +194,8 @@ def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 @dataclass
 class Edits:
-    """One source's directions in one space: vectors (directions, N or 1, D), the target of
-    each (None: chosen from the responses) and the pair combined."""
+    """One source's directions in one space: vectors (each (N or 1, D)) and the target of
+    each (None: the attribute it moves most); the first two are the combined pair."""
 
     vectors: list[torch.Tensor]
     targets: list[Target | None]
@@ -291,13 +291,12 @@ def evaluate(ctx: EvalContext, cfg: LinearityConfig) -> MetricResult:
     targets = resolve_targets(predictor, cfg.targets)
     t_T = int(ctx.ddim(cfg.steps).schedule.timesteps[0])
     codes: dict[str, list[np.ndarray]] = {"x_T": [], "h": []}
-    raw_parts = []
+    raw_parts, h_of = [], h_map(ctx, t_T, 1)
     for rows in ctx.chunks(cfg.fit_n, "editing: fit samples"):
         x_T = latents(ctx.seed, rows, ctx.x_shape)
         raw_parts.append(predictor.responses(ctx.generated(cfg.steps, rows)))
         with torch.no_grad():
-            codes["h"].append(ctx.unet.encode_h(x_T.to(ctx.device), t_T).flatten(1).cpu()
-                              .double().numpy())
+            codes["h"].append(h_of(x_T.to(ctx.device)).cpu().double().numpy())
         codes["x_T"].append(x_T.flatten(1).double().numpy())
     raw = _concat(raw_parts)
     fit = {space: np.concatenate(parts) for space, parts in codes.items()}
