@@ -47,8 +47,9 @@ def svm_direction(codes: np.ndarray, labels: np.ndarray, C: float = 1.0) -> np.n
     labels = np.asarray(labels).astype(np.int64)
     if len(np.unique(labels)) < 2:
         raise ValueError("an SVM direction needs samples of both labels")
-    scaler, svm = make_pipeline(StandardScaler(), LinearSVC(C=C, max_iter=20_000)).fit(
-        codes, labels)
+    # random_state: liblinear's coordinate order (else numpy's global state: not reproducible)
+    scaler, svm = make_pipeline(StandardScaler(), LinearSVC(C=C, max_iter=20_000,
+                                                            random_state=0)).fit(codes, labels)
     return svm.coef_[0] / scaler.scale_
 
 

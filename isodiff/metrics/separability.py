@@ -65,7 +65,7 @@ def linear_separability(features: np.ndarray, labels: np.ndarray, heldout_fracti
     if len(np.unique(fit_y)) == 1:  # one class only: the SVM is the constant
         predicted = np.full_like(test_y, fit_y[0])
     else:
-        svm = make_pipeline(StandardScaler(), LinearSVC(C=C, max_iter=20_000))
+        svm = make_pipeline(StandardScaler(), LinearSVC(C=C, max_iter=20_000, random_state=0))
         predicted = svm.fit(fit_x, fit_y).predict(test_x)
     return {"error": float(np.mean(predicted != test_y)),
             "entropy": conditional_entropy(test_y, predicted)}
