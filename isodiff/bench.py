@@ -107,7 +107,7 @@ def _iso_official_style(unet, x0, noise, t, g):
     eps, _ = unet.eps_and_h(x_t, t)
     radius = math.sqrt(geo.dim(x_t) - 1)
     z = geo.stereographic(geo.onto_sphere(x_t, 1.0), 1.0)
-    u = torch.randn(z.shape, generator=g)
+    u = torch.randn(z.shape, generator=g).to(z)  # CPU generator; onto z's device (GPU tier)
 
     def f(zc):
         return unet.eps_and_h((radius * geo.inverse_stereographic(zc, 1.0)).view_as(x_t), t)[1]

@@ -7,6 +7,8 @@ fails at composition with the key's full name. Ranges and cross-field rules are 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -265,9 +267,16 @@ class OptimConfig:
 class LoopConfig:
     """Length and bookkeeping of one training job (`train.*`)."""
 
-    steps: int = 100  # optimizer steps
+    steps: int = 100  # optimizer steps (replaced by train.epochs when that is set)
     batch_size: int = 16  # per process and micro-batch
     grad_accum: int = 1
+    # Images per optimizer step over all processes; grad_accum then follows from the process
+    # count (effective_batch / (batch_size x processes)), so a job is the same job on any
+    # number of GPUs. null: grad_accum as given.
+    effective_batch: int | None = None
+    # Length in passes over the training images (the released recipes' 5 epochs): steps =
+    # ceil(epochs x images / effective batch). null: train.steps.
+    epochs: float | None = None
     mixed_precision: MixedPrecision = MixedPrecision.no
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
@@ -291,6 +300,31 @@ class LoopConfig:
         _check(self.grid_steps >= 1, "train.grid_steps", self.grid_steps, "must be >= 1")
         _check(self.cpu_threads is None or self.cpu_threads >= 1, "train.cpu_threads",
                self.cpu_threads, "must be >= 1 or null (torch's default)")
+        _check(self.effective_batch is None or self.effective_batch >= 1,
+               "train.effective_batch", self.effective_batch, "must be >= 1 or null")
+        _check(self.effective_batch is None or self.grad_accum == 1, "train.grad_accum",
+               self.grad_accum, "train.effective_batch sets the accumulation from the process "
+               "count: set one of them (train.grad_accum=1 or train.effective_batch=null)")
+        _check(self.epochs is None or self.epochs > 0, "train.epochs", self.epochs,
+               "must be > 0 or null (train.steps)")
+
+    def resolved(self, images: int, processes: int) -> LoopConfig:
+        """This loop on `processes` processes over `images` training images: grad_accum from
+        effective_batch, steps from epochs (ConfigError when the batch does not divide)."""
+        grad_accum = self.grad_accum
+        if self.effective_batch is not None:
+            per_step = self.batch_size * processes
+            _check(self.effective_batch % per_step == 0, "train.effective_batch",
+                   self.effective_batch, f"must be a multiple of train.batch_size x processes "
+                   f"({self.batch_size} x {processes} = {per_step}): change train.batch_size "
+                   "or the number of GPUs")
+            grad_accum = self.effective_batch // per_step
+        steps = self.steps
+        if self.epochs is not None:
+            steps = max(1, math.ceil(self.epochs * images
+                                     / (self.batch_size * grad_accum * processes)))
+        return dataclasses.replace(self, steps=steps, grad_accum=grad_accum,
+                                   effective_batch=None, epochs=None)
 
 
 @dataclass
@@ -302,8 +336,13 @@ class TierConfig:
     bases: BaseSource = BaseSource.trained
     eval: str = "smoke"  # the isodiff.evaluate preset of the fine-tunes (conf/eval/)
     base_eval: str = "base"  # the preset of a base's quality check (`make bases`)
+    # The config group a spec's datasets name: `data` (data=shapes), or `preset` at the paper
+    # tier (preset=ddpm_celebahq256: checkpoint, model, data and recipe together)
+    dataset_group: str = "data"
 
     def __post_init__(self) -> None:
+        _check(self.dataset_group in ("data", "preset"), "tier.dataset_group",
+               self.dataset_group, "use data or preset")
         for key in ("eval", "base_eval"):
             preset = getattr(self, key)
             _check((CONF / "eval" / f"{preset}.yaml").is_file(), f"tier.{key}", preset,
@@ -317,6 +356,15 @@ class LatentConfig:
     # a diffusers VQModel or AutoencoderKL folder (save_pretrained); null: a pixel model
     autoencoder: str | None = None
     scale: float | None = None  # latent scaling factor; null: the checkpoint's scaling_factor
+
+
+@dataclass
+class AssetsConfig:
+    """The paper tier's checkpoints and datasets, prepared once by `make paper-assets`
+    (isodiff.paper_assets) and checked against their manifests before a job runs."""
+
+    root: str = "assets"  # conf/train.yaml: $ISODIFF_ASSETS, else ./assets
+    required: list[str] = field(default_factory=list)  # asset names a preset needs
 
 
 @dataclass
@@ -338,6 +386,7 @@ class TrainConfig:
     tier: TierConfig = field(default_factory=TierConfig)
     stage: Stage = Stage.none
     latent: LatentConfig = field(default_factory=LatentConfig)
+    assets: AssetsConfig = field(default_factory=AssetsConfig)
 
     def __post_init__(self) -> None:
         _check(self.seed >= 0, "seed", self.seed, "must be >= 0")

@@ -9,7 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from isodiff import distributed
+from isodiff import parallel
 from isodiff.cli import USAGE, fail, hydra_main
 from isodiff.config import CONF, UserError
 from isodiff.evaluation import (
@@ -25,11 +25,9 @@ log = logging.getLogger("isodiff.evaluate")
 
 @hydra.main(config_path=str(CONF), config_name="evaluate", version_base=None)
 def main(cfg: DictConfig) -> dict:
-    if (rank := distributed.rank()) != 0:  # a multi-task profile: one evaluation per job
-        log.info("rank %d: the evaluation runs on rank 0 alone", rank)
-        return {}
+    ranks, device = parallel.join()  # a launcher's processes share the work (one writer)
     try:
-        return evaluate_run(to_evaluate_config(cfg))
+        return evaluate_run(to_evaluate_config(cfg), ranks, device)
     except (UserError, EvaluationFailed) as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the launcher evaluates the other runs, then reports this one

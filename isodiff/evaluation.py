@@ -15,6 +15,7 @@ the weights they recorded, are evaluated.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -32,7 +33,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from isodiff import pictures, runs
+from isodiff import paper_assets, pictures, runs
 from isodiff.assets import atomic_save
 from isodiff.config import ConfigError, to_train_config
 from isodiff.latent import build_codec
@@ -51,6 +52,7 @@ from isodiff.metrics import (
 )
 from isodiff.metrics.common import EvalContext, MetricResult, protocol_of
 from isodiff.models import load_unet, nonfinite, resolve_checkpoint
+from isodiff.parallel import Ranks
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +168,10 @@ def full_fp32(device: torch.device) -> dict[str, Any]:
     return {"tf32": False}
 
 
-def build_context(cfg: EvaluateConfig) -> tuple[EvalContext, dict[str, Any]]:
+def build_context(cfg: EvaluateConfig, ranks: Ranks | None = None,
+                  device: torch.device | None = None) -> tuple[EvalContext, dict[str, Any]]:
     """The run's model and data as an EvalContext, and the protocol fields all metrics share.
+    With several processes (ranks), each on its own `device`, the metrics share the work.
 
     Refuses a run that is not done (ConfigError naming the state and the fix).
     """
@@ -184,7 +188,9 @@ def build_context(cfg: EvaluateConfig) -> tuple[EvalContext, dict[str, Any]]:
     if cfg.clip_sample is not None:
         train_cfg.diffusion.clip_sample = cfg.clip_sample
     _, subfolder = resolve_checkpoint(str(run_dir), cfg.ema)
-    unet = load_unet(str(run_dir), ema=cfg.ema).to(_device(cfg.device))
+    if train_cfg.assets.required:  # a paper-tier run: its data, checked as prepared
+        paper_assets.require(train_cfg.assets.required, train_cfg.assets.root)
+    unet = load_unet(str(run_dir), ema=cfg.ema).to(device or _device(cfg.device))
     if bad := nonfinite(unet.named_parameters()):
         raise ConfigError(f"run={cfg.run!r}: final/{subfolder} holds non-finite weights "
                           f"({len(bad)} tensors, e.g. {bad[0]}): nothing is measured; retrain "
@@ -192,7 +198,7 @@ def build_context(cfg: EvaluateConfig) -> tuple[EvalContext, dict[str, Any]]:
     refs_dir = Path(cfg.refs_dir) if cfg.refs_dir else run_dir.parent.parent / "_refs"
     ctx = EvalContext(unet, train_cfg.diffusion, train_cfg.data, seed=cfg.seed,
                       batch_size=cfg.batch_size, refs_dir=refs_dir, progress=cfg.progress,
-                      codec=build_codec(train_cfg.latent, unet.device))
+                      codec=build_codec(train_cfg.latent, unet.device), ranks=ranks)
     common = {"seed": cfg.seed, "weights": f"final/{subfolder}",
               "weights_sha256": runs.weights_digest(runs.read_status(run_dir), subfolder),
               "ema": subfolder == "unet_ema", "sampler": "DDIM eta=0 fp32",
@@ -259,7 +265,7 @@ def compute_entry(ctx: EvalContext, name: str, metric_cfg: Any, request: dict[st
         raise RuntimeError(f"{name} rewrites the requested protocol fields {clash}: name "
                            "what it resolved differently (e.g. <field>_used)")
     arrays = None
-    if result.arrays:
+    if result.arrays and ctx.ranks.main:
         atomic_save(run_dir / "eval" / f"{name}.npz",
                     lambda tmp, arrays=result.arrays: np.savez(tmp, **arrays))
         arrays = f"eval/{name}.npz"
@@ -288,29 +294,35 @@ def _failure(err: BaseException, request: dict[str, Any] | None = None) -> dict[
             "when": _now(), **({"protocol": request} if request else {})}
 
 
-def evaluate_run(cfg: EvaluateConfig) -> dict[str, Any]:
+def evaluate_run(cfg: EvaluateConfig, ranks: Ranks | None = None,
+                 device: torch.device | None = None) -> dict[str, Any]:
     """Compute every selected metric not already stored with the same protocol; returns
     the content of metrics.json. Raises EvaluationFailed, after trying every metric, when
-    some failed."""
+    some failed. Under a launcher, the job's processes (`ranks`, each on its `device`)
+    share every metric's batches and rank 0 alone writes (isodiff.parallel)."""
     run_dir = Path(cfg.run).expanduser()
     names = cfg.metrics or [n for n in METRICS if getattr(cfg.eval, n).enabled]
     try:
-        ctx, common = build_context(cfg)
+        ctx, common = build_context(cfg, ranks, device)
     except Exception as err:
-        if runs.is_done(run_dir):  # a finished run that cannot be measured: its own record
+        if runs.is_done(run_dir) and (ranks or Ranks()).main:  # measured by nobody: recorded
             for name in names:
                 update_record(run_dir, name, failure=_failure(err))
         raise
     made_by = runs.provenance()
-    write_samples(ctx, cfg.eval, run_dir / "samples.png")
-    (run_dir / "eval").mkdir(exist_ok=True)  # arrays and per-metric locks
+    main = ctx.ranks.main  # the one writer; the other processes compute their share
+    if main:
+        write_samples(ctx, cfg.eval, run_dir / "samples.png")
+        (run_dir / "eval").mkdir(exist_ok=True)  # arrays and per-metric locks
     failures = {}
     for name in names:
         metric_cfg = getattr(cfg.eval, name)
         request = _json_normal({**common, **protocol_of(metric_cfg)})
-        with runs.exclusive(run_dir / "eval" / f".{name}.lock", f"{name} of {run_dir.name}"):
+        with (runs.exclusive(run_dir / "eval" / f".{name}.lock", f"{name} of {run_dir.name}")
+              if main else contextlib.nullcontext()):
             stored = read_record(run_dir)["metrics"].get(name, {}).get("protocol", {})
-            if not cfg.force and all(stored.get(k) == v for k, v in request.items()):
+            if ctx.ranks.share(not cfg.force and all(stored.get(k) == v
+                                                     for k, v in request.items())):
                 log.info("%s: up to date with this protocol, skipped", name)
                 continue
             log.info("%s: computing", name)
@@ -319,9 +331,11 @@ def evaluate_run(cfg: EvaluateConfig) -> dict[str, Any]:
             except Exception as err:  # the other metrics are still computed
                 log.exception("%s failed", name)
                 failures[name] = f"{type(err).__name__}: {err}"
-                update_record(run_dir, name, failure=_failure(err, request))
+                if main:
+                    update_record(run_dir, name, failure=_failure(err, request))
                 continue
-            update_record(run_dir, name, entry)
+            if main:
+                update_record(run_dir, name, entry)
     if failures:
         raise EvaluationFailed(f"{run_dir}: {len(failures)} of {len(names)} metrics failed ("
                                + "; ".join(f"{k}: {v}" for k, v in failures.items())

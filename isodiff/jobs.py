@@ -11,8 +11,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from isodiff import distributed, runs
-from isodiff.config import ConfigError, TrainConfig, to_train_config
+from isodiff import distributed, paper_assets, runs
+from isodiff.config import TrainConfig, UserError, to_train_config
 from isodiff.models import resolve_checkpoint
 
 log = logging.getLogger(__name__)
@@ -46,9 +46,12 @@ def run_job(cfg: DictConfig, run_dir: Path, work: Callable[[TrainConfig, Path], 
     """
     try:
         typed = to_train_config(cfg)
-        if typed.init_from and not runs.is_done(run_dir):  # its base exists and is done
-            resolve_checkpoint(typed.init_from)
-    except ConfigError:
+        if not runs.is_done(run_dir):
+            # a preset's assets as prepared (named, with the command that fetches them)
+            paper_assets.require(typed.assets.required, typed.assets.root)
+            if typed.init_from:  # its base exists and is done
+                resolve_checkpoint(typed.init_from)
+    except UserError:
         remove_empty(run_dir, Path(str(cfg.get("run_root", run_dir.parent))))
         raise
     if distributed.rank() != 0:  # rank 0 alone keeps the run folder's books (and its lock)

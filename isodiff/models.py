@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import UNet2DModel
@@ -139,14 +140,18 @@ def nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
     return [name for name, tensor in named if not bool(torch.isfinite(tensor).all())]
 
 
+def config_mismatch(cfg: ModelConfig, config: Mapping[str, Any]) -> dict[str, tuple]:
+    """The keys where a loaded U-Net's config differs from `cfg`: (cfg's, the config's)."""
+    return {key: (value, config.get(key)) for key, value in unet_kwargs(cfg).items()
+            if _comparable(value) != _comparable(config.get(key))}
+
+
 def init_unet(cfg: ModelConfig, init_from: str | None) -> HUNet:
     """The model named by `cfg`, or the pretrained `init_from` when its config matches cfg."""
     if init_from is None:
         return build_unet(cfg)
     unet = load_unet(init_from)
-    differ = {key: (value, unet.config.get(key)) for key, value in unet_kwargs(cfg).items()
-              if _comparable(value) != _comparable(unet.config.get(key))}
-    if differ:
+    if differ := config_mismatch(cfg, unet.config):
         detail = ", ".join(f"{k}: model={v!r} checkpoint={c!r}" for k, (v, c) in differ.items())
         raise ConfigError(f"init_from={init_from!r} does not match model={cfg.name} ({detail}); "
                           "pick the model config that describes the checkpoint")

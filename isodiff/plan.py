@@ -57,8 +57,9 @@ class Plan:
         return "\n".join(lines)
 
 
-def compose_job(overrides: list[str]) -> DictConfig:
-    """conf/train.yaml composed with overrides and validated; ConfigError names the key."""
+def compose_job(overrides: list[str], validate: bool = True) -> DictConfig:
+    """conf/train.yaml composed with overrides and validated (validate=False: composed
+    only, for the keys every job shares); ConfigError names the key."""
     import isodiff.train  # noqa: F401  (schemas and the job_name resolver)
 
     GlobalHydra.instance().clear()
@@ -66,10 +67,11 @@ def compose_job(overrides: list[str]) -> DictConfig:
         with initialize_config_dir(str(CONF), version_base=None):
             cfg = compose("train", overrides=overrides, return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)
-        job = cfg.copy()
-        with open_dict(job):
-            del job["hydra"]
-        to_train_config(job)
+        if validate:
+            job = cfg.copy()
+            with open_dict(job):
+                del job["hydra"]
+            to_train_config(job)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(one_line(err)) from err
     return cfg
@@ -138,7 +140,7 @@ def compile_plan(spec: Spec, tier: str, bases: dict[str, Path], trained: bool,
                 raise ConfigError(f"spec {spec.name}, job {' '.join(job.overrides)}: {err}"
                                   ) from err
             folder = _relative(Path(cfg.hydra.run.dir).resolve(), cfg)
-            point = dict(o.split("=", 1) for o in job.overrides if not o.startswith("data="))
+            point = dict(o.split("=", 1) for o in job.overrides[1:])  # after the dataset
             jobs.append(PlannedJob(folder, FINETUNE, dataset, point, sorted(metrics), base_ref
                                    or (None if base is None else runs.base_identity(str(base)))))
     return Plan(spec.name, tier, jobs, spec)

@@ -44,11 +44,12 @@ PACKAGES = ("isodiff", "torch", "diffusers", "accelerate", "clean-fid", "lpips",
 
 # Keys that do not change what a job computes: excluded from its identity (data.attributes
 # and data.attribute_names label the images for the metrics; training never reads them).
+MANIFEST = "MANIFEST.json"  # a prepared asset's file list with sha256 (isodiff.paper_assets)
 NON_IDENTITY_KEYS = ("run_root", "name", "name_keys", "experiment", "tier", "train.progress",
                      "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.cpu_threads", "train.grid_samples", "train.grid_steps",
                      "diffusion.clip_sample", "data.num_workers", "data.attributes",
-                     "data.attribute_names", "cluster", "hydra")
+                     "data.attribute_names", "cluster", "hydra", "assets")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -262,6 +263,18 @@ def base_identity(init_from: str) -> str:
     return init_from
 
 
+def folder_identity(root: str) -> str:
+    """What a signature holds of a data folder: a prepared asset (isodiff.paper_assets) by
+    its manifest's files, so the same images are the same job wherever the assets live;
+    any other folder by its path."""
+    try:
+        files = json.loads((Path(root).expanduser() / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return root
+    return "manifest:" + hashlib.sha256(json.dumps(files, sort_keys=True).encode()
+                                        ).hexdigest()[:16]
+
+
 def _readable(value: Any) -> str:
     if isinstance(value, DictConfig):  # a config group: its name (data.name, model.name)
         value = value.get("name")
@@ -298,6 +311,11 @@ def job_name(override_dirname: str, *, _root_: DictConfig) -> str:
         _root_, [k for k in _root_ if k not in ("hydra", "name")]), resolve=True)
     if cfg.get("init_from"):
         cfg["init_from"] = base_identity(str(cfg["init_from"]))
+    if (cfg.get("data") or {}).get("root"):
+        cfg["data"]["root"] = folder_identity(str(cfg["data"]["root"]))
+    for key in ("effective_batch", "epochs"):  # unset: the signature is what it was before
+        if cfg.get("train", {}).get(key, 0) is None:
+            del cfg["train"][key]
     latent = cfg.pop("latent", None) or {}
     if latent.get("autoencoder"):  # a pixel model's signature is what it was before latents
         cfg["latent"] = {**latent, "autoencoder": base_identity(str(latent["autoencoder"]))}

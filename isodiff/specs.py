@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from isodiff.config import ConfigError, shipped
+from isodiff.config import ConfigError, shipped, tier_config
 
 EXPERIMENTS = shipped("experiments")
 
@@ -55,8 +55,10 @@ class Spec:
     notes: list[str] = field(default_factory=list)
 
     def datasets_for(self, tier: str) -> list[str]:
+        """The spec's datasets at a tier ([]: the spec has no jobs at that tier)."""
         override = self.tiers.get(tier)
-        return override.datasets if override and override.datasets else self.datasets
+        return override.datasets if override and override.datasets is not None \
+            else self.datasets
 
     def metrics_for(self, tier: str) -> list[str]:
         override = self.tiers.get(tier)
@@ -114,9 +116,15 @@ def canonical(value: Any) -> str:
         return str(value)
 
 
+def dataset_override(tier: str, dataset: str) -> str:
+    """The override a spec's dataset stands for at this tier: data=<name>, or at the paper
+    tier preset=<name> (tier.dataset_group)."""
+    return f"{tier_config(tier).dataset_group}={dataset}"
+
+
 def grid_overrides(spec: Spec, tier: str, dataset: str) -> list[str]:
     """The Hydra multirun arguments whose cartesian product is the dataset's jobs."""
-    return [f"data={dataset}", *spec.overrides,
+    return [dataset_override(tier, dataset), *spec.overrides,
             *(f"{k}={','.join(format_value(v) for v in values)}"
               for k, values in spec.grid_for(tier).items())]
 
@@ -129,7 +137,7 @@ def expand(spec: Spec, tier: str) -> list[Job]:
     for dataset in spec.datasets_for(tier):
         for values in itertools.product(*(grid[k] for k in keys)):
             point = tuple(zip(keys, values, strict=True))
-            overrides = (f"data={dataset}", *spec.overrides,
+            overrides = (dataset_override(tier, dataset), *spec.overrides,
                          *(f"{k}={format_value(v)}" for k, v in point))
             jobs.append(Job(dataset, overrides, point))
     return jobs

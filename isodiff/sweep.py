@@ -19,14 +19,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from isodiff import plan, runs
+from isodiff import paper_assets, plan, runs
 from isodiff.config import BaseSource, UserError, tier_config
 from isodiff.evaluation import METRICS, metric_of
-from isodiff.specs import (
-    Spec,
-    all_specs,
-    load_spec,
-)
+from isodiff.specs import Spec, all_specs, dataset_override, load_spec
 
 log = logging.getLogger("isodiff.sweep")
 # The overrides that choose where jobs run: they go to every stage (training, evaluation).
@@ -125,7 +121,7 @@ def compile_plans(specs: list[Spec], tier: str, extra: list[str]
         bases = {}  # given: init_from= among the overrides
     plans = [plan.compile_plan(t, tier, bases, trained, sorted(evaluation_metrics(t, tier)),
                                extra) for t in tables]
-    root = plan.tier_dir(plan.compose_job([f"tier={tier}", *extra]))
+    root = plan.tier_dir(plan.compose_job([f"tier={tier}", *extra], validate=False))
     return plans, bases, root
 
 
@@ -140,6 +136,10 @@ def run_specs(specs: list[Spec], tier: str, extra: list[str]) -> dict[str, dict[
     """The plans (written beside the runs), then the bases, every spec's training, and one
     evaluation of all their jobs; returns the job states per spec (from status files)."""
     plans, bases, root = compile_plans(specs, tier, extra)
+    for dataset in dict.fromkeys(job.dataset for p in plans for job in p.finetunes()):
+        required = plan.compose_job([f"tier={tier}", dataset_override(tier, dataset), *extra])
+        # every preset's assets, before anything is launched
+        paper_assets.require(required.assets.required, required.assets.root)
     for compiled in plans:
         log.info("plan: %s", plan.write_plan(compiled, root))
     settings = tier_config(tier)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -86,10 +87,8 @@ class TrainState:
     codec: Codec  # images -> the space the U-Net models (the identity for a pixel model)
 
 
-def build_state(cfg: TrainConfig) -> TrainState:
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision.value)
-    if cfg.train.cpu_threads and accelerator.device.type == "cpu":
-        torch.set_num_threads(cfg.train.cpu_threads)
+def build_state(cfg: TrainConfig, accelerator: Accelerator) -> TrainState:
+    """The model, objective, optimizer and EMA of `cfg` (whose train.steps is resolved)."""
     torch.manual_seed(seeding.derive_seed(cfg.seed, "init"))
     unet = init_unet(cfg.model, cfg.init_from)
     regulariser = build_regulariser(cfg.iso) if cfg.regularised else None
@@ -297,11 +296,30 @@ def draw_timesteps(cfg: TrainConfig, batch_size: int, g: torch.Generator
     return sample_timesteps(batch_size, T, cfg.iso.window, cfg.iso.schedule.value, g)
 
 
+def step_mean(acc: Accelerator, totals: dict[str, float]) -> dict[str, float]:
+    """The whole step's losses from every process's: the mean over processes. A process
+    whose micro-batches had no iso term has none ("iso" absent) and counts it as 0, as one
+    process accumulating all the micro-batches would."""
+    keys = ("loss", "mse", "iso")
+    values = torch.tensor([totals.get(k, 0.0) for k in keys] + [float("iso" in totals)],
+                          dtype=torch.float64, device=acc.device)
+    *means, any_iso = acc.reduce(values, "sum").tolist()
+    out = {k: v / acc.num_processes for k, v in zip(keys, means, strict=True)}
+    if not any_iso:
+        del out["iso"]
+    return out
+
+
 def train(cfg: TrainConfig, run_dir: Path) -> dict:
     """Train (or resume) the job in run_dir; returns a summary for status.json."""
-    state = build_state(cfg)
-    acc, loop = state.accelerator, cfg.train
+    acc = Accelerator(mixed_precision=cfg.train.mixed_precision.value)
+    if cfg.train.cpu_threads and acc.device.type == "cpu":
+        torch.set_num_threads(cfg.train.cpu_threads)
     dataset: Dataset = build_dataset(cfg.data, "train")
+    # images: a pass over the distinct images (data.flip's mirrored copies are not new ones)
+    images = len(dataset) // (2 if cfg.data.flip else 1)
+    cfg = dataclasses.replace(cfg, train=cfg.train.resolved(images, acc.num_processes))
+    state, loop = build_state(cfg, acc), cfg.train
     start_step, change = resume(state, run_dir)
     if start_step:
         log.info("resuming %s from step %d", run_dir, start_step)
@@ -323,7 +341,11 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
         totals: dict[str, float] = {}
         for micro in range(loop.grad_accum):
             x0 = state.codec.encode(next(batches)[0].to(acc.device))  # no graph: frozen
-            g = seeding.generator(cfg.seed, "train", step, micro, acc.process_index)
+            # keyed by the micro-batch's place in the step over all processes (its data's
+            # place too, StepBatches): W processes draw what one process accumulating W
+            # times as often draws, and a single process draws what it always drew
+            g = seeding.generator(cfg.seed, "train", step,
+                                  micro * acc.num_processes + acc.process_index, 0)
             t, iso_mask = draw_timesteps(cfg, x0.shape[0], g)
             noise = torch.randn(x0.shape, generator=g).to(acc.device)
             sync = (contextlib.nullcontext() if micro == loop.grad_accum - 1
@@ -351,6 +373,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
         progress.set_postfix(loss=f"{totals['loss']:.4f}")
         if done % loop.log_every == 0 or done == loop.steps:
             elapsed = time.perf_counter() - tic
+            if acc.num_processes > 1:
+                totals = step_mean(acc, totals)
             last = {"step": done, **totals, "lr": state.lr_scheduler.get_last_lr()[0],
                     "steps_per_s": (done - last_logged) / max(elapsed, 1e-9)}
             metric_log.write(last)
@@ -364,6 +388,6 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
     write_grid(state, cfg, run_dir, loop.steps, metric_log.tb)
     metric_log.close()
     acc.wait_for_everyone()
-    return {"step": loop.steps, "environment": environment(acc),
+    return {"step": loop.steps, "grad_accum": loop.grad_accum, "environment": environment(acc),
             "final_loss": last.get("loss", math.nan),
             "final_mse": last.get("mse", math.nan), "steps_per_s": last.get("steps_per_s")}

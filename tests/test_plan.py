@@ -180,15 +180,3 @@ def test_rank_counts_slurm_tasks_before_torch_knows_of_them() -> None:
     assert distributed.rank({"RANK": "3"}) == 3
     assert distributed.rank({"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2"}) == 1
     assert distributed.rank({"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "1"}) == 0
-
-
-def test_evaluation_runs_once_per_multi_task_job(tmp_path: Path) -> None:
-    """Task 1 of a 2-task SLURM step evaluates nothing (task 0 does the whole job)."""
-    run_dir = tmp_path / "job"
-    run_dir.mkdir()
-    runs.write_status(run_dir, runs.DONE, weights={})
-    result = run_cli("isodiff.evaluate", f"run={run_dir}", "eval=smoke", "metrics=[liso]",
-                     SLURM_PROCID="1", SLURM_STEP_NUM_TASKS="2")
-    assert result.returncode == 0, result.stderr
-    assert "rank 1: the evaluation runs on rank 0 alone" in result.stdout + result.stderr
-    assert not (run_dir / "metrics.json").exists()

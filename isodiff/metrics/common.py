@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -26,9 +26,11 @@ from isodiff.geometry import lerp, slerp
 from isodiff.latent import Codec
 from isodiff.metrics.perceptual import Distance, lpips_distance
 from isodiff.models import HUNet
+from isodiff.parallel import Ranks, to_cpu
 from isodiff.runs import config_hash
 from isodiff.sampling import DDIM, SampleRNG, latents, to_images
 
+T = TypeVar("T")
 PATHS = {"slerp": slerp, "lerp": lerp}
 # Recorded in the protocol of every metric on slerp paths: the official scripts differ on
 # it from one to the next, isodiff uses geometry.slerp everywhere.
@@ -71,14 +73,17 @@ class EvalContext:
     classifiers), shared by the runs of a tier; random_lpips: random LPIPS trunks, for
     unit tests only (their provenance says so, and evaluate refuses to record them);
     cache_bytes: memory for generated images shared between metrics (`generated`); codec:
-    a latent model's autoencoder (isodiff.latent), which every image passes through.
+    a latent model's autoencoder (isodiff.latent), which every image passes through;
+    ranks: the job's processes, which share the chunks of `map` (isodiff.parallel).
     """
 
     def __init__(self, unet: HUNet, diffusion: DiffusionConfig, data: DataConfig, *,
                  seed: int = 0, batch_size: int = 64, refs_dir: Path | str = "refs",
                  progress: bool = False, random_lpips: bool = False,
-                 cache_bytes: int = 2**30, codec: Codec | None = None) -> None:
+                 cache_bytes: int = 2**30, codec: Codec | None = None,
+                 ranks: Ranks | None = None) -> None:
         self.unet, self.diffusion, self.data = unet.float().eval(), diffusion, data
+        self.ranks = ranks or Ranks()
         self.seed, self.batch_size, self.progress = seed, batch_size, progress
         self.refs_dir, self.random_lpips = Path(refs_dir), random_lpips
         self.codec = codec or Codec()
@@ -170,19 +175,51 @@ class EvalContext:
     def real_batches(self, split: str, n: int, key: str) -> Iterator[torch.Tensor]:
         """The first n images of a split in batches, (B, C, H, W) in [-1, 1]; refuses a
         split with fewer (key: the config key that asked for n)."""
+        for rows in self.chunks(n, f"{split} images"):
+            yield self.real_images(split, rows, n, key)
+
+    def real_images(self, split: str, rows: range, n: int, key: str) -> torch.Tensor:
+        """Images `rows` of the first n of a split, (B, C, H, W) in [-1, 1]; refuses a split
+        with fewer than n (key: the config key that asked for n)."""
         dataset = self.dataset(split)
         if n > len(dataset):
             raise ConfigError(f"{key}={n} asks for more images than the {split} split of "
                               f"data={self.data.name.value} holds ({len(dataset)})")
-        for rows in self.chunks(n, f"{split} images"):
-            yield torch.stack([dataset[i][0] for i in rows])
+        return torch.stack([dataset[i][0] for i in rows])
 
     def chunks(self, n: int, desc: str, size: int | None = None) -> Iterator[range]:
         """Index ranges covering range(n), one batch each, with a progress bar."""
         size = size or self.batch_size
         starts = range(0, n, size)
-        for lo in tqdm(starts, desc=desc, disable=not self.progress, leave=False):
+        for lo in tqdm(starts, desc=desc, disable=not (self.progress and self.ranks.main),
+                       leave=False):
             yield range(lo, min(lo + size, n))
+
+    def map(self, fn: Callable[[range], T], n: int, desc: str, size: int | None = None
+            ) -> list[T]:
+        """fn of every chunk of `chunks`, in order. With several processes each computes
+        the chunks that are its share and all receive every result (isodiff.parallel), so
+        fn must depend on its rows alone."""
+        parts = list(self.chunks(n, desc, size)) if self.ranks.world > 1 else None
+        if parts is None:
+            return [fn(rows) for rows in self.chunks(n, desc, size)]
+        mine = {k: to_cpu(fn(rows)) for k, rows in enumerate(tqdm(
+            parts, desc=desc, disable=not (self.progress and self.ranks.main), leave=False))
+            if self.ranks.mine(k)}
+        return self.ranks.gather(mine, len(parts))
+
+    def shared_cache(self, path: Path, build: Callable[[], dict[str, np.ndarray]]
+                     ) -> dict[str, np.ndarray]:
+        """A dataset-level .npz cache whose build may itself use `map`: rank 0 holds the
+        lock and decides, every process builds when it is missing, rank 0 writes."""
+        with self.building(path) if self.ranks.main else contextlib.nullcontext():
+            if self.ranks.share(not path.is_file()):
+                arrays = build()
+                if self.ranks.main:
+                    assets.atomic_save(path, lambda tmp: np.savez(tmp, **arrays))
+                return arrays
+        with np.load(path) as stored:
+            return dict(stored)
 
     def endpoints(self, indices: Iterable[int]) -> tuple[torch.Tensor, torch.Tensor, SampleRNG]:
         """Pair i of every interpolation metric: (x0, x1) ~ N(0, I), seeded by (seed, i); the

@@ -69,15 +69,17 @@ def evaluate(ctx: EvalContext, cfg: InterpConfig) -> MetricResult:
     ddim = ctx.ddim(cfg.steps)
     values, arrays = {}, {}
     for path in cfg.paths:
-        curves, kept = [], []
-        for rows in ctx.chunks(cfg.pairs, f"interp {path}",
-                               size=max(1, ctx.batch_size // cfg.frames)):
+        def chunk(rows: range, path: str = path) -> tuple[np.ndarray, np.ndarray]:
             x0, x1, _ = ctx.endpoints(rows)
             images = ctx.images(ddim.sample(path_points(x0, x1, cfg.frames, path)).x)
             frames = images.reshape(len(rows), cfg.frames, *images.shape[1:])
-            curves.append(adjacent_distances(frames, distance))
-            kept.append(quantise(frames[:max(0, cfg.keep_frames - rows.start)]).numpy())
-        d = np.concatenate(curves)
+            return (adjacent_distances(frames, distance),
+                    quantise(frames[:max(0, cfg.keep_frames - rows.start)]).numpy())
+
+        parts = ctx.map(chunk, cfg.pairs, f"interp {path}",
+                        size=max(1, ctx.batch_size // cfg.frames))
+        d = np.concatenate([curve for curve, _ in parts])
+        kept = [frames for _, frames in parts]
         values.update({f"{path}_{k}": v for k, v in smoothness(d).items()})
         arrays[f"{path}_adjacent"] = d
         arrays[f"{path}_frames"] = np.concatenate(kept)

@@ -48,13 +48,15 @@ def evaluate(ctx: EvalContext, cfg: InversionConfig) -> MetricResult:
     their reconstructions, (K, C, H, W) uint8."""
     distance, weights = ctx.lpips(cfg.net)
     ddim = ctx.ddim(cfg.steps)
-    parts, sources, reconstructions = [], [], []
-    for x in ctx.real_batches("test", cfg.n, "eval.inversion.n"):
+    def chunk(rows: range) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        x = ctx.real_images("test", rows, cfg.n, "eval.inversion.n")
         x_rec = ctx.images(ddim.sample(ddim.invert(ctx.codec.encode(x)).x).x)
-        parts.append(reconstruction_errors(x, x_rec, distance))
-        keep = max(0, cfg.keep_images - sum(len(s) for s in sources))
-        sources.append(quantise(x[:keep]).numpy())
-        reconstructions.append(quantise(x_rec[:keep]).numpy())
+        keep = max(0, cfg.keep_images - rows.start)
+        return (reconstruction_errors(x, x_rec, distance), quantise(x[:keep]).numpy(),
+                quantise(x_rec[:keep]).numpy())
+
+    chunks = ctx.map(chunk, cfg.n, "test images")
+    parts, sources, reconstructions = (list(column) for column in zip(*chunks, strict=True))
     errors = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     values = {k: float(v.mean()) for k, v in errors.items()}
     images = {"sources": np.concatenate(sources),

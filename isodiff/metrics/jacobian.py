@@ -165,14 +165,13 @@ def evaluate(ctx: EvalContext, cfg: JacobianConfig) -> MetricResult:
         exact = cfg.method == "exact" or (cfg.method == "auto" and m * x_t[0].numel()
                                           <= cfg.max_exact)
         methods[t] = "exact" if exact else f"lanczos-k{cfg.k}"
-        rows = []
-        with higher_order_ad():
-            for i in ctx.chunks(cfg.n, f"Jacobian t={t}", size=1):
-                x = x_t[i.start]
-                with torch.no_grad():
-                    rows.append(singular_values_exact(f, x, cfg.tangent, ctx.batch_size)
-                                if exact else singular_values_lanczos(f, x, cfg.k, cfg.tangent))
-        s = np.stack(rows)
+        def sample(i: range, f=f, x_t=x_t, exact=exact) -> np.ndarray:
+            x = x_t[i.start]
+            with higher_order_ad(), torch.no_grad():
+                return (singular_values_exact(f, x, cfg.tangent, ctx.batch_size) if exact
+                        else singular_values_lanczos(f, x, cfg.k, cfg.tangent))
+
+        s = np.stack(ctx.map(sample, cfg.n, f"Jacobian t={t}", size=1))
         values[f"mcn_t{t}"] = mean_condition_number(s)
         values[f"vor_t{t}"] = variance_of_riemannian_metric(s, cfg.vor_ddof)
         arrays[f"singular_values_t{t}"] = s

@@ -45,15 +45,16 @@ def evaluate(ctx: EvalContext, cfg: LisoConfig) -> MetricResult:
         if not 0 <= t < ctx.diffusion.num_train_timesteps:
             raise ConfigError(f"eval.liso.timesteps: t={t} is outside [0, T)")
         a = float(alphas[t])
-        num, den = [], []
-        for rows in ctx.chunks(cfg.n, f"L_iso t={t}"):
+        def chunk(rows: range, a: float = a, t: int = t) -> tuple[torch.Tensor, torch.Tensor]:
             x = (a ** 0.5 * x_0[rows.start:rows.stop] + (1 - a) ** 0.5
                  * noise[rows.start:rows.stop]).float().to(ctx.device).requires_grad_()
             v = probes[rows.start:rows.stop].transpose(0, 1).to(ctx.device)
             with higher_order_ad():
                 terms = isometry_terms(ctx.unet.encode_h(x, t), x, v, metric="spherical")
-            num.append(terms[0].detach().double().cpu())
-            den.append(terms[1].detach().double().cpu())
+            return terms[0].detach().double().cpu(), terms[1].detach().double().cpu()
+
+        parts = ctx.map(chunk, cfg.n, f"L_iso t={t}")
+        num, den = [p[0] for p in parts], [p[1] for p in parts]
         values[f"liso_t{t}"] = float(torch.cat(num, 1).mean() / torch.cat(den, 1).mean() ** 2)
     values["liso"] = float(np.mean([values[f"liso_t{t}"] for t in cfg.timesteps]))
     values["liso_scaled"] = values["liso"] * (int(np.prod(ctx.x_shape)) - 1)

@@ -91,16 +91,14 @@ def evaluate(ctx: EvalContext, cfg: PPLConfig) -> MetricResult:
     def generate(z: torch.Tensor) -> torch.Tensor:
         return ctx.images(ddim.sample(z).x)
 
-    d: dict[str, list[np.ndarray]] = {v: [] for v in cfg.variants}
-    ws = []
-    for rows in ctx.chunks(cfg.n, "PPL", size=max(1, ctx.batch_size // 2)):
+    def chunk(rows: range) -> tuple[dict[str, np.ndarray], np.ndarray]:
         x0, x1, rng = ctx.endpoints(rows)
         w = rng.rand().reshape(-1)
-        for v, values in path_lengths(generate, distances, x0, x1, w, cfg.epsilon,
-                                      cfg.crop).items():
-            d[v].append(values)
-        ws.append(w.numpy())
-    d_all = {v: np.concatenate(parts) for v, parts in d.items()}
+        return path_lengths(generate, distances, x0, x1, w, cfg.epsilon, cfg.crop), w.numpy()
+
+    parts = ctx.map(chunk, cfg.n, "PPL", size=max(1, ctx.batch_size // 2))
+    d_all = {v: np.concatenate([d[v] for d, _ in parts]) for v in cfg.variants}
+    ws = [w for _, w in parts]
     values = {}
     if "stylegan" in d_all:
         values["ppl_stylegan"] = percentile_mean(d_all["stylegan"])

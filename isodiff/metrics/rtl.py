@@ -61,8 +61,7 @@ def evaluate(ctx: EvalContext, cfg: RTLConfig) -> MetricResult:
     ddim = ctx.ddim(cfg.steps)
     timesteps = ddim.schedule.timesteps[:1] if cfg.timesteps == "T" else ddim.schedule.timesteps
     pairs_per_batch = max(1, ctx.batch_size // points)
-    rtl = []
-    for rows in ctx.chunks(cfg.pairs, "RTL", size=pairs_per_batch):
+    def chunk(rows: range) -> np.ndarray:
         x0, x1, _ = ctx.endpoints(rows)
         z = path_points(x0, x1, points)
         if cfg.timesteps == "T":
@@ -71,8 +70,9 @@ def evaluate(ctx: EvalContext, cfg: RTLConfig) -> MetricResult:
         else:
             h = ddim.sample(z, return_h=True).h
         h = h.double().numpy().reshape(len(timesteps), len(rows), points, -1)
-        rtl.append(relative_trajectory_lengths(h).T)  # (pairs, timesteps)
-    rtl = np.concatenate(rtl)
+        return relative_trajectory_lengths(h).T  # (pairs, timesteps)
+
+    rtl = np.concatenate(ctx.map(chunk, cfg.pairs, "RTL", size=pairs_per_batch))
     values = {"mrtl": float(rtl.mean()), "rtl_T": float(rtl[:, 0].mean())}
     arrays = {"rtl": rtl, "timesteps": timesteps.numpy()}
     return MetricResult(values, {**protocol_of(cfg), "slerp": SLERP_CONVENTION}, arrays=arrays)
