@@ -1,8 +1,9 @@
 """The training loop: accelerate, EMA, checkpoints with rotation and exact resume.
 
-Every random draw of step s comes from a generator seeded by (seed, s, micro-batch, rank)
-and the data order from one seeded by (seed, epoch), so a job resumed from its last
-checkpoint reaches bitwise the weights of an uninterrupted one (on CPU).
+Every random draw of step s comes from a generator seeded by (seed, s, micro-batch's place
+in the step over all processes) and the data order from one seeded by (seed, epoch), so a
+job resumed from its last checkpoint reaches bitwise the weights of an uninterrupted one (on
+CPU), and W processes draw what one process accumulating W times as often draws.
 """
 
 from __future__ import annotations

@@ -161,3 +161,13 @@ def test_a_preset_fine_tunes_its_released_checkpoint(tmp_path: Path) -> None:
     weights.write_bytes(bytes(blob))
     proc = _train([*short, "seed=1"], tmp_path / "runs", assets)
     assert proc.returncode == 2 and "diffusion_pytorch_model.safetensors" in proc.stderr
+
+
+def test_a_paper_sweep_checks_every_preset_before_launching(tmp_path: Path) -> None:
+    env = {**os.environ, "ISODIFF_ASSETS": str(tmp_path / "none")}
+    proc = subprocess.run([sys.executable, "-m", "isodiff.sweep", "table_1", "tier=paper",
+                           f"run_root={tmp_path / 'runs'}"], cwd=ROOT, capture_output=True,
+                          text=True, env=env)
+    assert proc.returncode == 2
+    assert "make paper-assets" in proc.stderr and "ONLY=ddpm-cifar10-32" in proc.stderr
+    assert not (tmp_path / "runs").exists()  # no plan, no folder
