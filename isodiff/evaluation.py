@@ -278,6 +278,7 @@ def compute_entry(ctx: EvalContext, name: str, metric_cfg: Any, request: dict[st
         "values": values, **({"nonfinite": dropped} if dropped else {}),
         "protocol": {**request, **result.protocol},
         "provenance": {**result.provenance, **made_by, "device": str(ctx.device),
+                       "processes": ctx.ranks.world,
                        "seconds": time.perf_counter() - start,
                        "sampling_seconds": ctx.sampling_seconds - sampling,
                        "evaluated": _now()},

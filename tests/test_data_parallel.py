@@ -99,6 +99,8 @@ def test_two_processes_evaluate_as_one(trained: dict[int, Path], tmp_path: Path)
     for name, entry in one["metrics"].items():
         assert two["metrics"][name]["values"] == entry["values"], name
         assert two["metrics"][name]["protocol"] == entry["protocol"], name
+        assert (entry["provenance"]["processes"],
+                two["metrics"][name]["provenance"]["processes"]) == (1, 2)
     for path in sorted((runs[1] / "eval").glob("*.npz")):
         with np.load(path) as a, np.load(runs[2] / "eval" / path.name) as b:
             assert sorted(a.files) == sorted(b.files)

@@ -313,3 +313,31 @@ def test_requeued_job_resumes_from_its_checkpoint_with_the_same_weights(
         assert got.keys() == want.keys()
         different = [k for k in got if not (got[k] == want[k]).all()]
         assert not different, f"{sub}: {len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def test_two_task_evaluation_equals_one_task(slurm: dict[str, int], tmp_path: Path) -> None:
+    """isodiff.evaluate under a 2-task SLURM job (the multi-GPU layout, on CPU): the tasks
+    share every metric's chunks and give the metrics of a 1-task job, bit for bit."""
+    proc = run_cli("isodiff.train", "tier=smoke", "train.steps=2", "train.grid_samples=0",
+                   f"run_root={tmp_path / 'runs'}", OMP_NUM_THREADS="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = (tmp_path / "runs" / "smoke" / "default").iterdir()
+    records = {}
+    for tasks in (1, 2):
+        copy, sweep = tmp_path / f"run{tasks}", tmp_path / f"sweep{tasks}"
+        shutil.copytree(run, copy)
+        try:
+            proc = run_cli("isodiff.evaluate", "-m", f"run={copy}", "eval=smoke",
+                           "metrics=[fid,rtl,liso]", "batch_size=2", "eval.fid.n=8",
+                           "eval.fid.ref_n=8", "progress=false", f"refs_dir={tmp_path / 'refs'}",
+                           "cluster=slurm_local", f"hydra.launcher.tasks_per_node={tasks}",
+                           f"hydra.sweep.dir={sweep}", timeout=400)
+        finally:
+            _cancel_leftovers(sweep / ".submitit")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        records[tasks] = OmegaConf.to_container(OmegaConf.load(copy / "metrics.json"))
+    assert "failed" not in records[2] and sorted(records[2]["metrics"]) == ["fid", "liso", "rtl"]
+    for name, entry in records[1]["metrics"].items():
+        assert records[2]["metrics"][name]["values"] == entry["values"], name
+        assert (entry["provenance"]["processes"],
+                records[2]["metrics"][name]["provenance"]["processes"]) == (1, 2)
