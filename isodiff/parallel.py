@@ -42,7 +42,7 @@ class Ranks:
         """Every process's {chunk: result} -> the `total` results in chunk order."""
         if self.world > 1:
             received: list[dict[int, T] | None] = [None] * self.world
-            torch.distributed.all_gather_object(received, parts)
+            torch.distributed.all_gather_object(received, to_cpu(parts))
             parts = {k: v for part in received for k, v in (part or {}).items()}
         return [parts[k] for k in range(total)]
 

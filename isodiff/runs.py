@@ -267,10 +267,22 @@ def folder_identity(root: str) -> str:
     """What a signature holds of a data folder: a prepared asset (isodiff.paper_assets) by
     its manifest's files, so the same images are the same job wherever the assets live;
     any other folder by its path."""
+    manifest = Path(root).expanduser() / MANIFEST
     try:
-        files = json.loads((Path(root).expanduser() / MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+        stat = manifest.stat()
+    except OSError:
         return root
+    return _manifest_identity(str(manifest), stat.st_size, stat.st_mtime_ns) or root
+
+
+@functools.lru_cache(maxsize=16)
+def _manifest_identity(path: str, size: int, mtime_ns: int) -> str | None:
+    """The digest of a manifest's file list (cached while its size and mtime hold: LSUN
+    bedroom's lists 3M files and every compose of a job reads it)."""
+    try:
+        files = json.loads(Path(path).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
     return "manifest:" + hashlib.sha256(json.dumps(files, sort_keys=True).encode()
                                         ).hexdigest()[:16]
 

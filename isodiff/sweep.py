@@ -137,9 +137,10 @@ def run_specs(specs: list[Spec], tier: str, extra: list[str]) -> dict[str, dict[
     evaluation of all their jobs; returns the job states per spec (from status files)."""
     plans, bases, root = compile_plans(specs, tier, extra)
     for dataset in dict.fromkeys(job.dataset for p in plans for job in p.finetunes()):
-        required = plan.compose_job([f"tier={tier}", dataset_override(tier, dataset), *extra])
-        # every preset's assets, before anything is launched
-        paper_assets.require(required.assets.required, required.assets.root)
+        # every preset's assets, before anything is launched (its jobs validated above)
+        assets = plan.compose_job([f"tier={tier}", dataset_override(tier, dataset), *extra],
+                                  validate=False).assets
+        paper_assets.require(assets.required, assets.root)
     for compiled in plans:
         log.info("plan: %s", plan.write_plan(compiled, root))
     settings = tier_config(tier)

@@ -17,6 +17,7 @@ from PIL import Image
 from isodiff import paper_assets
 from isodiff.config import LoopConfig, to_train_config
 from isodiff.models import config_mismatch, init_unet
+from isodiff.runs import signature
 from isodiff.specs import all_specs
 from tests.conftest import CONF, ROOT, compose_train
 
@@ -84,7 +85,7 @@ def test_preset_composes_with_every_sweep_axis(preset: str, assets_root: Path,
     assert (t.epochs, t.mixed_precision.value) == (5, "fp16")
     ldm = preset.startswith("ldm")
     assert (t.batch_size, t.effective_batch) == ((2, 8) if ldm else (1, 32))
-    assert cfg.regularised and cfg.iso.window == 0.25
+    assert cfg.regularised
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -96,7 +97,7 @@ def test_preset_model_is_the_released_checkpoints(preset: str, assets_root: Path
     assert config_mismatch(cfg.model, released) == {}
 
 
-def test_released_defaults_without_preset_values() -> None:
+def test_the_recipe_loop_on_four_and_eight_gpus() -> None:
     """The recipe's loop: 5 epochs of CelebA-HQ (30,000 images) at effective batch 32 on 4
     GPUs of batch 1 is accumulation 8 and 4,688 steps; on 8 GPUs, accumulation 4."""
     loop = LoopConfig(batch_size=1, effective_batch=32, epochs=5)
@@ -172,3 +173,19 @@ def test_a_paper_sweep_checks_every_preset_before_launching(tmp_path: Path) -> N
     assert proc.returncode == 2
     assert "make paper-assets" in proc.stderr and "ONLY=ddpm-cifar10-32" in proc.stderr
     assert not (tmp_path / "runs").exists()  # no plan, no folder
+
+
+def test_a_prepared_data_folder_enters_a_job_by_its_manifest_not_its_path(
+        tmp_path: Path) -> None:
+    names = {}
+    for where in ("a", "b"):
+        data = tmp_path / where / "images"
+        data.mkdir(parents=True)
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(data / "00000.png")
+        names[where] = signature(compose_train(
+            ["tier=smoke", "data=folder", f"data.root={data}"], tmp_path).hydra.run.dir)
+        paper_assets.write_manifest(data, "cifar10", "test")
+        names[where + "+manifest"] = signature(compose_train(
+            ["tier=smoke", "data=folder", f"data.root={data}"], tmp_path).hydra.run.dir)
+    assert names["a"] != names["b"]  # a plain folder: by its path
+    assert names["a+manifest"] == names["b+manifest"] != names["a"]  # the same files

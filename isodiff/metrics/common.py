@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +27,12 @@ from isodiff.geometry import lerp, slerp
 from isodiff.latent import Codec
 from isodiff.metrics.perceptual import Distance, lpips_distance
 from isodiff.models import HUNet
-from isodiff.parallel import Ranks, to_cpu
+from isodiff.parallel import Ranks
 from isodiff.runs import config_hash
 from isodiff.sampling import DDIM, SampleRNG, latents, to_images
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 PATHS = {"slerp": slerp, "lerp": lerp}
 # Recorded in the protocol of every metric on slerp paths: the official scripts differ on
 # it from one to the next, isodiff uses geometry.slerp everywhere.
@@ -200,13 +202,10 @@ class EvalContext:
         """fn of every chunk of `chunks`, in order. With several processes each computes
         the chunks that are its share and all receive every result (isodiff.parallel), so
         fn must depend on its rows alone."""
-        parts = list(self.chunks(n, desc, size)) if self.ranks.world > 1 else None
-        if parts is None:
-            return [fn(rows) for rows in self.chunks(n, desc, size)]
-        mine = {k: to_cpu(fn(rows)) for k, rows in enumerate(tqdm(
-            parts, desc=desc, disable=not (self.progress and self.ranks.main), leave=False))
-            if self.ranks.mine(k)}
-        return self.ranks.gather(mine, len(parts))
+        size = size or self.batch_size
+        mine = {k: fn(rows) for k, rows in enumerate(self.chunks(n, desc, size))
+                if self.ranks.mine(k)}
+        return self.ranks.gather(mine, -(-n // size))
 
     def shared_cache(self, path: Path, build: Callable[[], dict[str, np.ndarray]]
                      ) -> dict[str, np.ndarray]:
@@ -217,6 +216,7 @@ class EvalContext:
                 arrays = build()
                 if self.ranks.main:
                     assets.atomic_save(path, lambda tmp: np.savez(tmp, **arrays))
+                    log.info("cached %s", path)
                 return arrays
         with np.load(path) as stored:
             return dict(stored)

@@ -15,7 +15,6 @@ FID that N samples can reach.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +27,6 @@ from isodiff.config import ConfigError
 from isodiff.metrics.common import EvalContext, MetricResult, protocol_of
 from isodiff.sampling import quantise
 
-log = logging.getLogger(__name__)
 MODES = ("clean", "legacy_tensorflow")
 
 
@@ -107,7 +105,6 @@ def reference_stats(ctx: EvalContext, split: str, n: int, mode: str, model: torc
             lambda rows: inception_features(ctx.real_images(split, rows, n, key), model, mode),
             n, f"{split} images"))
         mu, sigma = gaussian_stats(features)
-        log.info("FID reference statistics cached in %s", path)
         return {"mu": mu, "sigma": sigma}
 
     stats = ctx.shared_cache(path, build)
