@@ -102,11 +102,13 @@ def test_the_core_wheel_needs_torch_alone(wheel: Path, tmp_path: Path) -> None:
     python = fresh_env(tmp_path / "env", _closure(core))
     install(python, wheel)
     out = run(python, """
-import sys, torch
+import math, sys, torch
 from isodiff import Regulariser, isometry_loss
+torch.manual_seed(0)
 f = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5), torch.nn.Tanh())
 x = torch.randn(4, 3, 2, 2)
-print(float(isometry_loss(f, x, metric="euclidean")) >= 1 / 5)
+loss = float(isometry_loss(f, x, metric="euclidean"))
+print(math.isfinite(loss) and loss > 0)
 try:
     import isodiff.train
 except ModuleNotFoundError as err:
@@ -114,7 +116,7 @@ except ModuleNotFoundError as err:
 print(sorted({m.split('.')[0] for m in sys.modules} & set(SUITE_ONLY)))
 """.replace("SUITE_ONLY", repr(SUITE_ONLY)), tmp_path)
     lines = out.split("\n")
-    assert lines[0] == "True"  # L_iso >= 1 / rank(J)
+    assert lines[0] == "True"  # the loss runs (a one-probe estimate: no bound holds per draw)
     assert lines[1].startswith("suite absent:")
     assert lines[-2] == "[]"
 
