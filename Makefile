@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 MAIN_SPECS := table_1
 ABLATION_SPECS := table_2 table_3 table_4
 # Editing and disentanglement, measured on Table 1's runs (they train nothing new)
-EDITING_SPECS := table_5 table_6
+EDITING_SPECS := table_5 table_6 table_7
 # CLUSTER=<profile> sends every job through that conf/cluster profile (SLURM or local).
 LAUNCH := $(if $(CLUSTER),cluster=$(CLUSTER),)
 

@@ -4,7 +4,10 @@
 
 A cell is the mean ± std over seeds (n < expected seeds is footnoted); the best mean of each
 metric within a dataset is bold; the paper's value stands beside ours ("n/a" until
-transcribed); jobs that failed or have not run are listed under the table with their reason.
+transcribed); a metric that stores its permutation floor and ceiling
+(isodiff.metrics.calibration) has them in columns beside it, and a value within its floor's
+spread is marked; jobs that failed or have not run are listed under the table with their
+reason.
 Every row carries the quality check of its runs (isodiff.metrics.quality: does the model
 generate?) and the table states each dataset's real-vs-real FID floor: a metric of a model
 that does not generate is not a result.
@@ -22,6 +25,7 @@ from isodiff.analysis import cli
 from isodiff.analysis.collect import collect_runs
 
 from isodiff.metrics import lower_is_better
+from isodiff.metrics.calibration import FLOOR_SDS, within_floor
 from isodiff.metrics.quality import check
 from isodiff.specs import Spec, all_specs, canonical, load_spec
 from isodiff.sweep import plan_for
@@ -101,6 +105,12 @@ def build_table(df: pd.DataFrame, spec: Spec, tier: str) -> Table:
         best = means.transform("min" if lower else "max")  # within each dataset
         display[metric] = [_cell(m, s, int(n), int(per_row[label]), m == best[label])
                            for label, (m, s, n) in stats.iterrows()]
+        for companion in ("floor", "floor_sd", "ceiling", "ceiling_rot"):
+            if f"{metric}_floor_sd" in merged and f"{metric}_{companion}" in merged:
+                numbers[f"{metric}_{companion}"] = _row_means(merged, f"{metric}_{companion}")
+        references = reference_columns(merged, metric, stats["mean"])
+        for column, cells in references.items():
+            display[column] = cells
         paper = [spec.paper.get(label, {}).get(metric) for label in order]
         if spec.paper or spec.paper_source:
             display[f"{metric} (paper)"] = ["n/a¹" if v is None else f"{v:g}" for v in paper]
@@ -110,6 +120,39 @@ def build_table(df: pd.DataFrame, spec: Spec, tier: str) -> Table:
     floors = floor.groupby(merged["_label"].map(dataset), sort=False).mean()
     return Table(spec, numbers, display, problems, paired_differences(merged, spec, tier),
                  floors.dropna().to_dict())
+
+
+def _row_means(merged: pd.DataFrame, column: str) -> pd.Series:
+    values = pd.to_numeric(merged.get(column, pd.Series(np.nan, index=merged.index)),
+                           errors="coerce")
+    return values.groupby(merged["_label"], sort=False).mean()
+
+
+def reference_columns(merged: pd.DataFrame, metric: str, means: pd.Series
+                      ) -> dict[str, list[str]]:
+    """The references a metric stored beside its value (isodiff.metrics.calibration), as
+    display columns: "<metric> floor" (the permutation floor, mean ± its s.d., averaged over
+    the row's runs) and "<metric> ceiling" (planted code / it rotated). A row whose mean lies
+    within FLOOR_SDS s.d. of its floor is marked ³ in the floor column: not told apart
+    from no information."""
+    columns = {}
+    floor, spread = _row_means(merged, f"{metric}_floor"), _row_means(merged, f"{metric}_floor_sd")
+    # A floor is a permutation floor only with its s.d. (fid_floor is FID's real-vs-real one).
+    if floor.notna().any() and spread.notna().any():
+        cells = []
+        for label, f in floor.items():
+            if pd.isna(f):
+                cells.append("–")
+                continue
+            mark = "³" if within_floor(means[label], f, spread[label]) else ""
+            cells.append(f"{f:.3g} ± {spread[label]:.2g}{mark}")
+        columns[f"{metric} floor"] = cells
+    ceiling = _row_means(merged, f"{metric}_ceiling")
+    rotated = _row_means(merged, f"{metric}_ceiling_rot")
+    if ceiling.notna().any():
+        columns[f"{metric} ceiling"] = ["–" if pd.isna(c) else f"{c:.3g} / {r:.3g}"
+                                        for c, r in zip(ceiling, rotated, strict=True)]
+    return columns
 
 
 QUALITY_PREFIXES = ("fid_heldout", "fid_floor", "confident_", "classes_")
@@ -199,6 +242,15 @@ def to_markdown(table: Table, tier: str) -> str:
                      f"class generated. Real-vs-real FID floor at this n: {floors}.")
     if any("n/a¹" in str(v) for v in frame.to_numpy().ravel()):
         notes.append(f"¹ paper value not transcribed yet ({spec.paper_source or 'paper'}).")
+    if any(str(v).endswith("³") for v in frame.to_numpy().ravel()):
+        notes.append(f"³ within {FLOOR_SDS:g} s.d. of its permutation floor: not told apart "
+                     "from a code that knows nothing of the factors.")
+    if any(str(c).endswith((" floor", " ceiling")) for c in frame.columns):
+        notes.append("floor: the metric with the factors (or labels) permuted across samples, "
+                     "mean ± s.d. over permutations; ceiling: the metric on a planted code of "
+                     "the same size and spectrum (the factors as axes) / that code randomly "
+                     "rotated (a rotation-invariant read-out keeps its ceiling; D, C and MIG "
+                     "do not). Both computed in the same run, averaged over the row's runs.")
     if any("–²" in str(v) for v in frame.to_numpy().ravel()):
         notes.append("² no value: no finished run of the row has this metric (not yet run or "
                      "failed: see below), or the metric is not defined for the dataset "

@@ -47,7 +47,8 @@ def shape_factors(n: int, seed: int) -> np.ndarray:
     """(n, 5) factors [shape class, hue, size, x, y], uniform and deterministic by seed.
 
     size is the shape's circumradius and x, y its centre, all as fractions of the image side;
-    the ranges keep every shape inside the image.
+    the ranges keep every shape inside the image. hue is an angle in turns (kind circular:
+    hsv_to_rgb draws 0.99 next to 0.0).
     """
     rng = np.random.default_rng(seed)
     size = rng.uniform(0.12, 0.3, n)
@@ -83,7 +84,7 @@ def shapes_dataset(cfg: DataConfig, split: str) -> FactorDataset:
     images = torch.from_numpy(render_shapes(factors, cfg.resolution)) * 2 - 1
     return FactorDataset(images, torch.from_numpy(factors).float(),
                          ("shape", "hue", "size", "x", "y"),
-                         ("categorical", "continuous", "continuous", "continuous", "continuous"))
+                         ("categorical", "circular", "continuous", "continuous", "continuous"))
 
 
 # --- mnist ----------------------------------------------------------------------------------

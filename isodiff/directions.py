@@ -94,32 +94,79 @@ def edit(ddim: DDIM, x_T: torch.Tensor, space: str, offsets: torch.Tensor, t_edi
     """Images (E, N, C, H, W) in [-1, 1] of N samples under E edits.
 
     offsets: (E, N or 1, D), edit e of sample i moves x_T (space "x_T") or h on the steps
-    with t >= t_edit (space "h", Asyrp) by offsets[e, i]. A zero offset gives the unedited
-    sample exactly, in both spaces. decode: a latent model's decoder (isodiff.latent).
+    with t >= t_edit (space "h", Asyrp) by offsets[e, i]; in h also (E, S, N or 1, D), one
+    offset per DDIM step k (k = 0 at t = T; rows of steps with t < t_edit are never used).
+    A zero offset gives the unedited sample exactly, in both spaces. decode: a latent
+    model's decoder (isodiff.latent).
     """
     if space not in SPACES:
         raise ValueError(f"space={space!r}: use one of {SPACES}")
-    E, N = offsets.shape[0], x_T.shape[0]
-    offsets = offsets.expand(E, N, offsets.shape[-1]).reshape(E * N, -1).float()
+    E, N, D = offsets.shape[0], x_T.shape[0], offsets.shape[-1]
     start = x_T.repeat(E, *([1] * (x_T.ndim - 1)))
-    if space == "x_T":
-        out = ddim.sample(start + offsets.reshape(start.shape)).x
+    if offsets.ndim == 4:
+        if space != "h" or offsets.shape[1] != ddim.steps:
+            raise ValueError(f"per-step offsets {tuple(offsets.shape)} need space h and "
+                             f"one row per DDIM step ({ddim.steps})")
+        # (E, S, N, D) -> (S, E * N, D): step-major, rows as `start` orders them
+        per_step = offsets.expand(E, ddim.steps, N, D).transpose(0, 1).reshape(
+            ddim.steps, E * N, D).float()
+        out = ddim.sample(start, edit=HEdit(step_offset=per_step, t_edit=t_edit)).x
     else:
-        out = ddim.sample(start, edit=HEdit(offset=offsets, t_edit=t_edit)).x
+        offsets = offsets.expand(E, N, D).reshape(E * N, D).float()
+        if space == "x_T":
+            out = ddim.sample(start + offsets.reshape(start.shape)).x
+        else:
+            out = ddim.sample(start, edit=HEdit(offset=offsets, t_edit=t_edit)).x
     images = to_images(decode(out) if decode else out)
     return images.reshape(E, N, *images.shape[1:])
 
 
+def h_swap_moves(ddim: DDIM, x_a: torch.Tensor, x_b: torch.Tensor, t_edit: int,
+                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(moved, gap), per pair i (N,): ||img(a_i, h <- h(b_i) on t >= t_edit) - img(a_i)||
+    and ||img(b_i) - img(a_i)||, images in [-1, 1] as `edit` makes them (`h_swap_influence`)."""
+    if x_a.shape != x_b.shape:
+        raise ValueError(f"x_a {tuple(x_a.shape)} and x_b {tuple(x_b.shape)} must match")
+
+    def images(x: torch.Tensor) -> torch.Tensor:
+        return to_images(decode(x) if decode else x).flatten(1).double()
+
+    run_b = ddim.sample(x_b, return_h=True)  # Trajectory.h (S, N, D): step k at [k], as HEdit
+    plain_a = images(ddim.sample(x_a).x)
+    swapped = images(ddim.sample(x_a, edit=HEdit(replace=run_b.h, t_edit=t_edit)).x)
+    return ((swapped - plain_a).norm(dim=1).numpy(),
+            (images(run_b.x) - plain_a).norm(dim=1).numpy())
+
+
+def h_swap_influence(ddim: DDIM, x_a: torch.Tensor, x_b: torch.Tensor, t_edit: int,
+                     decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> np.ndarray:
+    """How far the image follows h, per pair i (N,): ||img(a_i, h <- h(b_i) on t >= t_edit)
+    - img(a_i)|| / ||img(b_i) - img(a_i)||, images in [-1, 1] as `edit` makes them.
+
+    a_i is sampled with its h replaced, on every step with t >= t_edit, by the h that b_i's
+    own trajectory has at that step (Asyrp's asymmetric process: the skips and the
+    direction's eps stay a_i's). 0: the decoder ignores h; near 1: h decides the image. An
+    h edit's strength is stated as a fraction of this swap's image change. A pair with
+    img(b_i) = img(a_i) (b_i = a_i) reads 0: swapping in the same h moves nothing.
+    """
+    moved, gap = h_swap_moves(ddim, x_a, x_b, t_edit, decode)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(gap > 0, moved / gap, 0.0)
+
+
 def strength_offsets(strengths: Sequence[float], directions: torch.Tensor) -> torch.Tensor:
-    """(S, N or 1, D) offsets alpha_s * direction for directions (N or 1, D)."""
+    """(E, *directions' shape) offsets alpha_e * direction for directions (N or 1, D), or
+    per step (steps, N or 1, D)."""
     alphas = torch.as_tensor(list(strengths), dtype=directions.dtype)
-    return alphas[:, None, None] * directions[None]
+    return alphas.reshape(-1, *([1] * directions.ndim)) * directions[None]
 
 
 def pair_offsets(strengths: Sequence[float], first: torch.Tensor, second: torch.Tensor
                  ) -> torch.Tensor:
-    """(S * S, N or 1, D) offsets a * first + b * second over the grid (a, b) of strengths,
-    a-major: row a of Figure 8's layout."""
+    """(E * E, *shape) offsets a * first + b * second over the grid (a, b) of strengths,
+    a-major (row a of Figure 8's layout), for directions (N or 1, D) or (steps, N or 1, D)."""
     alphas = torch.as_tensor(list(strengths), dtype=first.dtype)
     a, b = torch.meshgrid(alphas, alphas, indexing="ij")
-    return a.reshape(-1, 1, 1) * first[None] + b.reshape(-1, 1, 1) * second[None]
+    shape = (-1, *([1] * first.ndim))
+    return a.reshape(shape) * first[None] + b.reshape(shape) * second[None]

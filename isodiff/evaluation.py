@@ -70,7 +70,9 @@ VALUE_PREFIXES = {"fid": "fid", "ppl_": "ppl", "mrtl": "rtl", "rtl_": "rtl", "sl
                   "ls_": "separability", "error_": "separability", "mse": "inversion",
                   "psnr": "inversion", "lpips": "inversion",
                   "confident_": "quality", "classes_": "quality", "liso": "liso",
-                  "lin_": "linearity", "dci_": "disentanglement", "mig_": "disentanglement"}
+                  "lin_": "linearity", "dci_": "disentanglement", "mig_": "disentanglement",
+                  "probe_": "disentanglement", "angle_": "disentanglement",
+                  "pr_": "disentanglement", "hswap_": "disentanglement"}
 
 
 @dataclass

@@ -83,20 +83,26 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha_bar: float, alpha_bar_ne
 class HEdit:
     """An edit of h on the steps with t >= t_edit (Asyrp): h + offset, or h replaced.
 
-    offset: (N or 1, *h shape or D); replace: (S, N, *h shape or D), one h per step, e.g. the
-    `Trajectory.h` of another run. Both given: replace, then offset.
+    offset: (N or 1, *h shape or D), the same on every edited step; step_offset: (S, N or 1,
+    *h shape or D), one offset per step (directions fitted on each step's h); replace: (S, N,
+    *h shape or D), one h per step, e.g. the `Trajectory.h` of another run. Per-step tensors
+    are indexed by the step k of the schedule (k = 0 at t = T), the order `Trajectory.h`
+    records. Given together: replace, then offset, then step_offset.
     """
 
     offset: torch.Tensor | None = None
     replace: torch.Tensor | None = None
     t_edit: int = 0
+    step_offset: torch.Tensor | None = None
 
     def apply(self, h: torch.Tensor, step: int, rows: slice) -> torch.Tensor:
         if self.replace is not None:
             h = self.replace[step][rows].to(h).reshape(h.shape)
-        if self.offset is not None:
-            offset = self.offset if len(self.offset) == 1 else self.offset[rows]
-            h = h + offset.to(h).reshape(-1, *h.shape[1:])
+        for offset in (self.offset, None if self.step_offset is None
+                       else self.step_offset[step]):
+            if offset is not None:
+                offset = offset if len(offset) == 1 else offset[rows]
+                h = h + offset.to(h).reshape(-1, *h.shape[1:])
         return h
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,13 @@ import pytest
 import torch
 
 from isodiff.metrics.common import path_points
-from isodiff.metrics.interp import InterpConfig, adjacent_distances, evaluate, smoothness
+from isodiff.metrics.interp import (
+    InterpConfig,
+    adjacent_distances,
+    coefficient_of_variation,
+    evaluate,
+    smoothness,
+)
 from isodiff.sampling import quantise
 from tests.metric_helpers import tiny_context
 
@@ -32,6 +39,23 @@ def test_smoothness_summary() -> None:
     assert summary["mean"] == pytest.approx(2.5)
     assert summary["std"] == pytest.approx(np.std([1, 2, 3]) / 2)
     assert summary["max"] == pytest.approx(3.0)
+    # cv of [1, 2, 3]: sqrt(2/3) / 2; of [3, 3, 3]: 0
+    assert summary["cv"] == pytest.approx(math.sqrt(2 / 3) / 2 / 2)
+
+
+def test_uniform_motion_has_cv_0_at_any_speed() -> None:
+    x0, x1 = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
+    x1[1] *= 0.01  # a contracted path: slower, as uniform
+    frames = path_points(x0, x1, 6, "lerp").reshape(2, 6, 1, 2, 2)
+    np.testing.assert_allclose(coefficient_of_variation(adjacent_distances(frames, _l2)), 0,
+                               atol=1e-6)
+
+
+def test_cv_is_scale_free_and_sees_a_jump() -> None:
+    """A path that covers the distance in one jump: F - 1 = 4 steps [0, 0, 4, 0]: mean 1,
+    std sqrt(3), whatever the scale; a stationary path counts as uniform (0)."""
+    d = np.array([[0.0, 0.0, 4.0, 0.0], [0.0, 0.0, 0.04, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    np.testing.assert_allclose(coefficient_of_variation(d), [math.sqrt(3), math.sqrt(3), 0.0])
 
 
 def test_slerp_frames_keep_the_norm_and_lerp_frames_do_not() -> None:
@@ -51,6 +75,9 @@ def test_interpolation_of_a_model(tmp_path: Path) -> None:
     for path in ("slerp", "lerp"):
         assert result.arrays[f"{path}_adjacent"].shape == (5, 4)
         assert result.values[f"{path}_max"] >= result.values[f"{path}_mean"] > 0
+        d = result.arrays[f"{path}_adjacent"]
+        assert result.values[f"{path}_cv"] == pytest.approx(
+            np.mean(d.std(axis=1) / d.mean(axis=1)))
         frames = result.arrays[f"{path}_frames"]  # the first 4 pairs, from 4 batches
         assert frames.shape == (4, 5, 3, 16, 16) and frames.dtype == np.uint8
         x0, x1, _ = ctx.endpoints([3])  # pair 3, sampled on its own

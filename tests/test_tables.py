@@ -147,3 +147,28 @@ def test_paired_differences_from_the_control_by_seed(tmp_path: Path) -> None:
     # the mnist pair of seed 1 has no control: four pairs remain
     assert table.paired.loc["mnist: Isometric Diffusion", "fid"].endswith("(n=4)")
     assert "Paired difference from the control (lambda_iso = 0)" in to_markdown(table, "quick")
+
+
+def test_floors_and_ceilings_stand_beside_their_values(tmp_path: Path) -> None:
+    spec = load_spec("table_6")
+    dirs = write_runs(tmp_path, spec, "quick")
+    floors = {}
+    for d in dirs:  # the control's value sits on its floor; ours is 10 s.d. above it
+        record = json.loads((d / "metrics.json").read_text())
+        values = record["metrics"]["probe_lin_h"]["values"]
+        control = "lambda_iso: 0\n" in (d / "config.yaml").read_text()
+        floor = values["probe_lin_h"] - (0.0 if control else 0.5)
+        values.update({"probe_lin_h_floor": floor, "probe_lin_h_floor_sd": 0.05,
+                       "probe_lin_h_ceiling": 3.0, "probe_lin_h_ceiling_rot": 2.5})
+        floors.setdefault(control, []).append(floor)
+        (d / "metrics.json").write_text(json.dumps(record))
+    table = build_table(collect_runs(tmp_path / "quick"), spec, "quick")
+    control, ours = "shapes: DDPM fine-tuned (lambda_iso = 0)", "shapes: Isometric Diffusion"
+    cells = table.display["probe_lin_h floor"]
+    assert cells[control].endswith("³") and not cells[ours].endswith("³")
+    assert cells[ours] == f"{np.mean(floors[False]):.3g} ± 0.05"
+    assert (table.display["probe_lin_h ceiling"] == "3 / 2.5").all()
+    assert table.numbers.loc[ours, "probe_lin_h_floor"] == pytest.approx(np.mean(floors[False]))
+    assert "dci_d_h floor" not in table.display  # no floor stored: no column
+    markdown = to_markdown(table, "quick")
+    assert "³ within 2 s.d. of its permutation floor" in markdown

@@ -8,7 +8,9 @@ what the maths needs from a trained model through `isodiff.metrics.common.EvalCo
 # Values where more is better; every other value (FID, PPL, RTL, MCN, VoR, LS as a
 # conditional entropy, errors, LPIPS, MSE) is better lower. A spec's `lower_is_better`
 # overrides this per value (e.g. the R^2 of an edit, lin_*_r2).
-HIGHER_IS_BETTER = ("psnr", "confident_", "classes_", "dci_", "mig_")
+HIGHER_IS_BETTER = ("psnr", "confident_", "classes_", "dci_", "mig_", "probe_",
+                    # the diversity beside PPL (not ppl_<variant>_per_diversity: lower)
+                    "ppl_stylegan_diversity", "ppl_isodiff_compat_diversity")
 
 
 def lower_is_better(value: str) -> bool:

@@ -1,10 +1,12 @@
 """Attribute predictors that label generated images, trained by the suite on the dataset.
 
 One small CNN per dataset with a head per factor: a classifier for each categorical factor
-(shapes: shape; mnist: digit) and a regressor for each continuous one (shapes: hue, size,
-x, y). Trained on the train split, scored on the test split (accuracy; R^2), cached with
-that report under the refs folder, keyed by the dataset and this config. Linear
-separability uses them here; the editing metrics reuse them.
+(shapes: shape; mnist: digit), a regressor for each continuous one (shapes: size, x, y) and
+a (cos, sin) regressor for each circular one (shapes: hue; isodiff.metrics.factors), whose
+prediction is the angle of its output. Trained on the train split, scored on the test split
+(accuracy; R^2; angle error), cached with that report under the refs folder, keyed by the
+dataset, its factors' kinds and this config. Linear separability uses them here; the
+editing metrics reuse them.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from tqdm.auto import tqdm
 from isodiff.assets import atomic_save
 from isodiff.config import ConfigError
 from isodiff.metrics.common import EvalContext
+from isodiff.metrics.factors import angle_of, wrapped
 from isodiff.runs import atomic_write_json, config_hash
 from isodiff.seeding import derive_seed
 
@@ -63,8 +66,8 @@ class AttributeNet(nn.Module):
 @dataclass
 class Attribute:
     name: str
-    kind: str  # categorical | continuous
-    classes: int  # categorical: number of classes; continuous: 1 output
+    kind: str  # categorical | continuous | circular
+    classes: int  # outputs: categorical: number of classes; continuous 1; circular 2
     mean: float = 0.0  # continuous: target standardisation
     std: float = 1.0
 
@@ -78,26 +81,29 @@ class AttributeModel:
     @torch.no_grad()
     def responses(self, images: torch.Tensor) -> dict[str, np.ndarray]:
         """name -> the head's raw output: categorical: the class logits (N, classes);
-        continuous: the standardised value (N,) (value - mean) / std."""
+        continuous: the standardised value (N,) (value - mean) / std; circular: (cos, sin)
+        (N, 2)."""
         device = next(self.net.parameters()).device
         out = torch.cat([self.net(images[i: i + 256].to(device)).cpu()
                          for i in range(0, len(images), 256)]).double()
         result, col = {}, 0
         for a in self.attributes:
             part = out[:, col: col + a.classes]
-            result[a.name] = (part if a.kind == "categorical" else part[:, 0]).numpy()
+            result[a.name] = (part[:, 0] if a.kind == "continuous" else part).numpy()
             col += a.classes
         return result
 
     def predict(self, images: torch.Tensor) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
         """name -> (prediction, confidence): categorical: the class and its probability;
-        continuous: the value and None."""
+        continuous: the value and None; circular: the angle in turns [0, 1) and None."""
         result = {}
         for a, raw in zip(self.attributes, self.responses(images).values(), strict=True):
             if a.kind == "categorical":
                 p = torch.from_numpy(raw).float().softmax(1)
                 conf, label = p.max(1)
                 result[a.name] = (label.numpy(), conf.double().numpy())
+            elif a.kind == "circular":
+                result[a.name] = (angle_of(raw), None)
             else:
                 result[a.name] = (raw * a.std + a.mean, None)
         return result
@@ -108,6 +114,10 @@ def _loss(out: torch.Tensor, y: torch.Tensor, attributes: list[Attribute]) -> to
     for i, a in enumerate(attributes):
         if a.kind == "categorical":
             loss = loss + F.cross_entropy(out[:, col: col + a.classes], y[:, i].long())
+        elif a.kind == "circular":
+            angle = 2 * torch.pi * y[:, i]
+            target = torch.stack([angle.cos(), angle.sin()], dim=1)
+            loss = loss + F.mse_loss(out[:, col: col + 2], target) * 2  # per angle, not per axis
         else:
             loss = loss + F.mse_loss(out[:, col], (y[:, i] - a.mean) / a.std)
         col += a.classes
@@ -115,13 +125,17 @@ def _loss(out: torch.Tensor, y: torch.Tensor, attributes: list[Attribute]) -> to
 
 
 def _score(model: AttributeModel, images: torch.Tensor, factors: torch.Tensor) -> dict:
-    """Held-out accuracy (categorical) or R^2 (continuous) per attribute."""
+    """Held-out accuracy (categorical), R^2 (continuous) or mean absolute angle error in
+    degrees (circular) per attribute."""
     pred = model.predict(images)
     report = {}
     for i, a in enumerate(model.attributes):
         y = factors[:, i].double().numpy()
         if a.kind == "categorical":
             report[a.name] = {"accuracy": float(np.mean(pred[a.name][0] == y))}
+        elif a.kind == "circular":
+            error = np.abs(wrapped(pred[a.name][0] - y)).mean() * 360
+            report[a.name] = {"angle_error_deg": float(error)}
         else:
             residual = np.sum((pred[a.name][0] - y) ** 2)
             report[a.name] = {"r2": float(1 - residual / np.sum((y - y.mean()) ** 2))}
@@ -134,9 +148,12 @@ def _train(ctx: EvalContext, cfg: AttributeConfig) -> AttributeModel:
     attributes = []
     for i, (name, kind) in enumerate(zip(train.factor_names, train.factor_kinds, strict=True)):
         column = factors[:, i].double()
-        attributes.append(Attribute(name, kind, int(column.max()) + 1, 0.0, 1.0)
-                          if kind == "categorical" else
-                          Attribute(name, kind, 1, float(column.mean()), float(column.std())))
+        if kind == "categorical":
+            attributes.append(Attribute(name, kind, int(column.max()) + 1))
+        elif kind == "circular":
+            attributes.append(Attribute(name, kind, 2))
+        else:
+            attributes.append(Attribute(name, kind, 1, float(column.mean()), float(column.std())))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed("attributes", ctx.data_key))
         net = AttributeNet(ctx.data.channels, sum(a.classes for a in attributes), cfg.width)
@@ -162,7 +179,9 @@ def attribute_model(ctx: EvalContext, cfg: AttributeConfig) -> AttributeModel:
         raise ConfigError(f"data={ctx.data.name.value} has no factors to predict: attribute "
                           "metrics need data=shapes, data=mnist, or data=folder with "
                           "data.attributes=<a CelebA-style attribute file>")
-    stem = Path(ctx.refs_dir) / f"attributes-{ctx.data_key}-{config_hash(dataclasses.asdict(cfg))}"
+    # The factors' kinds enter the key: a cache from before hue was circular has other heads.
+    key = {**dataclasses.asdict(cfg), "kinds": list(ctx.dataset("train").factor_kinds)}
+    stem = Path(ctx.refs_dir) / f"attributes-{ctx.data_key}-{config_hash(key)}"
     weights, report = stem.with_suffix(".pt"), stem.with_suffix(".json")
     with ctx.building(weights):
         if weights.is_file() and report.is_file():

@@ -1,52 +1,72 @@
-"""DCI (Eastwood & Williams, ICLR 2018) and MIG (Chen et al., NeurIPS 2018) of h and x_T.
+"""Disentanglement of h and x_T against ground-truth factors, each number beside its floor
+and its ceiling (isodiff.metrics.calibration).
 
 The codes are those of held-out real images: the first `n` test images are DDIM-inverted
 to x_T, and h is the U-Net's mid-block output at (x_T, t = T), optionally average-pooled by
 `h_pool` and flattened. Both codes are scored against the images' ground-truth factors
-(shapes: shape, hue, size, x, y; mnist: digit; an image folder: its data.attributes).
+(shapes: shape, hue (circular), size, x, y; mnist: digit; an image folder: its
+data.attributes), each factor encoded as isodiff.metrics.factors says (one-hot, value,
+(cos, sin)). Read-outs fit on the first (1 - heldout_fraction) of the rows and score on the
+rest.
 
-DCI: an importance matrix R (code dims x factors) from one model per factor, fit on the
-first (1 - heldout_fraction) of the images. Disentanglement D: how much each code dim is
-devoted to a single factor (1 - entropy of its row, in log base k), weighted by the dim's
-share of all importance; completeness C: how much each factor is captured by a single code
-dim (1 - entropy of its column, log base d), averaged over factors; informativeness I: the
-held-out accuracy (categorical factors) or R^2 clipped to [0, 1] (continuous), averaged.
-MIG: per factor, the gap between the largest and second-largest mutual information of a
-code dim with the factor, over the factor's entropy; the mean over factors. Codes (and
-continuous factors) are discretised into `bins` equal-width bins per dimension, as
-disentanglement_lib's histogram discretiser does; MIG uses all n images.
+Read-outs that reward axis alignment (neither is rotation-invariant: a rotation of a
+perfect code drops them to the floor, and L_iso, which sees J^T J only, cannot create
+alignment):
+- DCI (Eastwood & Williams, ICLR 2018) with their importances: per target column (a
+  continuous value, cos or sin of a circular one, one class indicator of a categorical one)
+  a Lasso on codes standardised on the fit rows, its penalty chosen by `cv_folds`-fold
+  cross-validation along the LARS path (at most `lasso_steps` steps: the fitted code uses at
+  most that many dims per target); importance R_ij = the sum of |coefficient| over factor j's
+  columns, each factor's column of R normalised to sum 1 (a factor no dim predicts spreads
+  uniformly: it prefers no dim). D = sum_i rho_i (1 - H_k(P_i.)), C = mean_j (1 - H_d(P~_.j));
+  I: the Lasso's held-out accuracy (argmax of the class indicators), R^2 (continuous) or R^2
+  of (cos, sin) (circular), clipped to [0, 1], averaged over factors. D is left out for one
+  factor (mnist).
+- MIG (Chen et al., NeurIPS 2018): per factor the gap between the two largest mutual
+  informations of a code dim with the factor, over the factor's entropy, averaged; codes and
+  continuous and circular factors in `bins` equal-width bins (disentanglement_lib's
+  discretiser), over all n rows.
 
-Departures from the papers:
-- Importance is linear, |coefficient| of a ridge regression (continuous factors) or an L2
-  logistic regression (categorical; mean |coefficient| over classes, C = 1 / alpha) on codes
-  standardised on the fit rows, where Eastwood & Williams use Lasso / random forests and
-  disentanglement_lib gradient-boosted trees: codes here have 768-1024+ dims and a few
-  hundred images, where trees are slow and their importances noisy.
-- Each factor's column of R is normalised to sum to 1 (as disentanglement_lib's tree
-  importances are), so that logistic and ridge coefficients, on different scales, weigh
-  equally in D.
-- Informativeness is a score (higher is better: accuracy, R^2) rather than the papers'
-  prediction error, so that all three DCI numbers read the same way.
-- D is undefined for a single factor (log base 1), so it is left out for one-factor
-  datasets (mnist): the values then have no dci_d_*.
+Rotation-invariant read-outs (isodiff.metrics.probes): per factor a cross-validated linear
+probe and a kNN probe (probe_lin_*, probe_knn_*; their gap probe_gap_* = knn - lin), the
+circular factor's angle error (angle_lin_*, angle_knn_*, degrees), and h's participation
+ratio (pr_*, its effective rank; no floor: it is not about the factors). The decoder's
+reliance on h (hswap_h): on `swap_pairs` pairs of sampled x_T ~ N(0, I) (the seed's first
+2 * swap_pairs latents, not the inverted codes: a few-step DDIM inversion can land far from
+N(0, I), where the decoder leans on the skips instead), how far the image moves towards
+the other image of the pair when its h is replaced by the other's on every DDIM step with
+t >= t_edit (isodiff.directions.h_swap_influence; 0 = the decoder ignores h, 1 = h decides
+the image).
+
+Every read-out value X comes with X_floor and X_floor_sd (`permutations` permutations of the
+factors across the images) and X_ceiling, X_ceiling_rot (a planted code of the same n and d,
+and it rotated).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy.special import xlogy
-from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LassoLarsCV
 from sklearn.preprocessing import StandardScaler
 
 from isodiff.config import ConfigError
+from isodiff.directions import h_swap_influence
+from isodiff.metrics.calibration import ceilings, permutation_floor
 from isodiff.metrics.common import EvalContext, MetricResult, protocol_of
+from isodiff.metrics.factors import check_kinds, encode
 from isodiff.metrics.jacobian import h_map
+from isodiff.metrics.probes import participation_ratio, probes, r2, split_rows
+from isodiff.sampling import latents
+from isodiff.seeding import derive_seed
 
-KINDS = ("categorical", "continuous")
+SPACES = ("h", "xT")
 
 
 @dataclass
@@ -57,23 +77,28 @@ class DisentanglementConfig:
     heldout_fraction: float = 0.5
     bins: int = 20  # MIG discretisation
     h_pool: int = 1  # average-pool h by this factor first (as eval.jacobian.h_pool)
-    alpha: float = 1.0  # ridge penalty; logistic regression uses C = 1 / alpha
+    cv_folds: int = 3  # Lasso penalty and kNN k by cross-validation on the fit rows
+    lasso_steps: int = 128  # LARS steps: a target's Lasso uses at most this many dims
+    permutations: int = 3  # of the factors across images: the floor of every read-out
+    swap_pairs: int = 16  # sampled x_T pairs of the h-swap influence (0: not measured)
+    t_edit: int = 500  # h swapped on the DDIM steps with t >= t_edit (Asyrp)
 
     def __post_init__(self) -> None:
         key = "eval.disentanglement"
         if not 0 < self.heldout_fraction < 1:
             raise ConfigError(f"{key}.heldout_fraction={self.heldout_fraction}: use a value "
                               "in (0, 1)")
-        if self.n * min(self.heldout_fraction, 1 - self.heldout_fraction) < 2:
-            raise ConfigError(f"{key}.n={self.n} leaves fewer than 2 images to fit or to score")
-        if self.steps < 1:
-            raise ConfigError(f"{key}.steps={self.steps}: use >= 1")
-        if self.bins < 2:
-            raise ConfigError(f"{key}.bins={self.bins}: use >= 2")
-        if self.h_pool < 1:
-            raise ConfigError(f"{key}.h_pool={self.h_pool}: use >= 1")
-        if not self.alpha > 0:
-            raise ConfigError(f"{key}.alpha={self.alpha}: use > 0")
+        if self.n * min(self.heldout_fraction, 1 - self.heldout_fraction) < 2 * self.cv_folds:
+            raise ConfigError(f"{key}.n={self.n} leaves fewer than 2 images per fold "
+                              f"({key}.cv_folds={self.cv_folds}) to fit or to score")
+        checks = [("steps", self.steps, 1), ("bins", self.bins, 2), ("h_pool", self.h_pool, 1),
+                  ("cv_folds", self.cv_folds, 2), ("lasso_steps", self.lasso_steps, 1),
+                  ("permutations", self.permutations, 1), ("swap_pairs", self.swap_pairs, 0)]
+        for name, value, least in checks:
+            if value < least:
+                raise ConfigError(f"{key}.{name}={value}: use >= {least}")
+        if not 0 <= self.t_edit <= 1000:
+            raise ConfigError(f"{key}.t_edit={self.t_edit} must be in [0, 1000]")
 
 
 def _check_inputs(codes: np.ndarray, factors: np.ndarray, kinds: Sequence[str]
@@ -84,8 +109,7 @@ def _check_inputs(codes: np.ndarray, factors: np.ndarray, kinds: Sequence[str]
     if codes.ndim != 2 or factors.ndim != 2 or len(codes) != len(factors):
         raise ValueError(f"codes (n, d) and factors (n, k) must have the same n, got "
                          f"{codes.shape} and {factors.shape}")
-    if len(kinds) != factors.shape[1] or any(kind not in KINDS for kind in kinds):
-        raise ValueError(f"kinds must give one of {KINDS} per factor, got {list(kinds)}")
+    check_kinds(kinds, factors.shape[1])
     return codes, factors
 
 
@@ -124,53 +148,48 @@ def dci_from_importance(importance: np.ndarray) -> tuple[float | None, float | N
     return disentanglement, completeness
 
 
-def _r2(y: np.ndarray, y_hat: np.ndarray) -> float:
-    """Held-out R^2 clipped to [0, 1]: a model worse than the mean scores as the mean."""
-    total = np.sum((y - y.mean()) ** 2)
-    if total == 0:
-        return 0.0
-    return float(np.clip(1.0 - np.sum((y - y_hat) ** 2) / total, 0.0, 1.0))
+def lasso_importance(x: np.ndarray, y: np.ndarray, folds: int, steps: int
+                     ) -> tuple[np.ndarray, LassoLarsCV | None]:
+    """|coefficients| (d,) of a Lasso of y on x, its penalty by cross-validation along the
+    LARS path, and the model (None for a constant y: nothing to predict, no importance)."""
+    if np.ptp(y) == 0:
+        return np.zeros(x.shape[1]), None
+    with warnings.catch_warnings():  # LARS warns when a path step is degenerate; harmless
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model = LassoLarsCV(cv=folds, max_iter=steps).fit(x, y)
+    return np.abs(model.coef_), model
 
 
 def dci(codes: np.ndarray, factors: np.ndarray, kinds: Sequence[str],
-        heldout_fraction: float = 0.5, alpha: float = 1.0) -> dict:
-    """DCI of codes (n, d) against factors (n, k) of kinds "categorical" | "continuous".
-
-    Per factor, a linear model on the codes standardised on the first (1 - heldout_fraction)
-    of the rows, fit on those rows: ridge (penalty alpha) on the standardised factor for a
-    continuous factor, L2 logistic regression (C = 1 / alpha) for a categorical one.
-    Importance = |coefficient| (categorical: mean over classes), each factor's column
-    normalised to sum 1. Returns disentanglement (left out when k = 1), completeness (left
-    out when d = 1), informativeness (mean over factors of the held-out accuracy,
-    categorical, or the held-out R^2 clipped to [0, 1], continuous), importance R (d, k)
-    and informativeness_per_factor (k,).
-    """
+        heldout_fraction: float = 0.5, folds: int = 3, steps: int = 128) -> dict:
+    """DCI of codes (n, d) against factors (n, k) of kinds categorical | continuous |
+    circular (module docstring). Returns disentanglement (left out when k = 1),
+    completeness (left out when d = 1), informativeness, importance R (d, k), each column
+    summing to 1, and informativeness_per_factor (k,)."""
     codes, factors = _check_inputs(codes, factors, kinds)
-    split = int(round(len(codes) * (1 - heldout_fraction)))
-    if split < 1 or split >= len(codes):
-        raise ValueError(f"heldout_fraction={heldout_fraction} leaves no rows to fit or "
-                         f"to score of {len(codes)}")
+    split = split_rows(len(codes), heldout_fraction)
     scaler = StandardScaler().fit(codes[:split])  # constant dims: scale 1, all zero
     fit_x, test_x = scaler.transform(codes[:split]), scaler.transform(codes[split:])
+    encodings, columns = encode(factors, kinds)
     importance = np.zeros((codes.shape[1], factors.shape[1]))
     scores = np.zeros(factors.shape[1])
-    for j, kind in enumerate(kinds):
-        fit_y, test_y = factors[:split, j], factors[split:, j]
-        if kind == "continuous":
-            std = fit_y.std()
-            target = (fit_y - fit_y.mean()) / (std if std > 0 else 1.0)
-            model = Ridge(alpha=alpha).fit(fit_x, target)
-            importance[:, j] = np.abs(model.coef_)
-            scores[j] = _r2(test_y, model.predict(test_x) * (std if std > 0 else 1.0)
-                            + fit_y.mean())
-        elif len(np.unique(fit_y)) == 1:  # one class: the model is the constant
-            scores[j] = float(np.mean(test_y == fit_y[0]))
+    for j, (kind, cols) in enumerate(zip(kinds, columns, strict=True)):
+        predicted = np.zeros((len(test_x), cols.stop - cols.start))
+        for c, column in enumerate(range(cols.start, cols.stop)):
+            y = encodings[:split, column]
+            weights, model = lasso_importance(fit_x, y, folds, steps)
+            importance[:, j] += weights
+            predicted[:, c] = model.predict(test_x) if model is not None else y[0]
+        if kind == "categorical":
+            classes = np.argmax(predicted, axis=1)
+            scores[j] = float(np.mean(classes == factors[split:, j]))
         else:
-            model = LogisticRegression(C=1.0 / alpha, max_iter=2000).fit(fit_x, fit_y)
-            importance[:, j] = np.abs(model.coef_).mean(axis=0)
-            scores[j] = float(np.mean(model.predict(test_x) == test_y))
+            scores[j] = float(np.clip(r2(encodings[split:, cols], predicted), 0.0, 1.0))
     total = importance.sum(axis=0, keepdims=True)
-    importance = importance / np.where(total > 0, total, 1.0)
+    # A factor no dim predicts prefers no dim: uniform, so that it lowers D and C instead of
+    # vanishing from them (a code of noise would otherwise score D = 1 on its few dims).
+    importance = np.where(total > 0, importance / np.where(total > 0, total, 1.0),
+                          1.0 / codes.shape[1])
     disentanglement, completeness = dci_from_importance(importance)
     result = {"informativeness": float(scores.mean()), "importance": importance,
               "informativeness_per_factor": scores}
@@ -206,8 +225,8 @@ def mutual_information(codes: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def mig(codes: np.ndarray, factors: np.ndarray, kinds: Sequence[str], bins: int = 20) -> dict:
     """Mutual information gap of codes (n, d) against factors (n, k).
 
-    Codes, and continuous factors, are discretised into `bins` equal-width bins per
-    dimension; categorical factors are used as they are. Per factor v_k the gap is
+    Codes, and continuous and circular factors, are discretised into `bins` equal-width
+    bins per dimension; categorical factors are used as they are. Per factor v_k the gap is
     (I(c_top1; v_k) - I(c_top2; v_k)) / H(v_k) over the code dims c, MI from the empirical
     joint; mig is the mean over factors. A constant factor (H = 0) has gap nan and is left
     out of the mean. Returns mig and gaps (k,). Raises ValueError for a single code dim.
@@ -218,7 +237,7 @@ def mig(codes: np.ndarray, factors: np.ndarray, kinds: Sequence[str], bins: int 
     discrete = discretise(codes, bins)
     gaps = np.full(factors.shape[1], np.nan)
     for j, kind in enumerate(kinds):
-        v = discretise(factors[:, j:j + 1], bins)[:, 0] if kind == "continuous" else factors[:, j]
+        v = factors[:, j] if kind == "categorical" else discretise(factors[:, j:j + 1], bins)[:, 0]
         _, counts = np.unique(v, return_counts=True)
         entropy = float(-xlogy(counts / len(v), counts / len(v)).sum())
         if entropy > 0:
@@ -227,6 +246,48 @@ def mig(codes: np.ndarray, factors: np.ndarray, kinds: Sequence[str], bins: int 
     if np.isnan(gaps).all():
         raise ValueError("MIG needs a factor that varies over the rows")
     return {"mig": float(np.nanmean(gaps)), "gaps": gaps}
+
+
+def readouts(codes: np.ndarray, factors: np.ndarray, kinds: Sequence[str],
+             names: Sequence[str], space: str, cfg: DisentanglementConfig) -> dict[str, float]:
+    """Every factor read-out of one code, keyed as metrics.json stores them: dci_{d,c,i}_<space>,
+    mig_<space>(_<factor>), probe_{lin,knn}_<space>(_<factor>), probe_gap_<space>_<factor>,
+    angle_{lin,knn}_<space>_<circular factor>."""
+    values: dict[str, float] = {}
+    scores = dci(codes, factors, kinds, cfg.heldout_fraction, cfg.cv_folds, cfg.lasso_steps)
+    for key, name in (("disentanglement", "d"), ("completeness", "c"),
+                      ("informativeness", "i")):
+        if key in scores:
+            values[f"dci_{name}_{space}"] = scores[key]
+    gaps = mig(codes, factors, kinds, cfg.bins)
+    values[f"mig_{space}"] = gaps["mig"]
+    values.update({f"mig_{space}_{name}": float(g) for name, g in zip(names, gaps["gaps"],
+                                                                      strict=True)})
+    read = probes(codes, factors, kinds, names, cfg.heldout_fraction, cfg.cv_folds)
+    for probe in ("lin", "knn"):
+        values[f"probe_{probe}_{space}"] = read[probe]
+        for name in names:
+            values[f"probe_{probe}_{space}_{name}"] = read[f"{probe}_{name}"]
+            if f"{probe}_deg_{name}" in read:
+                values[f"angle_{probe}_{space}_{name}"] = read[f"{probe}_deg_{name}"]
+    for name in names:
+        values[f"probe_gap_{space}_{name}"] = read[f"knn_{name}"] - read[f"lin_{name}"]
+    return values
+
+
+def calibrated(codes: np.ndarray, factors: np.ndarray, kinds: Sequence[str],
+               names: Sequence[str], space: str, cfg: DisentanglementConfig, seed: int
+               ) -> dict[str, float]:
+    """readouts of the code, with every value's floor (factors permuted) and ceiling
+    (planted code, and it rotated): isodiff.metrics.calibration."""
+
+    def readout(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+        return readouts(x, y, kinds, names, space, cfg)
+
+    encodings, _ = encode(factors, kinds)
+    return {**readout(codes, factors),
+            **permutation_floor(readout, codes, factors, cfg.permutations, seed),
+            **ceilings(readout, codes, factors, encodings, seed + 1)}
 
 
 def codes_of(ctx: EvalContext, cfg: DisentanglementConfig) -> dict[str, np.ndarray]:
@@ -248,7 +309,8 @@ def codes_of(ctx: EvalContext, cfg: DisentanglementConfig) -> dict[str, np.ndarr
 
 
 def evaluate(ctx: EvalContext, cfg: DisentanglementConfig) -> MetricResult:
-    """DCI and MIG of h (t = T) and x_T of held-out images against their factors."""
+    """Every read-out of h (t = T) and x_T of held-out images against their factors, with
+    floors and ceilings; h's participation ratio and the decoder's reliance on h."""
     test = ctx.dataset("test")
     names, kinds = tuple(getattr(test, "factor_names", ())), tuple(getattr(test, "factor_kinds",
                                                                             ()))
@@ -261,27 +323,44 @@ def evaluate(ctx: EvalContext, cfg: DisentanglementConfig) -> MetricResult:
     values: dict[str, float] = {}
     arrays: dict[str, np.ndarray] = {}
     for space, x in codes.items():
-        scores = dci(x, factors, kinds, cfg.heldout_fraction, cfg.alpha)
-        if "disentanglement" in scores:
-            values[f"dci_d_{space}"] = scores["disentanglement"]
-        if "completeness" in scores:
-            values[f"dci_c_{space}"] = scores["completeness"]
-        values[f"dci_i_{space}"] = scores["informativeness"]
-        gaps = mig(x, factors, kinds, cfg.bins)
-        values[f"mig_{space}"] = gaps["mig"]
-        for name, gap in zip(names, gaps["gaps"], strict=True):
-            values[f"mig_{space}_{name}"] = float(gap)
+        seed = derive_seed("disentanglement", ctx.seed, space)
+        values.update(calibrated(x, factors, kinds, names, space, cfg, seed))
+        values[f"pr_{space}"] = participation_ratio(x)
+        scores = dci(x, factors, kinds, cfg.heldout_fraction, cfg.cv_folds, cfg.lasso_steps)
         arrays[f"importance_{space}"] = scores["importance"]
         arrays[f"informativeness_{space}"] = scores["informativeness_per_factor"]
+    if cfg.swap_pairs:  # on sampling's own x_T: inverted ones can be far from N(0, I)
+        x_T = latents(ctx.seed, range(2 * cfg.swap_pairs), ctx.x_shape)
+        influence = h_swap_influence(ctx.ddim(cfg.steps), x_T[:cfg.swap_pairs],
+                                     x_T[cfg.swap_pairs:], cfg.t_edit, ctx.codec.decode)
+        values["hswap_h"] = float(np.mean(influence))
+        arrays["hswap_h"] = influence
     protocol = {**protocol_of(cfg),
                 "codes": "h at t = T of the DDIM-inverted test image, and that x_T",
-                "factors": list(names),
-                "importance": "|coef| of ridge (continuous, standardised target) or L2 "
-                              "logistic regression (categorical, C = 1/alpha, mean over "
-                              "classes) on codes standardised on the fit rows; columns "
-                              "normalised to sum 1",
-                "informativeness": "held-out accuracy (categorical), R^2 clipped to [0, 1] "
-                                   "(continuous)",
+                "factors": list(names), "kinds": list(kinds),
+                "encoding": "categorical one-hot, continuous as is, circular (cos, sin)",
+                "importance": "|coef| of a Lasso per target column (LassoLarsCV: penalty by "
+                              "cv_folds-fold CV along at most lasso_steps LARS steps) on codes "
+                              "standardised on the fit rows, summed over a factor's columns; "
+                              "columns normalised to sum 1, uniform where all zero",
+                "informativeness": "the Lasso's held-out accuracy (argmax of class "
+                                   "indicators), R^2 (continuous) or R^2 of (cos, sin) "
+                                   "(circular), clipped to [0, 1]",
+                "rotation": "dci_d, dci_c and mig reward axis alignment and are not "
+                            "rotation-invariant (their _ceiling_rot shows it); probe_*, "
+                            "angle_* and pr_* are",
+                "probes": "ridge (RidgeCV / RidgeClassifierCV, leave-one-out penalty) and kNN "
+                          "(k by cv_folds-fold CV) on codes centred and scaled by one scalar; "
+                          "held-out accuracy / R^2 unclipped; angle_*: mean |angle error| in "
+                          "degrees",
+                "floor": "X_floor, X_floor_sd: mean and s.d. over `permutations` permutations "
+                         "of the factors across images",
+                "ceiling": "X_ceiling: the factors' encodings as axes in noise with the "
+                           "code's spectrum (same n, d); X_ceiling_rot: that code randomly "
+                           "rotated",
+                "hswap_h": "mean over swap_pairs pairs of sampled x_T (latents 0 .. 2 "
+                           "swap_pairs - 1) of |img(a, h <- h(b) on t >= t_edit) - img(a)| / "
+                           "|img(b) - img(a)|",
                 "mig_discretisation": "equal-width bins per dim over all n rows",
                 "split": "test"}
     return MetricResult(values, protocol, {}, arrays)

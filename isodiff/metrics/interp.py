@@ -2,7 +2,10 @@
 
 Frames are DDIM samples of path(x0, x1, w) at w = 0, 1/(F-1), ..., 1 (the official script:
 11 frames, slerp, DDIM 20 steps, LPIPS-VGG). Per pair: mean, std and max of the F - 1
-adjacent distances, then averaged over pairs; the per-pair curves are kept for the figure
+adjacent distances, and their coefficient of variation std / mean, then averaged over pairs
+(values <path>_mean, _std, _max, _cv). The mean and std shrink with any contraction of the
+images; cv does not: it is the uniformity of the speed along the path (0 for frames equally
+far apart, the flat curve of paper Figure 5). The per-pair curves are kept for the figure
 (paper Figure 1 compares lerp and slerp, baseline and regularised), and so are the frames of
 the first `keep_frames` pairs, as 8-bit images (the strips of paper Figure 5).
 """
@@ -56,10 +59,18 @@ def adjacent_distances(frames: torch.Tensor, distance: Distance) -> np.ndarray:
     return distance(a, b).double().numpy().reshape(p, f - 1)
 
 
+def coefficient_of_variation(d: np.ndarray) -> np.ndarray:
+    """std / mean (std with ddof=0) of each row of d (P, F-1); 0 for a row of zeros (a path
+    that does not move moves uniformly)."""
+    mean, std = d.mean(axis=1), d.std(axis=1)
+    return np.divide(std, mean, out=np.zeros_like(std), where=mean > 0)
+
+
 def smoothness(d: np.ndarray) -> dict[str, float]:
-    """Per-pair mean, std and max of adjacent distances d (P, F-1), averaged over pairs."""
+    """Per-pair mean, std, max and coefficient of variation of adjacent distances d (P, F-1),
+    averaged over pairs."""
     return {"mean": float(d.mean(axis=1).mean()), "std": float(d.std(axis=1).mean()),
-            "max": float(d.max(axis=1).mean())}
+            "max": float(d.max(axis=1).mean()), "cv": float(coefficient_of_variation(d).mean())}
 
 
 def evaluate(ctx: EvalContext, cfg: InterpConfig) -> MetricResult:

@@ -1,27 +1,49 @@
 """Editing, measured: linearity, linear combination and identity preservation of edits in
 x_T and in h (the paper's Figures 7 and 8 as numbers; reference/metrics.md).
 
-Directions (isodiff.directions), per space (x_T; h at t = T, edited by Asyrp's asymmetric
-process on t >= t_edit) and source:
+Directions (isodiff.directions), per space and source:
 - mean / svm: class-mean difference / linear-SVM normal of `fit_n` generated samples
   labelled by the dataset's attribute predictors (attributes.py): a continuous factor as
-  above / below its median, a categorical one as class c against the rest; one direction a
-  target factor;
-- local: the top-`local_k` singular directions of dh/dx_T at each edited sample (no labels).
-Each direction is scaled to one standard deviation of the codes along it (local: x_T's unit
-vector, h's J v), and `n` further samples are edited with strengths alpha (Figure 7's
--2..2). Measured on the edited images, per sample:
-- linearity: the target attribute (continuous: standardised prediction; categorical: the
-  log-odds of class c) against alpha: least-squares slope and R^2 (a local direction's
-  target is the attribute it moves most); leak: mean |slope| of the other continuous
-  attributes over the target's |slope|; r2img: R^2 of a straight line per pixel;
+  above / below its median, a circular one (hue) by the half circle around its circular
+  mean (label 1 where cos 2 pi (angle - mean) > 0), a categorical one as class c against
+  the rest; one direction a target factor. In x_T fitted on x_T. In h fitted per DDIM step:
+  for each step with t >= t_edit, on the h the fit samples' own trajectories have at that
+  step (h at t < T is not h at t = T, and Asyrp's edit acts on all those steps), and each
+  step's direction is added on its own step;
+- local: the top-`local_k` singular directions of dh/dx_T at t = T at each edited sample
+  (no labels): x_T's unit vector v, and in h J v, the same offset on every step with
+  t >= t_edit (not per step: J of later steps would need the trajectory's Jacobian).
+Scale: alpha = 1 is one standard deviation of the fit codes along the direction (in h,
+of that step's codes along that step's direction; local: x_T's unit vector, h's J v), and
+`n` further samples are edited with strengths alpha (Figure 7's -2..2). h edits are then
+stated in a unit known to move the image, the h-swap: `lin_h_swap` is the mean over
+`swap_pairs` pairs (a, b) of fit samples of ||img(a, h <- h(b) on t >= t_edit) - img(a)||
+/ ||img(b) - img(a)|| (directions.h_swap_influence), and each h direction is multiplied by
+one factor (lin_h_<source>_gain, a mean over directions) that makes its edit at the largest
+|alpha| move the edited images by `h_swapfrac` of the swap's mean image change
+||img(a, h <- h(b)) - img(a)|| (one secant step). swapfrac, reported for every space and
+source, is that ratio as achieved (x_T edits are not rescaled: 1 means the edit moves the
+image as far as replacing h with another sample's h does). Measured on the edited images,
+per sample:
+- linearity: the target's response against alpha: least-squares slope and R^2 (a local
+  direction's target is the attribute it moves most; its slope, and a circular target's,
+  counted by size). Responses: continuous, the standardised prediction; categorical, the
+  log-odds of class c; circular, the signed angle from the unedited sample's (wrapped to
+  half a turn) over the fit samples' angular spread (RMS of wrapped deviations from their
+  circular mean). leak: mean |slope| of the other
+  continuous and circular attributes over the target's |slope|; r2img: R^2 of a straight
+  line per pixel;
+- effect / offtarget: mean |response(alpha) - response(0)| at the largest |alpha| of the
+  target / of the other targets (other factors), each in units of its spread over the fit
+  samples (standard deviation; circular: the angular spread): what an edit does to what it
+  aims at beside what it does to everything else;
 - identity: LPIPS between the unedited sample and its edits at the largest |alpha|;
 - linear combination: two directions (the first two targets; local: k = 1, 2) at
   (a, b) in {-m, 0, m}^2, m the largest strength: |f(a, b) - f(a, 0) - f(0, b) + f(0, 0)|
   over |f(a, 0) - f(0, 0)| + |f(0, b) - f(0, 0)| for f the two targets' responses
   (interaction) or the image (interaction_img); 0 for an additive generator.
 Values are lin_<xT|h>_<source>_<quantity>, averaged over samples and directions; per target
-lin_<space>_<source>_r2_<target>.
+lin_<space>_<source>_r2_<target>; lin_h_swap once, lin_h_<source>_gain with h_swapfrac.
 """
 
 from __future__ import annotations
@@ -37,6 +59,7 @@ from isodiff.config import ConfigError
 from isodiff.isometry import higher_order_ad
 from isodiff.metrics.attributes import AttributeConfig, AttributeModel, attribute_model
 from isodiff.metrics.common import EvalContext, MetricResult, protocol_of
+from isodiff.metrics.factors import angle_of, circular_mean, wrapped
 from isodiff.metrics.jacobian import h_map
 from isodiff.metrics.perceptual import Distance
 from isodiff.sampling import latents, quantise
@@ -64,6 +87,14 @@ class LinearityConfig:
     net: str = "alex"  # LPIPS backbone
     keep_images: int = 4  # samples whose edit strips are stored (Figure 7)
     grid_strengths: list[float] = field(default_factory=lambda: [-2.0, -1.0, 0.0, 1.0, 2.0])
+    swap_pairs: int = 16  # pairs of fit samples whose h-swap is the unit of edit strengths
+    # h edits in the unit of the h-swap: each h direction is rescaled (one factor over its
+    # steps) so that its edit at the largest |alpha| moves the edited images by this
+    # fraction of the h-swap's image change. One s.d. of h along a direction moves the image
+    # by very different amounts per source (on the quick shapes base, largest edit over the
+    # swap: mean 0.47, svm 0.012: the SVM normal lies where h hardly varies and the decoder
+    # hardly looks), so a shared s.d. scale leaves svm edits inert. null: one s.d. per step.
+    h_swapfrac: float | None = 0.5
     classifier: AttributeConfig = field(default_factory=AttributeConfig)
 
     def __post_init__(self) -> None:
@@ -76,9 +107,11 @@ class LinearityConfig:
             raise ConfigError(f"eval.linearity.spaces: {sorted(bad)}; use {dirs.SPACES}")
         if bad := set(self.sources) - set(SOURCES):
             raise ConfigError(f"eval.linearity.sources: {sorted(bad)}; use {SOURCES}")
-        if self.fit_n < 4 or self.n < 1 or self.local_k < 1 or self.local_iters < 1:
-            raise ConfigError("eval.linearity needs fit_n >= 4, n >= 1, local_k >= 1 and "
-                              "local_iters >= 1")
+        if (self.fit_n < 4 or self.n < 1 or self.local_k < 1 or self.local_iters < 1
+                or self.swap_pairs < 1 or (self.h_swapfrac is not None
+                                           and self.h_swapfrac <= 0)):
+            raise ConfigError("eval.linearity needs fit_n >= 4, n >= 1, local_k >= 1, "
+                              "local_iters >= 1, swap_pairs >= 1 and h_swapfrac > 0 or null")
         if not 0 <= self.t_edit <= 1000:
             raise ConfigError(f"eval.linearity.t_edit={self.t_edit} must be in [0, 1000]")
         if self.net not in ("vgg", "alex"):
@@ -136,14 +169,35 @@ def leakage(target_slopes: np.ndarray, other_slopes: np.ndarray) -> float:
     return float(np.abs(other_slopes).mean() / np.abs(target_slopes).mean())
 
 
+def mean_change(responses: np.ndarray, zero: int, far: np.ndarray) -> float:
+    """Mean |response(alpha) - response(0)| over the strengths `far` and samples, of
+    responses (S, N) with the unedited sample at row `zero`."""
+    return float(np.abs(responses[far] - responses[zero]).mean())
+
+
+def angular_spread(angles: np.ndarray) -> float:
+    """The spread of angles in turns: the RMS of their wrapped deviations from their
+    circular mean (a line's standard deviation for concentrated angles; sqrt(1/12) turns
+    for angles uniform on the circle), in turns."""
+    return float(np.sqrt(np.mean(wrapped(angles - circular_mean(angles)) ** 2)))
+
+
+def circular_labels(angles: np.ndarray) -> np.ndarray:
+    """Binary labels of angles in turns: 1 on the half circle around their circular mean
+    (cos 2 pi (angle - mean) > 0), the circular counterpart of above the median."""
+    return (np.cos(2 * np.pi * (angles - circular_mean(angles))) > 0).astype(np.int64)
+
+
 # --- targets and responses ----------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Target:
-    """A factor an edit aims at: continuous (cls None), or class cls of a categorical one."""
+    """A factor an edit aims at: continuous or circular (cls None), or class cls of a
+    categorical one."""
 
     attribute: str
     cls: int | None = None
+    kind: str = "continuous"
 
     @property
     def name(self) -> str:
@@ -153,25 +207,32 @@ class Target:
 def resolve_targets(predictor: AttributeModel, names: list[str] | None) -> list[Target]:
     kinds = {a.name: a for a in predictor.attributes}
     if names is None:
-        return [Target(a.name, None if a.kind == "continuous" else 1)
+        return [Target(a.name, 1 if a.kind == "categorical" else None, a.kind)
                 for a in predictor.attributes]
     targets = []
     for name in names:
         attribute, _, cls = name.partition("=")
         a = kinds.get(attribute)
-        if a is None or (a.kind == "continuous") != (cls == "") or (
+        if a is None or (a.kind == "categorical") != (cls != "") or (
                 cls and not (cls.isdigit() and int(cls) < a.classes)):
             raise ConfigError(f"eval.linearity.targets: {name!r} is not a factor of this "
                               f"dataset ({', '.join(kinds)}); a categorical factor is named "
                               "with its class, e.g. shape=1")
-        targets.append(Target(attribute, int(cls) if cls else None))
+        targets.append(Target(attribute, int(cls) if cls else None, a.kind))
     return targets
 
 
-def response(raw: dict[str, np.ndarray], target: Target) -> np.ndarray:
+def response(raw: dict[str, np.ndarray], target: Target, base: np.ndarray | None = None,
+             spread: float = 1.0) -> np.ndarray:
     """The target's value in `AttributeModel.responses` output: the standardised prediction,
-    or the log-odds of class cls."""
+    the log-odds of class cls, or (circular) the signed angle from the unedited samples'
+    (base: their raw (cos, sin), row for row), wrapped, over the angular spread."""
     out = raw[target.attribute]
+    if target.kind == "circular":
+        if base is None:
+            raise ValueError(f"{target.name} is circular: its response needs the unedited "
+                             "samples' outputs (base)")
+        return wrapped(angle_of(out) - angle_of(base)) / spread
     if target.cls is None:
         return out
     others = np.delete(out, target.cls, axis=1)
@@ -179,26 +240,76 @@ def response(raw: dict[str, np.ndarray], target: Target) -> np.ndarray:
 
 
 def labels(raw: dict[str, np.ndarray], target: Target) -> np.ndarray:
-    """Binary labels of the fit samples: above the median, or predicted as class cls."""
+    """Binary labels of the fit samples: above the median, on the half circle around the
+    circular mean, or predicted as class cls."""
+    values = raw[target.attribute]
+    if target.kind == "circular":
+        return circular_labels(angle_of(values))
     if target.cls is None:
-        values = raw[target.attribute]
         return (values > np.median(values)).astype(np.int64)
-    return (raw[target.attribute].argmax(axis=1) == target.cls).astype(np.int64)
+    return (values.argmax(axis=1) == target.cls).astype(np.int64)
 
 
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+@dataclass
+class Readout:
+    """The attribute predictor with what turns its outputs into responses: the targets, the
+    other attributes a leak is read on, the circular attributes' angular spreads and each
+    target's unit (its response's spread over the fit samples)."""
+
+    predictor: AttributeModel
+    targets: list[Target]
+    spreads: dict[str, float]  # circular attribute -> angular spread (turns)
+    units: dict[str, float]  # target name -> standard deviation of its response
+
+    @property
+    def others(self) -> list[Target]:
+        """The attributes leak is read on: the continuous and the circular ones."""
+        return [Target(a.name, None, a.kind) for a in self.predictor.attributes
+                if a.kind != "categorical"]
+
+    def grid(self, raw: dict[str, np.ndarray], target: Target, shape: tuple[int, ...],
+             zero: tuple[int, ...]) -> np.ndarray:
+        """The target's responses to images laid out as `shape` (..., N), flattened row-major
+        in raw, the unedited sample of each column at index `zero` of the leading axes."""
+        base = None
+        if target.kind == "circular":
+            out = raw[target.attribute].reshape(*shape, 2)
+            base = np.broadcast_to(out[zero], out.shape).reshape(-1, 2)
+        values = response(raw, target, base, self.spreads.get(target.attribute, 1.0))
+        return values.reshape(shape)
+
+
+def readout(predictor: AttributeModel, targets: list[Target], raw: dict[str, np.ndarray]
+            ) -> Readout:
+    """The Readout of fit samples' raw outputs: spreads and units from their unedited
+    responses (a circular response is already in spreads: unit 1)."""
+    spreads = {a.name: angular_spread(angle_of(raw[a.name]))
+               for a in predictor.attributes if a.kind == "circular"}
+    # a response constant over the fit samples has no unit: its changes read nan
+    units = {t.name: 1.0 if t.kind == "circular"
+             else float(np.std(response(raw, t))) or float("nan") for t in targets}
+    return Readout(predictor, targets, spreads, units)
+
+
 # --- evaluation ---------------------------------------------------------------------------
 
 @dataclass
 class Edits:
-    """One source's directions in one space: vectors (each (N or 1, D)) and the target of
-    each (None: the attribute it moves most); the first two are the combined pair."""
+    """One source's directions in one space: vectors (each (N or 1, D), or per DDIM step
+    (steps, N or 1, D)) and the target of each (None: the attribute it moves most); the
+    first two are the combined pair."""
 
     vectors: list[torch.Tensor]
     targets: list[Target | None]
+
+
+def _rows(v: torch.Tensor, n: int) -> torch.Tensor:
+    """A direction with its sample axis (second from last) expanded to n rows."""
+    return v.expand(*v.shape[:-2], n, v.shape[-1])
 
 
 def _local(ctx: EvalContext, cfg: LinearityConfig, x_T: torch.Tensor, t: int
@@ -217,43 +328,54 @@ def _local(ctx: EvalContext, cfg: LinearityConfig, x_T: torch.Tensor, t: int
             "h": Edits([U[:, k] for k in range(cfg.local_k)], [None] * cfg.local_k)}
 
 
-def _measure(ctx: EvalContext, cfg: LinearityConfig, predictor: AttributeModel,
-             targets: list[Target], x_T: torch.Tensor, space: str, edits: Edits,
-             distance: Distance, prefix: str) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+def _measure(ctx: EvalContext, cfg: LinearityConfig, read: Readout, x_T: torch.Tensor,
+             space: str, edits: Edits, distance: Distance, swap_move: float, prefix: str
+             ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """One source's directions in one space, edited and measured: values named prefix<q>,
     and the images of Figures 7 and 8 (strip; grid when there are two directions)."""
     ddim, strengths = ctx.ddim(cfg.steps), np.asarray(cfg.strengths, dtype=np.float64)
     D, S, N = len(edits.vectors), len(strengths), len(x_T)
-    offsets = torch.cat([dirs.strength_offsets(strengths, v.expand(N, -1))
-                         for v in edits.vectors])
+    offsets = torch.cat([dirs.strength_offsets(strengths, _rows(v, N)) for v in edits.vectors])
     images = dirs.edit(ddim, x_T, space, offsets, cfg.t_edit, ctx.codec.decode)
     images = images.reshape(D, S, N, *images.shape[2:])
     raw = {k: v.reshape(D, S * N, *v.shape[1:])
-           for k, v in predictor.responses(images.flatten(0, 2)).items()}
-    continuous = [a.name for a in predictor.attributes if a.kind == "continuous"]
+           for k, v in read.predictor.responses(images.flatten(0, 2)).items()}
     zero = int(np.flatnonzero(strengths == 0)[0])
     far = np.flatnonzero(np.abs(strengths) == np.abs(strengths).max())
     r2s: dict[str, list[float]] = {}
-    slopes, leaks, r2img, lpips, chosen = [], [], [], [], []
+    slopes, leaks, r2img, lpips, chosen, effects, offtargets, moves = ([] for _ in range(8))
     for d, aimed in enumerate(edits.targets):
-        def fit(t: Target, d: int = d) -> tuple[np.ndarray, np.ndarray]:
-            values = response({k: v[d] for k, v in raw.items()}, t)
-            return linear_fit(strengths, values.reshape(S, N))
+        def along(t: Target, d: int = d) -> np.ndarray:  # (S, N)
+            return read.grid({k: v[d] for k, v in raw.items()}, t, (S, N), (zero,))
+
+        def fit(t: Target) -> tuple[np.ndarray, np.ndarray]:
+            return linear_fit(strengths, along(t))
 
         # a local direction (no target) aims at the attribute it moves most; its sign is
-        # arbitrary per sample, so its slope is counted by size
-        target = aimed or max(targets, key=lambda t: np.abs(fit(t)[0]).mean())
+        # arbitrary per sample, so its slope is counted by size. So is a circular target's:
+        # a straight line turns each hue towards one angle, clockwise or not by its side.
+        target = aimed or max(read.targets, key=lambda t: np.abs(fit(t)[0]).mean())
         chosen.append(target)
         slope, r2 = fit(target)
         r2s.setdefault(target.name, []).append(float(np.nanmean(r2)))
-        slopes.append(np.abs(slope).mean() if aimed is None else slope.mean())
-        others = [fit(Target(a))[0] for a in continuous if a != target.attribute]
+        by_size = aimed is None or target.kind == "circular"
+        slopes.append(np.abs(slope).mean() if by_size else slope.mean())
+        others = [fit(t)[0] for t in read.others if t.attribute != target.attribute]
         leaks.append(leakage(slope, np.array(others)))
+        effects.append(mean_change(along(target), zero, far) / read.units[target.name])
+        off = [mean_change(along(t), zero, far) / read.units[t.name] for t in read.targets
+               if t.attribute != target.attribute]
+        offtargets.append(_nanmean(off) if off else np.nan)
         r2img.append(np.nanmean(image_r2(strengths, images[d].double().numpy())))
         lpips.append(np.mean([distance(images[d, zero], images[d, s]).numpy() for s in far]))
+        moves.append(np.mean([(images[d, s] - images[d, zero]).flatten(1).double().norm(dim=1)
+                              .numpy() for s in far]))
     values = {f"{prefix}r2": float(np.mean([np.mean(v) for v in r2s.values()])),
               f"{prefix}slope": float(np.mean(slopes)),
-              f"{prefix}leak": float(np.nanmean(leaks)) if np.isfinite(leaks).any()
+              f"{prefix}leak": _nanmean(leaks),
+              f"{prefix}effect": float(np.mean(effects)),
+              f"{prefix}offtarget": _nanmean(offtargets),
+              f"{prefix}swapfrac": float(np.mean(moves) / swap_move) if swap_move > 0
               else float("nan"),
               f"{prefix}r2img": float(np.nanmean(r2img)),
               f"{prefix}lpips": float(np.mean(lpips)),
@@ -261,50 +383,118 @@ def _measure(ctx: EvalContext, cfg: LinearityConfig, predictor: AttributeModel,
     keep = min(cfg.keep_images, N)
     arrays = {"strip": quantise(images[0, :, :keep].transpose(0, 1)).numpy()}  # (K, S, ...)
     if D >= 2:
-        values.update(_combination(ctx, cfg, predictor, x_T, space, edits, chosen[:2], prefix))
+        values.update(_combination(ctx, cfg, read, x_T, space, edits, chosen[:2], prefix))
         g = len(cfg.grid_strengths)
-        grid = dirs.pair_offsets(cfg.grid_strengths, edits.vectors[0][:1], edits.vectors[1][:1])
+        grid = dirs.pair_offsets(cfg.grid_strengths, edits.vectors[0][..., :1, :],
+                                 edits.vectors[1][..., :1, :])
         pictures = dirs.edit(ddim, x_T[:1], space, grid, cfg.t_edit, ctx.codec.decode)[:, 0]
         arrays["grid"] = quantise(pictures).numpy().reshape(g, g, *pictures.shape[1:])
     return values, arrays
 
 
-def _combination(ctx: EvalContext, cfg: LinearityConfig, predictor: AttributeModel,
-                 x_T: torch.Tensor, space: str, edits: Edits, targets: list[Target],
-                 prefix: str) -> dict[str, float]:
+def _nanmean(values: list[float]) -> float:
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
+def _combination(ctx: EvalContext, cfg: LinearityConfig, read: Readout, x_T: torch.Tensor,
+                 space: str, edits: Edits, targets: list[Target], prefix: str
+                 ) -> dict[str, float]:
     """The interaction of the first two directions at the corners of the largest strength."""
     m, N = float(np.abs(cfg.strengths).max()), len(x_T)
-    first, second = (v.expand(N, -1) for v in edits.vectors[:2])
+    first, second = (_rows(v, N) for v in edits.vectors[:2])
     images = dirs.edit(ctx.ddim(cfg.steps), x_T, space,
                        dirs.pair_offsets([-m, 0.0, m], first, second), cfg.t_edit,
                        ctx.codec.decode)
-    raw = predictor.responses(images.flatten(0, 1))
-    f = np.stack([response(raw, t) for t in targets], axis=-1).reshape(3, 3, N, len(targets))
+    raw = read.predictor.responses(images.flatten(0, 1))
+    f = np.stack([read.grid(raw, t, (3, 3, N), (1, 1)) for t in targets], axis=-1)
     pixels = images.reshape(3, 3, N, -1).double().numpy()
     return {f"{prefix}interaction": float(np.nanmean(interaction_error(f))),
             f"{prefix}interaction_img": float(np.nanmean(interaction_error(pixels)))}
+
+
+def _supervised(cfg: LinearityConfig, source: str, codes: np.ndarray, y: np.ndarray,
+                steps: np.ndarray | None) -> torch.Tensor:
+    """One target's direction: (1, D) from codes (n, D) in x_T, or from h per DDIM step,
+    codes (edited steps, n, D) -> (all steps, 1, D), zero on the steps not edited."""
+    def one(c: np.ndarray) -> torch.Tensor:
+        c = c.astype(np.float64)
+        v = (dirs.class_mean_direction(c, y) if source == "mean"
+             else dirs.svm_direction(c, y, cfg.C))
+        return torch.from_numpy(dirs.scaled(v, c)).float()[None]
+
+    if steps is None:
+        return one(codes)
+    out = torch.zeros(len(steps), 1, codes.shape[-1])
+    out[torch.from_numpy(steps)] = torch.stack([one(c) for c in codes])
+    return out
+
+
+def swap_gain(move: float, swap_move: float, swapfrac: float) -> float:
+    """The factor that takes an edit whose image change is `move` to `swapfrac` of the
+    h-swap's image change (one secant step: image changes grow about linearly with small
+    edits); 1 where the edit does not move the image."""
+    return swapfrac * swap_move / move if move > 0 and swap_move > 0 else 1.0
+
+
+def image_move(images: torch.Tensor, plain: torch.Tensor) -> float:
+    """Mean L2 distance of edited images (E, N, ...) from the unedited ones (N, ...)."""
+    return float((images - plain).flatten(2).double().norm(dim=2).mean())
+
+
+def _calibrated(ctx: EvalContext, cfg: LinearityConfig, x_T: torch.Tensor, edits: Edits,
+                swap_move: float) -> tuple[Edits, list[float]]:
+    """h directions rescaled to move the images of x_T by cfg.h_swapfrac of the h-swap at
+    the largest |alpha| (both signs), and the factor of each."""
+    m, N = float(np.abs(cfg.strengths).max()), len(x_T)
+    ddim = ctx.ddim(cfg.steps)
+    plain = dirs.edit(ddim, x_T, "x_T", torch.zeros(1, 1, x_T[0].numel()), 0,
+                      ctx.codec.decode)[0]
+    gains = []
+    for v in edits.vectors:
+        images = dirs.edit(ddim, x_T, "h", dirs.strength_offsets([-m, m], _rows(v, N)),
+                           cfg.t_edit, ctx.codec.decode)
+        gains.append(swap_gain(image_move(images, plain), swap_move, cfg.h_swapfrac))
+    return Edits([g * v for g, v in zip(gains, edits.vectors, strict=True)],
+                 edits.targets), gains
 
 
 def evaluate(ctx: EvalContext, cfg: LinearityConfig) -> MetricResult:
     """Edits of cfg.n generated samples along every space x source direction."""
     predictor = attribute_model(ctx, cfg.classifier)
     targets = resolve_targets(predictor, cfg.targets)
-    t_T = int(ctx.ddim(cfg.steps).schedule.timesteps[0])
+    ddim = ctx.ddim(cfg.steps)
+    t_T = int(ddim.schedule.timesteps[0])
+    edited = (ddim.schedule.timesteps >= cfg.t_edit).numpy()  # the steps an h edit acts on
+    spaces = [s for s in cfg.spaces if s != "h" or edited.any()]
+    skipped = [] if spaces == cfg.spaces else [f"h: no DDIM step has t >= {cfg.t_edit}"]
     codes: dict[str, list[np.ndarray]] = {"x_T": [], "h": []}
-    raw_parts, h_of = [], h_map(ctx, t_T, 1)
+    raw_parts, fit_h = [], "h" in spaces and set(cfg.sources) - {"local"}
     for rows in ctx.chunks(cfg.fit_n, "editing: fit samples"):
         x_T = latents(ctx.seed, rows, ctx.x_shape)
-        raw_parts.append(predictor.responses(ctx.generated(cfg.steps, rows)))
-        with torch.no_grad():
-            codes["h"].append(h_of(x_T.to(ctx.device)).cpu().double().numpy())
+        if fit_h:  # h per step: the fit samples' own trajectories
+            run = ddim.sample(x_T, return_h=True)
+            raw_parts.append(predictor.responses(ctx.images(run.x).cpu()))
+            codes["h"].append(run.h[torch.from_numpy(edited)].numpy())  # fp32: steps x n x D
+        else:
+            raw_parts.append(predictor.responses(ctx.generated(cfg.steps, rows)))
         codes["x_T"].append(x_T.flatten(1).double().numpy())
     raw = _concat(raw_parts)
-    fit = {space: np.concatenate(parts) for space, parts in codes.items()}
+    read = readout(predictor, targets, raw)
+    fit = {"x_T": np.concatenate(codes["x_T"])}
+    if codes["h"]:
+        fit["h"] = np.concatenate(codes["h"], axis=1)  # (edited steps, fit_n, D)
+    # the h-swap of pairs of fit samples (a, b) = (i, m + i): the unit of edit strengths
+    m = min(cfg.swap_pairs, cfg.fit_n // 2)
+    moved, gap = dirs.h_swap_moves(ddim, latents(ctx.seed, range(m), ctx.x_shape),
+                                   latents(ctx.seed, range(m, 2 * m), ctx.x_shape),
+                                   cfg.t_edit, ctx.codec.decode)
     x_T = latents(ctx.seed, range(cfg.fit_n, cfg.fit_n + cfg.n), ctx.x_shape)
     local = _local(ctx, cfg, x_T, t_T) if "local" in cfg.sources else {}
     distance, weights = ctx.lpips(cfg.net)
-    values, arrays, skipped = {}, {}, []
-    for space in cfg.spaces:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        values = {"lin_h_swap": float(np.mean(np.where(gap > 0, moved / gap, 0.0)))}
+    arrays = {}
+    for space in spaces:
         for source in cfg.sources:
             if source == "local":
                 edits = local[space]
@@ -315,23 +505,36 @@ def evaluate(ctx: EvalContext, cfg: LinearityConfig) -> MetricResult:
                     if len(np.unique(y)) < 2:  # e.g. a class the model never generates
                         skipped.append(f"{space}/{source}/{target.name}: one label only")
                         continue
-                    v = (dirs.class_mean_direction(fit[space], y) if source == "mean"
-                         else dirs.svm_direction(fit[space], y, cfg.C))
-                    vectors.append(torch.from_numpy(dirs.scaled(v, fit[space])).float()[None])
+                    vectors.append(_supervised(cfg, source, fit[space], y,
+                                               edited if space == "h" else None))
                     aimed.append(target)
                 if not vectors:
                     continue
                 edits = Edits(vectors, aimed)
             tag = f"{TAGS[space]}_{source}"
-            found, images = _measure(ctx, cfg, predictor, targets, x_T, space, edits,
-                                     distance, f"lin_{tag}_")
+            if space == "h" and cfg.h_swapfrac is not None:
+                edits, gains = _calibrated(ctx, cfg, x_T, edits, float(moved.mean()))
+                values[f"lin_{tag}_gain"] = float(np.mean(gains))
+            found, images = _measure(ctx, cfg, read, x_T, space, edits, distance,
+                                     float(moved.mean()), f"lin_{tag}_")
             values.update(found)
             arrays.update({f"{name}_{tag}": a for name, a in images.items()})
     protocol = {**protocol_of(cfg), "backbone": f"lpips-v0.1-{cfg.net}",
-                "targets_used": [t.name for t in targets], "h_at": "t = T for directions; edits "
-                "offset h on every step with t >= t_edit (Asyrp's asymmetric process)",
-                "scale": "alpha = 1: one std of the fit codes along the direction; local: "
-                         "x_T's unit singular vector, in h J v"}
+                "targets_used": [t.name for t in targets],
+                "h_at": "supervised h directions fitted per DDIM step on the fit samples' "
+                        "trajectories and added on their own step (t >= t_edit); local: J at "
+                        "t = T, the same offset on every step with t >= t_edit (Asyrp's "
+                        "asymmetric process)",
+                "scale": "alpha = 1: one std of the fit codes along the direction (h: of "
+                         "each step's codes); local: x_T's unit singular vector, in h J v; "
+                         "h directions then times lin_h_<source>_gain, which makes the "
+                         "largest edit move the edited images by h_swapfrac of the h-swap",
+                "swap": f"lin_h_swap over {m} pairs of fit samples; swapfrac: image change "
+                        "at the largest |alpha| over the h-swap's image change",
+                "units": "effect/offtarget: each response over its std on the fit samples; "
+                         "circular: angle from the unedited sample over the fit samples' "
+                         "angular spread (turns, angular_spread)",
+                "angular_spread": read.spreads}
     provenance = {"weights": weights, "classifier_heldout": predictor.report,
                   **({"skipped": skipped} if skipped else {})}
     return MetricResult(values, protocol, provenance, arrays)

@@ -8,6 +8,16 @@ Variants, both computed on the same image pairs:
                    consecutive batches of `compat_batch` samples; mean of those kept.
 `crop` applies StyleGAN's crop for aligned faces; images above 256 px are box-downsampled to
 256 first, as StyleGAN does.
+
+PPL alone rewards contraction: a model that maps every x_T to nearly the same image has a
+small PPL. Beside each variant, on the same images and with the variant's backbone:
+  ppl_<variant>_diversity      mean LPIPS between the images g(slerp(x0, x1, w)) of samples
+                               2k and 2k + 1 (independent samples, so a random pair; no extra
+                               sampling; an odd last sample is left unpaired). Higher is more
+                               diverse.
+  ppl_<variant>_per_diversity  ppl_<variant> / ppl_<variant>_diversity: path length in units
+                               of the distance between two samples, which a uniform
+                               contraction leaves unchanged to first order.
 """
 
 from __future__ import annotations
@@ -70,16 +80,44 @@ def downsample_to_256(images: torch.Tensor) -> torch.Tensor:
     return F.avg_pool2d(images, factor) if factor > 1 else images
 
 
+def path_images(generate: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor,
+                x1: torch.Tensor, w: torch.Tensor, epsilon: float, crop: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g(slerp(x0, x1, w)), g(slerp(x0, x1, w + eps))), cropped and downsampled as LPIPS
+    sees them; g = `generate`, w (B,)."""
+    images = generate(torch.cat([slerp(x0, x1, w), slerp(x0, x1, w + epsilon)]))
+    images = downsample_to_256(face_crop(images) if crop else images)
+    a, b = images.chunk(2)
+    return a, b
+
+
 def path_lengths(generate: Callable[[torch.Tensor], torch.Tensor],
                  distances: dict[str, Distance], x0: torch.Tensor, x1: torch.Tensor,
                  w: torch.Tensor, epsilon: float, crop: bool = False) -> dict[str, np.ndarray]:
     """d = distance(g(slerp(x0, x1, w)), g(slerp(x0, x1, w + eps))) / eps^2 per sample, for
     each named distance; g = `generate`, w (B,)."""
-    images = generate(torch.cat([slerp(x0, x1, w), slerp(x0, x1, w + epsilon)]))
-    images = downsample_to_256(face_crop(images) if crop else images)
-    a, b = images.chunk(2)
+    return step_lengths(*path_images(generate, x0, x1, w, epsilon, crop), distances, epsilon)
+
+
+def step_lengths(a: torch.Tensor, b: torch.Tensor, distances: dict[str, Distance],
+                 epsilon: float) -> dict[str, np.ndarray]:
+    """distance(a, b) / eps^2 per image pair, for each named distance."""
     return {name: distance(a, b).double().numpy() / epsilon ** 2
             for name, distance in distances.items()}
+
+
+def pair_distances(images: torch.Tensor, distances: dict[str, Distance]
+                   ) -> dict[str, np.ndarray]:
+    """distance(images[2k], images[2k + 1]) for each named distance, (B // 2,); an odd last
+    image is left out."""
+    pairs = len(images) // 2
+    a, b = images[0: 2 * pairs: 2], images[1: 2 * pairs: 2]
+    return {name: distance(a, b).double().numpy() for name, distance in distances.items()}
+
+
+def per_diversity(ppl: float, diversity: float) -> float:
+    """PPL in units of the distance between two random samples (inf if they are all equal)."""
+    return ppl / diversity if diversity > 0 else float("inf")
 
 
 def evaluate(ctx: EvalContext, cfg: PPLConfig) -> MetricResult:
@@ -91,25 +129,37 @@ def evaluate(ctx: EvalContext, cfg: PPLConfig) -> MetricResult:
     def generate(z: torch.Tensor) -> torch.Tensor:
         return ctx.images(ddim.sample(z).x)
 
-    def chunk(rows: range) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    def chunk(rows: range) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray]]:
         x0, x1, rng = ctx.endpoints(rows)
         w = rng.rand().reshape(-1)
-        return path_lengths(generate, distances, x0, x1, w, cfg.epsilon, cfg.crop), w.numpy()
+        a, b = path_images(generate, x0, x1, w, cfg.epsilon, cfg.crop)
+        return step_lengths(a, b, distances, cfg.epsilon), w.numpy(), pair_distances(a, distances)
 
-    parts = ctx.map(chunk, cfg.n, "PPL", size=max(1, ctx.batch_size // 2))
-    d_all = {v: np.concatenate([d[v] for d, _ in parts]) for v in cfg.variants}
-    ws = [w for _, w in parts]
+    # Two images a sample; an even chunk size starts every chunk at an even sample, so the
+    # diversity pairs (2k, 2k + 1) do not depend on the batch size.
+    parts = ctx.map(chunk, cfg.n, "PPL", size=max(2, ctx.batch_size // 4 * 2))
+    d_all = {v: np.concatenate([d[v] for d, _, _ in parts]) for v in cfg.variants}
+    ws = [w for _, w, _ in parts]
+    pairs = {v: np.concatenate([p[v] for _, _, p in parts]) for v in cfg.variants}
     values = {}
     if "stylegan" in d_all:
         values["ppl_stylegan"] = percentile_mean(d_all["stylegan"])
     if "isodiff_compat" in d_all:
         values["ppl_isodiff_compat"] = batch_mean_percentile_mean(d_all["isodiff_compat"],
                                                                   cfg.compat_batch)
+    for v in cfg.variants:
+        diversity = float(pairs[v].mean())
+        values[f"ppl_{v}_diversity"] = diversity
+        values[f"ppl_{v}_per_diversity"] = per_diversity(values[f"ppl_{v}"], diversity)
     protocol = {**protocol_of(cfg), "backbones": {v: f"lpips-v0.1-{VARIANT_NET[v]}"
                                                   for v in cfg.variants}, "path": "slerp",
                 "slerp": SLERP_CONVENTION,
                 "departure": "images clamped to [-1, 1] before LPIPS (what an image file "
-                             "holds); StyleGAN feeds the generator's raw output"}
+                             "holds); StyleGAN feeds the generator's raw output",
+                "diversity": "ppl_<variant>_diversity: mean LPIPS (the variant's backbone) "
+                             "between the images at w of samples 2k and 2k + 1; "
+                             "ppl_<variant>_per_diversity = ppl_<variant> / diversity"}
     provenance = {"weights": {v: weights for v, (_, weights) in loaded.items()}}
-    arrays = {**{f"d_{v}": x for v, x in d_all.items()}, "w": np.concatenate(ws)}
+    arrays = {**{f"d_{v}": x for v, x in d_all.items()}, "w": np.concatenate(ws),
+              **{f"pairs_{v}": x for v, x in pairs.items()}}
     return MetricResult(values, protocol, provenance, arrays)
