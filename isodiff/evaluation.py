@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import inspect
 import json
 import logging
 import math
@@ -297,6 +298,14 @@ def _failure(err: BaseException, request: dict[str, Any] | None = None) -> dict[
             "when": _now(), **({"protocol": request} if request else {})}
 
 
+def values_version(name: str) -> dict[str, int]:
+    """{"version": V} for a metric whose module sets VERSION (bumped when its values change
+    or grow, so that results stored before are computed again rather than kept without the
+    new values); {} for version 1, so that protocols stored before versions stay valid."""
+    version = getattr(inspect.getmodule(METRICS[name]), "VERSION", 1)
+    return {"version": version} if version > 1 else {}
+
+
 def evaluate_run(cfg: EvaluateConfig, ranks: Ranks | None = None,
                  device: torch.device | None = None) -> dict[str, Any]:
     """Compute every selected metric not already stored with the same protocol; returns
@@ -320,7 +329,7 @@ def evaluate_run(cfg: EvaluateConfig, ranks: Ranks | None = None,
     failures = {}
     for name in names:
         metric_cfg = getattr(cfg.eval, name)
-        request = _json_normal({**common, **protocol_of(metric_cfg)})
+        request = _json_normal({**common, **protocol_of(metric_cfg), **values_version(name)})
         with (runs.exclusive(run_dir / "eval" / f".{name}.lock", f"{name} of {run_dir.name}")
               if main else contextlib.nullcontext()):
             stored = read_record(run_dir)["metrics"].get(name, {}).get("protocol", {})

@@ -27,6 +27,7 @@ from isodiff.cli import quote_paths
 from isodiff.config import ConfigError, DataConfig, DatasetName
 from isodiff.data import build_dataset
 from isodiff.evaluation import EvaluationFailed, evaluate_run, update_record
+from isodiff.metrics import interp
 from isodiff.metrics.common import MetricResult
 from isodiff.models import resolve_checkpoint
 from isodiff.training import environment_change
@@ -329,3 +330,24 @@ def test_a_resume_under_other_threads_is_warned_and_recorded(finished: Path,
     (note,) = status["not_bitwise"]
     assert note.startswith("resumed at step 4 with threads=")
     assert "will not be bitwise" in (run_dir / "train.log").read_text()
+
+
+def test_a_metric_whose_values_grew_is_computed_again(finished: Path, tmp_path: Path) -> None:
+    """A record stored before a metric's VERSION (here: interp before its _cv value) is not
+    "up to date": it is computed again and gains the new values; a metric without a VERSION
+    keeps the protocol it always had."""
+    _, run_dir = _copy(finished, tmp_path)
+    record = _evaluate(run_dir, "[interp,rtl]")["metrics"]
+    assert record["interp"]["protocol"]["version"] == interp.VERSION > 1
+    assert "version" not in record["rtl"]["protocol"]
+    stored = runs.read_json(run_dir / "metrics.json")
+    old = stored["metrics"]["interp"]
+    del old["protocol"]["version"]  # as the metric stored it before
+    del old["values"]["slerp_cv"]
+    old["values"]["slerp_mean"] = -1.0  # markers: a recomputed value replaces its marker
+    stored["metrics"]["rtl"]["values"]["mrtl"] = -1.0
+    runs.atomic_write_json(run_dir / "metrics.json", stored)
+    again = _evaluate(run_dir, "[interp,rtl]")["metrics"]
+    assert again["interp"]["protocol"]["version"] == interp.VERSION
+    assert again["interp"]["values"] == record["interp"]["values"]  # computed again
+    assert again["rtl"]["values"]["mrtl"] == -1.0  # up to date: kept as stored

@@ -29,6 +29,10 @@ from isodiff.metrics.common import (
 from isodiff.metrics.perceptual import Distance
 from isodiff.sampling import quantise
 
+# Bumped when the values change or grow: stored results are then computed again
+# (isodiff.evaluation.values_version). 2: <path>_cv, the uniformity of adjacent distances.
+VERSION = 2
+
 
 @dataclass
 class InterpConfig:

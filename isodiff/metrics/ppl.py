@@ -37,6 +37,11 @@ from isodiff.metrics.perceptual import Distance
 VARIANT_NET = {"stylegan": "vgg", "isodiff_compat": "alex"}
 
 
+# Bumped when the values change or grow: stored results are then computed again
+# (isodiff.evaluation.values_version). 2: the samples' diversity beside PPL.
+VERSION = 2
+
+
 @dataclass
 class PPLConfig:
     enabled: bool = True
