@@ -249,12 +249,17 @@ def mig(codes: np.ndarray, factors: np.ndarray, kinds: Sequence[str], bins: int 
 
 
 def readouts(codes: np.ndarray, factors: np.ndarray, kinds: Sequence[str],
-             names: Sequence[str], space: str, cfg: DisentanglementConfig) -> dict[str, float]:
+             names: Sequence[str], space: str, cfg: DisentanglementConfig,
+             arrays: dict[str, np.ndarray] | None = None) -> dict[str, float]:
     """Every factor read-out of one code, keyed as metrics.json stores them: dci_{d,c,i}_<space>,
     mig_<space>(_<factor>), probe_{lin,knn}_<space>(_<factor>), probe_gap_<space>_<factor>,
-    angle_{lin,knn}_<space>_<circular factor>."""
+    angle_{lin,knn}_<space>_<circular factor>. `arrays`, when given, receives DCI's
+    importance_<space> and informativeness_<space> (so the Lasso paths run once)."""
     values: dict[str, float] = {}
     scores = dci(codes, factors, kinds, cfg.heldout_fraction, cfg.cv_folds, cfg.lasso_steps)
+    if arrays is not None:
+        arrays[f"importance_{space}"] = scores["importance"]
+        arrays[f"informativeness_{space}"] = scores["informativeness_per_factor"]
     for key, name in (("disentanglement", "d"), ("completeness", "c"),
                       ("informativeness", "i")):
         if key in scores:
@@ -276,16 +281,17 @@ def readouts(codes: np.ndarray, factors: np.ndarray, kinds: Sequence[str],
 
 
 def calibrated(codes: np.ndarray, factors: np.ndarray, kinds: Sequence[str],
-               names: Sequence[str], space: str, cfg: DisentanglementConfig, seed: int
-               ) -> dict[str, float]:
-    """readouts of the code, with every value's floor (factors permuted) and ceiling
-    (planted code, and it rotated): isodiff.metrics.calibration."""
+               names: Sequence[str], space: str, cfg: DisentanglementConfig, seed: int,
+               arrays: dict[str, np.ndarray]) -> dict[str, float]:
+    """readouts of the code (its DCI arrays into `arrays`), with every value's floor
+    (factors permuted) and ceiling (planted code, and it rotated):
+    isodiff.metrics.calibration."""
 
     def readout(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
         return readouts(x, y, kinds, names, space, cfg)
 
     encodings, _ = encode(factors, kinds)
-    return {**readout(codes, factors),
+    return {**readouts(codes, factors, kinds, names, space, cfg, arrays),
             **permutation_floor(readout, codes, factors, cfg.permutations, seed),
             **ceilings(readout, codes, factors, encodings, seed + 1)}
 
@@ -324,11 +330,8 @@ def evaluate(ctx: EvalContext, cfg: DisentanglementConfig) -> MetricResult:
     arrays: dict[str, np.ndarray] = {}
     for space, x in codes.items():
         seed = derive_seed("disentanglement", ctx.seed, space)
-        values.update(calibrated(x, factors, kinds, names, space, cfg, seed))
+        values.update(calibrated(x, factors, kinds, names, space, cfg, seed, arrays))
         values[f"pr_{space}"] = participation_ratio(x)
-        scores = dci(x, factors, kinds, cfg.heldout_fraction, cfg.cv_folds, cfg.lasso_steps)
-        arrays[f"importance_{space}"] = scores["importance"]
-        arrays[f"informativeness_{space}"] = scores["informativeness_per_factor"]
     if cfg.swap_pairs:  # on sampling's own x_T: inverted ones can be far from N(0, I)
         x_T = latents(ctx.seed, range(2 * cfg.swap_pairs), ctx.x_shape)
         influence = h_swap_influence(ctx.ddim(cfg.steps), x_T[:cfg.swap_pairs],
