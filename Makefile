@@ -56,6 +56,7 @@ reproduce: install
 	    cluster=local_pool; \
 	status=$$?; \
 	$(PY) -m isodiff.analysis.tables tier=quick || status=1; \
+	$(PY) -m isodiff.analysis.claims tier=quick || status=1; \
 	$(PY) -m isodiff.analysis.figures tier=quick || status=1; \
 	$(PY) -m isodiff.toy || status=1; \
 	$(PY) -m isodiff.analysis.index tier=quick || status=1; \
@@ -84,6 +85,7 @@ sweep-editing: install
 
 tables: install
 	$(PY) -m isodiff.analysis.tables tier=$(TIER)
+	$(PY) -m isodiff.analysis.claims tier=$(TIER)
 
 figures: install
 	$(PY) -m isodiff.analysis.figures tier=$(TIER)

@@ -304,9 +304,86 @@ def edit_pictures(df: pd.DataFrame, spec: Spec, tier: str) -> Figure | None:
     return fig
 
 
+def _heldout_curve(run_dir: Path) -> pd.Series | None:
+    """step -> liso_heldout of a run's metrics.csv (train.heldout_every); None if it has none."""
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return None
+    table = pd.read_csv(path)
+    if "liso_heldout" not in table:
+        return None
+    curve = table.dropna(subset=["liso_heldout"]).set_index("step")["liso_heldout"]
+    return curve if len(curve) else None
+
+
+def training_curve(df: pd.DataFrame, spec: Spec, tier: str) -> Figure | None:
+    """Held-out L_iso while fine-tuning (metrics.csv), a line per arm (mean ± s.d. over its
+    seeds), a panel per dataset: how fast the regulariser acts and where it levels off."""
+    source, done = _done(df, spec, tier)
+    found: dict[str, dict[str, list[pd.Series]]] = {}
+    for _, row in done.iterrows():
+        if (curve := _heldout_curve(Path(row["path"]))) is not None:
+            label = _arm_label(source, [p for p in row["_row"] if p[0] in spec.rows])
+            found.setdefault(row["cfg.data.name"], {}).setdefault(label, []).append(curve)
+    if not found:
+        return None
+    fig, axes = plt.subplots(1, len(found), figsize=(4.2 * len(found), 3.4), squeeze=False)
+    for ax, (dataset, by_arm) in zip(axes[0], found.items(), strict=True):
+        for label, curves_ in by_arm.items():
+            runs = pd.concat(curves_, axis=1)
+            mean, std = runs.mean(axis=1), runs.std(axis=1).fillna(0)
+            ax.plot(mean.index, mean, marker="o", ms=2, label=f"{label} (n={len(curves_)})")
+            ax.fill_between(mean.index, mean - std, mean + std, alpha=0.2)
+        ax.set(title=dataset, xlabel="fine-tune step", yscale="log",
+               ylabel="held-out L_iso x min(n-1, m) (1 = best)")
+        ax.legend(fontsize=6)
+    fig.suptitle(f"{spec.title} ({tier})", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def steps_curve(df: pd.DataFrame, spec: Spec, tier: str) -> Figure | None:
+    """Each metric against the fine-tune's length (train.steps), a line per arm (mean ± s.d.
+    over seeds), a column per dataset; a metric's permutation floor, where it stores one,
+    dashed."""
+    source, done = _done(df, spec, tier)
+    if done.empty or "cfg.train.steps" not in done:
+        return None
+    datasets = list(dict.fromkeys(done["cfg.data.name"]))
+    fig, axes = plt.subplots(len(spec.metrics), len(datasets), squeeze=False,
+                             figsize=(3.4 * len(datasets), 2.2 * len(spec.metrics)))
+    for col, dataset in enumerate(datasets):
+        runs = done[done["cfg.data.name"] == dataset]
+        labels = [_arm_label(source, [p for p in pairs if p[0] in spec.rows])
+                  for pairs in runs["_row"]]
+        for row, metric in enumerate(spec.metrics):
+            ax = axes[row, col]
+            for label, arm in runs.groupby(labels, sort=False):
+                steps = pd.to_numeric(arm["cfg.train.steps"])
+                for column, style in ((metric, "-o"), (f"{metric}_floor", ":")):
+                    if column not in arm:
+                        continue
+                    stats = pd.to_numeric(arm[column], errors="coerce").groupby(
+                        steps).agg(["mean", "std"]).dropna(subset=["mean"])
+                    ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0),
+                                fmt=style, ms=3, capsize=2, label=label if style == "-o"
+                                else f"{label}: floor")
+            ax.set_xscale("log")
+            ax.set_ylabel(metric, fontsize=8)
+            if row == 0:
+                ax.set_title(dataset, fontsize=9)
+            if row == len(spec.metrics) - 1:
+                ax.set_xlabel("fine-tune steps")
+    axes[0, 0].legend(fontsize=6)
+    fig.suptitle(f"{spec.title} ({tier})", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 # Picture figures lay out their own panels (a subfigure a dataset); None: nothing to draw.
 PANELS: dict[str, Callable[[pd.DataFrame, Spec, str], Figure | None]] = {
-    "interp_strips": interp_strips, "inversion": inversion, "edit_pictures": edit_pictures}
+    "interp_strips": interp_strips, "inversion": inversion, "edit_pictures": edit_pictures,
+    "steps_curve": steps_curve, "training_curve": training_curve}
 
 
 def _plot(df: pd.DataFrame, spec: Spec, tier: str) -> Figure | None:

@@ -2,7 +2,8 @@
 
     python -m isodiff.analysis.index [tier=quick] [run_root=runs] [out=results]
 
-Every table analysis.tables wrote (tables/*.md) inline, every figure (figures/*.png) under
+A link to the claims register (claims.md, analysis.claims) when there is one, every table
+analysis.tables wrote (tables/*.md) inline, every figure (figures/*.png) under
 its spec's title, and the sample grid of every evaluated run, copied to
 samples/<dataset>/<job>.png so that the page and its images travel together.
 """
@@ -29,6 +30,16 @@ def _demote(markdown: str) -> str:
     """Headings two levels down: a table's '# name: title' goes under the page's Tables."""
     return "\n".join(f"##{line}" if line.startswith("#") else line
                      for line in markdown.strip().splitlines())
+
+
+def claims_link(page_dir: Path) -> list[str]:
+    """A link to claims.md (analysis.claims: each of the paper's claims judged on its runs)
+    when it was written."""
+    if not (page_dir / "claims.md").is_file():
+        return []
+    link = _link(page_dir / "claims.md", page_dir)
+    return [f"**The paper's claims, tested:** [claims.md]({link}) (each claim's paired effect "
+            "over seeds, its interval and verdict).", ""]
 
 
 def tables_section(page_dir: Path) -> list[str]:
@@ -96,6 +107,7 @@ def write_index(run_root: Path, tier: str, out: Path) -> Path:
     lines = [f"# isodiff results: the `{tier}` tier", "",
              "Written by `python -m isodiff.analysis.index` from the tables, figures and runs that "
              "had finished.", "",
+             *claims_link(page_dir),
              *tables_section(page_dir), *figures_section(page_dir),
              *samples_section(run_root, tier, page_dir)]
     path = page_dir / "index.md"

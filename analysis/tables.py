@@ -61,10 +61,11 @@ def _label(spec: Spec, pairs: list[tuple[str, object]]) -> str:
 
 def spec_rows(df: pd.DataFrame, spec: Spec, tier: str) -> tuple[pd.DataFrame, list[str]]:
     """The collected jobs of a spec, one row per job of its plan (the folder the plan names,
-    never a folder that merely holds the same values), and the problems: planned jobs that
-    failed, are missing, or whose files are unreadable or stale."""
+    never a folder that merely holds the same values; `_dataset` and `_point` its dataset and
+    grid values as planned), and the problems: planned jobs that failed, are missing, or
+    whose files are unreadable or stale."""
     planned = plan_for(spec, tier, Path(df.attrs["root"])).finetunes()
-    expected = [{"_job": job.folder,
+    expected = [{"_job": job.folder, "_dataset": job.dataset, "_point": job.point,
                  "_name": ",".join([f"data={job.dataset}",
                                     *(f"{k}={v}" for k, v in job.point.items())]),
                  "_row": [("data.name", job.dataset),
@@ -73,8 +74,8 @@ def spec_rows(df: pd.DataFrame, spec: Spec, tier: str) -> tuple[pd.DataFrame, li
     found = pd.DataFrame(columns=["_job"])
     if not df.empty:
         found = df.assign(_job=["/".join(Path(p).parts[-2:]) for p in df["path"]])
-    merged = pd.DataFrame(expected, columns=["_job", "_name", "_row"]).merge(
-        found, on="_job", how="left")
+    columns = ["_job", "_dataset", "_point", "_name", "_row"]
+    merged = pd.DataFrame(expected, columns=columns).merge(found, on="_job", how="left")
     problems = []
     for _, row in merged.iterrows():
         state, problem = row.get("state"), row.get("problem")
@@ -278,8 +279,12 @@ def render_all(run_root: Path, tier: str, out: Path, names: list[str] | None = N
     specs = [load_spec(n) for n in names] if names else all_specs()
     written = []
     for spec in specs:
-        if spec.kind == "table":
-            written += write_table(build_table(df, spec, tier), tier, out / tier / "tables")
+        if spec.kind != "table":
+            continue
+        if spec.on_demand and not names and spec_rows(df, spec, tier)[0].get(
+                "state", pd.Series(dtype=object)).isna().all():
+            continue  # an on-demand spec nobody has swept: no page of "not run" rows
+        written += write_table(build_table(df, spec, tier), tier, out / tier / "tables")
     return written
 
 

@@ -47,6 +47,8 @@ def training_seconds(run_dir: Path) -> float:
         rows = list(csv.DictReader(f))
     seconds, last = 0.0, 0
     for row in rows:
+        if not row["steps_per_s"]:  # a row of held-out L_iso alone (step 0)
+            continue
         step = int(row["step"])
         seconds += (step - last) / float(row["steps_per_s"])
         last = step

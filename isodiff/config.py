@@ -289,10 +289,17 @@ class LoopConfig:
     # samples/step_*.png and TensorBoard. 0 disables.
     grid_samples: int = 64
     grid_steps: int = 50
+    # Held-out L_iso of the trained U-Net (eval.liso's quantity, on heldout_n test images)
+    # every heldout_every steps, in metrics.csv's liso_heldout: the curve that says how long
+    # a fine-tune must be. 0 disables.
+    heldout_every: int = 0
+    heldout_n: int = 32
 
     def __post_init__(self) -> None:
+        _check(self.heldout_every >= 0, "train.heldout_every", self.heldout_every,
+               "must be >= 0 (0: no held-out L_iso during training)")
         for key in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints",
-                    "log_every"):
+                    "log_every", "heldout_n"):
             value = getattr(self, key)
             _check(value >= 1, f"train.{key}", value, "must be >= 1")
         _check(self.grid_samples >= 0, "train.grid_samples", self.grid_samples,

@@ -48,8 +48,9 @@ MANIFEST = "MANIFEST.json"  # a prepared asset's file list with sha256 (isodiff.
 NON_IDENTITY_KEYS = ("run_root", "name", "name_keys", "experiment", "tier", "train.progress",
                      "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.cpu_threads", "train.grid_samples", "train.grid_steps",
-                     "diffusion.clip_sample", "data.num_workers", "data.attributes",
-                     "data.attribute_names", "cluster", "hydra", "assets")
+                     "train.heldout_every", "train.heldout_n", "diffusion.clip_sample",
+                     "data.num_workers", "data.attributes", "data.attribute_names", "cluster",
+                     "hydra", "assets")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

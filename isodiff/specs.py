@@ -31,11 +31,34 @@ class SpecTier:
     metrics: list[str] | None = None
 
 
+DIRECTIONS = ("lower", "higher", "at_most")
+SMALLEST_KINDS = ("relative", "absolute")
+
+
+@dataclass
+class Claim:
+    """One claim of the paper (kind=claims): the metric that tests it, its direction (lower
+    or higher is the claimed gain; at_most: the metric, lower-is-better, rises by at most
+    the smallest effect) and the smallest effect that counts ({relative: fraction of the
+    baseline's mean} or {absolute: in the metric's units}), judged on the runs of `source`:
+    `treatment` vs `baseline` (grid key -> value; default: the source's control vs every
+    other arm)."""
+
+    id: str
+    text: str
+    metric: str
+    direction: str
+    smallest: dict[str, float]
+    source: str | None = None  # a table spec; None: table_1
+    treatment: dict[str, Any] | None = None
+    baseline: dict[str, Any] | None = None
+
+
 @dataclass
 class Spec:
     name: str
     title: str
-    kind: str = "table"  # table | figure
+    kind: str = "table"  # table | figure | claims
     datasets: list[str] = field(default_factory=lambda: ["shapes"])
     overrides: list[str] = field(default_factory=list)
     grid: dict[str, list[Any]] = field(default_factory=dict)
@@ -53,6 +76,10 @@ class Spec:
     source: str | None = None  # kind=figure: the table spec whose runs it draws
     array: str | None = None  # kind=figure: the array of eval/<metric>.npz a picture shows
     notes: list[str] = field(default_factory=list)
+    # Not part of `make reproduce`: rendered only once one of its jobs exists (or when named)
+    on_demand: bool = False
+    claims: list[Claim] = field(default_factory=list)  # kind=claims (analysis.claims)
+    rule: str = ""  # kind=claims: how a claim's verdict follows from its runs
 
     def datasets_for(self, tier: str) -> list[str]:
         """The spec's datasets at a tier ([]: the spec has no jobs at that tier)."""
@@ -94,7 +121,24 @@ def load_spec(name_or_path: str | Path) -> Spec:
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in EXPERIMENTS.glob("*.yaml") if p.stem != "tiers"))
         raise ConfigError(f"spec {str(name_or_path)!r} not found; known specs: {known}")
-    return _load(OmegaConf.load(path), Spec, str(path))
+    spec = _load(OmegaConf.load(path), Spec, str(path))
+    for i, claim in enumerate(spec.claims):
+        _check_claim(claim, f"{path}: claims[{i}]")
+    return spec
+
+
+def _check_claim(claim: Claim, where: str) -> None:
+    """What the schema cannot say of a claim: its direction and one kind of smallest effect;
+    ConfigError naming the key (`where` is the file and the claim's index)."""
+    which = f"(claim {claim.id!r})"
+    if claim.direction not in DIRECTIONS:
+        raise ConfigError(f"{where}.direction: {claim.direction!r} is not one of "
+                          f"{', '.join(DIRECTIONS)} {which}")
+    if len(claim.smallest) != 1 or next(iter(claim.smallest)) not in SMALLEST_KINDS:
+        raise ConfigError(f"{where}.smallest: give exactly one of {{relative: x}} or "
+                          f"{{absolute: x}}, not {dict(claim.smallest)} {which}")
+    if not next(iter(claim.smallest.values())) > 0:
+        raise ConfigError(f"{where}.smallest: the smallest effect must be > 0 {which}")
 
 
 def all_specs() -> list[Spec]:

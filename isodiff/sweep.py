@@ -108,6 +108,10 @@ def compile_plans(specs: list[Spec], tier: str, extra: list[str]
                   ) -> tuple[list[plan.Plan], dict[str, Path], Path]:
     """Every job of the specs' tables, composed and validated before anything runs:
     (one plan per table, dataset -> base, the tier's folder)."""
+    for spec in specs:
+        if spec.kind not in ("table", "figure"):  # kind=claims: judged on other specs' runs
+            raise UserError(f"spec {spec.name} (kind: {spec.kind}) has no jobs: sweep the "
+                            "tables it cites, then `python -m isodiff.analysis.claims`")
     settings = tier_config(tier)
     tables = list({s.name: s for s in (load_spec(s.source) if s.kind == "figure" else s
                                        for s in specs)}.values())

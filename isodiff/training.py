@@ -257,7 +257,7 @@ def save_final(state: TrainState, run_dir: Path) -> None:
 class MetricLog:
     """metrics.csv + TensorBoard, main process only; rows past a resume point are dropped."""
 
-    FIELDS = ("step", "loss", "mse", "iso", "lr", "steps_per_s")
+    FIELDS = ("step", "loss", "mse", "iso", "lr", "steps_per_s", "liso_heldout")
 
     def __init__(self, run_dir: Path, start_step: int, enabled: bool) -> None:
         self.enabled, self.tb = enabled, None
@@ -311,6 +311,27 @@ def step_mean(acc: Accelerator, totals: dict[str, float]) -> dict[str, float]:
     return out
 
 
+class HeldoutCurve:
+    """Held-out L_iso (metrics.liso's liso_scaled) of the trained U-Net on the first
+    train.heldout_n test images, fixed noise and probes, at the window's first, middle and
+    last timesteps: comparable across steps and across the runs of a table."""
+
+    def __init__(self, cfg: TrainConfig, codec: Codec, device: torch.device) -> None:
+        test = build_dataset(cfg.data, "test")
+        n = min(cfg.train.heldout_n, len(test))
+        self.x_0 = codec.encode(torch.stack([test[i][0] for i in range(n)]).to(device)).cpu()
+        T, start = cfg.diffusion.num_train_timesteps, int(cfg.iso.window * cfg.diffusion
+                                                          .num_train_timesteps)
+        self.timesteps = sorted({start, (start + T) // 2, T - 1})
+        self.alphas = build_scheduler(cfg.diffusion).alphas_cumprod.double()
+        self.device = device
+
+    def __call__(self, unet: HUNet) -> float:
+        from isodiff.metrics.liso import heldout_liso  # the metric's quantity, one batch
+        return heldout_liso(unet.encode_h, self.x_0, 0, self.timesteps, self.alphas,
+                            device=self.device)
+
+
 def train(cfg: TrainConfig, run_dir: Path) -> dict:
     """Train (or resume) the job in run_dir; returns a summary for status.json."""
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision.value)
@@ -337,6 +358,10 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
     metric_log = MetricLog(run_dir, start_step, acc.is_main_process)
     progress = tqdm(total=loop.steps, initial=start_step, desc=f"train {run_dir.name}",
                     disable=not (acc.is_main_process and loop.progress), dynamic_ncols=True)
+    curve = HeldoutCurve(cfg, state.codec, acc.device) \
+        if loop.heldout_every and acc.is_main_process else None
+    if curve is not None and start_step == 0:
+        metric_log.write({"step": 0, "liso_heldout": curve(state.unet)})
     tic, last_logged, last = time.perf_counter(), start_step, {}
     for step in range(start_step, loop.steps):
         totals: dict[str, float] = {}
@@ -372,13 +397,17 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
         done = step + 1
         progress.update(1)
         progress.set_postfix(loss=f"{totals['loss']:.4f}")
-        if done % loop.log_every == 0 or done == loop.steps:
+        # every process takes the same branch (step_mean is collective); the main one measures
+        heldout = bool(loop.heldout_every) and (done % loop.heldout_every == 0
+                                                or done == loop.steps)
+        if done % loop.log_every == 0 or done == loop.steps or heldout:
             elapsed = time.perf_counter() - tic
             if acc.num_processes > 1:
                 totals = step_mean(acc, totals)
             last = {"step": done, **totals, "lr": state.lr_scheduler.get_last_lr()[0],
                     "steps_per_s": (done - last_logged) / max(elapsed, 1e-9)}
-            metric_log.write(last)
+            metric_log.write({**last, **({"liso_heldout": curve(state.unet)}
+                                         if heldout and curve is not None else {})})
             tic, last_logged = time.perf_counter(), done
         if done % loop.checkpoint_every == 0 and done < loop.steps:
             save_checkpoint(state, run_dir, done, loop.keep_checkpoints)

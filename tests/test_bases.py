@@ -34,7 +34,14 @@ def test_shipped_files_match_their_manifest_and_load_in_plain_diffusers(manifest
         unet = UNet2DModel.from_pretrained(folder, local_files_only=True)
         c = unet.config
         x = torch.zeros(1, c.in_channels, c.sample_size, c.sample_size)
+        # h is the mid block's output, read by a hook on plain diffusers (not isodiff's
+        # encoder): compressive, m <= n / 3, as in the paper's pixel DDPM (n / m = 6)
+        seen: list[torch.Tensor] = []
+        hook = unet.mid_block.register_forward_hook(lambda _m, _i, out, seen=seen:
+                                                    seen.append(out))
         assert unet(x, 999).sample.shape == x.shape
+        hook.remove()
+        assert seen[0][0].numel() * 3 <= x[0].numel(), (dataset, tuple(seen[0].shape))
 
 
 def _manifest(files: dict[str, str], passed: bool = True, device: str = "cpu (x86_64)",

@@ -32,3 +32,15 @@ def test_held_out_liso_of_a_model_is_finite_and_seeded(tmp_path: Path) -> None:
     a = evaluate(tiny_context(tmp_path), cfg).values
     b = evaluate(tiny_context(tmp_path), cfg).values
     assert a == b and a["liso_scaled"] > 1.0
+
+
+def test_a_compressive_map_with_equal_gains_scores_one(tmp_path: Path) -> None:
+    """h keeps m = 64 of the n = 768 input directions at one gain: the best a map into a
+    smaller h can do. L_iso >= 1 / rank J = 1 / m, so the score is scaled by min(n - 1, m)
+    and reads 1 (by n - 1 it would read 12)."""
+    ctx = tiny_context(tmp_path)
+    cfg = LisoConfig(n=16, timesteps=[999], probes=4)
+    ctx.unet.encode_h = lambda x, t: 3.0 * x.flatten(1)[:, :64]
+    kept = evaluate(ctx, cfg).values
+    assert kept["liso_scaled"] == pytest.approx(1.0, abs=0.1)
+    assert kept["liso"] * (3 * 16 * 16 - 1) == pytest.approx(767 / 64, rel=0.1)

@@ -45,11 +45,13 @@ def test_folders_are_named_by_the_keys_the_spec_varies(tmp_path: Path) -> None:
     (table_1,) = plans
     folders = [job.folder for job in table_1.finetunes()]
     assert len(folders) == 20 and len(set(folders)) == 20
-    named = "iso.metric=spherical,iso.window=0.5,lambda_iso={},seed={}-"
+    # train.steps names the folder because a spec (finetune_length) varies it: the value is
+    # the recipe's, so Table 1's runs are that spec's runs of the same length
+    named = "iso.metric=spherical,iso.window=0.5,lambda_iso={},seed={},train.steps=600-"
     assert folders[0].startswith("shapes/" + named.format(0, 0))
     assert any(f.startswith("mnist/" + named.format(0.1, 4)) for f in folders)
-    # the tier's recipe (optim=finetune, train.steps, ...) is in config.yaml, not the name
-    assert not any("optim" in f or "train." in f for f in folders)
+    # the rest of the tier's recipe (optim, batch size, ...) is in config.yaml, not the name
+    assert not any("optim" in f or "batch_size" in f for f in folders)
     assert root == tmp_path.resolve() / "quick" and not tmp_path.joinpath("quick").exists()
 
 
@@ -58,7 +60,8 @@ def test_a_job_shared_by_two_tables_has_one_folder(tmp_path: Path) -> None:
     plans, _, _ = sweep.compile_plans([load_spec("table_1"), load_spec("table_4")], "quick",
                                       [f"run_root={tmp_path}"])
     table_1, table_4 = ({j.folder for j in p.finetunes()} for p in plans)
-    shared = {f for f in table_1 if "lambda_iso=0.1,seed=0-" in f and f.startswith("shapes/")}
+    shared = {f for f in table_1 if "lambda_iso=0.1,seed=0,train.steps=600-" in f
+              and f.startswith("shapes/")}
     assert len(shared) == 1 and shared <= table_4
 
 
@@ -67,7 +70,7 @@ def test_plan_prints_and_launches_nothing(tmp_path: Path) -> None:
                      f"run_root={tmp_path}/runs", "--plan")
     assert result.returncode == 0, result.stderr
     assert "base     base/data.name=shapes-" in result.stdout
-    assert "finetune shapes/iso.metric=spherical,iso.window=0.5,lambda_iso=0.1,seed=0-" \
+    assert "finetune shapes/iso.metric=spherical,iso.window=0.5,lambda_iso=0.1,seed=0," \
         in result.stdout
     assert not (tmp_path / "runs").exists()
 
@@ -180,3 +183,14 @@ def test_rank_counts_slurm_tasks_before_torch_knows_of_them() -> None:
     assert distributed.rank({"RANK": "3"}) == 3
     assert distributed.rank({"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2"}) == 1
     assert distributed.rank({"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "1"}) == 0
+
+
+def test_the_length_curve_reuses_table_1s_runs_at_the_recipes_length(tmp_path: Path) -> None:
+    """finetune_length varies train.steps; its jobs at the recipe's 600 steps are Table 1's
+    seed-0 jobs (one folder each), so the curve costs only its other lengths."""
+    plans, _, _ = sweep.compile_plans([load_spec("table_1"), load_spec("finetune_length")],
+                                      "quick", [f"run_root={tmp_path}"])
+    table_1, curve = ({j.folder for j in p.finetunes()} for p in plans)
+    assert len(curve) == 16
+    assert sorted(f.split("/")[0] for f in table_1 & curve) == ["mnist"] * 2 + ["shapes"] * 2
+    assert all("seed=0,train.steps=600-" in f for f in table_1 & curve)

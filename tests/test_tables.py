@@ -87,17 +87,17 @@ def test_every_row_carries_the_quality_check_of_its_runs(tmp_path: Path) -> None
 
 
 def test_failed_and_missing_jobs_are_listed_with_their_reason(tmp_path: Path) -> None:
-    spec = load_spec("table_2")
-    dirs = write_runs(tmp_path, spec, "quick", fail={1})
+    spec = load_spec("table_2")  # one seed a row at the smoke tier
+    dirs = write_runs(tmp_path, spec, "smoke", fail={1})
     import shutil
     shutil.rmtree(dirs[2])
-    table = build_table(collect_runs(tmp_path / "quick"), spec, "quick")
+    table = build_table(collect_runs(tmp_path / "smoke"), spec, "smoke")
     assert len(table.problems) == 2
     assert any("iso.metric=euclidean" in p and "synthetic failure" in p for p in table.problems)
     assert any("iso.metric=spherical" in p and "not run" in p for p in table.problems)
     assert table.display.loc["shapes: G = I (Euclidean)", "fid"] == "–²"
     assert table.display.loc["shapes: no regulariser", "fid"] != "–²"
-    markdown = to_markdown(table, "quick")
+    markdown = to_markdown(table, "smoke")
     assert "missing: " in markdown and "synthetic failure" in markdown
 
 

@@ -60,6 +60,33 @@ def test_same_seed_same_weights_other_seed_differs(tmp_path: Path) -> None:
     assert not torch.equal(_weights(a)["conv_in.weight"], _weights(c)["conv_in.weight"])
 
 
+def test_held_out_liso_is_logged_and_leaves_training_as_it_was(tmp_path: Path) -> None:
+    """train.heldout_every: metrics.csv's liso_heldout at step 0 and every k steps, equal to
+    the metric's quantity (metrics.liso.heldout_liso) recomputed on the final raw weights;
+    measuring it draws no training randomness, so the weights are bitwise those without it."""
+    import pandas as pd
+    from omegaconf import OmegaConf
+
+    from isodiff.config import to_train_config
+    from isodiff.latent import build_codec
+    from isodiff.models import load_unet
+    from isodiff.training import HeldoutCurve
+
+    _, plain = run_train_job(["train.steps=4"], tmp_path / "a")
+    status, logged = run_train_job(["train.steps=4", "train.heldout_every=2",
+                                    "train.heldout_n=4"], tmp_path / "b")
+    assert status["state"] == "done"
+    _assert_same_weights(plain, logged)
+    rows = pd.read_csv(logged / "metrics.csv").dropna(subset=["liso_heldout"])
+    assert rows["step"].tolist() == [0, 2, 4]
+    assert (rows["liso_heldout"] > 0.8).all()  # 1 = the best a map into h can do
+    cfg = to_train_config(OmegaConf.load(logged / "config.yaml"))
+    curve = HeldoutCurve(cfg, build_codec(cfg.latent, torch.device("cpu")), torch.device("cpu"))
+    assert len(curve.x_0) == 4 and curve.timesteps == [500, 750, 999]
+    assert rows["liso_heldout"].iloc[-1] == pytest.approx(
+        curve(load_unet(str(logged), ema=False)), rel=1e-4)
+
+
 def test_batches_depend_only_on_position() -> None:
     whole = StepBatches(10, 4, seed=0, start=0, world=2)
     it = iter(whole)
