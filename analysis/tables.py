@@ -195,6 +195,7 @@ def paired_differences(merged: pd.DataFrame, spec: Spec, tier: str) -> pd.DataFr
     keys = [split(pairs) for pairs in merged["_row"]]
     metrics = [m for m in spec.metrics_for(tier) if m in merged]
     frame = merged.assign(_control=[c for c, _ in keys], _rest=[r for _, r in keys])
+    frame = frame[frame["cfg.seed"].notna()]  # a job not run yet pairs with nothing
     frame[metrics] = frame[metrics].apply(pd.to_numeric, errors="coerce")
     frame = frame.set_index(["_rest", "cfg.seed"])
     base = frame.loc[frame["_control"], metrics]

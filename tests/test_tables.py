@@ -172,3 +172,18 @@ def test_floors_and_ceilings_stand_beside_their_values(tmp_path: Path) -> None:
     assert "dci_d_h floor" not in table.display  # no floor stored: no column
     markdown = to_markdown(table, "quick")
     assert "³ within 2 s.d. of its permutation floor" in markdown
+
+
+def test_paired_differences_skip_jobs_that_have_not_run(tmp_path: Path) -> None:
+    """Several planned jobs of one arm missing (an on-demand spec half run) pair with
+    nothing; the finished pairs keep their differences."""
+    import shutil
+
+    spec = load_spec("table_1")
+    dirs = write_runs(tmp_path, spec, "quick")
+    for d in dirs[3:5] + dirs[8:10]:  # shapes seeds 3 and 4 of both arms
+        shutil.rmtree(d)
+    table = build_table(collect_runs(tmp_path / "quick"), spec, "quick")
+    assert table.paired is not None
+    assert table.paired.loc["shapes: Isometric Diffusion", "fid"].endswith("(n=3)")
+    assert table.paired.loc["mnist: Isometric Diffusion", "fid"].endswith("(n=5)")
