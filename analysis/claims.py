@@ -229,6 +229,9 @@ def judge(merged: pd.DataFrame, claim: Claim, source: Spec, tier: str) -> list[R
         elif not ok and all(m.endswith(f": no {claim.metric}") for m in missing):
             result.reason = (f"{name}: no planned run stores {claim.metric} "
                              f"({len(paired)} pairs planned)")
+        elif not ok and all(m.endswith(": not run") for m in missing):
+            result.reason = (f"{name}: not run ({len(paired)} pairs planned): "
+                             f"`python -m isodiff.sweep {name} tier={tier}`")
         elif missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             result.reason = (f"{name}: {len(ok)} of {len(paired)} pairs measured; "

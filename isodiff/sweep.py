@@ -6,9 +6,11 @@ of the finished jobs on the metrics their specs show (and their figures draw).
 First every job is compiled into the plan (composed and validated: a bad key or value in
 a spec stops here, before any folder exists), written to <run_root>/<tier>/plans/<spec>.json;
 `--plan` prints it and launches nothing. Launcher overrides (`cluster=slurm_local`,
-`hydra/launcher=submitit_local`, ...) go to both stages. Idempotent: finished jobs and
-computed metrics are skipped by the jobs themselves; a grid whose jobs are all done is not
-launched at all. Job outcomes are read from status files, never from exit codes.
+`hydra/launcher=submitit_local`, ...) go to both stages. `datasets=shapes[,mnist]` launches
+only those datasets' jobs (the plan keeps every job; the others show as not run).
+Idempotent: finished jobs and computed metrics are skipped by the jobs themselves; a grid
+whose jobs are all done is not launched at all. Job outcomes are read from status files,
+never from exit codes.
 """
 
 from __future__ import annotations
@@ -56,10 +58,10 @@ def base_stage(datasets: list[str], tier: str, extra: list[str]) -> dict[str, Pa
 
 
 def train_stage(spec: Spec, compiled: plan.Plan, root: Path, bases: dict[str, Path],
-                extra: list[str]) -> None:
-    """Train the plan's fine-tunes of the spec, one multirun per dataset."""
+                extra: list[str], datasets: list[str]) -> None:
+    """Train the plan's fine-tunes of the spec on those datasets, one multirun per dataset."""
     tier = compiled.tier
-    for dataset in spec.datasets_for(tier):
+    for dataset in (d for d in spec.datasets_for(tier) if d in datasets):
         dirs = [root / job.folder for job in compiled.finetunes() if job.dataset == dataset]
         if all(runs.is_done(d) for d in dirs):
             continue
@@ -136,11 +138,25 @@ def plan_for(spec: Spec, tier: str, root: Path) -> plan.Plan:
         [spec], tier, [f"run_root={root.parent}"])[0][0]
 
 
-def run_specs(specs: list[Spec], tier: str, extra: list[str]) -> dict[str, dict[str, int]]:
+def launched_datasets(plans: list[plan.Plan], only: list[str] | None) -> list[str]:
+    """The plans' datasets that a sweep launches: all, or those `datasets=` names."""
+    planned = list(dict.fromkeys(job.dataset for p in plans for job in p.finetunes()))
+    if only is None:
+        return planned
+    if unknown := [d for d in only if d not in planned]:
+        raise UserError(f"datasets={','.join(only)}: {unknown[0]!r} has no job in these "
+                        f"specs at this tier; use some of {', '.join(planned) or '(none)'}")
+    return only
+
+
+def run_specs(specs: list[Spec], tier: str, extra: list[str],
+              only: list[str] | None = None) -> dict[str, dict[str, int]]:
     """The plans (written beside the runs), then the bases, every spec's training, and one
-    evaluation of all their jobs; returns the job states per spec (from status files)."""
+    evaluation of all their jobs (of the datasets `only` names, default all); returns the
+    states of the launched jobs per spec (from status files)."""
     plans, bases, root = compile_plans(specs, tier, extra)
-    for dataset in dict.fromkeys(job.dataset for p in plans for job in p.finetunes()):
+    datasets = launched_datasets(plans, only)
+    for dataset in datasets:
         # every preset's assets, before anything is launched (its jobs validated above)
         assets = plan.compose_job([f"tier={tier}", dataset_override(tier, dataset), *extra],
                                   validate=False).assets
@@ -149,19 +165,21 @@ def run_specs(specs: list[Spec], tier: str, extra: list[str]) -> dict[str, dict[
         log.info("plan: %s", plan.write_plan(compiled, root))
     settings = tier_config(tier)
     if bases and settings.bases == BaseSource.trained:
-        base_stage(list(bases), tier, extra)
+        base_stage([d for d in bases if d in datasets], tier, extra)
     for compiled in plans:
-        train_stage(compiled.source, compiled, root, bases, extra)
+        train_stage(compiled.source, compiled, root, bases, extra, datasets)
+    launched = [(compiled, [j for j in compiled.finetunes() if j.dataset in datasets])
+                for compiled in plans]
     needs: dict[Path, set[str]] = {}
-    for compiled in plans:
-        for job in compiled.finetunes():
+    for _, jobs in launched:
+        for job in jobs:
             needs.setdefault(root / job.folder, set()).update(job.metrics)
     # Evaluation takes only the launcher overrides; the rest are training keys.
     launch = [a for a in extra if a.startswith(LAUNCHER_KEYS)]
     evaluate_stage(needs, settings.eval, launch)
     counts = {}
-    for compiled in plans:
-        states = [_state(root / job.folder) for job in compiled.finetunes()]
+    for compiled, jobs in launched:
+        states = [_state(root / job.folder) for job in jobs]
         counts[compiled.spec] = {s: states.count(s) for s in sorted(set(states))}
     return counts
 
@@ -204,15 +222,19 @@ def main(argv: list[str]) -> int:
         return 2
     names, rest = [a for a in argv if "=" not in a], [a for a in argv if "=" in a]
     tier = next((a.split("=", 1)[1] for a in rest if a.startswith("tier=")), "quick")
-    extra = [a for a in rest if not a.startswith("tier=")]
+    only = next((a.split("=", 1)[1].strip("[]").split(",") for a in rest
+                 if a.startswith("datasets=")), None)
+    extra = [a for a in rest if not a.startswith(("tier=", "datasets="))]
     try:
         specs = [load_spec(n) for n in names]
         if dry:
             plans, _, root = compile_plans(specs, tier, extra)
-            print(f"# under {root}; nothing is launched")
+            launched = launched_datasets(plans, only)
+            print(f"# under {root}; nothing is launched (a sweep would launch the jobs of "
+                  f"{', '.join(launched)})")
             print("\n".join(p.describe() for p in plans))
             return 0
-        counts = run_specs(specs, tier, extra)
+        counts = run_specs(specs, tier, extra, only)
     except UserError as err:
         print(f"isodiff.sweep: {err}", file=sys.stderr)
         return 2

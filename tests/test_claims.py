@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 from pathlib import Path
 
@@ -217,6 +218,20 @@ def test_a_missing_treatment_run_leaves_the_claim_not_measured(tmp_path: Path) -
     assert "4 of 5 pairs measured" in liso["reason"]
     assert "synthetic failure" in liso["reason"]
     assert rows["liso", "mnist"]["verdict"] == NOT_REPRODUCED  # mnist is complete
+
+
+def test_a_dataset_the_sweep_did_not_launch_says_which_command_runs_it(tmp_path: Path) -> None:
+    # `make reproduce` sweeps table_1 with datasets=shapes: mnist's jobs are planned, not run
+    runs = _tree(tmp_path / "runs")
+    for (dataset, _, _), run_dir in runs.items():
+        if dataset == "mnist":
+            shutil.rmtree(run_dir)
+    rows = _rows(write_claims(tmp_path / "runs", "quick", tmp_path / "out")[1])
+    assert rows["liso", "shapes"]["verdict"] == REPRODUCED
+    mnist = rows["liso", "mnist"]
+    assert mnist["verdict"] == NOT_MEASURED and mnist["pairs"] == 0
+    assert mnist["reason"] == ("table_1: not run (5 pairs planned): "
+                               "`python -m isodiff.sweep table_1 tier=quick`")
 
 
 def test_the_command_writes_the_register_and_refuses_a_tier_without_runs(

@@ -16,7 +16,7 @@ from isodiff.analysis.tables import build_table
 from omegaconf import open_dict
 
 from isodiff import distributed, plan, runs, sweep
-from isodiff.config import ConfigError
+from isodiff.config import ConfigError, UserError
 from isodiff.jobs import run_job
 from isodiff.specs import load_spec
 from isodiff.training import train
@@ -63,6 +63,18 @@ def test_a_job_shared_by_two_tables_has_one_folder(tmp_path: Path) -> None:
     shared = {f for f in table_1 if "lambda_iso=0.1,seed=0,train.steps=600-" in f
               and f.startswith("shapes/")}
     assert len(shared) == 1 and shared <= table_4
+
+
+def test_a_sweep_launches_only_the_datasets_it_names(tmp_path: Path) -> None:
+    """`make reproduce` sweeps shapes only: the plan keeps mnist's jobs (the tables list them
+    as not run); a dataset the specs do not have is refused by name."""
+    plans, _, _ = sweep.compile_plans([load_spec("table_1"), load_spec("table_5")], "quick",
+                                      [f"run_root={tmp_path}"])
+    assert {j.dataset for p in plans for j in p.finetunes()} == {"shapes", "mnist"}
+    assert sweep.launched_datasets(plans, None) == ["shapes", "mnist"]
+    assert sweep.launched_datasets(plans, ["shapes"]) == ["shapes"]
+    with pytest.raises(UserError, match=r"datasets=celeba: 'celeba' has no job .* shapes, mnist"):
+        sweep.launched_datasets(plans, ["celeba"])
 
 
 def test_plan_prints_and_launches_nothing(tmp_path: Path) -> None:
