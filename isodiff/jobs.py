@@ -35,6 +35,17 @@ def _holder(run_dir: Path) -> str:
     return f" (status.json: {status.get('state')}, pid {status.get('pid')} on {status.get('host')})"
 
 
+def require_same_job(run_dir: Path, cfg: DictConfig) -> None:
+    """A folder is its identity: ConfigError naming the keys when run_dir records a job of
+    another config (never skipped as done, nor resumed from its checkpoints)."""
+    if differ := runs.identity_difference(run_dir, cfg):
+        raise ConfigError(
+            f"name={run_dir.name!r}: {run_dir} holds a job with other "
+            + ", ".join(f"{k} (recorded {old!r}, asked {new!r})" for k, (old, new)
+                        in differ.items())
+            + ": nothing is run; choose another name= or remove that folder")
+
+
 def run_job(cfg: DictConfig, run_dir: Path, work: Callable[[TrainConfig, Path], dict]) -> dict:
     """Validate cfg, then run `work` in run_dir unless it is already done.
 
@@ -57,6 +68,7 @@ def run_job(cfg: DictConfig, run_dir: Path, work: Callable[[TrainConfig, Path], 
         remove_empty(run_dir, run_root)
         raise
     if distributed.rank() != 0:  # rank 0 alone keeps the run folder's books (and its lock)
+        require_same_job(run_dir, cfg)  # every rank stops where rank 0 does
         return runs.read_status(run_dir) if runs.is_done(run_dir) else work(typed, run_dir)
     with runs.exclusive(run_dir / ".lock", f"job {run_dir.name}", lambda: _holder(run_dir)):
         return _run_locked(cfg, typed, run_dir, work)
@@ -64,13 +76,7 @@ def run_job(cfg: DictConfig, run_dir: Path, work: Callable[[TrainConfig, Path], 
 
 def _run_locked(cfg: DictConfig, typed: TrainConfig, run_dir: Path,
                 work: Callable[[TrainConfig, Path], dict]) -> dict:
-    if differ := runs.identity_difference(run_dir, cfg):
-        # a folder is its identity: never skip or resume a job that computed something else
-        raise ConfigError(
-            f"name={run_dir.name!r}: {run_dir} holds a job with other "
-            + ", ".join(f"{k} (recorded {old!r}, asked {new!r})" for k, (old, new)
-                        in differ.items())
-            + ": nothing is run; choose another name= or remove that folder")
+    require_same_job(run_dir, cfg)
     state, problem = runs.job_state(run_dir, full=True)  # a skip relies on the weights' bits
     status = runs.read_status(run_dir) or {}
     if state == runs.DONE:
