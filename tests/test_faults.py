@@ -230,6 +230,15 @@ def test_a_folder_name_that_leaves_its_place_is_refused_before_any_folder(
     assert sorted(tmp_path.rglob("*")) == before
 
 
+def test_a_spec_whose_folder_names_leave_their_place_stops_the_plan() -> None:
+    """The sweep names folders by its specs' datasets (experiment=<dataset>): the plan
+    checks them as the job would, before anything runs."""
+    from isodiff.plan import compose_job
+
+    with pytest.raises(UserError, match=r"experiment='\.\./x' is invalid"):
+        compose_job(["tier=smoke", "experiment=../x"])
+
+
 def test_a_job_folder_outside_run_root_is_refused(tmp_path: Path) -> None:
     """The proof beside the folder-name check: a job path (however made) that does not lie
     inside run_root is refused before anything is written."""
