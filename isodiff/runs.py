@@ -30,6 +30,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import yaml
 from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
@@ -398,8 +399,15 @@ def identity_difference(run_dir: Path, cfg: DictConfig) -> dict[str, tuple[Any, 
     recorded_path = run_dir / "config.yaml"
     if signature(run_dir) == config_hash(asked) or not recorded_path.is_file():
         return {}
-    recorded = _flat(identity(OmegaConf.to_container(OmegaConf.load(recorded_path))))
-    asked = _flat(asked)
+    try:  # hand-edited and broken: which job the folder holds is unknown
+        recorded = OmegaConf.to_container(OmegaConf.load(recorded_path))
+        problem = None if isinstance(recorded, dict) else f"a YAML {type(recorded).__name__}"
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        problem = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+    if problem:
+        raise RunFileError(f"{recorded_path} is unreadable ({problem}): the job it records is "
+                           "unknown; restore it or remove the folder")
+    recorded, asked = _flat(identity(recorded)), _flat(asked)
     ignored = tuple(f"{key}." for key in NON_IDENTITY_KEYS)
     return {key: (recorded.get(key), asked.get(key)) for key in sorted({*recorded, *asked})
             if recorded.get(key) != asked.get(key) and not f"{key}.".startswith(ignored)}

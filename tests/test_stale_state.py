@@ -158,6 +158,9 @@ def test_a_named_folder_that_holds_another_config_is_refused(run_root: Path) -> 
     assert (run_dir / "status.json").read_text() == before
     again = run_cli("isodiff.train", *args, "lambda_iso=0", "train.log_every=1")
     assert again.returncode == 0 and "done already: skipped" in again.stdout + again.stderr
+    (run_dir / "config.yaml").write_text("lambda_iso: [")  # which job it holds is unknown
+    broken = run_cli("isodiff.train", *args, "lambda_iso=0")
+    assert broken.returncode == 2 and "config.yaml is unreadable" in broken.stderr, broken.stderr
 
 
 def test_deleted_weights_are_noticed_everywhere(finished: Path, tmp_path: Path) -> None:
