@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from cleanfid.inception_torchscript import InceptionV3W
 
+from isodiff import runs
 from isodiff.config import UserError
 
 INCEPTION_FILE = "inception-2015-12-05.pt"  # the name clean-fid loads
@@ -84,7 +85,7 @@ def atomic_save(path: Path, save: Callable[[str], None]) -> None:
     try:
         save(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is shared like a download
-        os.replace(tmp, path)
+        runs.replace_durably(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

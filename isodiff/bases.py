@@ -36,7 +36,7 @@ from isodiff.models import load_unet
 from isodiff.specs import all_specs
 
 log = logging.getLogger("isodiff.bases")
-MANIFEST = "manifest.json"
+MANIFEST = runs.BASES_MANIFEST
 QUALITY_METRICS = ("fid", "quality")
 
 

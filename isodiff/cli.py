@@ -25,6 +25,11 @@ USAGE = 2
 
 def one_line(err: BaseException) -> str:
     """A Hydra or OmegaConf error as one line: the key, what is wrong, the fix."""
+    inner: BaseException | None = err
+    while inner is not None:  # a resolver's (runs.folder_part) error, as OmegaConf chains it
+        if isinstance(inner, UserError):
+            return str(inner)
+        inner = inner.__cause__ or inner.__context__
     cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
     if isinstance(err, MissingConfigException) and err.missing_cfg_file:
         group, _, value = err.missing_cfg_file.rpartition("/")

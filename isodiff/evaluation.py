@@ -21,6 +21,7 @@ import inspect
 import json
 import logging
 import math
+import os
 import re
 import time
 import traceback
@@ -179,7 +180,7 @@ def build_context(cfg: EvaluateConfig, ranks: Ranks | None = None,
     Refuses a run that is not done (ConfigError naming the state and the fix).
     """
     run_dir = Path(cfg.run).expanduser()
-    state, problem = runs.job_state(run_dir)
+    state, problem = runs.job_state(run_dir, full=True)  # the metrics name these bits
     if state == runs.WEIGHTS_CHANGED:
         raise ConfigError(f"run={cfg.run!r}: {problem}: nothing is measured; train the job "
                           "again (its command, or the sweep that made it, retrains it)")
@@ -198,7 +199,10 @@ def build_context(cfg: EvaluateConfig, ranks: Ranks | None = None,
         raise ConfigError(f"run={cfg.run!r}: final/{subfolder} holds non-finite weights "
                           f"({len(bad)} tensors, e.g. {bad[0]}): nothing is measured; retrain "
                           "it with a lower optim.lr or lambda_iso")
-    refs_dir = Path(cfg.refs_dir) if cfg.refs_dir else run_dir.parent.parent / "_refs"
+    # beside the tier's experiments, from the absolute path: `run=<job>/final/..` is no
+    # job folder's parent
+    refs_dir = Path(cfg.refs_dir) if cfg.refs_dir else \
+        Path(os.path.abspath(run_dir)).parent.parent / "_refs"
     ctx = EvalContext(unet, train_cfg.diffusion, train_cfg.data, seed=cfg.seed,
                       batch_size=cfg.batch_size, refs_dir=refs_dir, progress=cfg.progress,
                       codec=build_codec(train_cfg.latent, unet.device), ranks=ranks)

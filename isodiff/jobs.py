@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from isodiff import distributed, paper_assets, runs
-from isodiff.config import TrainConfig, UserError, to_train_config
+from isodiff.config import ConfigError, TrainConfig, UserError, to_train_config
 from isodiff.models import resolve_checkpoint
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,17 @@ def _holder(run_dir: Path) -> str:
     return f" (status.json: {status.get('state')}, pid {status.get('pid')} on {status.get('host')})"
 
 
+def require_same_job(run_dir: Path, cfg: DictConfig) -> None:
+    """A folder is its identity: ConfigError naming the keys when run_dir records a job of
+    another config (never skipped as done, nor resumed from its checkpoints)."""
+    if differ := runs.identity_difference(run_dir, cfg):
+        raise ConfigError(
+            f"name={run_dir.name!r}: {run_dir} holds a job with other "
+            + ", ".join(f"{k} (recorded {old!r}, asked {new!r})" for k, (old, new)
+                        in differ.items())
+            + ": nothing is run; choose another name= or remove that folder")
+
+
 def run_job(cfg: DictConfig, run_dir: Path, work: Callable[[TrainConfig, Path], dict]) -> dict:
     """Validate cfg, then run `work` in run_dir unless it is already done.
 
@@ -44,7 +55,9 @@ def run_job(cfg: DictConfig, run_dir: Path, work: Callable[[TrainConfig, Path], 
     or `failed` (with error and traceback) after; an invalid config, or a base (init_from)
     that is missing or not done, writes nothing.
     """
+    run_root = Path(str(cfg.get("run_root", run_dir.parent)))
     try:
+        runs.require_inside(run_dir, run_root)
         typed = to_train_config(cfg)
         if not runs.is_done(run_dir):
             # a preset's assets as prepared (named, with the command that fetches them)
@@ -52,9 +65,10 @@ def run_job(cfg: DictConfig, run_dir: Path, work: Callable[[TrainConfig, Path], 
             if typed.init_from:  # its base exists and is done
                 resolve_checkpoint(typed.init_from)
     except UserError:
-        remove_empty(run_dir, Path(str(cfg.get("run_root", run_dir.parent))))
+        remove_empty(run_dir, run_root)
         raise
     if distributed.rank() != 0:  # rank 0 alone keeps the run folder's books (and its lock)
+        require_same_job(run_dir, cfg)  # every rank stops where rank 0 does
         return runs.read_status(run_dir) if runs.is_done(run_dir) else work(typed, run_dir)
     with runs.exclusive(run_dir / ".lock", f"job {run_dir.name}", lambda: _holder(run_dir)):
         return _run_locked(cfg, typed, run_dir, work)
@@ -62,7 +76,8 @@ def run_job(cfg: DictConfig, run_dir: Path, work: Callable[[TrainConfig, Path], 
 
 def _run_locked(cfg: DictConfig, typed: TrainConfig, run_dir: Path,
                 work: Callable[[TrainConfig, Path], dict]) -> dict:
-    state, problem = runs.job_state(run_dir)
+    require_same_job(run_dir, cfg)
+    state, problem = runs.job_state(run_dir, full=True)  # a skip relies on the weights' bits
     status = runs.read_status(run_dir) or {}
     if state == runs.DONE:
         log.info("%s is done already: skipped", run_dir)

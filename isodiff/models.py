@@ -115,6 +115,7 @@ def resolve_checkpoint(init_from: str, ema: bool = True) -> tuple[str, str | Non
         sub = "unet_ema" if ema and (path / "final" / "unet_ema").is_dir() else "unet"
         return str(path / "final"), sub
     if (path / "config.json").is_file():
+        runs.verify_base(path)  # a shipped base is what its manifest says
         return str(path), None
     if (path / "unet" / "config.json").is_file():
         return str(path), "unet"

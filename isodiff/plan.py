@@ -72,6 +72,7 @@ def compose_job(overrides: list[str], validate: bool = True) -> DictConfig:
             with open_dict(job):
                 del job["hydra"]
             to_train_config(job)
+            _ = cfg.hydra.run.dir  # resolved here: its folder names are checked (folder_part)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(one_line(err)) from err
     return cfg

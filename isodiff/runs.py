@@ -30,10 +30,11 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import yaml
 from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
-from isodiff.config import UserError
+from isodiff.config import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 RUNNING, DONE, FAILED = "running", "done", "failed"
@@ -45,12 +46,32 @@ PACKAGES = ("isodiff", "torch", "diffusers", "accelerate", "clean-fid", "lpips",
 # Keys that do not change what a job computes: excluded from its identity (data.attributes
 # and data.attribute_names label the images for the metrics; training never reads them).
 MANIFEST = "MANIFEST.json"  # a prepared asset's file list with sha256 (isodiff.paper_assets)
+BASES_MANIFEST = "manifest.json"  # exported bases' sha256 and quality (isodiff.bases)
 NON_IDENTITY_KEYS = ("run_root", "name", "name_keys", "experiment", "tier", "train.progress",
                      "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.cpu_threads", "train.grid_samples", "train.grid_steps",
                      "train.heldout_every", "train.heldout_n", "diffusion.clip_sample",
                      "data.num_workers", "data.attributes", "data.attribute_names", "cluster",
                      "hydra", "assets")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # a folder too: its entries (a rename) reach the disk
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_durably(src: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """os.replace(src, dest) that a power loss cannot undo halfway: every file and folder
+    under src reaches the disk before the rename (else dest can be complete by name and
+    empty on disk), and the folder holding dest after it (else the rename can be lost)."""
+    src, dest = Path(src), Path(dest)
+    for path in [*src.rglob("*"), src] if src.is_dir() else [src]:
+        _fsync(path)
+    os.replace(src, dest)
+    _fsync(dest.parent)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -61,9 +82,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -123,9 +142,12 @@ def weights_record(run_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
     return record
 
 
-def weights_problem(run_dir: str | os.PathLike, status: dict[str, Any]) -> str | None:
+def weights_problem(run_dir: str | os.PathLike, status: dict[str, Any],
+                    full: bool = False) -> str | None:
     """Why final/ is not the weights status.json recorded when the job ended (None: it is).
-    A file whose mtime changed (a copy) is hashed again; one whose size changed is not."""
+    full: every file is hashed (what a skip or an evaluation relies on: a same-size file
+    with its mtime restored, by `cp -p` or `touch -r`, is caught); else only a file whose
+    mtime changed is (listings stay cheap); one whose size changed never needs to be."""
     record = status.get("weights")
     if not record:
         return "status.json records no weights (the job ended before weights were recorded)"
@@ -136,7 +158,7 @@ def weights_problem(run_dir: str | os.PathLike, status: dict[str, Any]) -> str |
             stat = path.stat()
         except FileNotFoundError:
             return f"final/{name} is missing"
-        if stat.st_size != want["size"] or (stat.st_mtime_ns != want["mtime_ns"]
+        if stat.st_size != want["size"] or ((full or stat.st_mtime_ns != want["mtime_ns"])
                                             and sha256(path) != want["sha256"]):
             return f"final/{name} is not the file the job wrote (its sha256 differs)"
     return None
@@ -163,13 +185,14 @@ def stale_metrics(record: dict[str, Any], status: dict[str, Any]) -> list[str]:
     return stale
 
 
-def job_state(run_dir: str | os.PathLike) -> tuple[str, str | None]:
+def job_state(run_dir: str | os.PathLike, full: bool = False) -> tuple[str, str | None]:
     """(state, problem): the status's state, except that a done job whose final/ weights
-    are missing or changed is `weights changed` (not done: it trains again)."""
+    are missing or changed is `weights changed` (not done: it trains again); full: every
+    weights file is hashed (weights_problem)."""
     status = read_status(run_dir)
     if status is None:
         return "not run", None
-    if status.get("state") == DONE and (problem := weights_problem(run_dir, status)):
+    if status.get("state") == DONE and (problem := weights_problem(run_dir, status, full)):
         return WEIGHTS_CHANGED, problem
     return status.get("state", UNREADABLE), status.get("error")
 
@@ -214,6 +237,23 @@ def file_hashes(folder: Path, skip: str = "") -> dict[str, str]:
     """sha256 of every file under folder, by path relative to it (skip: one left out)."""
     return {str(p.relative_to(folder)): sha256(p) for p in sorted(folder.rglob("*"))
             if p.is_file() and str(p.relative_to(folder)) != skip}
+
+
+def verify_base(folder: Path) -> None:
+    """ConfigError naming the files, unless a base that isodiff.bases exported (listed in
+    manifest.json beside it, as the shipped bases are) holds the files its manifest records;
+    a folder no manifest lists passes. Always hashed: a base is ~8 MB at the quick tier."""
+    manifest = folder.parent / BASES_MANIFEST
+    bases = (read_json(manifest) or {}).get("bases")
+    entry = bases.get(folder.name) if isinstance(bases, dict) else None
+    if not isinstance(entry, dict):
+        return
+    differ = [name for name, digest in sorted((entry.get("files") or {}).items())
+              if not (folder / name).is_file() or sha256(folder / name) != digest]
+    if differ:
+        raise ConfigError(f"{folder}: {', '.join(differ)} differ from their sha256 in "
+                          f"{manifest}: nothing is computed; restore them (git checkout -- "
+                          f"{folder}) or remake the bases (make bases)")
 
 
 def config_hash(cfg: DictConfig | dict, exclude: tuple[str, ...] = NON_IDENTITY_KEYS) -> str:
@@ -320,8 +360,16 @@ def job_name(override_dirname: str, *, _root_: DictConfig) -> str:
             break
         kept.append(pair)
     readable = re.sub(r"[^A-Za-z0-9=.,_+-]+", "_", ",".join(kept)) or "default"
-    cfg = OmegaConf.to_container(OmegaConf.masked_copy(
-        _root_, [k for k in _root_ if k not in ("hydra", "name")]), resolve=True)
+    return f"{readable}-{config_hash(identity(_root_))}"
+
+
+def identity(cfg: DictConfig | dict) -> dict[str, Any]:
+    """What a job computes, as its signature hashes it (config_hash then drops
+    NON_IDENTITY_KEYS): its base and data folder by identity, never by path."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(OmegaConf.masked_copy(
+            cfg, [k for k in cfg if k not in ("hydra", "name")]), resolve=True)
+    cfg = {k: copy.deepcopy(v) for k, v in cfg.items() if k not in ("hydra", "name")}
     if cfg.get("init_from"):
         cfg["init_from"] = base_identity(str(cfg["init_from"]))
     if (cfg.get("data") or {}).get("root"):
@@ -332,7 +380,60 @@ def job_name(override_dirname: str, *, _root_: DictConfig) -> str:
     latent = cfg.pop("latent", None) or {}
     if latent.get("autoencoder"):  # a pixel model's signature is what it was before latents
         cfg["latent"] = {**latent, "autoencoder": base_identity(str(latent["autoencoder"]))}
-    return f"{readable}-{config_hash(cfg)}"
+    return cfg
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as {dotted key: value}."""
+    if isinstance(node, dict) and node:
+        return {k: v for key, value in node.items()
+                for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix.removesuffix("."): node}
+
+
+def identity_difference(run_dir: Path, cfg: DictConfig) -> dict[str, tuple[Any, Any]]:
+    """The identity keys (not NON_IDENTITY_KEYS) whose values in run_dir's recorded
+    config.yaml differ from cfg's: {key: (recorded, asked)}; {} when the folder's signature
+    is cfg's (a folder named by job_name) or it records no config yet."""
+    asked = identity(cfg)
+    recorded_path = run_dir / "config.yaml"
+    if signature(run_dir) == config_hash(asked) or not recorded_path.is_file():
+        return {}
+    try:  # hand-edited and broken: which job the folder holds is unknown
+        recorded = OmegaConf.to_container(OmegaConf.load(recorded_path))
+        problem = None if isinstance(recorded, dict) else f"a YAML {type(recorded).__name__}"
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        problem = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+    if problem:
+        raise RunFileError(f"{recorded_path} is unreadable ({problem}): the job it records is "
+                           "unknown; restore it or remove the folder")
+    recorded, asked = _flat(identity(recorded)), _flat(asked)
+    ignored = tuple(f"{key}." for key in NON_IDENTITY_KEYS)
+    return {key: (recorded.get(key), asked.get(key)) for key in sorted({*recorded, *asked})
+            if recorded.get(key) != asked.get(key) and not f"{key}.".startswith(ignored)}
+
+
+def folder_part(key: str, value: Any) -> str:
+    """A user value that names one folder of a job's path (experiment=, name=, the tier's
+    name), checked before Hydra makes the folder: a separator, `..`, an empty or
+    unprintable value would write outside run_root or into a folder above the job's.
+    Registered as the `folder` resolver; conf/train.yaml builds hydra's run dirs with it."""
+    text = str(value)
+    if not text or text in (".", "..") or "/" in text or os.sep in text \
+            or not text.isprintable():
+        raise ConfigError(f"{key}={text!r} is invalid: it names one folder under run_root: "
+                          "use a non-empty value of printable characters without '/' and "
+                          "other than '.' or '..'")
+    return text
+
+
+def require_inside(run_dir: Path, run_root: str | os.PathLike) -> None:
+    """ConfigError unless run_dir lies strictly inside run_root (both made absolute; `..`
+    resolved as written, symlinks kept: a runs/ whose tier folder links elsewhere is fine)."""
+    root, job = (Path(os.path.abspath(Path(p).expanduser())) for p in (run_root, run_dir))
+    if root not in job.parents:
+        raise ConfigError(f"the job folder {run_dir} is not inside run_root={run_root}: "
+                          "check name=, experiment= and tier= (one folder name each)")
 
 
 def signature(run_dir: str | os.PathLike) -> str:

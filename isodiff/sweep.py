@@ -39,6 +39,7 @@ def shipped_base(tier: str, dataset: str) -> Path:
         raise UserError(f"no shipped {tier}-tier base for data={dataset} in {path}: train "
                         f"it with `make bases TIER={tier}`, or set `tier.bases: trained` in "
                         f"conf/tier/{tier}.yaml to pretrain bases in the sweep")
+    runs.verify_base(path)  # before any plan is made from it
     return path
 
 

@@ -14,10 +14,11 @@ from isodiff.cli import fail, hydra_main
 from isodiff.config import CONF, TrainConfig, UserError, register_schemas
 from isodiff.distributed import export_torch_distributed_env
 from isodiff.jobs import run_job
-from isodiff.runs import job_name
+from isodiff.runs import folder_part, job_name
 
 register_schemas()
 OmegaConf.register_new_resolver("job_name", job_name, replace=True)
+OmegaConf.register_new_resolver("folder", folder_part, replace=True)
 log = logging.getLogger("isodiff.train")
 logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
 

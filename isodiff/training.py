@@ -207,7 +207,7 @@ def save_checkpoint(state: TrainState, run_dir: Path, step: int, keep: int) -> N
         # written last: the sha256 of every file, checked before a resume loads them
         (tmp / "meta.json").write_text(json.dumps({"step": step, "files": runs.file_hashes(tmp),
                                                    "environment": environment(acc)}))
-        tmp.rename(ckpt_dir / f"{CHECKPOINT_PREFIX}{step:08d}")
+        runs.replace_durably(tmp, ckpt_dir / f"{CHECKPOINT_PREFIX}{step:08d}")
         complete = sorted(p for p in ckpt_dir.glob(f"{CHECKPOINT_PREFIX}*")
                           if (p / "meta.json").is_file())
         for old in complete[:-keep]:
@@ -251,7 +251,7 @@ def save_final(state: TrainState, run_dir: Path) -> None:
     state.unet.save_pretrained(tmp / "unet_ema")
     state.ema.restore(params)
     shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    runs.replace_durably(tmp, final)
 
 
 class MetricLog:

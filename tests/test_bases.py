@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import UNet2DModel
 
+from isodiff import sweep
 from isodiff.bases import MANIFEST, compare
+from isodiff.config import ConfigError
 from isodiff.runs import file_hashes
 from isodiff.sweep import PRETRAINED
 from tests.conftest import run_cli
@@ -42,6 +45,29 @@ def test_shipped_files_match_their_manifest_and_load_in_plain_diffusers(manifest
         assert unet(x, 999).sample.shape == x.shape
         hook.remove()
         assert seen[0][0].numel() * 3 <= x[0].numel(), (dataset, tuple(seen[0].shape))
+
+
+def test_an_altered_shipped_base_is_refused_before_it_is_used(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    """A shipped base altered or truncated in a checkout: the sweep does not plan from it
+    and a fine-tune does not start from it; one line names the file, exit 2, no folder."""
+    copy = tmp_path / "pretrained"
+    shutil.copytree(PRETRAINED, copy)
+    weights = copy / "quick" / "shapes" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")  # same size, other bytes
+    monkeypatch.setattr(sweep, "PRETRAINED", copy)
+    assert sweep.shipped_base("quick", "mnist") == copy / "quick" / "mnist"  # untouched
+    with pytest.raises(ConfigError, match="diffusion_pytorch_model.safetensors differ from "
+                                          "their sha256 in .*manifest.json"):
+        sweep.shipped_base("quick", "shapes")
+    run_root = tmp_path / "runs"
+    result = run_cli("isodiff.train", "tier=quick", "stage=finetune", "data=shapes",
+                     f"init_from={weights.parent}", f"run_root={run_root}")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "diffusion_pytorch_model.safetensors differ" in lines[0] and "make bases" in lines[0]
+    assert not run_root.exists()
 
 
 def _manifest(files: dict[str, str], passed: bool = True, device: str = "cpu (x86_64)",

@@ -207,6 +207,72 @@ def test_bad_input_is_one_line_exit_2_and_no_folder(args: list[str], names: list
     assert not run_root.exists()
 
 
+@pytest.mark.parametrize("args", [["name=.."], ["name="], ["name=../../y"], ["name=a/b"],
+                                  ["experiment=../../../x"], ["experiment=."],
+                                  ["name=a\tb"], ["tier.name=.."],
+                                  ["-m", "experiment=..", "lambda_iso=0,0.1"]])
+def test_a_folder_name_that_leaves_its_place_is_refused_before_any_folder(
+        args: list[str], tmp_path: Path) -> None:
+    """name=, experiment= and the tier's name are one folder each under run_root: `..`,
+    '/', empty or unprintable values would write outside it or into a folder above the
+    job's (single runs and multiruns alike)."""
+    run_root = tmp_path / "a" / "b" / "runs"  # ../../../x would land in tmp_path/a/b/x
+    run_root.parent.mkdir(parents=True)
+    before = sorted(tmp_path.rglob("*"))
+    result = run_cli("isodiff.train", *args, "tier=smoke", f"run_root={run_root}",
+                     HYDRA_FULL_ERROR="")
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "is invalid: it names one folder under run_root" in lines[0], \
+        result.stderr
+    key = next(a for a in args if a != "-m").split("=")[0]
+    assert lines[0].startswith(f"error: {key}="), lines[0]
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_spec_whose_folder_names_leave_their_place_stops_the_plan() -> None:
+    """The sweep names folders by its specs' datasets (experiment=<dataset>): the plan
+    checks them as the job would, before anything runs."""
+    from isodiff.plan import compose_job
+
+    with pytest.raises(UserError, match=r"experiment='\.\./x' is invalid"):
+        compose_job(["tier=smoke", "experiment=../x"])
+
+
+def test_a_job_folder_outside_run_root_is_refused(tmp_path: Path) -> None:
+    """The proof beside the folder-name check: a job path (however made) that does not lie
+    inside run_root is refused before anything is written."""
+    with pytest.raises(UserError, match="not inside run_root"):
+        runs.require_inside(tmp_path / "runs" / "smoke" / ".." / ".." / "x", tmp_path / "runs")
+    with pytest.raises(UserError, match="not inside run_root"):
+        runs.require_inside(tmp_path / "runs", tmp_path / "runs")
+    runs.require_inside(tmp_path / "runs" / "smoke" / "default" / "job", tmp_path / "runs")
+
+
+def test_renames_into_place_reach_the_disk_in_order(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsync of every file and folder under the source before the rename, of the folder
+    that holds the destination after it (status, metrics, checkpoints, final/)."""
+    events: list[tuple[str, Path]] = []
+    fsync, replace = runs._fsync, runs.os.replace
+    monkeypatch.setattr(runs, "_fsync", lambda p: (events.append(("fsync", Path(p))),
+                                                   fsync(p)))
+    monkeypatch.setattr(runs.os, "replace", lambda a, b: (events.append(("replace", Path(b))),
+                                                          replace(a, b)))
+    src = tmp_path / ".tmp-final"
+    (src / "unet").mkdir(parents=True)
+    (src / "unet" / "w.safetensors").write_bytes(b"w")
+    runs.replace_durably(src, tmp_path / "final")
+    assert set(events[:3]) == {("fsync", src / "unet"), ("fsync", src), ("fsync", src / "unet"
+                                                                         / "w.safetensors")}
+    assert events[3:] == [("replace", tmp_path / "final"), ("fsync", tmp_path)]
+    events.clear()
+    runs.atomic_write_json(tmp_path / "status.json", {"state": "done"})
+    assert [e[0] for e in events] == ["fsync", "replace", "fsync"]
+    assert events[1:] == [("replace", tmp_path / "status.json"), ("fsync", tmp_path)]
+    assert runs.read_json(tmp_path / "status.json") == {"state": "done"}
+
+
 @pytest.mark.parametrize("module", ["isodiff.analysis.tables", "isodiff.analysis.figures",
                                     "isodiff.analysis.index"])
 def test_analysis_of_a_tier_without_runs_fails_clearly(module: str, tmp_path: Path) -> None:

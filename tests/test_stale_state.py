@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import shutil
 import subprocess
 import sys
@@ -104,6 +105,62 @@ def test_edited_weights_make_a_done_job_train_again(finished: Path, tmp_path: Pa
     assert runs.job_state(run_dir) == (runs.DONE, None)
     ref, got = load_file(finished / WEIGHTS), load_file(run_dir / WEIGHTS)
     assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def _swap_keeping_size_and_mtime(path: Path) -> None:
+    """Other bytes, same size, the old mtime restored (as `cp -p`, `rsync -a` or
+    `touch -r` leave a replaced file)."""
+    stat, data = path.stat(), bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # a byte of the last tensor's data
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+
+
+def test_swapped_weights_of_the_same_size_and_mtime_are_not_trusted(finished: Path,
+                                                                    tmp_path: Path) -> None:
+    """A skip and an evaluation hash the weights they rely on (listings keep the cheap
+    size and mtime check): evaluation refuses in one line, exit 2, measuring nothing, and
+    the job trains again rather than saying "done already"."""
+    run_root, run_dir = _copy(finished, tmp_path)
+    _swap_keeping_size_and_mtime(run_dir / WEIGHTS)
+    assert runs.job_state(run_dir)[0] == runs.DONE  # the listing's shortcut
+    assert runs.job_state(run_dir, full=True) == (
+        runs.WEIGHTS_CHANGED, f"{WEIGHTS} is not the file the job wrote (its sha256 differs)")
+    result = run_cli("isodiff.evaluate", f"run={run_dir}", "eval=smoke", "metrics=[rtl]")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert f"{WEIGHTS} is not the file the job wrote" in lines[0] and "nothing is measured" \
+        in lines[0]
+    record = runs.read_json(run_dir / "metrics.json") or {"metrics": {}}
+    assert "values" not in record["metrics"].get("rtl", {})
+    status, _ = run_train_job(RESUMABLE, run_root)  # not skipped: trained again
+    assert status["state"] == runs.DONE and status["attempts"] == 2
+    ref, got = load_file(finished / WEIGHTS), load_file(run_dir / WEIGHTS)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_a_named_folder_that_holds_another_config_is_refused(run_root: Path) -> None:
+    """name=myrun lambda_iso=0, then name=myrun lambda_iso=0.1: the second used to print
+    "done already: skipped" for a model that never existed. It is refused, naming the key;
+    a key outside the job's identity (train.log_every) does not count."""
+    args = ["tier=smoke", f"run_root={run_root}", "train.progress=false", "name=myrun",
+            "train.steps=2", "train.grid_samples=0"]
+    first = run_cli("isodiff.train", *args, "lambda_iso=0")
+    assert first.returncode == 0, first.stderr
+    run_dir = run_root / "smoke" / "default" / "myrun"
+    before = (run_dir / "status.json").read_text()
+    second = run_cli("isodiff.train", *args, "lambda_iso=0.1")
+    lines = [line for line in second.stderr.splitlines() if line.strip()]
+    assert second.returncode == 2 and len(lines) == 1, second.stderr
+    assert "lambda_iso (recorded 0.0, asked 0.1)" in lines[0] and "name=" in lines[0], lines[0]
+    assert "skipped" not in second.stdout + second.stderr
+    assert (run_dir / "status.json").read_text() == before
+    again = run_cli("isodiff.train", *args, "lambda_iso=0", "train.log_every=1")
+    assert again.returncode == 0 and "done already: skipped" in again.stdout + again.stderr
+    (run_dir / "config.yaml").write_text("lambda_iso: [")  # which job it holds is unknown
+    broken = run_cli("isodiff.train", *args, "lambda_iso=0")
+    assert broken.returncode == 2 and "config.yaml is unreadable" in broken.stderr, broken.stderr
 
 
 def test_deleted_weights_are_noticed_everywhere(finished: Path, tmp_path: Path) -> None:
