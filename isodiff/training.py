@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -40,6 +41,7 @@ from isodiff.objective import DiffusionObjective, build_regulariser
 
 log = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "step_"
+CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}(\d{{8}})")  # what save_checkpoint names
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -144,10 +146,11 @@ def environment_change(saved: dict[str, Any] | None, now: dict[str, Any]) -> str
 
 
 def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Checkpoints renamed into place (they hold meta.json), newest first by folder name."""
-    found = [(int(p.name.removeprefix(CHECKPOINT_PREFIX)), p)
-             for p in (run_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*")
-             if (p / "meta.json").is_file()]
+    """Checkpoints renamed into place (named exactly as save_checkpoint names them, holding
+    meta.json), newest first. Anything else in checkpoints/ (a user's `step_00000003.bak`)
+    is neither resumed from nor rotated away."""
+    found = [(int(match[1]), p) for p in (run_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*")
+             if (match := CHECKPOINT_NAME.fullmatch(p.name)) and (p / "meta.json").is_file()]
     return sorted(found, reverse=True)
 
 
@@ -208,9 +211,7 @@ def save_checkpoint(state: TrainState, run_dir: Path, step: int, keep: int) -> N
         (tmp / "meta.json").write_text(json.dumps({"step": step, "files": runs.file_hashes(tmp),
                                                    "environment": environment(acc)}))
         runs.replace_durably(tmp, ckpt_dir / f"{CHECKPOINT_PREFIX}{step:08d}")
-        complete = sorted(p for p in ckpt_dir.glob(f"{CHECKPOINT_PREFIX}*")
-                          if (p / "meta.json").is_file())
-        for old in complete[:-keep]:
+        for _, old in complete_checkpoints(run_dir)[keep:]:
             shutil.rmtree(old)
     acc.wait_for_everyone()
 

@@ -70,6 +70,22 @@ def test_resume_skips_a_damaged_newest_checkpoint(damaged: str, finished: Path,
     assert all(torch.equal(ref[k], got[k]) for k in ref)
 
 
+def test_a_users_copy_in_checkpoints_is_neither_resumed_nor_rotated(finished: Path,
+                                                                   tmp_path: Path) -> None:
+    run_root, run_dir = _interrupted_copy(finished, tmp_path)
+    ckpts = run_dir / "checkpoints"
+    # copies of step 2 named like checkpoints, one of them sorting after every real one
+    shutil.copytree(ckpts / "step_00000002", ckpts / "step_00000002.bak")
+    shutil.copytree(ckpts / "step_00000002", ckpts / "step_99999999x")
+    shutil.rmtree(ckpts / "step_00000004")  # resumes from 2, writes 4 again and rotates
+    status, _ = run_train_job(RESUMABLE, run_root)
+    assert status["state"] == "done"
+    ref, got = _weights(finished), _weights(run_dir)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)  # resumed from the real step 2
+    assert {p.name for p in ckpts.iterdir()} == {
+        "step_00000002", "step_00000004", "step_00000002.bak", "step_99999999x"}
+
+
 def test_resume_fails_naming_the_files_when_no_checkpoint_loads(finished: Path,
                                                                tmp_path: Path) -> None:
     run_root, run_dir = _interrupted_copy(finished, tmp_path)
