@@ -53,7 +53,7 @@ from isodiff.metrics import (
     separability,
 )
 from isodiff.metrics.common import EvalContext, MetricResult, protocol_of
-from isodiff.models import load_unet, nonfinite, resolve_checkpoint
+from isodiff.models import MAX_ABS_WEIGHT, diverged, load_unet, resolve_checkpoint
 from isodiff.parallel import Ranks
 
 log = logging.getLogger(__name__)
@@ -195,8 +195,9 @@ def build_context(cfg: EvaluateConfig, ranks: Ranks | None = None,
     if train_cfg.assets.required:  # a paper-tier run: its data, checked as prepared
         paper_assets.require(train_cfg.assets.required, train_cfg.assets.root)
     unet = load_unet(str(run_dir), ema=cfg.ema).to(device or _device(cfg.device))
-    if bad := nonfinite(unet.named_parameters()):
-        raise ConfigError(f"run={cfg.run!r}: final/{subfolder} holds non-finite weights "
+    if bad := diverged(unet.named_parameters()):
+        raise ConfigError(f"run={cfg.run!r}: final/{subfolder} holds diverged weights (nan, "
+                          f"inf or |w| > {MAX_ABS_WEIGHT:g}) "
                           f"({len(bad)} tensors, e.g. {bad[0]}): nothing is measured; retrain "
                           "it with a lower optim.lr or lambda_iso")
     # beside the tier's experiments, from the absolute path: `run=<job>/final/..` is no

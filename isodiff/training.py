@@ -36,7 +36,7 @@ from isodiff.data import build_dataset
 from isodiff.diffusion import build_scheduler
 from isodiff.isometry import sample_timesteps
 from isodiff.latent import Codec, build_codec
-from isodiff.models import HUNet, init_unet, nonfinite
+from isodiff.models import MAX_ABS_WEIGHT, HUNet, diverged, init_unet
 from isodiff.objective import DiffusionObjective, build_regulariser
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,9 @@ class NonFiniteLossError(UserError, RuntimeError):
     """The loss became nan/inf: the job stops and nothing is written as final."""
 
 
-class NonFiniteWeightsError(UserError, RuntimeError):
-    """Training ended with nan/inf weights: the job fails instead of being marked done."""
+class DivergedWeightsError(UserError, RuntimeError):
+    """Training ended with nan, inf or out-of-range weights (models.diverged): the job fails
+    instead of being marked done."""
 
 
 class StepBatches:
@@ -112,17 +113,18 @@ def build_state(cfg: TrainConfig, accelerator: Accelerator) -> TrainState:
                       optimizer, lr_scheduler, build_codec(cfg.latent, accelerator.device))
 
 
-def check_finite(state: TrainState, cfg: TrainConfig) -> None:
-    """Raises NonFiniteWeightsError naming the non-finite tensors of the weights or of
-    their EMA, and the settings to lower."""
+def check_weights(state: TrainState, cfg: TrainConfig) -> None:
+    """Raises DivergedWeightsError naming the diverged tensors of the weights or of their
+    EMA, and the settings to lower."""
     names = [n for n, _ in state.unet.named_parameters()]
-    bad = {"weights": nonfinite(state.unet.named_parameters()),
-           "EMA weights": nonfinite(zip(names, state.ema.shadow_params, strict=True))}
+    bad = {"weights": diverged(state.unet.named_parameters()),
+           "EMA weights": diverged(zip(names, state.ema.shadow_params, strict=True))}
     if any(bad.values()):
         detail = "; ".join(f"{kind}: {len(found)} tensors, e.g. {found[0]}"
                            for kind, found in bad.items() if found)
-        raise NonFiniteWeightsError(
-            f"training ended with non-finite weights ({detail}); nothing was saved as final: "
+        raise DivergedWeightsError(
+            f"training ended with diverged weights (nan, inf or |w| > {MAX_ABS_WEIGHT:g}; "
+            f"{detail}); nothing was saved as final: "
             f"lower optim.lr={cfg.optim.lr:g} or lambda_iso={cfg.lambda_iso:g}")
 
 
@@ -414,7 +416,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
             save_checkpoint(state, run_dir, done, loop.keep_checkpoints)
             write_grid(state, cfg, run_dir, done, metric_log.tb)
     progress.close()
-    check_finite(state, cfg)
+    check_weights(state, cfg)
     save_final(state, run_dir)
     write_grid(state, cfg, run_dir, loop.steps, metric_log.tb)
     metric_log.close()

@@ -1,5 +1,5 @@
 """Faults and bad input, as an adversary tries them: a damaged checkpoint is skipped on
-resume, non-finite weights are never marked done or measured, an unreadable run file is that
+resume, diverged weights are never marked done or measured, an unreadable run file is that
 run's problem alone, and every bad value ends in one line, exit 2, with no folder made."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from isodiff.config import UserError
 from isodiff.metrics.common import MetricResult
 from isodiff.plan import FINETUNE, Plan, PlannedJob, write_plan
 from isodiff.specs import load_spec
-from isodiff.training import NonFiniteWeightsError
+from isodiff.training import DivergedWeightsError
 from tests.conftest import run_cli, run_train_job
 from tests.test_evaluate import compose_evaluate
 
@@ -110,11 +110,20 @@ def test_non_finite_weights_fail_the_job(run_root: Path, monkeypatch: pytest.Mon
         return out
 
     monkeypatch.setattr(torch.optim.AdamW, "step", overflowing)
-    with pytest.raises(NonFiniteWeightsError, match="lower optim.lr=.* or lambda_iso=0.1"):
+    with pytest.raises(DivergedWeightsError, match="lower optim.lr=.* or lambda_iso=0.1"):
         run_train_job(["lambda_iso=0.1", "train.steps=1", "train.grid_samples=0"], run_root)
     (run_dir,) = run_root.glob("*/*/*")
     status = runs.read_status(run_dir)
     assert status["state"] == "failed" and "EMA weights" in status["error"]
+    assert not (run_dir / "final").exists()
+
+
+def test_finite_weights_that_diverged_fail_the_job(run_root: Path) -> None:
+    """optim.lr=1e30: one step leaves weights of ~1e30, finite, with a finite loss."""
+    with pytest.raises(DivergedWeightsError, match=r"\|w\| > 10000.*lower optim.lr=1e\+30"):
+        run_train_job(["optim.lr=1e30", "train.steps=1", "train.grid_samples=0"], run_root)
+    (run_dir,) = run_root.glob("*/*/*")
+    assert runs.read_status(run_dir)["state"] == "failed"
     assert not (run_dir / "final").exists()
 
 
@@ -133,9 +142,9 @@ def test_evaluation_refuses_non_finite_weights(finished: Path, tmp_path: Path) -
     runs.write_status(run_dir, runs.DONE, weights=runs.weights_record(run_dir))
     result = run_cli("isodiff.evaluate", f"run={run_dir}", "eval=smoke", "metrics=[rtl]")
     assert result.returncode == 2
-    assert "non-finite weights" in result.stderr and "Traceback" not in result.stderr
+    assert "diverged weights" in result.stderr and "Traceback" not in result.stderr
     record = runs.read_json(run_dir / "metrics.json")
-    assert record["metrics"] == {} and "non-finite" in record["failed"]["rtl"]["error"]
+    assert record["metrics"] == {} and "diverged" in record["failed"]["rtl"]["error"]
 
 
 def test_a_non_finite_metric_is_never_written_as_a_value(finished: Path, tmp_path: Path,
