@@ -298,7 +298,7 @@ def test_an_evaluation_multirun_evaluates_every_run(finished: Path, tmp_path: Pa
     assert result.returncode != 0
     assert set(runs.read_json(good / "metrics.json")["metrics"]) == {"liso"}
     record = runs.read_json(bad / "metrics.json")
-    assert record["metrics"] == {} and "non-finite" in record["failed"]["liso"]["error"]
+    assert record["metrics"] == {} and "diverged" in record["failed"]["liso"]["error"]
     assert sweep._state(bad) == "evaluation failed"
 
 
