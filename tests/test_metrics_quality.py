@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from isodiff.config import ConfigError
 from isodiff.metrics.attributes import AttributeConfig
 from isodiff.metrics.fid import FIDConfig
 from isodiff.metrics.fid import evaluate as fid_evaluate
@@ -58,3 +59,18 @@ def test_quality_figures_of_a_model_and_its_fid_floor(tmp_path: Path) -> None:
     fid = fid_evaluate(ctx, FIDConfig(n=32, steps=2, ref_n=64)).values
     assert 0 < fid["fid_floor"] < fid["fid_heldout"]
     assert check({**result.values, **fid})  # a random network does not generate
+
+
+def test_the_real_reference_counts_its_own_images(tmp_path: Path) -> None:
+    """real_n held-out images set the real fraction whatever n samples are drawn: the
+    confident real images' histogram holds real_n x the fraction (8 samples, 64 real)."""
+    ctx = tiny_context(tmp_path)
+    ctx.data.size = 256
+    cfg = QualityConfig(n=8, real_n=64, steps=2, classifier=AttributeConfig(epochs=3, width=8))
+    result = evaluate(ctx, cfg)
+    assert result.arrays["histogram_shape"].sum() == round(8 * result.values["confident_shape"])
+    assert result.arrays["histogram_shape_real"].sum() == round(
+        64 * result.values["confident_shape_real"])
+    assert result.protocol["real_n"] == 64
+    with pytest.raises(ConfigError, match="real_n >= 1"):
+        QualityConfig(real_n=0)

@@ -27,13 +27,19 @@ CONFIDENT_RATIO = 0.8
 class QualityConfig:
     enabled: bool = True
     n: int = 1000  # generated samples and held-out real images
+    # held-out real images for the reference fraction (null: n); only the classifier runs on
+    # them, so a small n need not make the reference noisy (128 real MNIST digits: 100 %
+    # confident, against 95.7 % of 1,000)
+    real_n: int | None = None
     steps: int = 50  # DDIM steps (equal to eval.fid's: the same samples, generated once)
     confidence: float = 0.9
     classifier: AttributeConfig = field(default_factory=AttributeConfig)
 
     def __post_init__(self) -> None:
-        if self.n < 1 or not 0 < self.confidence < 1:
-            raise ConfigError("eval.quality needs n >= 1 and confidence in (0, 1)")
+        if self.n < 1 or (self.real_n is not None and self.real_n < 1) \
+                or not 0 < self.confidence < 1:
+            raise ConfigError("eval.quality needs n >= 1, real_n >= 1 (or null) and "
+                              "confidence in (0, 1)")
 
 
 def class_figures(labels: np.ndarray, confidence: np.ndarray, classes: int,
@@ -52,7 +58,9 @@ def evaluate(ctx: EvalContext, cfg: QualityConfig) -> MetricResult:
     model = attribute_model(ctx, cfg.classifier)
     generated = torch.cat([ctx.generated(cfg.steps, rows) for rows in ctx.chunks(
         cfg.n, "quality samples")])
-    real = torch.cat(list(ctx.real_batches("test", cfg.n, "eval.quality.n")))
+    real_n, key = (cfg.n, "eval.quality.n") if cfg.real_n is None else \
+        (cfg.real_n, "eval.quality.real_n")
+    real = torch.cat(list(ctx.real_batches("test", real_n, key)))
     values, arrays = {}, {}
     for source, images in (("", generated), ("_real", real)):
         predictions = model.predict(images)
