@@ -13,15 +13,27 @@ the mask of the regularised window t >= p T. Importing these loads torch alone; 
 accelerate and hydra.
 """
 
-from isodiff.adapters import h_encoder
-from isodiff.isometry import (
-    Regulariser,
-    higher_order_ad,
-    isometry_loss,
-    isometry_loss_from_h,
-    path_lengths,
-    sample_timesteps,
-)
+from __future__ import annotations
 
-__all__ = ["Regulariser", "h_encoder", "higher_order_ad", "isometry_loss",
-           "isometry_loss_from_h", "path_lengths", "sample_timesteps"]
+import importlib
+from typing import Any
+
+# name -> the core module that defines it. Loaded on first use (PEP 562), so that the suite's
+# commands, which live in sub-packages, report a config error before torch loads.
+_API = {"h_encoder": "isodiff.adapters", "Regulariser": "isodiff.isometry",
+        "higher_order_ad": "isodiff.isometry", "isometry_loss": "isodiff.isometry",
+        "isometry_loss_from_h": "isodiff.isometry", "path_lengths": "isodiff.isometry",
+        "sample_timesteps": "isodiff.isometry"}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'isodiff' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_API[name]), name)
+    globals()[name] = value  # once loaded, an ordinary attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
