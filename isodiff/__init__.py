@@ -13,7 +13,7 @@ the mask of the regularised window t >= p T. Importing these loads torch alone; 
 accelerate and hydra.
 """
 
-from isodiff.adapters import h_encoder
+from isodiff.adapters import h_encoder, transformer_blocks
 from isodiff.isometry import (
     Regulariser,
     higher_order_ad,
@@ -24,4 +24,4 @@ from isodiff.isometry import (
 )
 
 __all__ = ["Regulariser", "h_encoder", "higher_order_ad", "isometry_loss",
-           "isometry_loss_from_h", "path_lengths", "sample_timesteps"]
+           "isometry_loss_from_h", "path_lengths", "sample_timesteps", "transformer_blocks"]
