@@ -51,7 +51,7 @@ def tiny(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
                                        axes_dims_rope=(2, 2, 4))
     else:
         raise ValueError(name)
-    return model.to(dtype).eval()
+    return (model if dtype == torch.float32 else model.to(dtype)).eval()
 
 
 def inputs(name: str, dtype: torch.dtype = torch.float32
