@@ -1,0 +1,80 @@
+"""The regulariser on peft-LoRA-wrapped models (issue 29, item 3): L_iso's gradient reaches
+the adapter weights and nothing else."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from isodiff import Regulariser, h_encoder
+from isodiff.lora import add_lora, lora_parameters
+from tests.test_library import tiny_condition_unet
+from tests.test_transformers import inputs, tiny
+
+pytest.importorskip("peft")
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def trained_adapter(model: torch.nn.Module) -> None:
+    """LoRA starts at B = 0, where A has no gradient yet; give B values, as after training."""
+    with torch.no_grad():
+        for name, p in lora_parameters(model).items():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=gen(9))
+
+
+def check_only_adapters_get_gradient(model: torch.nn.Module, loss: torch.Tensor,
+                                     before_h: tuple[str, ...]) -> None:
+    """After backward: no base weight has a gradient; every LoRA weight of the layers that
+    run before h has a non-zero one, those after h (never run) have none."""
+    loss.backward()
+    lora = lora_parameters(model)
+    base = {n: p for n, p in model.named_parameters() if n not in lora}
+    assert lora and base
+    assert all(not p.requires_grad and p.grad is None for p in base.values())
+    ran = {n: p for n, p in lora.items() if n.startswith(before_h)}
+    assert ran and all(p.grad is not None and p.grad.abs().sum() > 0 for p in ran.values())
+    assert all(p.grad is None for n, p in lora.items() if n not in ran)
+
+
+def test_lora_unet_trains_only_its_adapters() -> None:
+    unet = tiny_condition_unet()
+    params = add_lora(unet, rank=8)
+    assert {id(p) for p in params} == {id(p) for p in unet.parameters() if p.requires_grad}
+    trained_adapter(unet)
+    g = gen(1)
+    x, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 12, generator=g)
+    loss = Regulariser("spherical")(h_encoder(unet), x, torch.tensor([600, 900]),
+                                    encoder_hidden_states=text, generator=gen(2))
+    assert torch.isfinite(loss)
+    check_only_adapters_get_gradient(unet, loss, ("down_blocks", "mid_block"))
+
+
+def test_lora_dit_trains_only_its_adapters() -> None:
+    model = tiny("dit")  # 4 blocks: h after block 1
+    add_lora(model, rank=4)
+    trained_adapter(model)
+    x, t, condition, _ = inputs("dit")
+    loss = Regulariser("euclidean")(h_encoder(model), x, t, generator=gen(3), **condition)
+    check_only_adapters_get_gradient(model, loss, ("transformer_blocks.0.",
+                                                   "transformer_blocks.1."))
+
+
+def test_the_adapter_changes_h_and_peft_wrapped_models_work() -> None:
+    """LoRA weights change h (the adapted layers are the ones h_encoder runs), and a model
+    wrapped by peft's own get_peft_model is encoded the same way."""
+    from peft import LoraConfig, get_peft_model
+
+    unet = tiny_condition_unet()
+    g = gen(4)
+    x, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 12, generator=g)
+    t = torch.tensor([600, 900])
+    with torch.no_grad():
+        plain = h_encoder(unet)(x, t, encoder_hidden_states=text)
+        wrapped = get_peft_model(unet, LoraConfig(r=8, target_modules=["to_q", "to_v"]))
+        torch.testing.assert_close(h_encoder(wrapped)(x, t, encoder_hidden_states=text), plain)
+        trained_adapter(wrapped)
+        assert not torch.allclose(h_encoder(wrapped)(x, t, encoder_hidden_states=text), plain)
