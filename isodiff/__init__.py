@@ -7,13 +7,18 @@ The regulariser needs only torch:
     reg = Regulariser("spherical")                       # L_iso on the sphere of x_t
     loss = mse + lambda_iso * reg(h_encoder(unet), x_t[mask], t[mask])
 
-`isometry_loss(f, x)` is the same quantity for any map f; `sample_timesteps` draws t with
-the mask of the regularised window t >= p T. Importing these loads torch alone; the suite
-(training, evaluation, sweeps, tables) lives in the other submodules and imports diffusers,
-accelerate and hydra.
+`h_encoder` reads h at a U-Net's mid block or at a diffusion transformer's middle block (DiT,
+PixArt, SD3, Flux). `isometry_loss(f, x)` is the same quantity for any map f;
+`sample_timesteps` draws t with the mask of the regularised window t >= p T. For
+rectified-flow training, `flow_matching_loss` is the velocity loss + lambda * L_iso in
+diffusers' FlowMatch conventions (isodiff.flow), with `sample_flow_timesteps` and
+`flow_window`; for LoRA fine-tuning, `add_lora` (isodiff.lora, peft imported when called).
+Importing these loads torch alone; the suite (training, evaluation, sweeps, tables) lives in
+the other submodules and imports diffusers, accelerate and hydra.
 """
 
 from isodiff.adapters import h_encoder, transformer_blocks
+from isodiff.flow import flow_matching_loss, flow_window, sample_flow_timesteps
 from isodiff.isometry import (
     Regulariser,
     higher_order_ad,
@@ -22,6 +27,8 @@ from isodiff.isometry import (
     path_lengths,
     sample_timesteps,
 )
+from isodiff.lora import add_lora
 
-__all__ = ["Regulariser", "h_encoder", "higher_order_ad", "isometry_loss",
-           "isometry_loss_from_h", "path_lengths", "sample_timesteps", "transformer_blocks"]
+__all__ = ["Regulariser", "add_lora", "flow_matching_loss", "flow_window", "h_encoder",
+           "higher_order_ad", "isometry_loss", "isometry_loss_from_h", "path_lengths",
+           "sample_flow_timesteps", "sample_timesteps", "transformer_blocks"]
