@@ -136,3 +136,16 @@ def test_the_radius_of_x_t() -> None:
         dev = radius_deviation(x0, noise, t, sigma)
         assert dev.abs().max() < 5 / (2 * n) ** 0.5
     assert float(flow_radius(0.5, 1, 0.5)) < 0.6  # x_t leaves the sqrt(n) shell mid-way
+
+
+def test_the_dit_flow_example_trains_with_the_regulariser() -> None:
+    """examples/train_dit_flow.py at toy size; its L_iso term reaches the weights: the
+    same seed with lambda_iso = 0 ends elsewhere."""
+    from tests.test_library import _example
+
+    main = _example("train_dit_flow").main
+    args = ["--steps", "2", "--batch-size", "4", "--resolution", "8", "--window", "0"]
+    with_iso = main([*args, "--lambda-iso", "1.0"])
+    without = main([*args, "--lambda-iso", "0"])
+    assert any(not torch.equal(a, b) for a, b in zip(with_iso.parameters(),
+                                                     without.parameters(), strict=True))

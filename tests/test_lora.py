@@ -78,3 +78,32 @@ def test_the_adapter_changes_h_and_peft_wrapped_models_work() -> None:
         torch.testing.assert_close(h_encoder(wrapped)(x, t, encoder_hidden_states=text), plain)
         trained_adapter(wrapped)
         assert not torch.allclose(h_encoder(wrapped)(x, t, encoder_hidden_states=text), plain)
+
+
+def test_the_lora_example_fine_tunes_saves_and_reloads(tmp_path, monkeypatch) -> None:
+    """examples/train_lora.py at toy size: only the adapter moves, L_iso changes where it
+    goes, and diffusers' own save_lora_weights / load_lora_adapter round-trip it."""
+    from tests.test_library import _example
+
+    module = _example("train_lora")
+    args = ["--steps", "2", "--batch-size", "2", "--window", "0", "--lr", "1e-2"]
+    out = tmp_path / "lora"
+    with_iso = module.main([*args, "--lambda-iso", "1.0", "--output-dir", str(out)])
+    without = module.main([*args, "--lambda-iso", "0"])
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    base = module.base_unet(module.argparse.Namespace(pretrained=None, seed=0))
+    frozen = {n: p for n, p in with_iso.named_parameters() if ".lora_" not in n}
+    assert all(torch.equal(p, dict(base.named_parameters())[n.replace(".base_layer", "")])
+               for n, p in frozen.items())
+    lora_a, lora_b = lora_parameters(with_iso), lora_parameters(without)
+    assert len(lora_a) and any(not torch.equal(lora_a[n], lora_b[n]) for n in lora_a)
+    assert all(".lora_A." in n or ".lora_B." in n for n in lora_a)
+    assert {p.shape[0] for n, p in lora_a.items() if ".lora_A." in n} == {8}  # rank 8
+    reloaded = module.reload(str(out), module.argparse.Namespace(pretrained=None, seed=0))
+    g = gen(6)
+    x, text = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 1, 32, generator=g)
+    t = torch.tensor([10, 900])
+    with torch.no_grad():
+        trained = with_iso(x, t, encoder_hidden_states=text).sample
+        torch.testing.assert_close(reloaded(x, t, encoder_hidden_states=text).sample, trained)
+        assert not torch.allclose(base(x, t, encoder_hidden_states=text).sample, trained)

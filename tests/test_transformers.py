@@ -150,7 +150,6 @@ def test_the_estimator_is_exact_against_the_full_jacobian() -> None:
     traces themselves: L_iso from `isometry_loss_from_h` equals the ratio of traces of
     J^T J (euclidean) and P J^T J P (spherical), J from torch.autograd.functional.jacobian
     of the middle-block map of a tiny DiT, to float64 rounding."""
-    torch.set_num_threads(1)
     model = tiny("dit", torch.float64)
     x, t, condition, _ = inputs("dit", torch.float64)
     encode = h_encoder(model)
