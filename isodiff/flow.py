@@ -125,6 +125,13 @@ def sample_flow_timesteps(batch_size: int, window: float, schedule: str = "micro
     return t, t >= window
 
 
+def _select(condition: Tensor | dict | None, mask: Tensor) -> Tensor | dict | None:
+    """The masked samples of a condition tensor, of each tensor of a dict, or None."""
+    if isinstance(condition, dict):
+        return {name: _select(c, mask) for name, c in condition.items()}
+    return None if condition is None else condition[mask]
+
+
 def _prediction(out: object) -> Tensor:
     """The tensor a diffusers model returns: `.sample`, the first element, or itself."""
     if isinstance(out, Tensor):
@@ -158,6 +165,6 @@ def flow_matching_loss(model: nn.Module, x0: Tensor, noise: Tensor, t: Tensor, *
         return out
     encoder = encoder or h_encoder(model, shared=shared)
     iso = regulariser(encoder, x_t[mask], timestep[mask], generator=generator,
-                      **{name: c[mask] for name, c in condition.items()})
+                      **{name: _select(c, mask) for name, c in condition.items()})
     out.update(loss=mse + lambda_iso * iso, iso=iso)
     return out

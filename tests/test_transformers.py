@@ -175,3 +175,25 @@ def test_the_estimator_is_exact_against_the_full_jacobian() -> None:
                                             metric=metric)
         torch.testing.assert_close(estimate, exact, rtol=1e-9, atol=0)
         assert exact > 1 / n  # a random DiT is no isometry
+
+
+def test_pixart_alpha_added_conditions_are_sliced_with_the_batch() -> None:
+    """PixArt-alpha's resolution and aspect-ratio conditions come as a dict
+    (added_cond_kwargs); the Regulariser slices its tensors with the batch."""
+    torch.manual_seed(0)
+    # width 24: the size embedding splits the width in three
+    model = PixArtTransformer2DModel(num_attention_heads=3, attention_head_dim=8, in_channels=4,
+                                     out_channels=4, num_layers=3, cross_attention_dim=24,
+                                     sample_size=8, patch_size=2, caption_channels=12,
+                                     use_additional_conditions=True).eval()
+    x, t, condition, _ = inputs("pixart")
+    added = {"resolution": torch.tensor([[64.0, 64.0], [64.0, 96.0]]),
+             "aspect_ratio": torch.tensor([[1.0], [1.5]])}
+    reg = Regulariser("spherical", batch_fraction=0.5)  # the first sample only
+    loss = reg(h_encoder(model), x, t, generator=gen(3), added_cond_kwargs=added, **condition)
+    first = {k: v[:1] for k, v in added.items()}
+    alone = Regulariser("spherical")(h_encoder(model), x[:1], t[:1], generator=gen(3),
+                                     added_cond_kwargs=first,
+                                     **{k: v[:1] for k, v in condition.items()})
+    torch.testing.assert_close(loss, alone)
+    assert torch.isfinite(loss)
