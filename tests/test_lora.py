@@ -107,3 +107,12 @@ def test_the_lora_example_fine_tunes_saves_and_reloads(tmp_path, monkeypatch) ->
         trained = with_iso(x, t, encoder_hidden_states=text).sample
         torch.testing.assert_close(reloaded(x, t, encoder_hidden_states=text).sample, trained)
         assert not torch.allclose(base(x, t, encoder_hidden_states=text).sample, trained)
+
+
+@pytest.mark.parametrize("setting", ["dit_flow", "lora_unet"])
+def test_the_backbone_bench_reports_a_step_cost_ratio(setting: str) -> None:
+    from isodiff.bench_backbones import step_cost
+
+    row = step_cost(setting, repeats=1)
+    assert row["plain_s"] > 0 and row["iso_s"] > 0
+    assert row["ratio"] == pytest.approx(row["iso_s"] / row["plain_s"]) and row["ratio"] > 1
