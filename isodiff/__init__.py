@@ -17,7 +17,7 @@ Importing these loads torch alone; the suite (training, evaluation, sweeps, tabl
 the other submodules and imports diffusers, accelerate and hydra.
 """
 
-from isodiff.adapters import h_encoder, transformer_blocks
+from isodiff.adapters import h_encoder, recording_h, transformer_blocks
 from isodiff.flow import flow_matching_loss, flow_window, sample_flow_timesteps
 from isodiff.isometry import (
     Regulariser,
@@ -31,4 +31,4 @@ from isodiff.lora import add_lora
 
 __all__ = ["Regulariser", "add_lora", "flow_matching_loss", "flow_window", "h_encoder",
            "higher_order_ad", "isometry_loss", "isometry_loss_from_h", "path_lengths",
-           "sample_flow_timesteps", "sample_timesteps", "transformer_blocks"]
+           "recording_h", "sample_flow_timesteps", "sample_timesteps", "transformer_blocks"]

@@ -14,7 +14,8 @@ way (see `h_encoder`). Only torch is imported here.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -58,6 +59,39 @@ def _image_stream(output: Tensor | tuple, index: int) -> Tensor:
     return output if isinstance(output, Tensor) else output[index]
 
 
+def h_block(model: nn.Module, block: int | None = None,
+            block_lists: Sequence[str] = BLOCK_LISTS) -> nn.Module:
+    """The module whose output is h (see `h_encoder`): a U-Net's mid block, or block `block`
+    (the middle one when None) of a transformer's concatenated block lists."""
+    unet_block = getattr(model, "mid_block", None)
+    if block is None and unet_block is not None:
+        return unet_block
+    blocks = transformer_blocks(model, block_lists)
+    if not blocks:
+        raise TypeError(f"{type(model).__name__} has no mid_block and no transformer blocks "
+                        f"(attributes {tuple(block_lists)}): h_encoder reads h at a diffusers "
+                        "U-Net's mid block or at a transformer's middle block (block_lists= "
+                        "names the block lists of other models)")
+    return blocks[middle_block_index(len(blocks)) if block is None else block]  # IndexError
+
+
+@contextlib.contextmanager
+def recording_h(model: nn.Module, block: int | None = None, *,
+                block_lists: Sequence[str] = BLOCK_LISTS, output: int = -1
+                ) -> Iterator[list[Tensor]]:
+    """Records h during the model's own full forwards, without stopping them: yields a
+    list to which each forward inside the block appends its h (the h that `h_encoder` with
+    the same arguments returns). Lets a training loss reuse the main forward's h for L_iso
+    (`Regulariser(..., h=h)`), saving the encoder forward."""
+    seen: list[Tensor] = []
+    handle = h_block(model, block, block_lists).register_forward_hook(
+        lambda module, inputs, out: seen.append(_image_stream(out, output)))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
 def h_encoder(model: nn.Module, block: int | None = None, *,
               block_lists: Sequence[str] = BLOCK_LISTS, output: int = -1,
               shared: dict[str, Tensor] | None = None) -> Callable[..., Tensor]:
@@ -90,17 +124,9 @@ def h_encoder(model: nn.Module, block: int | None = None, *,
     Differentiable in x_t (and the weights) to any order, as the forward is.
     """
     shared = dict(shared or {})
-    unet_block = getattr(model, "mid_block", None)
-    if block is None and unet_block is not None:
-        return _unet_encoder(model, unet_block, shared)
-    blocks = transformer_blocks(model, block_lists)
-    if not blocks:
-        raise TypeError(f"{type(model).__name__} has no mid_block and no transformer blocks "
-                        f"(attributes {tuple(block_lists)}): h_encoder reads h at a diffusers "
-                        "U-Net's mid block or at a transformer's middle block (block_lists= "
-                        "names the block lists of other models)")
-    index = middle_block_index(len(blocks)) if block is None else block
-    target = blocks[index]  # IndexError for a block out of range
+    target = h_block(model, block, block_lists)
+    if block is None and getattr(model, "mid_block", None) is not None:
+        return _unet_encoder(model, target, shared)
 
     def stop(module: nn.Module, inputs: tuple, out: Tensor | tuple) -> None:
         raise _ReachedH(_image_stream(out, output))
@@ -114,7 +140,7 @@ def h_encoder(model: nn.Module, block: int | None = None, *,
             return reached.h
         finally:
             handle.remove()
-        raise RuntimeError(f"{type(model).__name__}'s forward never ran block {index} "
+        raise RuntimeError(f"{type(model).__name__}'s forward never ran its h block "
                            "(skipped, or not in its forward)")
 
     return encode

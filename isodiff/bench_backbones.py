@@ -9,8 +9,9 @@ training step's time with L_iso to the plain step's, for
   latents, 77 x 768 text states) with a rank-8 adapter, bf16, batch 2.
 
 A step is forward + backward of the loss (the optimizer step, the same in both, is left
-out); iso regularises every sample (lambda_iso = 1, spherical, one probe, h from a separate
-encoder forward, as the library's loss functions do). Time: the minimum over the repeats
+out); iso regularises every sample (lambda_iso = 1, spherical, one probe) with the main
+forward's h (`recording_h`, as `flow_matching_loss` does), its attention in the math kernel
+for the double backward. Time: the minimum over the repeats
 after one warm-up; on CPU the process's CPU time with one intra-op thread (not inflated by
 other processes on a shared machine), on CUDA wall time between synchronisations. Unlike
 isodiff.bench, everything runs in one process and memory is reported only on CUDA (peak
@@ -22,6 +23,7 @@ allocated).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -31,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from isodiff.adapters import h_encoder
+from isodiff.adapters import h_encoder, recording_h
 from isodiff.flow import flow_matching_loss
-from isodiff.isometry import Regulariser
+from isodiff.isometry import Regulariser, higher_order_ad
 from isodiff.lora import add_lora
 
 SETTINGS = ("dit_flow", "lora_unet", "sd15_lora")
@@ -84,9 +86,15 @@ def _lora_step(unet: nn.Module, batch: int, text_tokens: int, device: torch.devi
     reg = Regulariser("spherical")
 
     def step(iso: bool) -> torch.Tensor:
-        loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=text).sample.float(), noise.float())
+        x = x_t.detach().requires_grad_(iso)
+        with contextlib.ExitStack() as stack:
+            if iso:  # the main forward's h, differentiated twice (as flow_matching_loss does)
+                stack.enter_context(higher_order_ad())
+                seen = stack.enter_context(recording_h(unet))
+            pred = unet(x, t, encoder_hidden_states=text).sample
+        loss = F.mse_loss(pred.float(), noise.float())
         if iso:
-            loss = loss + reg(h_encoder(unet), x_t, t, encoder_hidden_states=text,
+            loss = loss + reg(h_encoder(unet), x, t, h=seen[0],
                               generator=torch.Generator().manual_seed(2))
         return loss
 

@@ -41,6 +41,7 @@ available: Regulariser("euclidean").
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -48,8 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from isodiff.adapters import h_encoder
+from isodiff.adapters import h_encoder, recording_h
 from isodiff.geometry import dim, sq_norm
+from isodiff.isometry import Regulariser, higher_order_ad
 
 Encoder = Callable[..., Tensor]
 
@@ -149,22 +151,39 @@ def flow_matching_loss(model: nn.Module, x0: Tensor, noise: Tensor, t: Tensor, *
 
     mse = mean |model(x_t, t * timestep_scale) - (noise - x0)|^2 (float32), with
     x_t = (1 - t) x0 + t noise; iso = regulariser(encoder, x_t[m], timestep[m]) on the samples
-    of iso_mask (all when None), skipped when lambda_iso = 0, no regulariser or an empty mask.
+    of iso_mask (all when None), skipped when lambda_iso = 0, no regulariser or an empty mask;
+    when every sample is regularised at x_t itself (`regulariser.reuses_h`) and `encoder` is
+    None, the main forward's h is reused (`recording_h`) instead of a second forward.
     encoder: h_encoder(model, shared=shared) when None; condition: per-sample inputs of the
     model (class_labels, encoder_hidden_states, pooled_projections), sliced with the mask;
     shared: inputs common to the batch (Flux's img_ids, txt_ids).
     """
     shared = dict(shared or {})
+    mask = torch.ones_like(t, dtype=torch.bool) if iso_mask is None else iso_mask
+    active = regulariser is not None and lambda_iso != 0 and bool(mask.any())
+    # Every sample regularised at x_t itself: L_iso differentiates the main forward's h
+    # (recorded by a hook), which saves the encoder forward; that graph must then support
+    # double backward (math attention).
+    reuse = (active and encoder is None and isinstance(regulariser, Regulariser)
+             and regulariser.reuses_h(mask))
     x_t = interpolate(x0, noise, t)
+    if reuse and not x_t.requires_grad:
+        x_t.requires_grad_()
     timestep = t.to(x0.device) * timestep_scale
-    pred = _prediction(model(x_t, timestep=timestep, **condition, **shared))
+    with contextlib.ExitStack() as stack:
+        if reuse:
+            stack.enter_context(higher_order_ad())
+            seen = stack.enter_context(recording_h(model))
+        pred = _prediction(model(x_t, timestep=timestep, **condition, **shared))
     mse = F.mse_loss(pred.float(), velocity_target(x0, noise).float())
     out = {"loss": mse, "mse": mse}
-    mask = torch.ones_like(t, dtype=torch.bool) if iso_mask is None else iso_mask
-    if regulariser is None or lambda_iso == 0 or not bool(mask.any()):
+    if not active:
         return out
     encoder = encoder or h_encoder(model, shared=shared)
-    iso = regulariser(encoder, x_t[mask], timestep[mask], generator=generator,
-                      **{name: _select(c, mask) for name, c in condition.items()})
+    if reuse:
+        iso = regulariser(encoder, x_t, timestep, h=seen[0], generator=generator)
+    else:
+        iso = regulariser(encoder, x_t[mask], timestep[mask], generator=generator,
+                          **{name: _select(c, mask) for name, c in condition.items()})
     out.update(loss=mse + lambda_iso * iso, iso=iso)
     return out

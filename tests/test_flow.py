@@ -66,19 +66,23 @@ def test_without_the_regulariser_the_loss_is_diffusers_velocity_mse() -> None:
 
 
 @pytest.mark.parametrize("metric", ["spherical", "euclidean"])
-def test_the_regulariser_term_is_the_regularisers_value_at_the_flow_x_t(metric: str) -> None:
+@pytest.mark.parametrize("subset", [True, False], ids=["subset", "all_reusing_h"])
+def test_the_regulariser_term_is_the_regularisers_value_at_the_flow_x_t(metric: str,
+                                                                        subset: bool) -> None:
+    """On a subset, L_iso from a separate encoder forward; on every sample, from the main
+    forward's h (recorded): both the Regulariser's own value at x_t."""
     model = tiny("dit")
     _, x0, noise, _, t = scheduler_batch(2)
     labels = torch.tensor([1, 2, 3, 4])
-    mask = torch.tensor([True, False, True, True])
+    mask = torch.tensor([True, not subset, True, True])
     out = flow_matching_loss(model, x0, noise, t, lambda_iso=0.5, iso_mask=mask,
                              regulariser=Regulariser(metric), generator=gen(3),
                              class_labels=labels)
     x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
     expected = Regulariser(metric)(h_encoder(model), x_t[mask], 1000 * t[mask], generator=gen(3),
                                    class_labels=labels[mask])
-    torch.testing.assert_close(out["iso"], expected)
-    torch.testing.assert_close(out["loss"], out["mse"] + 0.5 * expected)
+    torch.testing.assert_close(out["iso"], expected, rtol=1e-4, atol=0)  # attention kernels
+    torch.testing.assert_close(out["loss"], out["mse"] + 0.5 * out["iso"])
     grads = torch.autograd.grad(out["iso"], list(model.parameters()), allow_unused=True)
     assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
     none = torch.zeros(4, dtype=torch.bool)

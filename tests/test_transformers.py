@@ -20,6 +20,7 @@ from isodiff import (
     h_encoder,
     higher_order_ad,
     isometry_loss_from_h,
+    recording_h,
     transformer_blocks,
 )
 
@@ -197,3 +198,26 @@ def test_pixart_alpha_added_conditions_are_sliced_with_the_batch() -> None:
                                      **{k: v[:1] for k, v in condition.items()})
     torch.testing.assert_close(loss, alone)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("name", ["sd3", "unet"])
+def test_recording_h_sees_the_encoders_h_in_a_full_forward(name: str) -> None:
+    """recording_h leaves the forward whole and records the h that h_encoder returns."""
+    from tests.test_library import tiny_condition_unet
+
+    if name == "unet":
+        model, g = tiny_condition_unet(), gen(8)
+        x, t = torch.randn(B, 4, 8, 8, generator=g), torch.tensor([100, 900])
+        condition = {"encoder_hidden_states": torch.randn(B, TEXT, 12, generator=g)}
+        call = lambda: model(x, t, **condition)  # noqa: E731
+    else:
+        model = tiny(name)
+        x, t, condition, _ = inputs(name)
+        call = lambda: model(x, timestep=t, **condition)  # noqa: E731
+    with torch.no_grad():
+        with recording_h(model) as seen:
+            out = call().sample
+        assert out.shape[0] == B and len(seen) == 1
+        torch.testing.assert_close(seen[0], h_encoder(model)(x, t, **condition), rtol=0, atol=0)
+        call()
+    assert len(seen) == 1  # the hook is gone after the block
