@@ -5,7 +5,7 @@ sigma noise, velocity target noise - x0) on a class-conditional DiTTransformer2D
 the lines isodiff adds marked `# isodiff` (an import, the regulariser, the term).
 
 h is the DiT's middle-block output (`h_encoder`); the window is in flow time, sigma >=
---window, whose default flow_window(0.5) = 0.774 is the paper's p = 0.5 on DDPM matched by
+--window, whose default flow_window(0.5) = 0.775 is the paper's p = 0.5 on DDPM matched by
 signal-to-noise ratio. Toy data (class-coloured fields) so that it runs offline in seconds;
 with real latents only the data and the model size change.
 

@@ -11,7 +11,7 @@ the scheduler's `timesteps`; 1 for Flux, whose forward multiplies by 1000 itself
 The window. DDPM's window regularises t >= p T, the noisy end; here the noisy end is t -> 1,
 so the window is t >= p_flow. The same p does not mean the same noise level: matched by
 signal-to-noise ratio, SNR_flow(t) = (1 - t)^2 / t^2 against SNR_ddpm = abar / (1 - abar),
-the paper's p = 0.5 on DDPM's linear schedule (abar_500 = 0.078) is t >= 0.774
+the paper's p = 0.5 on DDPM's linear schedule (abar_500 = 0.078) is t >= 0.775
 (`flow_window`). `sample_flow_timesteps` draws t ~ U[0, 1] with the window's mask.
 
 The spherical metric at x_t. In DDPM the regularised x_t lie near the shell where x_T does;
@@ -29,10 +29,13 @@ so evaluates e_theta off the training point by the factor flow_radius(t) / |x_t|
 sigma_data = 0.96; isodiff's shapes n = 3 x 32 x 32, sigma_data = 0.79), |x_t| strays from
 flow_radius(t) by a mean |deviation| of at most 1.9 % (MNIST) and 1.0 % (shapes) at every t
 in [0, 1], max 7.3 % and 4.1 %, the most at the noisy end (the spread of |noise|, about
-1 / sqrt(2 n)); their |x0| vary by only +-3 % around sqrt(n) sigma_data. On a tiny DiT
-(4 blocks, MNIST, 16 images, 16 probes) L_iso at x_t and at the projected point differ by
-<= 0.01 % for t in {0.1, 0.5, 0.774, 0.9, 1} (an untrained DiT: a weak test). So either
-sphere gives the same term on such data; x_t's own is kept because it needs no sigma_data
+1 / sqrt(2 n)); their |x0| vary by only +-4 % around sqrt(n) sigma_data. On a tiny
+untrained DiT (4 blocks, 16 images, 16 probes, the same for all) L_iso at x_t, at x_t
+projected onto the flow_radius(t) sphere, and Euclidean at x_t differ by at most 0.5 %
+(MNIST 0.2 %) for t in {0.1, 0.25, 0.5, 0.775, 0.9, 1}: with n in the hundreds or
+thousands, one radial direction barely moves the traces (an untrained model: a weak test).
+`python examples/flow_radius.py` reproduces these numbers. So either sphere gives the same
+term on such data; x_t's own is kept because it needs no sigma_data
 and stays at the training point where |x0| varies more (natural images, latents: measure with
 `radius_deviation`). radius="sqrt_n" (the paper's sqrt(n)) would move x_t by up to a factor
 1 / 0.78 in the window (sigma_data = 0.5) and is meant for DDPM. The Euclidean metric stays
@@ -101,7 +104,7 @@ def flow_window(p: float, num_train_timesteps: int = 1000, beta_start: float = 1
                 beta_end: float = 0.02) -> float:
     """The flow time t whose SNR (1 - t)^2 / t^2 equals DDPM's at timestep floor(p T) of the
     linear schedule: regularise t >= flow_window(p) to regularise the paper's noise levels
-    (p = 0.5 -> 0.774; p = 0 -> 0.0099, not 0: DDPM's t = 0 is already slightly noisy)."""
+    (p = 0.5 -> 0.775; p = 0 -> 0.0099, not 0: DDPM's t = 0 is already slightly noisy)."""
     root = math.sqrt(_ddpm_snr(p, num_train_timesteps, beta_start, beta_end))
     return 1 / (1 + root)
 

@@ -108,7 +108,7 @@ def test_the_window_matches_ddpm_noise_levels_by_snr() -> None:
         # diffusers builds the schedule in float32: agree to its rounding
         torch.testing.assert_close(torch.tensor((1 - t) ** 2 / t**2, dtype=torch.float64), snr,
                                    rtol=1e-3, atol=0)
-    assert abs(flow_window(0.5) - 0.774) < 1e-3
+    assert abs(flow_window(0.5) - 0.775) < 1e-3
     assert flow_window(0.25) < flow_window(0.5) < flow_window(0.9) < 1
 
 
@@ -153,3 +153,13 @@ def test_the_dit_flow_example_trains_with_the_regulariser() -> None:
     without = main([*args, "--lambda-iso", "0"])
     assert any(not torch.equal(a, b) for a, b in zip(with_iso.parameters(),
                                                      without.parameters(), strict=True))
+
+
+def test_the_radius_measurement_runs_at_toy_size() -> None:
+    """examples/flow_radius.py (the numbers in isodiff.flow's docstring) on 8 shapes."""
+    from tests.test_library import _example
+
+    out = _example("flow_radius").main(["--data", "shapes", "--images", "8",
+                                        "--dit-images", "2"])["shapes"]
+    assert len(out["radius"]) == 7 and all(r["max_abs"] < 0.2 for r in out["radius"])
+    assert all(r["spherical_at_x_t"] > 0 and r["euclidean"] > 0 for r in out["liso"])
