@@ -27,7 +27,7 @@ BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
 
 
 class _ReachedH(Exception):
-    """Raised by the hook to end the forward at the mid block, carrying its output."""
+    """Raised by the hook to end the forward at h's block, carrying h."""
 
     def __init__(self, h: Tensor) -> None:
         super().__init__("mid block reached")
@@ -117,9 +117,10 @@ def h_encoder(model: nn.Module, block: int | None = None, *,
     every block, so no layer is a bottleneck by shape; the closest analogue is by depth, the
     middle of the stack, where the first half has mixed global information into each token
     and the second half has not yet turned it back into the noise or velocity prediction
-    (U-ViT's long skips join block i to block n - 1 - i, making the middle block the exact
-    counterpart of a U-Net's mid block). It is a convention, not a theorem: `block` chooses
-    another depth. In either case the forward stops at h, so the later blocks never run.
+    (U-ViT, Bao et al. 2023, makes this explicit: long skips join each block of its first
+    half to its mirror in the second, around a mid block, as a U-Net's skips do). It is a
+    convention, not a theorem: `block` chooses another depth. In either case the forward
+    stops at h, so the later blocks never run.
 
     Differentiable in x_t (and the weights) to any order, as the forward is.
     """
