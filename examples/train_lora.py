@@ -18,6 +18,7 @@ U-Net alone, with `reload` (diffusers' `load_lora_adapter`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from isodiff import Regulariser, h_encoder  # isodiff
+from isodiff import Regulariser, h_encoder, higher_order_ad  # isodiff
 
 
 def base_unet(args: argparse.Namespace) -> UNet2DConditionModel:
@@ -59,12 +60,15 @@ def main(argv: list[str] | None = None) -> UNet2DConditionModel:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--lambda-iso", type=float, default=1e-4)
     parser.add_argument("--window", type=float, default=0.5, help="L_iso on t >= window * T")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--output-dir", default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     unet = base_unet(args)
     unet.requires_grad_(False)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
                                 target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
     lora_layers = [p for p in unet.parameters() if p.requires_grad]
@@ -75,6 +79,9 @@ def main(argv: list[str] | None = None) -> UNet2DConditionModel:
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     optimizer = torch.optim.AdamW(lora_layers, lr=args.lr)
     iso = Regulariser("spherical")  # isodiff
+    # isodiff: checkpointed blocks replay their forward in the backward, with the attention
+    # kernel then in force; L_iso needs the math kernel, so the whole step uses it
+    attention = higher_order_ad if args.gradient_checkpointing else contextlib.nullcontext
     T = scheduler.config.num_train_timesteps
     gen = torch.Generator().manual_seed(args.seed)
     for step in range(args.steps):
@@ -86,12 +93,14 @@ def main(argv: list[str] | None = None) -> UNet2DConditionModel:
         noise = torch.randn_like(latents)
         t = torch.randint(0, T, (args.batch_size,), generator=gen)
         x_t = scheduler.add_noise(latents, noise, t)
-        loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=text).sample.float(), noise.float())
-        if (m := t >= args.window * T).any():  # isodiff: the regularised timesteps
-            loss = loss + args.lambda_iso * iso(h_encoder(unet), x_t[m], t[m],  # isodiff
-                                                encoder_hidden_states=text[m])
-        optimizer.zero_grad()
-        loss.backward()
+        with attention():  # isodiff
+            loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=text).sample.float(),
+                              noise.float())
+            if (m := t >= args.window * T).any():  # isodiff: the regularised timesteps
+                loss = loss + args.lambda_iso * iso(h_encoder(unet), x_t[m], t[m],  # isodiff
+                                                    encoder_hidden_states=text[m])
+            optimizer.zero_grad()
+            loss.backward()
         optimizer.step()
         if step % 50 == 0 or step == args.steps - 1:
             print(f"step {step}: loss {loss.item():.4f}")

@@ -7,6 +7,12 @@ differentiates through the adapted layers; with the base weights frozen
 alone. `add_lora` sets that up as diffusers' train_text_to_image_lora.py does (rank 8, the
 attention projections, Gaussian A and zero B, alpha = rank); `lora_parameters` lists what
 trains. peft (the `lora` extra) is imported only when `add_lora` is called.
+
+Gradient checkpointing (`model.enable_gradient_checkpointing()`, common in LoRA fine-tunes)
+works with L_iso when the whole step (the main forward, L_iso and the backward) runs under
+`higher_order_ad()`: checkpointed blocks replay their forward during the backward with the
+attention kernel then in force, and torch.utils.checkpoint raises CheckpointError when the
+replay's kernel differs from the forward's; L_iso's double backward needs the math kernel.
 """
 
 from __future__ import annotations
