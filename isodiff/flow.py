@@ -159,7 +159,8 @@ def flow_matching_loss(model: nn.Module, x0: Tensor, noise: Tensor, t: Tensor, *
     None, the main forward's h is reused (`recording_h`) instead of a second forward.
     encoder: h_encoder(model, shared=shared) when None; condition: per-sample inputs of the
     model (class_labels, encoder_hidden_states, pooled_projections), sliced with the mask;
-    shared: inputs common to the batch (Flux's img_ids, txt_ids).
+    shared: inputs common to the batch (Flux's img_ids, txt_ids). With gradient checkpointing,
+    call it and the backward under `higher_order_ad()` (see isodiff.lora).
     """
     shared = dict(shared or {})
     mask = torch.ones_like(t, dtype=torch.bool) if iso_mask is None else iso_mask
