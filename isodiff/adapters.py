@@ -67,6 +67,9 @@ def h_block(model: nn.Module, block: int | None = None,
     if block is None and unet_block is not None:
         return unet_block
     blocks = transformer_blocks(model, block_lists)
+    if not blocks and unet_block is not None:
+        raise TypeError(f"block={block!r} indexes a transformer's blocks; "
+                        f"{type(model).__name__}'s h is its mid_block (leave block None)")
     if not blocks:
         raise TypeError(f"{type(model).__name__} has no mid_block and no transformer blocks "
                         f"(attributes {tuple(block_lists)}): h_encoder reads h at a diffusers "

@@ -144,6 +144,10 @@ def test_the_block_index_is_configurable() -> None:
     assert len(transformer_blocks(wrapper, ("blocks",))) == 4
     with pytest.raises(TypeError, match="transformer blocks"):
         h_encoder(nn.Linear(2, 2))
+    from tests.test_library import tiny_condition_unet
+
+    with pytest.raises(TypeError, match="mid_block"):
+        h_encoder(tiny_condition_unet(), 0)
 
 
 def test_the_estimator_is_exact_against_the_full_jacobian() -> None:
