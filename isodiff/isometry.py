@@ -183,6 +183,14 @@ def sample_timesteps(batch_size: int, num_train_timesteps: int, window: float,
     return t, t >= k
 
 
+def first_samples(condition: Tensor | dict | None, k: int) -> Tensor | dict | None:
+    """condition[:k] for a tensor; a dict of them (PixArt-alpha's added_cond_kwargs) entry by
+    entry; None (an unused input) as is."""
+    if isinstance(condition, dict):
+        return {name: first_samples(c, k) for name, c in condition.items()}
+    return None if condition is None else condition[:k]
+
+
 class Regulariser(nn.Module):
     """L_iso (or the path-length baseline) of the U-Net's h-encoder at (x_t, t).
 
@@ -223,14 +231,15 @@ class Regulariser(nn.Module):
                 generator: torch.Generator | None = None, **condition: Tensor) -> Tensor:
         """The term at the batch (x_t, t): encoder(x, t, **condition) gives h; condition
         tensors (e.g. encoder_hidden_states of a text-conditional U-Net) have the batch as
-        their first dimension. `h`: the encoder's output at x_t already computed with a
-        graph from x_t (see `reuses_h`)."""
+        their first dimension (dicts of such tensors are sliced entry by entry). `h`: the
+        encoder's output at x_t already computed with a graph from x_t (see `reuses_h`)."""
         with higher_order_ad():
             if h is None:
                 k = self.n_regularised(x_t.shape[0])
                 x = evaluation_point(x_t[:k].detach(), self.metric, self.radius)
                 x = x.requires_grad_()
-                h = encoder(x, t[:k], **{name: c[:k] for name, c in condition.items()})
+                h = encoder(x, t[:k], **{name: first_samples(c, k)
+                                         for name, c in condition.items()})
             else:
                 x = x_t
             if self.metric == "path_length":
