@@ -124,3 +124,12 @@ def test_a_new_metric_is_its_module_alone(tmp_path: Path) -> None:
         print(registry()["toy"].evaluate(None, cfg.eval.toy).values)
     """)
     assert out.strip() == "{'toy_gain': 1.0, 'toy_loss': 0.0}"
+
+
+def test_the_attribute_net_keeps_its_parameter_names() -> None:
+    """Classifiers cached under refs/ by the module class it replaced still load."""
+    from isodiff.metrics.attributes import attribute_net
+
+    keys = list(attribute_net(3, 5, 8).state_dict())
+    assert keys[:2] == ["features.0.weight", "features.0.bias"]
+    assert keys[-2:] == ["head.weight", "head.bias"] and len(keys) == 14
