@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import logging
+from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from isodiff import parallel
 from isodiff.cli import USAGE, fail, hydra_main
 from isodiff.config import CONF, UserError
-from isodiff.evaluation import (
-    EvaluationFailed,
-    evaluate_run,
-    register_schemas,
-    to_evaluate_config,
-)
+from isodiff.evaluate_config import register_schemas, to_evaluate_config
 
 register_schemas()
 log = logging.getLogger("isodiff.evaluate")
@@ -25,13 +20,28 @@ log = logging.getLogger("isodiff.evaluate")
 
 @hydra.main(config_path=str(CONF), config_name="evaluate", version_base=None)
 def main(cfg: DictConfig) -> dict:
+    try:
+        config = to_evaluate_config(cfg)
+    except UserError as err:
+        _stop(err, USAGE)
+    # Only a valid config loads torch and the models (isodiff.evaluation): a typo's error
+    # comes in about a second.
+    from isodiff import parallel
+    from isodiff.evaluation import EvaluationFailed, evaluate_run
+
     ranks, device = parallel.join()  # a launcher's processes share the work (one writer)
     try:
-        return evaluate_run(to_evaluate_config(cfg), ranks, device)
+        return evaluate_run(config, ranks, device)
     except (UserError, EvaluationFailed) as err:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # the launcher evaluates the other runs, then reports this one
-        fail(err, code=1 if isinstance(err, EvaluationFailed) else USAGE)
+        _stop(err, 1 if isinstance(err, EvaluationFailed) else USAGE)
+
+
+def _stop(err: Exception, code: int) -> NoReturn:
+    """One line and `code`; under a multirun the launcher evaluates the other runs, then
+    reports this one."""
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise err
+    fail(err, code=code)
 
 
 def command() -> None:

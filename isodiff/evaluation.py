@@ -17,136 +17,49 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import inspect
 import json
 import logging
 import math
 import os
-import re
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from isodiff import paper_assets, pictures, runs
 from isodiff.assets import atomic_save
 from isodiff.config import ConfigError, to_train_config
-from isodiff.latent import build_codec
-from isodiff.metrics import (
-    disentanglement,
-    fid,
-    interp,
-    inversion,
-    jacobian,
-    linearity,
-    liso,
-    ppl,
-    quality,
-    rtl,
-    separability,
+
+# The config and the names of the metrics' values: in a light module, re-exported here
+from isodiff.evaluate_config import (  # noqa: F401
+    VALUE_PREFIXES,
+    EvalConfig,
+    EvaluateConfig,
+    metric_of,
+    register_schemas,
+    to_evaluate_config,
 )
+from isodiff.latent import build_codec
+from isodiff.metrics import registry
 from isodiff.metrics.common import EvalContext, MetricResult, protocol_of
 from isodiff.models import MAX_ABS_WEIGHT, diverged, load_unet, resolve_checkpoint
 from isodiff.parallel import Ranks
 
 log = logging.getLogger(__name__)
 
-# name -> the module's evaluate; the name is also the config section of conf/eval/*.yaml
+# name -> the metric's evaluate (its module declares it: isodiff.metrics.registry); the
+# name is also the config section of conf/eval/*.yaml
 METRICS: dict[str, Callable[[EvalContext, Any], MetricResult]] = {
-    "fid": fid.evaluate, "ppl": ppl.evaluate, "rtl": rtl.evaluate, "interp": interp.evaluate,
-    "jacobian": jacobian.evaluate, "separability": separability.evaluate,
-    "inversion": inversion.evaluate, "quality": quality.evaluate, "liso": liso.evaluate,
-    "linearity": linearity.evaluate, "disentanglement": disentanglement.evaluate,
-}
-# Which metric writes a value of metrics.json, by name or name prefix: the values a spec
-# shows say which metrics its jobs need (tests check it against a real evaluation).
-VALUE_PREFIXES = {"fid": "fid", "ppl_": "ppl", "mrtl": "rtl", "rtl_": "rtl", "slerp_": "interp",
-                  "lerp_": "interp", "mcn_": "jacobian", "vor_": "jacobian",
-                  "ls_": "separability", "error_": "separability", "mse": "inversion",
-                  "psnr": "inversion", "lpips": "inversion",
-                  "confident_": "quality", "classes_": "quality", "liso": "liso",
-                  "lin_": "linearity", "dci_": "disentanglement", "mig_": "disentanglement",
-                  "probe_": "disentanglement", "angle_": "disentanglement",
-                  "pr_": "disentanglement", "hswap_": "disentanglement"}
-
-
-@dataclass
-class EvalConfig:
-    """One preset of conf/eval/: per-metric sample counts and DDIM steps."""
-
-    name: str = "quick"
-    fid: fid.FIDConfig = field(default_factory=fid.FIDConfig)
-    ppl: ppl.PPLConfig = field(default_factory=ppl.PPLConfig)
-    rtl: rtl.RTLConfig = field(default_factory=rtl.RTLConfig)
-    interp: interp.InterpConfig = field(default_factory=interp.InterpConfig)
-    jacobian: jacobian.JacobianConfig = field(default_factory=jacobian.JacobianConfig)
-    separability: separability.SeparabilityConfig = field(
-        default_factory=separability.SeparabilityConfig)
-    inversion: inversion.InversionConfig = field(default_factory=inversion.InversionConfig)
-    quality: quality.QualityConfig = field(default_factory=quality.QualityConfig)
-    liso: liso.LisoConfig = field(default_factory=liso.LisoConfig)
-    linearity: linearity.LinearityConfig = field(default_factory=linearity.LinearityConfig)
-    disentanglement: disentanglement.DisentanglementConfig = field(
-        default_factory=disentanglement.DisentanglementConfig)
-    # samples.png: a grid of this many DDIM samples (eval.grid_steps) from fixed x_T
-    grid_samples: int = 64
-    grid_steps: int = 50
-
-
-@dataclass
-class EvaluateConfig:
-    run: str = MISSING  # a run directory whose status is done
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    ema: bool = True  # the EMA weights (final/unet_ema) when the run has them
-    seed: int = 0  # sample i of every metric is seeded by (seed, i)
-    batch_size: int = 64
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    metrics: list[str] | None = None  # only these (default: every enabled one)
-    refs_dir: str | None = None  # dataset-level caches; default <run>/../../_refs
-    force: bool = False  # recompute even when the stored protocol matches
-    clip_sample: bool | None = None  # DDIM x0 clipping; null: the run's diffusion.clip_sample
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if unknown := set(self.metrics or ()) - set(METRICS):
-            raise ConfigError(f"metrics: unknown {sorted(unknown)}; use {list(METRICS)}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
-            raise ConfigError(f"device={self.device!r}: use auto, cpu, cuda, cuda:N or mps")
-
-
-def metric_of(value: str) -> str:
-    """The metric (a key of METRICS) that computes `value`; a metric's own name stands for
-    itself (figure specs name the metric whose arrays they draw)."""
-    if value in METRICS:
-        return value
-    for prefix, metric in VALUE_PREFIXES.items():
-        if value.startswith(prefix):
-            return metric
-    raise ConfigError(f"{value!r} is computed by no metric of isodiff.evaluate: name a value "
-                      f"of metrics.json (prefixes {list(VALUE_PREFIXES)}) or a metric "
-                      f"({list(METRICS)})")
+    name: metric.evaluate for name, metric in registry().items()}
 
 
 class EvaluationFailed(RuntimeError):
     """Some metrics of a run failed (each recorded under "failed" in its metrics.json)."""
-
-
-def register_schemas() -> None:
-    ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
-
-
-def to_evaluate_config(cfg: DictConfig) -> EvaluateConfig:
-    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvaluateConfig), cfg))
 
 
 def _json_normal(obj: Any) -> Any:
@@ -304,10 +217,11 @@ def _failure(err: BaseException, request: dict[str, Any] | None = None) -> dict[
 
 
 def values_version(name: str) -> dict[str, int]:
-    """{"version": V} for a metric whose module sets VERSION (bumped when its values change
-    or grow, so that results stored before are computed again rather than kept without the
-    new values); {} for version 1, so that protocols stored before versions stay valid."""
-    version = getattr(inspect.getmodule(METRICS[name]), "VERSION", 1)
+    """{"version": V} for a metric whose declaration has version V (bumped when its values
+    change or grow, so that results stored before are computed again rather than kept
+    without the new values); {} for version 1, so that protocols stored before versions
+    stay valid."""
+    version = registry()[name].version
     return {"version": version} if version > 1 else {}
 
 

@@ -7,8 +7,12 @@ the same numbers (the idea of EDM's StackedRandomGenerator).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch loads in `generator`: derive_seed serves light modules too
+    import torch
 
 
 def derive_seed(*keys: int | str) -> int:
@@ -19,4 +23,6 @@ def derive_seed(*keys: int | str) -> int:
 
 def generator(*keys: int | str) -> torch.Generator:
     """A CPU torch.Generator seeded from keys (draw on CPU, then move: device-independent)."""
+    import torch
+
     return torch.Generator().manual_seed(derive_seed(*keys))

@@ -16,20 +16,22 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from isodiff.assets import atomic_save
 from isodiff.config import ConfigError
-from isodiff.metrics.common import EvalContext
 from isodiff.metrics.factors import angle_of, wrapped
 from isodiff.runs import atomic_write_json, config_hash
 from isodiff.seeding import derive_seed
+
+# torch loads inside the functions that use it: the metrics' configs (AttributeConfig)
+# are checked without it
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from isodiff.metrics.common import EvalContext
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +49,22 @@ class AttributeConfig:
                               "lr > 0 and width a multiple of 8 (GroupNorm)")
 
 
-class AttributeNet(nn.Module):
-    """3 stride-2 convs, global average pool, one linear layer giving every head's outputs."""
+def attribute_net(channels: int, outputs: int, width: int) -> nn.Module:
+    """3 stride-2 convs, global average pool, one linear layer giving every head's outputs.
 
-    def __init__(self, channels: int, outputs: int, width: int) -> None:
-        super().__init__()
-        layers, c = [], channels
-        for w in (width, 2 * width, 4 * width):
-            layers += [nn.Conv2d(c, w, 3, stride=2, padding=1), nn.GroupNorm(8, w), nn.SiLU()]
-            c = w
-        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(c, outputs)
+    A Sequential of `features` then `head` rather than a module class, which would need torch
+    to import this file; its parameters (their names and initialisation order) are those of
+    the class it replaces, so cached classifiers still load."""
+    from collections import OrderedDict
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+    from torch import nn
+
+    layers, c = [], channels
+    for w in (width, 2 * width, 4 * width):
+        layers += [nn.Conv2d(c, w, 3, stride=2, padding=1), nn.GroupNorm(8, w), nn.SiLU()]
+        c = w
+    features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return nn.Sequential(OrderedDict(features=features, head=nn.Linear(c, outputs)))
 
 
 @dataclass
@@ -75,17 +79,19 @@ class Attribute:
 class AttributeModel:
     """Predicts every factor of an image batch in [-1, 1]."""
 
-    def __init__(self, net: AttributeNet, attributes: list[Attribute], report: dict) -> None:
+    def __init__(self, net: nn.Module, attributes: list[Attribute], report: dict) -> None:
         self.net, self.attributes, self.report = net.eval(), attributes, report
 
-    @torch.no_grad()
     def responses(self, images: torch.Tensor) -> dict[str, np.ndarray]:
         """name -> the head's raw output: categorical: the class logits (N, classes);
         continuous: the standardised value (N,) (value - mean) / std; circular: (cos, sin)
         (N, 2)."""
+        import torch
+
         device = next(self.net.parameters()).device
-        out = torch.cat([self.net(images[i: i + 256].to(device)).cpu()
-                         for i in range(0, len(images), 256)]).double()
+        with torch.no_grad():
+            out = torch.cat([self.net(images[i: i + 256].to(device)).cpu()
+                             for i in range(0, len(images), 256)]).double()
         result, col = {}, 0
         for a in self.attributes:
             part = out[:, col: col + a.classes]
@@ -96,6 +102,8 @@ class AttributeModel:
     def predict(self, images: torch.Tensor) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
         """name -> (prediction, confidence): categorical: the class and its probability;
         continuous: the value and None; circular: the angle in turns [0, 1) and None."""
+        import torch
+
         result = {}
         for a, raw in zip(self.attributes, self.responses(images).values(), strict=True):
             if a.kind == "categorical":
@@ -110,6 +118,9 @@ class AttributeModel:
 
 
 def _loss(out: torch.Tensor, y: torch.Tensor, attributes: list[Attribute]) -> torch.Tensor:
+    import torch
+    import torch.nn.functional as F
+
     loss, col = out.new_zeros(()), 0
     for i, a in enumerate(attributes):
         if a.kind == "categorical":
@@ -143,6 +154,10 @@ def _score(model: AttributeModel, images: torch.Tensor, factors: torch.Tensor) -
 
 
 def _train(ctx: EvalContext, cfg: AttributeConfig) -> AttributeModel:
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
     train = ctx.dataset("train")
     factors = torch.stack([train[i][1] for i in range(len(train))])
     attributes = []
@@ -156,7 +171,7 @@ def _train(ctx: EvalContext, cfg: AttributeConfig) -> AttributeModel:
             attributes.append(Attribute(name, kind, 1, float(column.mean()), float(column.std())))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed("attributes", ctx.data_key))
-        net = AttributeNet(ctx.data.channels, sum(a.classes for a in attributes), cfg.width)
+        net = attribute_net(ctx.data.channels, sum(a.classes for a in attributes), cfg.width)
         net = net.to(ctx.device)
         optim = torch.optim.AdamW(net.parameters(), lr=cfg.lr)
         loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True)
@@ -175,6 +190,10 @@ def _train(ctx: EvalContext, cfg: AttributeConfig) -> AttributeModel:
 
 def attribute_model(ctx: EvalContext, cfg: AttributeConfig) -> AttributeModel:
     """The dataset's attribute predictor: from the refs cache, or trained and cached."""
+    import torch
+
+    from isodiff.assets import atomic_save
+
     if not ctx.dataset("train").factor_names:
         raise ConfigError(f"data={ctx.data.name.value} has no factors to predict: attribute "
                           "metrics need data=shapes, data=mnist, or data=folder with "
@@ -187,7 +206,8 @@ def attribute_model(ctx: EvalContext, cfg: AttributeConfig) -> AttributeModel:
         if weights.is_file() and report.is_file():
             meta = json.loads(report.read_text())
             attributes = [Attribute(**a) for a in meta["attributes"]]
-            net = AttributeNet(ctx.data.channels, sum(a.classes for a in attributes), cfg.width)
+            net = attribute_net(ctx.data.channels, sum(a.classes for a in attributes),
+                                cfg.width)
             net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
             return AttributeModel(net.to(ctx.device), attributes, meta["heldout"])
         model = _train(ctx, cfg)

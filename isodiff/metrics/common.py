@@ -7,12 +7,10 @@ datasets and a folder for dataset-level caches; `MetricResult` is what a metric 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -26,6 +24,9 @@ from isodiff.data import build_dataset, data_identity
 from isodiff.geometry import lerp, slerp
 from isodiff.latent import Codec
 from isodiff.metrics.perceptual import Distance, lpips_distance
+
+# (light pieces, re-exported: what every metric returns and records)
+from isodiff.metrics.result import SLERP_CONVENTION, MetricResult, protocol_of  # noqa: F401
 from isodiff.models import HUNet
 from isodiff.parallel import Ranks
 from isodiff.runs import config_hash
@@ -34,10 +35,6 @@ from isodiff.sampling import DDIM, SampleRNG, latents, to_images
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 PATHS = {"slerp": slerp, "lerp": lerp}
-# Recorded in the protocol of every metric on slerp paths: the official scripts differ on
-# it from one to the next, isodiff uses geometry.slerp everywhere.
-SLERP_CONVENTION = ("one angle per sample pair over all non-batch dims, nothing normalised, "
-                    "lerp where the angle < 1e-4")
 
 
 def path_points(x0: torch.Tensor, x1: torch.Tensor, points: int, path: str = "slerp"
@@ -46,25 +43,6 @@ def path_points(x0: torch.Tensor, x1: torch.Tensor, points: int, path: str = "sl
     pair-major."""
     w = torch.linspace(0, 1, points, dtype=torch.float64).to(x0.dtype)
     return torch.stack([PATHS[path](x0, x1, wk) for wk in w], dim=1).reshape(-1, *x0.shape[1:])
-
-
-@dataclass
-class MetricResult:
-    """values: the numbers; protocol: every choice that determines them (compared to decide
-    whether a stored value is still valid); provenance: what produced them without changing
-    them (weights' origin, timings); arrays: per-sample data for figures (eval/<metric>.npz)."""
-
-    values: dict[str, float]
-    protocol: dict[str, Any]
-    provenance: dict[str, Any] = field(default_factory=dict)
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-def protocol_of(cfg: Any) -> dict[str, Any]:
-    """A metric config as protocol fields (without the on/off switch)."""
-    fields = dataclasses.asdict(cfg)
-    fields.pop("enabled", None)
-    return {k: (v.value if hasattr(v, "value") else v) for k, v in fields.items()}
 
 
 class EvalContext:

@@ -48,23 +48,22 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from scipy.special import xlogy
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LassoLarsCV
-from sklearn.preprocessing import StandardScaler
 
 from isodiff.config import ConfigError
-from isodiff.directions import h_swap_influence
+from isodiff.metrics import Metric
 from isodiff.metrics.calibration import ceilings, permutation_floor
-from isodiff.metrics.common import EvalContext, MetricResult, protocol_of
 from isodiff.metrics.factors import check_kinds, encode
-from isodiff.metrics.jacobian import h_map
 from isodiff.metrics.probes import participation_ratio, probes, r2, split_rows
-from isodiff.sampling import latents
+from isodiff.metrics.result import MetricResult, protocol_of
 from isodiff.seeding import derive_seed
+
+if TYPE_CHECKING:  # torch, scipy and scikit-learn load inside the functions that use them
+    from sklearn.linear_model import LassoLarsCV
+
+    from isodiff.metrics.common import EvalContext
 
 SPACES = ("h", "xT")
 
@@ -122,6 +121,8 @@ def _normalised(r: np.ndarray, axis: int) -> np.ndarray:
 
 def _one_minus_entropy(p: np.ndarray, axis: int) -> np.ndarray:
     """1 - H(p) along axis, H in log base (the axis' length)."""
+    from scipy.special import xlogy
+
     entropy = -xlogy(p, p).sum(axis=axis) / np.log(p.shape[axis])
     return np.clip(1.0 - entropy, 0.0, 1.0)  # rounding can take it past [0, 1]
 
@@ -152,6 +153,9 @@ def lasso_importance(x: np.ndarray, y: np.ndarray, folds: int, steps: int
                      ) -> tuple[np.ndarray, LassoLarsCV | None]:
     """|coefficients| (d,) of a Lasso of y on x, its penalty by cross-validation along the
     LARS path, and the model (None for a constant y: nothing to predict, no importance)."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LassoLarsCV
+
     if np.ptp(y) == 0:
         return np.zeros(x.shape[1]), None
     with warnings.catch_warnings():  # LARS warns when a path step is degenerate; harmless
@@ -166,6 +170,8 @@ def dci(codes: np.ndarray, factors: np.ndarray, kinds: Sequence[str],
     circular (module docstring). Returns disentanglement (left out when k = 1),
     completeness (left out when d = 1), informativeness, importance R (d, k), each column
     summing to 1, and informativeness_per_factor (k,)."""
+    from sklearn.preprocessing import StandardScaler
+
     codes, factors = _check_inputs(codes, factors, kinds)
     split = split_rows(len(codes), heldout_fraction)
     scaler = StandardScaler().fit(codes[:split])  # constant dims: scale 1, all zero
@@ -231,6 +237,8 @@ def mig(codes: np.ndarray, factors: np.ndarray, kinds: Sequence[str], bins: int 
     joint; mig is the mean over factors. A constant factor (H = 0) has gap nan and is left
     out of the mean. Returns mig and gaps (k,). Raises ValueError for a single code dim.
     """
+    from scipy.special import xlogy
+
     codes, factors = _check_inputs(codes, factors, kinds)
     if codes.shape[1] < 2:
         raise ValueError("MIG needs at least 2 code dimensions (a gap to a second one)")
@@ -298,6 +306,10 @@ def calibrated(codes: np.ndarray, factors: np.ndarray, kinds: Sequence[str],
 
 def codes_of(ctx: EvalContext, cfg: DisentanglementConfig) -> dict[str, np.ndarray]:
     """h (t = T, pooled, flattened) and x_T of the first cfg.n DDIM-inverted test images."""
+    import torch
+
+    from isodiff.metrics.jacobian import h_map
+
     ddim = ctx.ddim(cfg.steps)
     t_T = int(ddim.schedule.timesteps[0])
     parts: dict[str, list[np.ndarray]] = {"h": [], "xT": []}
@@ -317,6 +329,11 @@ def codes_of(ctx: EvalContext, cfg: DisentanglementConfig) -> dict[str, np.ndarr
 def evaluate(ctx: EvalContext, cfg: DisentanglementConfig) -> MetricResult:
     """Every read-out of h (t = T) and x_T of held-out images against their factors, with
     floors and ceilings; h's participation ratio and the decoder's reliance on h."""
+    import torch
+
+    from isodiff.directions import h_swap_influence
+    from isodiff.sampling import latents
+
     test = ctx.dataset("test")
     names, kinds = tuple(getattr(test, "factor_names", ())), tuple(getattr(test, "factor_kinds",
                                                                             ()))
@@ -367,3 +384,8 @@ def evaluate(ctx: EvalContext, cfg: DisentanglementConfig) -> MetricResult:
                 "mig_discretisation": "equal-width bins per dim over all n rows",
                 "split": "test"}
     return MetricResult(values, protocol, {}, arrays)
+
+
+METRIC = Metric(name="disentanglement", config=DisentanglementConfig,
+                values=("dci_", "mig_", "probe_", "angle_", "pr_", "hswap_"),
+                higher_is_better=("dci_", "mig_", "probe_"), order=11)

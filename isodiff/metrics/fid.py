@@ -16,16 +16,18 @@ FID that N samples can reach.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from cleanfid.resize import build_resizer
-from scipy import linalg
 
-from isodiff import assets
 from isodiff.config import ConfigError
-from isodiff.metrics.common import EvalContext, MetricResult, protocol_of
-from isodiff.sampling import quantise
+from isodiff.metrics import Metric
+from isodiff.metrics.result import MetricResult, protocol_of
+
+if TYPE_CHECKING:  # torch, clean-fid and scipy load inside the functions that use them
+    import torch
+
+    from isodiff.metrics.common import EvalContext
 
 MODES = ("clean", "legacy_tensorflow")
 
@@ -57,6 +59,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
     instead of a general matrix square root (scipy.linalg.sqrtm, as clean-fid does), exact
     for singular covariances too and an order of magnitude faster at 2048 x 2048.
     """
+    from scipy import linalg
+
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     w, v = linalg.eigh(sigma1)
@@ -75,23 +79,28 @@ def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Images in [-1, 1] (N, C, H, W) -> uint8 RGB (N, H, W, 3), rounded as a PNG writer
     would (grey repeated to RGB, which Inception needs)."""
+    from isodiff.sampling import quantise
+
     x = quantise(images)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     return x.permute(0, 2, 3, 1).numpy()
 
 
-@torch.no_grad()
 def inception_features(images: torch.Tensor, model: torch.nn.Module, mode: str) -> np.ndarray:
     """clean-fid's features of a batch of images in [-1, 1]: (N, 2048) float64."""
-    pixels = to_uint8(images)
-    if mode == "clean":
-        resize = build_resizer(mode)
-        batch = np.stack([resize(img).transpose(2, 0, 1) for img in pixels])
-    else:
-        batch = pixels.transpose(0, 3, 1, 2).astype(np.float32)
-    device = next(model.parameters()).device
-    return model(torch.from_numpy(batch).to(device)).double().cpu().numpy()
+    import torch
+    from cleanfid.resize import build_resizer
+
+    with torch.no_grad():
+        pixels = to_uint8(images)
+        if mode == "clean":
+            resize = build_resizer(mode)
+            batch = np.stack([resize(img).transpose(2, 0, 1) for img in pixels])
+        else:
+            batch = pixels.transpose(0, 3, 1, 2).astype(np.float32)
+        device = next(model.parameters()).device
+        return model(torch.from_numpy(batch).to(device)).double().cpu().numpy()
 
 
 def reference_stats(ctx: EvalContext, split: str, n: int, mode: str, model: torch.nn.Module,
@@ -114,6 +123,8 @@ def reference_stats(ctx: EvalContext, split: str, n: int, mode: str, model: torc
 def evaluate(ctx: EvalContext, cfg: FIDConfig) -> MetricResult:
     """FID between cfg.n DDIM samples (x_T of sample i seeded by (seed, i)) and the
     reference statistics; fid_heldout and fid_floor at the same n (module docstring)."""
+    from isodiff import assets
+
     inception = assets.inception(cfg.mode, device=ctx.device)
     ref = reference_stats(ctx, cfg.ref_split, cfg.ref_n, cfg.mode, inception.module,
                           "eval.fid.ref_n")
@@ -135,3 +146,6 @@ def evaluate(ctx: EvalContext, cfg: FIDConfig) -> MetricResult:
                 "heldout": {"split": "test", "n": n_heldout}}
     return MetricResult(values, protocol, {"weights": inception.weights,
                                            "reference_stats": ref[2], "heldout_stats": heldout[2]})
+
+
+METRIC = Metric(name="fid", config=FIDConfig, values=("fid",), order=1)

@@ -13,21 +13,22 @@ the first `keep_frames` pairs, as 8-bit images (the strips of paper Figure 5).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from isodiff.config import ConfigError
-from isodiff.metrics.common import (
-    PATHS,
-    SLERP_CONVENTION,
-    EvalContext,
-    MetricResult,
-    path_points,
-    protocol_of,
-)
-from isodiff.metrics.perceptual import Distance
-from isodiff.sampling import quantise
+from isodiff.metrics import Metric
+from isodiff.metrics.result import SLERP_CONVENTION, MetricResult, protocol_of
+
+if TYPE_CHECKING:  # torch loads inside the functions that use it
+    import torch
+
+    from isodiff.metrics.common import EvalContext
+    from isodiff.metrics.perceptual import Distance
+
+# The keys of common.PATHS (which holds the torch functions; tests keep the two equal)
+PATH_NAMES = ("slerp", "lerp")
 
 # Bumped when the values change or grow: stored results are then computed again
 # (isodiff.evaluation.values_version). 2: <path>_cv, the uniformity of adjacent distances.
@@ -47,8 +48,9 @@ class InterpConfig:
     keep_frames: int = 4
 
     def __post_init__(self) -> None:
-        if unknown := set(self.paths) - set(PATHS):
-            raise ConfigError(f"eval.interp.paths: unknown {sorted(unknown)}; use {list(PATHS)}")
+        if unknown := set(self.paths) - set(PATH_NAMES):
+            raise ConfigError(f"eval.interp.paths: unknown {sorted(unknown)}; "
+                              f"use {list(PATH_NAMES)}")
         if self.frames < 2 or self.pairs < 1 or self.keep_frames < 0:
             raise ConfigError("eval.interp needs frames >= 2, pairs >= 1 and keep_frames >= 0")
         if self.net not in ("vgg", "alex"):
@@ -80,6 +82,9 @@ def smoothness(d: np.ndarray) -> dict[str, float]:
 def evaluate(ctx: EvalContext, cfg: InterpConfig) -> MetricResult:
     """Adjacent-frame LPIPS of cfg.pairs interpolations (pair i seeded by (seed, i)), and
     the frames of the first cfg.keep_frames pairs, (P_keep, F, C, H, W) uint8."""
+    from isodiff.metrics.common import path_points
+    from isodiff.sampling import quantise
+
     distance, weights = ctx.lpips(cfg.net)
     ddim = ctx.ddim(cfg.steps)
     values, arrays = {}, {}
@@ -101,3 +106,7 @@ def evaluate(ctx: EvalContext, cfg: InterpConfig) -> MetricResult:
     protocol = {**protocol_of(cfg), "backbone": f"lpips-v0.1-{cfg.net}",
                 "slerp": SLERP_CONVENTION}
     return MetricResult(values, protocol, {"weights": weights}, arrays)
+
+
+METRIC = Metric(name="interp", config=InterpConfig, values=("slerp_", "lerp_"),
+                version=VERSION, order=4)

@@ -8,14 +8,19 @@ source image and its reconstruction; deterministic, so no seed is involved. The 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from isodiff.config import ConfigError
-from isodiff.metrics.common import EvalContext, MetricResult, protocol_of
-from isodiff.metrics.perceptual import Distance
-from isodiff.sampling import quantise
+from isodiff.metrics import Metric
+from isodiff.metrics.result import MetricResult, protocol_of
+
+if TYPE_CHECKING:  # torch loads inside the functions that use it
+    import torch
+
+    from isodiff.metrics.common import EvalContext
+    from isodiff.metrics.perceptual import Distance
 
 
 @dataclass
@@ -38,6 +43,8 @@ class InversionConfig:
 def reconstruction_errors(x: torch.Tensor, x_rec: torch.Tensor, distance: Distance
                           ) -> dict[str, np.ndarray]:
     """Per-image MSE and PSNR (images in [-1, 1], measured on [0, 1]) and LPIPS."""
+    import torch
+
     mse = ((x - x_rec) / 2).pow(2).flatten(1).mean(1).double()
     return {"mse": mse.numpy(), "psnr": (-10 * torch.log10(mse)).numpy(),
             "lpips": distance(x, x_rec).double().numpy()}
@@ -46,6 +53,8 @@ def reconstruction_errors(x: torch.Tensor, x_rec: torch.Tensor, distance: Distan
 def evaluate(ctx: EvalContext, cfg: InversionConfig) -> MetricResult:
     """Errors of the first cfg.n test images, and the first cfg.keep_images of them with
     their reconstructions, (K, C, H, W) uint8."""
+    from isodiff.sampling import quantise
+
     distance, weights = ctx.lpips(cfg.net)
     ddim = ctx.ddim(cfg.steps)
     def chunk(rows: range) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
@@ -63,3 +72,7 @@ def evaluate(ctx: EvalContext, cfg: InversionConfig) -> MetricResult:
               "reconstructions": np.concatenate(reconstructions)}
     protocol = {**protocol_of(cfg), "backbone": f"lpips-v0.1-{cfg.net}", "split": "test"}
     return MetricResult(values, protocol, {"weights": weights}, {**errors, **images})
+
+
+METRIC = Metric(name="inversion", config=InversionConfig, values=("mse", "psnr", "lpips"),
+                higher_is_better=("psnr",), order=7)

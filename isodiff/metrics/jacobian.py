@@ -11,22 +11,24 @@ tangent space of the sphere through it (the spherical variant).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from scipy.sparse.linalg import LinearOperator, eigsh
 
 from isodiff.config import ConfigError
-from isodiff.diffusion import build_scheduler
-from isodiff.geometry import tangent_project
-from isodiff.isometry import higher_order_ad
-from isodiff.metrics.common import EvalContext, MetricResult, protocol_of
-from isodiff.sampling import SampleRNG
+from isodiff.metrics import Metric
+from isodiff.metrics.result import MetricResult, protocol_of
 
-Map = Callable[[torch.Tensor], torch.Tensor]  # (B, *x) -> (B, m)
+if TYPE_CHECKING:  # torch and scipy load inside the functions that use them
+    from collections.abc import Callable
+
+    import torch
+
+    from isodiff.metrics.common import EvalContext
+
+    Map = Callable[[torch.Tensor], torch.Tensor]  # (B, *x) -> (B, m)
+
 METHODS = ("auto", "exact", "lanczos")
 
 
@@ -70,6 +72,8 @@ def jacobian(f: Map, x: torch.Tensor, chunk: int = 128) -> torch.Tensor:
     Rows by reverse mode (one backward per batch of output basis vectors) unless m > 2n, then
     columns by forward mode (JVPs): in eager PyTorch a JVP costs about twice a VJP.
     """
+    import torch
+
     n = x.numel()
     with torch.no_grad():
         m = f(x[None]).shape[1]
@@ -94,6 +98,8 @@ def singular_values_exact(f: Map, x: torch.Tensor, tangent: bool = False,
                           chunk: int = 128) -> np.ndarray:
     """All min(m, n) singular values of J, decreasing; with `tangent`, those of J restricted
     to the tangent space of the sphere through x (min(m, n - 1) values)."""
+    import torch
+
     J = jacobian(f, x, chunk)
     if tangent:  # J P = J - (J u) u^T with u = x / |x|
         u = (x / x.norm()).reshape(-1)
@@ -107,6 +113,11 @@ def singular_values_lanczos(f: Map, x: torch.Tensor, k: int, tangent: bool = Fal
                             tol: float = 1e-5) -> np.ndarray:
     """Top-k then bottom-k singular values of J (decreasing), by Lanczos on the smaller of
     J^T J and J J^T (with `tangent`, of J P; the radial zero of P J^T J P is dropped)."""
+    import torch
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    from isodiff.geometry import tangent_project
+
     shape = x.shape
     x = x[None]
     h, vjp_fn = torch.func.vjp(f, x)
@@ -142,6 +153,8 @@ def singular_values_lanczos(f: Map, x: torch.Tensor, k: int, tangent: bool = Fal
 
 def h_map(ctx: EvalContext, t: int, pool: int) -> Map:
     """x_t -> h (optionally average-pooled), flattened per sample."""
+    import torch.nn.functional as F
+
     def f(x: torch.Tensor) -> torch.Tensor:
         h = ctx.unet.encode_h(x, t)
         return (F.avg_pool2d(h, pool) if pool > 1 else h).flatten(1)
@@ -150,6 +163,12 @@ def h_map(ctx: EvalContext, t: int, pool: int) -> Map:
 
 def evaluate(ctx: EvalContext, cfg: JacobianConfig) -> MetricResult:
     """MCN and VoR of x_t -> h at each configured t over cfg.n held-out x_t."""
+    import torch
+
+    from isodiff.diffusion import build_scheduler
+    from isodiff.isometry import higher_order_ad
+    from isodiff.sampling import SampleRNG
+
     x_0 = ctx.real_codes("test", cfg.n, "eval.jacobian.n")
     noise = SampleRNG(ctx.seed, range(cfg.n)).randn(*ctx.x_shape)
     alphas = build_scheduler(ctx.diffusion).alphas_cumprod.double()
@@ -177,3 +196,6 @@ def evaluate(ctx: EvalContext, cfg: JacobianConfig) -> MetricResult:
         arrays[f"singular_values_t{t}"] = s
     protocol = {**protocol_of(cfg), "method_used": methods, "x_t": "q(x_t|x_0), test split"}
     return MetricResult(values, protocol, arrays=arrays)
+
+
+METRIC = Metric(name="jacobian", config=JacobianConfig, values=("mcn_", "vor_"), order=5)

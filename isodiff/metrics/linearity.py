@@ -49,22 +49,25 @@ lin_<space>_<source>_r2_<target>; lin_h_swap once, lin_h_<source>_gain with h_sw
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from scipy.special import logsumexp
 
-from isodiff import directions as dirs
 from isodiff.config import ConfigError
-from isodiff.isometry import higher_order_ad
+from isodiff.metrics import Metric
 from isodiff.metrics.attributes import AttributeConfig, AttributeModel, attribute_model
-from isodiff.metrics.common import EvalContext, MetricResult, protocol_of
 from isodiff.metrics.factors import angle_of, circular_mean, wrapped
-from isodiff.metrics.jacobian import h_map
-from isodiff.metrics.perceptual import Distance
-from isodiff.sampling import latents, quantise
+from isodiff.metrics.result import MetricResult, protocol_of
+
+if TYPE_CHECKING:  # torch, scipy and the model layer load inside the functions that use them
+    import torch
+
+    from isodiff.metrics.common import EvalContext
+    from isodiff.metrics.perceptual import Distance
 
 SOURCES = ("mean", "svm", "local")
+# directions.SPACES, which loads torch (tests keep the two equal)
+SPACES = ("x_T", "h")
 TAGS = {"x_T": "xT", "h": "h"}  # space -> its name in value keys
 
 
@@ -103,8 +106,8 @@ class LinearityConfig:
                               "strengths, 0 (the unedited sample) among them")
         if 0.0 not in self.grid_strengths:
             raise ConfigError("eval.linearity.grid_strengths must hold 0")
-        if bad := set(self.spaces) - set(dirs.SPACES):
-            raise ConfigError(f"eval.linearity.spaces: {sorted(bad)}; use {dirs.SPACES}")
+        if bad := set(self.spaces) - set(SPACES):
+            raise ConfigError(f"eval.linearity.spaces: {sorted(bad)}; use {SPACES}")
         if bad := set(self.sources) - set(SOURCES):
             raise ConfigError(f"eval.linearity.sources: {sorted(bad)}; use {SOURCES}")
         if (self.fit_n < 4 or self.n < 1 or self.local_k < 1 or self.local_iters < 1
@@ -227,6 +230,8 @@ def response(raw: dict[str, np.ndarray], target: Target, base: np.ndarray | None
     """The target's value in `AttributeModel.responses` output: the standardised prediction,
     the log-odds of class cls, or (circular) the signed angle from the unedited samples'
     (base: their raw (cos, sin), row for row), wrapped, over the angular spread."""
+    from scipy.special import logsumexp
+
     out = raw[target.attribute]
     if target.kind == "circular":
         if base is None:
@@ -315,6 +320,12 @@ def _rows(v: torch.Tensor, n: int) -> torch.Tensor:
 def _local(ctx: EvalContext, cfg: LinearityConfig, x_T: torch.Tensor, t: int
            ) -> dict[str, Edits]:
     """Per edited sample, the top-k singular directions of dh/dx_T: v_k in x_T, s_k u_k in h."""
+    import torch
+
+    from isodiff import directions as dirs
+    from isodiff.isometry import higher_order_ad
+    from isodiff.metrics.jacobian import h_map
+
     f = h_map(ctx, t, 1)
     V, U = [], []
     with higher_order_ad():
@@ -333,6 +344,11 @@ def _measure(ctx: EvalContext, cfg: LinearityConfig, read: Readout, x_T: torch.T
              ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """One source's directions in one space, edited and measured: values named prefix<q>,
     and the images of Figures 7 and 8 (strip; grid when there are two directions)."""
+    import torch
+
+    from isodiff import directions as dirs
+    from isodiff.sampling import quantise
+
     ddim, strengths = ctx.ddim(cfg.steps), np.asarray(cfg.strengths, dtype=np.float64)
     D, S, N = len(edits.vectors), len(strengths), len(x_T)
     offsets = torch.cat([dirs.strength_offsets(strengths, _rows(v, N)) for v in edits.vectors])
@@ -400,6 +416,8 @@ def _combination(ctx: EvalContext, cfg: LinearityConfig, read: Readout, x_T: tor
                  space: str, edits: Edits, targets: list[Target], prefix: str
                  ) -> dict[str, float]:
     """The interaction of the first two directions at the corners of the largest strength."""
+    from isodiff import directions as dirs
+
     m, N = float(np.abs(cfg.strengths).max()), len(x_T)
     first, second = (_rows(v, N) for v in edits.vectors[:2])
     images = dirs.edit(ctx.ddim(cfg.steps), x_T, space,
@@ -416,6 +434,10 @@ def _supervised(cfg: LinearityConfig, source: str, codes: np.ndarray, y: np.ndar
                 steps: np.ndarray | None) -> torch.Tensor:
     """One target's direction: (1, D) from codes (n, D) in x_T, or from h per DDIM step,
     codes (edited steps, n, D) -> (all steps, 1, D), zero on the steps not edited."""
+    import torch
+
+    from isodiff import directions as dirs
+
     def one(c: np.ndarray) -> torch.Tensor:
         c = c.astype(np.float64)
         v = (dirs.class_mean_direction(c, y) if source == "mean"
@@ -445,6 +467,10 @@ def _calibrated(ctx: EvalContext, cfg: LinearityConfig, x_T: torch.Tensor, edits
                 swap_move: float) -> tuple[Edits, list[float]]:
     """h directions rescaled to move the images of x_T by cfg.h_swapfrac of the h-swap at
     the largest |alpha| (both signs), and the factor of each."""
+    import torch
+
+    from isodiff import directions as dirs
+
     m, N = float(np.abs(cfg.strengths).max()), len(x_T)
     ddim = ctx.ddim(cfg.steps)
     plain = dirs.edit(ddim, x_T, "x_T", torch.zeros(1, 1, x_T[0].numel()), 0,
@@ -460,6 +486,11 @@ def _calibrated(ctx: EvalContext, cfg: LinearityConfig, x_T: torch.Tensor, edits
 
 def evaluate(ctx: EvalContext, cfg: LinearityConfig) -> MetricResult:
     """Edits of cfg.n generated samples along every space x source direction."""
+    import torch
+
+    from isodiff import directions as dirs
+    from isodiff.sampling import latents
+
     predictor = attribute_model(ctx, cfg.classifier)
     targets = resolve_targets(predictor, cfg.targets)
     ddim = ctx.ddim(cfg.steps)
@@ -538,3 +569,6 @@ def evaluate(ctx: EvalContext, cfg: LinearityConfig) -> MetricResult:
     provenance = {"weights": weights, "classifier_heldout": predictor.report,
                   **({"skipped": skipped} if skipped else {})}
     return MetricResult(values, protocol, provenance, arrays)
+
+
+METRIC = Metric(name="linearity", config=LinearityConfig, values=("lin_",), order=10)

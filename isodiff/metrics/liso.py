@@ -14,15 +14,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from isodiff.config import ConfigError
-from isodiff.diffusion import build_scheduler
-from isodiff.isometry import higher_order_ad, isometry_terms
-from isodiff.metrics.common import EvalContext, MetricResult, protocol_of
-from isodiff.sampling import SampleRNG
+from isodiff.metrics import Metric
+from isodiff.metrics.result import MetricResult, protocol_of
+
+if TYPE_CHECKING:  # torch loads inside the functions that use it
+    import torch
+
+    from isodiff.metrics.common import EvalContext
 
 # 2: scaled by min(n_x - 1, m) instead of n_x - 1 (the two differ once h is compressive)
 VERSION = 2
@@ -51,6 +54,8 @@ def liso_terms(encode_h: Callable[[torch.Tensor, int], torch.Tensor], x_0: torch
     """L_iso's numerator and denominator terms (probes x samples, float64 on the CPU) of the
     spherical metric at x_t = sqrt(alpha) x_0 + sqrt(1 - alpha) noise, and h's size.
     probes: (samples, probes, *x)."""
+    from isodiff.isometry import higher_order_ad, isometry_terms
+
     x = (alpha ** 0.5 * x_0 + (1 - alpha) ** 0.5 * noise).float().to(device).requires_grad_()
     v = probes.transpose(0, 1).to(device)
     with higher_order_ad():
@@ -64,6 +69,8 @@ def heldout_liso(encode_h: Callable[[torch.Tensor, int], torch.Tensor], x_0: tor
                  device: torch.device | str = "cpu") -> float:
     """liso_scaled of encode_h on the held-out x_0, in one batch (the training loop's curve;
     the metric is the same quantity over more images, in chunks)."""
+    from isodiff.sampling import SampleRNG
+
     rng = SampleRNG(seed, range(len(x_0)))
     noise, v = rng.randn(*x_0.shape[1:]), rng.randn(probes, *x_0.shape[1:])
     per_t, m = [], 0
@@ -75,6 +82,11 @@ def heldout_liso(encode_h: Callable[[torch.Tensor, int], torch.Tensor], x_0: tor
 
 def evaluate(ctx: EvalContext, cfg: LisoConfig) -> MetricResult:
     """L_iso (spherical) of the evaluated U-Net's h-encoder at held-out x_t, per timestep."""
+    import torch
+
+    from isodiff.diffusion import build_scheduler
+    from isodiff.sampling import SampleRNG
+
     x_0 = ctx.real_codes("test", cfg.n, "eval.liso.n")
     rng = SampleRNG(ctx.seed, range(cfg.n))
     noise, probes = rng.randn(*ctx.x_shape), rng.randn(cfg.probes, *ctx.x_shape)
@@ -99,3 +111,6 @@ def evaluate(ctx: EvalContext, cfg: LisoConfig) -> MetricResult:
     protocol = {**protocol_of(cfg), "metric": "spherical", "x_t": "q(x_t|x_0), test split",
                 "scale": "min(n_x - 1, m)"}
     return MetricResult(values, protocol)
+
+
+METRIC = Metric(name="liso", config=LisoConfig, values=("liso",), version=VERSION, order=9)

@@ -24,15 +24,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from isodiff.config import ConfigError
-from isodiff.geometry import slerp
-from isodiff.metrics.common import SLERP_CONVENTION, EvalContext, MetricResult, protocol_of
-from isodiff.metrics.perceptual import Distance
+from isodiff.metrics import Metric
+from isodiff.metrics.result import SLERP_CONVENTION, MetricResult, protocol_of
+
+if TYPE_CHECKING:  # torch loads inside the functions that use it
+    import torch
+
+    from isodiff.metrics.common import EvalContext
+    from isodiff.metrics.perceptual import Distance
 
 VARIANT_NET = {"stylegan": "vgg", "isodiff_compat": "alex"}
 
@@ -81,6 +85,7 @@ def face_crop(images: torch.Tensor) -> torch.Tensor:
 
 def downsample_to_256(images: torch.Tensor) -> torch.Tensor:
     """Box-downsample by an integer factor to at most 256 px (StyleGAN)."""
+    import torch.nn.functional as F
     factor = images.shape[-1] // 256
     return F.avg_pool2d(images, factor) if factor > 1 else images
 
@@ -90,6 +95,9 @@ def path_images(generate: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tens
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(g(slerp(x0, x1, w)), g(slerp(x0, x1, w + eps))), cropped and downsampled as LPIPS
     sees them; g = `generate`, w (B,)."""
+    import torch
+
+    from isodiff.geometry import slerp
     images = generate(torch.cat([slerp(x0, x1, w), slerp(x0, x1, w + epsilon)]))
     images = downsample_to_256(face_crop(images) if crop else images)
     a, b = images.chunk(2)
@@ -168,3 +176,9 @@ def evaluate(ctx: EvalContext, cfg: PPLConfig) -> MetricResult:
     arrays = {**{f"d_{v}": x for v, x in d_all.items()}, "w": np.concatenate(ws),
               **{f"pairs_{v}": x for v, x in pairs.items()}}
     return MetricResult(values, protocol, provenance, arrays)
+
+
+METRIC = Metric(name="ppl", config=PPLConfig, values=("ppl_",),
+                # the diversity beside PPL (not ppl_<variant>_per_diversity: lower)
+                higher_is_better=("ppl_stylegan_diversity", "ppl_isodiff_compat_diversity"),
+                version=VERSION, order=2)

@@ -18,11 +18,12 @@ read-outs here give the same number for any rotation of the code (up to solver t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-from sklearn.linear_model import RidgeClassifierCV, RidgeCV
-from sklearn.model_selection import GridSearchCV
-from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
+
+if TYPE_CHECKING:  # scikit-learn loads inside the functions that use it
+    from sklearn.model_selection import GridSearchCV
 
 from isodiff.metrics.factors import angle_of, check_kinds, encode_factor, wrapped
 
@@ -59,6 +60,9 @@ def r2(y: np.ndarray, y_hat: np.ndarray) -> float:
 
 def _knn(kind: str, folds: int, n_fit: int) -> GridSearchCV:
     """kNN on precomputed distances (computed once per code, not once per fit), k by CV."""
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
+
     model = (KNeighborsClassifier if kind == "categorical" else KNeighborsRegressor)(
         metric="precomputed")
     grid = [k for k in NEIGHBOURS if k <= n_fit * (folds - 1) // folds] or [1]
@@ -70,6 +74,8 @@ def probe_factor(x: np.ndarray, distances: np.ndarray, values: np.ndarray, kind:
     """Held-out linear and kNN scores of one factor (n,) from scaled codes x (n, d) and their
     Euclidean distances to the fit rows (n, split): {lin, knn} and, for a circular factor,
     {lin_deg, knn_deg} (mean |angle error|)."""
+    from sklearn.linear_model import RidgeClassifierCV, RidgeCV
+
     data = {"lin": (x[:split], x[split:]), "knn": (distances[:split], distances[split:])}
     if kind == "categorical":
         labels = values.astype(np.int64)

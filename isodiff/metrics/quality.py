@@ -11,13 +11,17 @@ FID is within `FID_RATIO` times the floor, its confident fraction is at least
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from isodiff.config import ConfigError
+from isodiff.metrics import Metric
 from isodiff.metrics.attributes import AttributeConfig, attribute_model
-from isodiff.metrics.common import EvalContext, MetricResult, protocol_of
+from isodiff.metrics.result import MetricResult, protocol_of
+
+if TYPE_CHECKING:
+    from isodiff.metrics.common import EvalContext
 
 FID_RATIO = 3.0
 CONFIDENT_RATIO = 0.8
@@ -53,6 +57,8 @@ def class_figures(labels: np.ndarray, confidence: np.ndarray, classes: int,
 def evaluate(ctx: EvalContext, cfg: QualityConfig) -> MetricResult:
     """Confident fraction and class coverage of generated vs held-out real images (no values
     for a dataset without labels: its check is FID's alone)."""
+    import torch  # here, not at the top: a config is checked without torch
+
     if not ctx.dataset("train").factor_names:
         return MetricResult({}, protocol_of(cfg))
     model = attribute_model(ctx, cfg.classifier)
@@ -98,3 +104,7 @@ def check(values: dict[str, float]) -> list[str]:
         if present < total:
             reasons.append(f"{name}: {int(present)} of {int(total)} classes generated")
     return reasons
+
+
+METRIC = Metric(name="quality", config=QualityConfig, values=("confident_", "classes_"),
+                higher_is_better=("confident_", "classes_"), order=8)

@@ -12,18 +12,16 @@ not been transcribed (reference/metrics.md): it lives in `relative_trajectory_le
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from isodiff.config import ConfigError
-from isodiff.metrics.common import (
-    SLERP_CONVENTION,
-    EvalContext,
-    MetricResult,
-    path_points,
-    protocol_of,
-)
+from isodiff.metrics import Metric
+from isodiff.metrics.result import SLERP_CONVENTION, MetricResult, protocol_of
+
+if TYPE_CHECKING:
+    from isodiff.metrics.common import EvalContext
 
 WHICH_T = ("all", "T")
 
@@ -57,6 +55,10 @@ def relative_trajectory_length(path: np.ndarray) -> float:
 
 def evaluate(ctx: EvalContext, cfg: RTLConfig) -> MetricResult:
     """RTL_t of cfg.pairs slerp paths (pair i seeded by (seed, i)) at every DDIM step."""
+    import torch  # here, not at the top: a config is checked without torch
+
+    from isodiff.metrics.common import path_points
+
     points = cfg.segments + 1
     ddim = ctx.ddim(cfg.steps)
     timesteps = ddim.schedule.timesteps[:1] if cfg.timesteps == "T" else ddim.schedule.timesteps
@@ -76,3 +78,6 @@ def evaluate(ctx: EvalContext, cfg: RTLConfig) -> MetricResult:
     values = {"mrtl": float(rtl.mean()), "rtl_T": float(rtl[:, 0].mean())}
     arrays = {"rtl": rtl, "timesteps": timesteps.numpy()}
     return MetricResult(values, {**protocol_of(cfg), "slerp": SLERP_CONVENTION}, arrays=arrays)
+
+
+METRIC = Metric(name="rtl", config=RTLConfig, values=("mrtl", "rtl_"), order=3)

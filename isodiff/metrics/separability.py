@@ -33,19 +33,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
-from sklearn.svm import LinearSVC
 
 from isodiff.config import ConfigError
+from isodiff.metrics import Metric
 from isodiff.metrics.attributes import AttributeConfig, attribute_model
-from isodiff.metrics.common import EvalContext, MetricResult, protocol_of
 from isodiff.metrics.factors import circular_mean
-from isodiff.sampling import latents
+from isodiff.metrics.result import MetricResult, protocol_of
 from isodiff.seeding import derive_seed
+
+if TYPE_CHECKING:  # torch and scikit-learn load inside the functions that use them
+    from isodiff.metrics.common import EvalContext
 
 Split = tuple[np.ndarray, np.ndarray]  # (fitted rows, held-out rows)
 
@@ -86,6 +86,10 @@ def linear_separability(features: np.ndarray, labels: np.ndarray, split: Split,
                         C: float = 1.0) -> dict[str, float]:
     """Fit a linear SVM on the split's fitted rows; error and H(Y | X_svm) on its held-out
     rows."""
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
     fit, heldout = split
     fit_y, test_y = labels[fit], labels[heldout]
     if len(np.unique(fit_y)) == 1:  # one class only: the SVM is the constant
@@ -196,6 +200,10 @@ def separability_values(spaces: dict[str, np.ndarray],
 def evaluate(ctx: EvalContext, cfg: SeparabilityConfig) -> MetricResult:
     """LS and held-out SVM error of every attribute in h (t = T) and in x_T, each with its
     standard error over splits and its permutation floor."""
+    import torch
+
+    from isodiff.sampling import latents
+
     predictor = attribute_model(ctx, cfg.classifier)
     t_T = int(ctx.ddim(cfg.steps).schedule.timesteps[0])
     spaces: dict[str, list[np.ndarray]] = {"h": [], "x_T": []}
@@ -227,3 +235,7 @@ def evaluate(ctx: EvalContext, cfg: SeparabilityConfig) -> MetricResult:
                 "attributes": list(kinds)}
     return MetricResult(values, protocol,
                         {"classifier_heldout": predictor.report, "kinds": kinds}, arrays)
+
+
+METRIC = Metric(name="separability", config=SeparabilityConfig, values=("ls_", "error_"),
+                order=6)
