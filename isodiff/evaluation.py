@@ -307,10 +307,13 @@ def _now() -> str:
 
 
 # What a device or memory failure says (torch raises RuntimeError or AssertionError for
-# them): such a failure is of the machine, not of the run's weights or config.
-_ENVIRONMENT = re.compile(r"out of memory|CUDA|cuda|cuDNN|NVIDIA driver|GPUs? (are|is) "
-                          r"available|not compiled with|device-side|MPS|no space left",
-                          re.IGNORECASE)
+# them): such a failure is of the machine, not of the run's weights or config. Narrow on
+# purpose: a device-side assert or tensors on two devices are bugs, and stay the run's.
+_ENVIRONMENT = re.compile(
+    r"out of memory|cannot allocate memory|no space left on device|NVIDIA driver|"
+    r"no CUDA GPUs are available|not compiled with CUDA|CUDA driver|CUDA-capable device|"
+    r"invalid device ordinal|no kernel image is available|"
+    r"\bdevice\b[^.;]*\b(?:not available|unavailable|not there|not found)", re.IGNORECASE)
 
 
 def failure_cause(err: BaseException) -> str:

@@ -262,6 +262,9 @@ def test_failure_causes() -> None:
     assert failure_cause(OSError(28, "No space left on device")) == "environment"
     assert failure_cause(ValueError("shapes do not match")) == "run"
     assert failure_cause(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) == "run"
+    assert failure_cause(RuntimeError("Expected all tensors to be on the same device, but "
+                                      "found at least two devices, cuda:0 and cpu!")) == "run"
+    assert failure_cause(RuntimeError("CUDA error: device-side assert triggered")) == "run"
 
 
 def _entry(evaluated: str, **protocol: Any) -> dict[str, Any]:
