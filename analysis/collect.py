@@ -17,6 +17,7 @@ from isodiff.runs import (
     UNREADABLE,
     WEIGHTS_CHANGED,
     RunFileError,
+    cause_of,
     job_state,
     open_failures,
     read_metrics,
@@ -77,10 +78,10 @@ def job_row(run_dir: Path) -> dict[str, Any]:
     # and not at all once a metric of the same weights and protocol supersedes it.
     failures = open_failures(record)
     problems += [f"{name} failed: {failure['error']}" for name, failure in failures.items()
-                 if failure.get("cause") != "environment"]
+                 if cause_of(failure) != "environment"]
     environment = [f"{name} failed outside the run: {failure['error']} (evaluate it again "
                    "where the device and memory are there)" for name, failure in failures.items()
-                   if failure.get("cause") == "environment"]
+                   if cause_of(failure) == "environment"]
     return {"path": str(run_dir), "job": run_dir.name,
             **{k: status.get(k) for k in STATUS_COLUMNS}, "state": state,  # weights checked
             "problem": "; ".join(problems) or None,

@@ -306,16 +306,6 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-# What a device or memory failure says (torch raises RuntimeError or AssertionError for
-# them): such a failure is of the machine, not of the run's weights or config. Narrow on
-# purpose: a device-side assert or tensors on two devices are bugs, and stay the run's.
-_ENVIRONMENT = re.compile(
-    r"out of memory|cannot allocate memory|no space left on device|NVIDIA driver|"
-    r"no CUDA GPUs are available|not compiled with CUDA|CUDA driver|CUDA-capable device|"
-    r"invalid device ordinal|no kernel image is available|"
-    r"\bdevice\b[^.;]*\b(?:not available|unavailable|not there|not found)", re.IGNORECASE)
-
-
 def failure_cause(err: BaseException) -> str:
     """"environment" when an attempt failed for a reason outside the run (no such device,
     out of memory, a full disk), which another attempt elsewhere can clear; else "run"."""
@@ -325,7 +315,7 @@ def failure_cause(err: BaseException) -> str:
         return "environment"
     # (a UserError too: "device=cuda: no such device" is the machine's, not the run's)
     if isinstance(err, (RuntimeError, AssertionError, UserError)) \
-            and _ENVIRONMENT.search(str(err)):
+            and runs.ENVIRONMENT_MESSAGE.search(str(err)):
         return "environment"
     return "run"
 

@@ -190,6 +190,23 @@ def status_problem(status: dict[str, Any]) -> str | None:
 
 
 CAUSES = ("run", "environment")  # why a metric failed: its run, or the machine (device, memory)
+# What a device or memory failure says (torch raises RuntimeError or AssertionError for
+# them): such a failure is of the machine, not of the run's weights or config. Narrow on
+# purpose: a device-side assert or tensors on two devices are bugs, and stay the run's.
+ENVIRONMENT_MESSAGE = re.compile(
+    r"out of memory|cannot allocate memory|no space left on device|NVIDIA driver|"
+    r"no CUDA GPUs are available|not compiled with CUDA|CUDA driver|CUDA-capable device|"
+    r"invalid device ordinal|no kernel image is available|"
+    r"\bdevice\b[^.;]*\b(?:not available|unavailable|not there|not found)", re.IGNORECASE)
+
+
+def cause_of(failure: dict[str, Any]) -> str:
+    """A failed entry's cause; one recorded before causes were (no `cause`) by its error."""
+    if cause := failure.get("cause"):
+        return cause
+    error = str(failure.get("error", ""))
+    return "environment" if error.startswith(("MemoryError", "OutOfMemoryError")) \
+        or ENVIRONMENT_MESSAGE.search(error) else "run"
 
 
 def _metric_entry(name: str, entry: Any) -> str | None:
@@ -240,7 +257,7 @@ def superseded(failure: dict[str, Any], entry: dict[str, Any] | None) -> bool:
     stored = entry.get("protocol") or {}
     if any(stored.get(k) != v for k, v in (failure.get("protocol") or {}).items()):
         return False
-    if failure.get("cause") == "environment":
+    if cause_of(failure) == "environment":
         return True
     return str((entry.get("provenance") or {}).get("evaluated", "")) >= \
         str(failure.get("when", "~"))

@@ -203,7 +203,7 @@ def _state(run_dir: Path) -> str:
     if failed := runs.open_failures(record):  # a failure a later success superseded is gone
         for name, failure in failed.items():
             log.error("%s: evaluation of %s failed%s: %s", run_dir, name,
-                      " outside the run" if failure.get("cause") == "environment" else "",
+                      " outside the run" if runs.cause_of(failure) == "environment" else "",
                       failure["error"])
         return "evaluation failed"
     if stale := runs.stale_metrics(record, runs.read_status(run_dir)):

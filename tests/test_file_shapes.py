@@ -285,6 +285,10 @@ def test_which_failures_a_stored_metric_supersedes() -> None:
     assert not runs.superseded(_failure(late, "environment"), None)
     assert runs.superseded(_failure(early, "run", n=8), _entry(late, n=8))  # a later success
     assert not runs.superseded(_failure(late, "run", n=8), _entry(early, n=8))  # news
+    legacy = {"error": "RuntimeError: Found no NVIDIA driver on your system", "when": late}
+    assert runs.cause_of(legacy) == "environment" and runs.superseded(legacy, _entry(early))
+    assert runs.cause_of({"error": "MemoryError: "}) == "environment"
+    assert runs.cause_of({"error": "ValueError: bad"}) == "run"
 
 
 def test_collect_reports_environment_failures_apart_and_not_once_superseded(tmp_path: Path
