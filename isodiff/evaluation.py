@@ -9,8 +9,10 @@ protocol holds the sha256 of the weights measured, so a metric of weights that c
 computed again. Each metric is computed under its own lock (eval/.<name>.lock) and merged
 into metrics.json under .metrics.json.lock, so concurrent evaluations of one run neither
 repeat nor lose work; an interrupted evaluation keeps what it finished. A metric that fails
-is recorded under "failed" and the others are still computed. Only runs that are done, with
-the weights they recorded, are evaluated.
+is recorded under "failed" with its cause (the run, or the environment: device, memory,
+disk) and the others are still computed; a later success of the metric, or an evaluation
+that finds it up to date, removes a failure it supersedes (runs.superseded). Only runs
+that are done, with the weights they recorded, are evaluated.
 """
 
 from __future__ import annotations
