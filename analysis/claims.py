@@ -170,7 +170,10 @@ def _why_not(row: pd.Series, metric: str) -> str | None:
     if isinstance(problem, str):
         return problem
     value = pd.to_numeric(row.get(metric), errors="coerce")
-    return None if pd.notna(value) and math.isfinite(value) else f"no {metric}"
+    if pd.notna(value) and math.isfinite(value):
+        return None
+    environment = row.get("environment")  # a metric that failed outside the run
+    return f"no {metric} ({environment})" if isinstance(environment, str) else f"no {metric}"
 
 
 def floor_of(rows: pd.DataFrame, metric: str) -> tuple[float, float] | None:

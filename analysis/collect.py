@@ -17,8 +17,10 @@ from isodiff.runs import (
     UNREADABLE,
     WEIGHTS_CHANGED,
     RunFileError,
+    cause_of,
     job_state,
-    read_json,
+    open_failures,
+    read_metrics,
     read_status,
     stale_metrics,
 )
@@ -46,32 +48,44 @@ def metric_values(metrics_json: dict[str, Any]) -> dict[str, float]:
 
 
 def job_row(run_dir: Path) -> dict[str, Any]:
-    """A job's row; a file of it that does not parse is named in `problem` (the job's
-    own problem: collection goes on with the others)."""
+    """A job's row; a file of it that does not parse or has the wrong shape is named in
+    `problem` (the job's own problem: collection goes on with the others), a metric that
+    failed for a reason outside the run in `environment`."""
     status, problems = read_status(run_dir) or {}, []
     state, problem = job_state(run_dir)
     if state in (UNREADABLE, WEIGHTS_CHANGED):
         problems.append(problem)
     config, cfg = run_dir / "config.yaml", {}
     try:
-        cfg = flatten(yaml.load(config.read_text(), Loader=_Loader) or {}) \
-            if config.exists() else {}
+        loaded = yaml.load(config.read_text(), Loader=_Loader) if config.exists() else {}
+        if not isinstance(loaded or {}, dict):  # a hand edit: the row keeps no config
+            problems.append(f"{config} is unreadable (a YAML {type(loaded).__name__}, not a "
+                            "mapping)")
+        else:
+            cfg = flatten(loaded or {})
     except yaml.YAMLError as err:
         problems.append(f"{config} is unreadable ({type(err).__name__})")
     try:
-        record = read_json(run_dir / "metrics.json", {})
-    except RunFileError as err:
+        record = read_metrics(run_dir, {})
+    except RunFileError as err:  # does not parse, or has the wrong shape
         record = {}
         problems.append(str(err))
     if stale := stale_metrics(record, status):  # never shown as numbers of these weights
         problems.append(f"{', '.join(stale)} measured other weights (evaluate the run again)")
         record = {**record, "metrics": {k: v for k, v in record["metrics"].items()
                                         if k not in stale}}
-    problems += [f"{name} failed: {failure.get('error')}"
-                 for name, failure in record.get("failed", {}).items()]
+    # A failure of the environment (device, memory) is not the run's problem: listed apart,
+    # and not at all once a metric of the same weights and protocol supersedes it.
+    failures = open_failures(record)
+    problems += [f"{name} failed: {failure['error']}" for name, failure in failures.items()
+                 if cause_of(failure) != "environment"]
+    environment = [f"{name} failed outside the run: {failure['error']} (evaluate it again "
+                   "where the device and memory are there)" for name, failure in failures.items()
+                   if cause_of(failure) == "environment"]
     return {"path": str(run_dir), "job": run_dir.name,
             **{k: status.get(k) for k in STATUS_COLUMNS}, "state": state,  # weights checked
             "problem": "; ".join(problems) or None,
+            "environment": "; ".join(environment) or None,
             **{f"cfg.{k}": v for k, v in cfg.items()}, **metric_values(record)}
 
 
@@ -80,7 +94,7 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
     <run_root>/<tier>, whose plans/ say which runs belong to which table)."""
     rows = [job_row(marker.parent) for marker in sorted(Path(root).rglob("status.json"))]
     df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=["path", "job", *STATUS_COLUMNS,
-                                                               "problem"])
+                                                               "problem", "environment"])
     df.attrs["root"] = str(root)  # where tables find the plans of these runs
     return df
 
@@ -102,6 +116,8 @@ def main(argv: list[str]) -> int:
         print(f"FAILED {job.path}: {job.error}")
     for _, job in jobs[jobs.problem.notna()].iterrows():
         print(f"PROBLEM {job.path}: {job.problem}")
+    for _, job in jobs[jobs.environment.notna()].iterrows():
+        print(f"ENVIRONMENT {job.path}: {job.environment}")
     print(f"{(jobs.state == 'done').sum()} done, {len(failed)} failed, "
           f"{(~jobs.state.isin(['done', 'failed'])).sum()} running or not started, under {root}")
     return 0

@@ -29,7 +29,7 @@ from isodiff.analysis.tables import _label, spec_rows  # noqa: E402
 from matplotlib.figure import Figure, SubFigure  # noqa: E402
 
 from isodiff.pictures import tile  # noqa: E402
-from isodiff.runs import RunFileError, read_json  # noqa: E402
+from isodiff.runs import RunFileError, read_metrics  # noqa: E402
 from isodiff.specs import Spec, all_specs, canonical, load_spec  # noqa: E402
 
 
@@ -154,7 +154,7 @@ def _shown(arm: Arm, metric: str, key: str) -> tuple[int, Path, np.ndarray] | No
 def _eval_seed(run_dir: Path, metric: str) -> int | None:
     """The evaluation seed a run's metric was computed with (its samples' x_T)."""
     try:
-        record = read_json(run_dir / "metrics.json", {})
+        record = read_metrics(run_dir, {})
     except RunFileError:
         return None  # the run's problem, listed under its table
     return record.get("metrics", {}).get(metric, {}).get("protocol", {}).get("seed")
@@ -267,7 +267,7 @@ def inversion(df: pd.DataFrame, spec: Spec, tier: str) -> Figure | None:
 def _edit_caption(run_dir: Path, array: str) -> str:
     """What an edit picture shows, from the protocol of the linearity metric that made it."""
     try:
-        protocol = read_json(run_dir / "metrics.json", {})["metrics"]["linearity"]["protocol"]
+        protocol = read_metrics(run_dir, {})["metrics"]["linearity"]["protocol"]
     except (RunFileError, KeyError):
         return array
     targets = protocol.get("targets_used", [])

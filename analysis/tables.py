@@ -63,7 +63,8 @@ def spec_rows(df: pd.DataFrame, spec: Spec, tier: str) -> tuple[pd.DataFrame, li
     """The collected jobs of a spec, one row per job of its plan (the folder the plan names,
     never a folder that merely holds the same values; `_dataset` and `_point` its dataset and
     grid values as planned), and the problems: planned jobs that failed, are missing, or
-    whose files are unreadable or stale."""
+    whose files are unreadable (or of the wrong shape) or stale, and metrics that failed
+    outside the run (said so)."""
     planned = plan_for(spec, tier, Path(df.attrs["root"])).finetunes()
     expected = [{"_job": job.folder, "_dataset": job.dataset, "_point": job.point,
                  "_name": ",".join([f"data={job.dataset}",
@@ -84,6 +85,8 @@ def spec_rows(df: pd.DataFrame, spec: Spec, tier: str) -> tuple[pd.DataFrame, li
             problems.append(f"{row['_name']}: {reason if isinstance(reason, str) else 'not run'}")
         elif isinstance(problem, str):
             problems.append(f"{row['_name']}: {problem}")
+        if state == "done" and isinstance(environment := row.get("environment"), str):
+            problems.append(f"{row['_name']}: {environment}")  # the machine's, not the run's
     return merged, problems
 
 

@@ -69,7 +69,7 @@ def export(run_dir: Path, dest: Path) -> None:
 
 def quality_of(run_dir: Path) -> dict[str, Any]:
     """The base's quality figures (eval=base) and the check's verdict."""
-    record = runs.read_json(run_dir / "metrics.json") or {"metrics": {}}
+    record = runs.read_metrics(run_dir) or {"metrics": {}}  # RunFileError: wrong shape
     values: dict[str, float] = {}
     protocol: dict[str, Any] = {}
     for name in QUALITY_METRICS:
@@ -168,11 +168,12 @@ def main(argv: list[str]) -> int:
     out = Path(options.pop("out", f"runs/{tier}/bases"))
     verify = options.pop("verify", None)
     extra = [f"{k}={v}" for k, v in options.items()]
-    try:
-        manifest = make_bases(tier, out, extra, ["python", "-m", "isodiff.bases", *argv])
-        reference = runs.read_json(Path(verify) / MANIFEST) if verify else None
+    try:  # the reference first: a damaged one stops the command before any training
+        reference = runs.read_json(Path(verify) / MANIFEST, shape=runs.bases_manifest_problem
+                                   ) if verify else None
         if verify and reference is None:
             raise ConfigError(f"verify={verify}: no {MANIFEST} there")
+        manifest = make_bases(tier, out, extra, ["python", "-m", "isodiff.bases", *argv])
     except UserError as err:
         print(f"isodiff.bases: {err}", file=sys.stderr)
         return 2

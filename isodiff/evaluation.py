@@ -9,14 +9,17 @@ protocol holds the sha256 of the weights measured, so a metric of weights that c
 computed again. Each metric is computed under its own lock (eval/.<name>.lock) and merged
 into metrics.json under .metrics.json.lock, so concurrent evaluations of one run neither
 repeat nor lose work; an interrupted evaluation keeps what it finished. A metric that fails
-is recorded under "failed" and the others are still computed. Only runs that are done, with
-the weights they recorded, are evaluated.
+is recorded under "failed" with its cause (the run, or the environment: device, memory,
+disk) and the others are still computed; a later success of the metric, or an evaluation
+that finds it up to date, removes a failure it supersedes (runs.superseded). Only runs
+that are done, with the weights they recorded, are evaluated.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import json
 import logging
 import math
@@ -33,7 +36,7 @@ from omegaconf import OmegaConf
 
 from isodiff import paper_assets, pictures, runs
 from isodiff.assets import atomic_save
-from isodiff.config import ConfigError, to_train_config
+from isodiff.config import ConfigError, UserError, to_train_config
 
 # The config and the names of the metrics' values: in a light module, re-exported here
 from isodiff.evaluate_config import (  # noqa: F401
@@ -148,10 +151,11 @@ def write_samples(ctx: EvalContext, cfg: EvalConfig, path: Path) -> None:
 
 
 def read_record(run_dir: Path) -> dict[str, Any]:
-    """metrics.json, or an empty record (a damaged one is computed again, with a warning)."""
+    """metrics.json, or an empty record (one damaged or of the wrong shape is computed
+    again, with a warning)."""
     empty = {"run": str(run_dir), "metrics": {}}
     try:
-        return runs.read_json(run_dir / "metrics.json") or empty
+        return runs.read_metrics(run_dir) or empty
     except runs.RunFileError as err:
         log.warning("%s: every metric is computed again", err)
         return empty
@@ -160,10 +164,16 @@ def read_record(run_dir: Path) -> dict[str, Any]:
 def update_record(run_dir: Path, name: str, entry: dict[str, Any] | None = None,
                   failure: dict[str, Any] | None = None) -> None:
     """Store one metric's entry (or its failure) in metrics.json: read, change and write
-    under .metrics.json.lock, so that concurrent evaluations of the run never lose a value."""
+    under .metrics.json.lock, so that concurrent evaluations of the run never lose a value.
+    A new entry supersedes the metric's failed attempt (the latest attempt of a metric is
+    what counts); neither given: only a failure that the stored entry supersedes
+    (runs.superseded) is removed."""
     with runs.exclusive(run_dir / ".metrics.json.lock", f"metrics.json of {run_dir.name}"):
         record = read_record(run_dir)
         failed = record.setdefault("failed", {})
+        if entry is None and failure is None and not (
+                name in failed and runs.superseded(failed[name], record["metrics"].get(name))):
+            return  # nothing superseded: nothing to write
         failed.pop(name, None)
         if entry is not None:
             record["metrics"][name] = entry
@@ -211,9 +221,24 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def failure_cause(err: BaseException) -> str:
+    """"environment" when an attempt failed for a reason outside the run (no such device,
+    out of memory, a full disk), which another attempt elsewhere can clear; else "run"."""
+    if isinstance(err, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return "environment"
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.ENOMEM):
+        return "environment"
+    # (a UserError too: "device=cuda: no such device" is the machine's, not the run's)
+    if isinstance(err, (RuntimeError, AssertionError, UserError)) \
+            and runs.ENVIRONMENT_MESSAGE.search(str(err)):
+        return "environment"
+    return "run"
+
+
 def _failure(err: BaseException, request: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(),
-            "when": _now(), **({"protocol": request} if request else {})}
+            "cause": failure_cause(err), "when": _now(),
+            **({"protocol": request} if request else {})}
 
 
 def values_version(name: str) -> dict[str, int]:
@@ -251,10 +276,13 @@ def evaluate_run(cfg: EvaluateConfig, ranks: Ranks | None = None,
         request = _json_normal({**common, **protocol_of(metric_cfg), **values_version(name)})
         with (runs.exclusive(run_dir / "eval" / f".{name}.lock", f"{name} of {run_dir.name}")
               if main else contextlib.nullcontext()):
-            stored = read_record(run_dir)["metrics"].get(name, {}).get("protocol", {})
+            record = read_record(run_dir)
+            stored = record["metrics"].get(name, {}).get("protocol", {})
             if ctx.ranks.share(not cfg.force and all(stored.get(k) == v
                                                      for k, v in request.items())):
                 log.info("%s: up to date with this protocol, skipped", name)
+                if main and name in record.get("failed", {}):  # an older attempt that failed
+                    update_record(run_dir, name)
                 continue
             log.info("%s: computing", name)
             try:

@@ -126,9 +126,31 @@ def write_manifest(folder: str | Path, name: str, source: str,
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return value if isinstance(value, dict) else None
+
+
+def _file_entry(rel: str, entry: Any) -> str | None:
+    if not isinstance(entry, dict):
+        return f"files[{rel!r}] is not an object"
+    where = Path(rel)  # joined to the asset's folder: it must stay inside it
+    if where.is_absolute() or ".." in where.parts or not where.parts:
+        return f"files[{rel!r}] is not a file inside the asset's folder"
+    return (runs.field_problem(entry, "sha256", "string", True, f"files[{rel!r}].")
+            or runs.field_problem(entry, "size", "int", True, f"files[{rel!r}]."))
+
+
+def manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """MANIFEST.json's shape as verify reads it (None: fine)."""
+    return runs.mapping_problem(manifest.get("files"), "files", _file_entry)
+
+
+def _stamp(folder: Path) -> dict[str, Any]:
+    """STAMP, a cache of sha256 results: one of another shape is ignored (all hashed)."""
+    stamp = _read_json(folder / STAMP) or {}
+    return {rel: key for rel, key in stamp.items() if isinstance(key, list)}
 
 
 def verify(name: str, root: str | Path, full: bool = False) -> Path:
@@ -136,12 +158,16 @@ def verify(name: str, root: str | Path, full: bool = False) -> Path:
     its sha256 for checkpoints (cached in STAMP) or with full=True; else MissingAssetError."""
     asset, folder = _asset(name), asset_dir(name, root)
     manifest = _read_json(folder / MANIFEST)
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+    if manifest is None:
         raise MissingAssetError(f"paper asset {name} is not prepared (no readable {MANIFEST} "
                                 f"in {folder}); on a machine with internet, run: "
                                 f"{fetch_command(name, root)}", name, "missing")
+    if problem := manifest_problem(manifest):
+        raise MissingAssetError(f"paper asset {name}: {folder / MANIFEST} is unreadable (wrong "
+                                f"shape: {problem}); fetch it again: "
+                                f"{fetch_command(name, root)}", name, "corrupt")
     hashed = full or asset.kind == "checkpoint"
-    old = (_read_json(folder / STAMP) or {}) if asset.kind == "checkpoint" else {}
+    old = _stamp(folder) if asset.kind == "checkpoint" else {}
     stamp, problems, now = {}, [], time.time_ns()
     for rel, entry in manifest["files"].items():
         try:
@@ -198,7 +224,7 @@ def download_url(url: str, dest: Path) -> Path:
             while chunk := response.read(1 << 20):
                 f.write(chunk)
                 bar.update(len(chunk))
-    os.replace(part, dest)
+    runs.replace_durably(part, dest)  # complete on disk before it is complete by name
     return dest
 
 
@@ -296,7 +322,8 @@ def _lsun_db(source: Path, downloads: Path) -> Path:
             with zipfile.ZipFile(source) as archive:
                 archive.extractall(tmp)
             shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)  # a killed extraction is never mistaken for a done one
+            # a killed extraction (or a power loss) is never mistaken for a done one
+            runs.replace_durably(tmp, target)
         source = target
     hits = sorted(source.rglob("data.mdb")) if source.is_dir() else []
     if not hits:

@@ -10,7 +10,7 @@ the metrics it needs; tables and figures take their runs from it and from nothin
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -164,11 +164,47 @@ def write_plan(plan: Plan, tier_root: Path) -> Path:
     return path
 
 
+def _job_problem(index: int, job: Any) -> str | None:
+    where = f"jobs[{index}]"
+    if not isinstance(job, dict):
+        return f"{where} is not an object"
+    if unknown := sorted(set(job) - {f.name for f in fields(PlannedJob)}):
+        return f"{where} has the unknown key {unknown[0]!r}"
+    problem = (runs.field_problem(job, "folder", "string", True, f"{where}.")
+               or runs.field_problem(job, "dataset", "string", True, f"{where}.")
+               or runs.field_problem(job, "point", "object", False, f"{where}.")
+               or runs.field_problem(job, "metrics", "list", False, f"{where}.")
+               or runs.field_problem(job, "base", "string", False, f"{where}."))
+    if problem:
+        return problem
+    if job.get("stage") not in (BASE, FINETUNE):
+        return f"{where}.stage is {job.get('stage')!r}, not {BASE!r} or {FINETUNE!r}"
+    folder = Path(job["folder"])  # joined to the tier's folder: it must stay inside it
+    if folder.is_absolute() or ".." in folder.parts or not folder.parts:
+        return f"{where}.folder {job['folder']!r} is not a folder inside the tier's"
+    return None
+
+
+def plan_problem(record: dict[str, Any]) -> str | None:
+    """A plan's shape as read_plan, tables and figures read it (None: fine)."""
+    problem = (runs.field_problem(record, "spec", "string", required=True)
+               or runs.field_problem(record, "tier", "string", required=True)
+               or runs.field_problem(record, "jobs", "list", required=True))
+    return problem or next((p for i, job in enumerate(record["jobs"])
+                            if (p := _job_problem(i, job))), None)
+
+
 def read_plan(tier_root: Path, spec: str) -> Plan | None:
-    """The plan the last sweep of `spec` wrote under tier_root (None: none was written)."""
-    record = runs.read_json(plan_path(tier_root, spec))
+    """The plan the last sweep of `spec` wrote under tier_root (None: none was written);
+    RunFileError, naming the file, when it does not parse, has the wrong shape, or is the
+    plan of another spec (the commands that read it stop; a sweep writes it again)."""
+    path = plan_path(tier_root, spec)
+    record = runs.read_json(path, shape=plan_problem)
     if record is None:
         return None
+    if record["spec"] != spec:
+        raise runs.RunFileError(f"{path} is unreadable (wrong shape: the plan of spec "
+                                f"{record['spec']!r}, not {spec!r})")
     return Plan(record["spec"], record["tier"], [PlannedJob(**job) for job in record["jobs"]])
 
 

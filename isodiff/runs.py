@@ -21,6 +21,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import re
 import subprocess
@@ -93,13 +94,19 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 class RunFileError(UserError):
-    """A run file that exists but does not parse (a killed copy, a full disk): the problem
-    of that run alone, which every reader reports and goes on."""
+    """A run file that exists but does not parse, or parses to the wrong shape (a killed
+    copy, a full disk, a hand edit): the problem of that run alone, which every reader
+    reports and goes on; a command that needs the file stops with this one line."""
 
 
-def read_json(path: str | os.PathLike, default: Any = None) -> Any:
+Shape = Callable[[dict[str, Any]], "str | None"]  # a file kind's check: what is wrong, or None
+
+
+def read_json(path: str | os.PathLike, default: Any = None, shape: Shape | None = None) -> Any:
     """The JSON object in path; default when it does not exist; RunFileError (naming the
-    file) when it exists but is not a JSON object."""
+    file) when it exists but is not a JSON object, or when `shape` (the file kind's check,
+    e.g. status_problem) finds a field of the wrong type: syntax alone is not a file that
+    the code after can index."""
     try:
         value = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -107,16 +114,168 @@ def read_json(path: str | os.PathLike, default: Any = None) -> Any:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RunFileError(f"{path} is unreadable ({type(err).__name__}: {err})") from err
     if not isinstance(value, dict):
-        raise RunFileError(f"{path} is unreadable (a JSON {type(value).__name__}, "
-                           "not an object)")
+        raise RunFileError(f"{path} is unreadable (a JSON {_kind(value)}, not an object)")
+    if shape is not None and (problem := shape(value)):
+        raise RunFileError(f"{path} is unreadable (wrong shape: {problem})")
     return value
+
+
+# --- shapes: what each file kind's readers index, checked once where it is read -------------
+
+def _kind(value: Any) -> str:
+    """A JSON value's type as a reader would say it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {dict: "object", list: "list", str: "string"}.get(type(value), type(value).__name__)
+
+
+def _is(value: Any, kind: str) -> bool:
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":  # finite: nan/inf are never stored as values (evaluation)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and math.isfinite(value)
+    return _kind(value) == kind
+
+
+def field_problem(record: dict[str, Any], key: str, kind: str, required: bool = False,
+                  where: str = "") -> str | None:
+    """What is wrong with record[key] for a reader that expects `kind` (object, list,
+    string, int, number, boolean); null or absent is fine unless required."""
+    value = record.get(key)
+    if value is None:
+        return f"{where}{key} is missing" if required else None
+    return None if _is(value, kind) else f"{where}{key} is {_a(_kind(value))}, not {_a(kind)}"
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
+def mapping_problem(value: Any, where: str, item: Callable[[str, Any], str | None]
+                    ) -> str | None:
+    """The first problem of an object's entries (item(name, entry)), or of the object."""
+    if value is None:
+        return f"{where} is missing"
+    if not isinstance(value, dict):
+        return f"{where} is {_a(_kind(value))}, not an object"
+    return next((p for name, entry in value.items() if (p := item(name, entry))), None)
+
+
+def _weights_entry(name: str, entry: Any) -> str | None:
+    where = f"weights[{name!r}]"
+    if not isinstance(entry, dict):
+        return f"{where} is {_a(_kind(entry))}, not an object"
+    return (field_problem(entry, "sha256", "string", True, f"{where}.")
+            or field_problem(entry, "size", "int", True, f"{where}.")
+            or field_problem(entry, "mtime_ns", "int", True, f"{where}."))
+
+
+def status_problem(status: dict[str, Any]) -> str | None:
+    """status.json's shape as the job, the sweep and collect read it (None: fine)."""
+    problem = (field_problem(status, "state", "string", required=True)
+               or field_problem(status, "attempts", "int")
+               or field_problem(status, "error", "string")
+               or field_problem(status, "not_bitwise", "list"))
+    if problem:
+        return problem
+    if any(not isinstance(item, str) for item in status.get("not_bitwise") or []):
+        return "not_bitwise holds a non-string"
+    weights = status.get("weights")
+    return None if weights is None else mapping_problem(weights, "weights", _weights_entry)
+
+
+CAUSES = ("run", "environment")  # why a metric failed: its run, or the machine (device, memory)
+# What a device or memory failure says (torch raises RuntimeError or AssertionError for
+# them): such a failure is of the machine, not of the run's weights or config. Narrow on
+# purpose: a device-side assert or tensors on two devices are bugs, and stay the run's.
+ENVIRONMENT_MESSAGE = re.compile(
+    r"out of memory|cannot allocate memory|no space left on device|NVIDIA driver|"
+    r"no CUDA GPUs are available|not compiled with CUDA|CUDA driver|CUDA-capable device|"
+    r"invalid device ordinal|no kernel image is available|"
+    r"\bdevice\b[^.;]*\b(?:not available|unavailable|not there|not found)", re.IGNORECASE)
+
+
+def cause_of(failure: dict[str, Any]) -> str:
+    """A failed entry's cause; one recorded before causes were (no `cause`) by its error."""
+    if cause := failure.get("cause"):
+        return cause
+    error = str(failure.get("error", ""))
+    return "environment" if error.startswith(("MemoryError", "OutOfMemoryError")) \
+        or ENVIRONMENT_MESSAGE.search(error) else "run"
+
+
+def _metric_entry(name: str, entry: Any) -> str | None:
+    where = f"metrics[{name!r}]"
+    if not isinstance(entry, dict):
+        return f"{where} is {_a(_kind(entry))}, not an object"
+    problem = (field_problem(entry, "values", "object", True, f"{where}.")
+               or field_problem(entry, "protocol", "object", False, f"{where}.")
+               or field_problem(entry, "provenance", "object", False, f"{where}.")
+               or field_problem(entry, "nonfinite", "list", False, f"{where}.")
+               or field_problem(entry, "arrays", "string", False, f"{where}."))
+    return problem or next((f"{where}.values[{k!r}] is {_a(_kind(v))}, not a finite number"
+                            for k, v in entry["values"].items() if not _is(v, "number")), None)
+
+
+def _failure_entry(name: str, entry: Any) -> str | None:
+    where = f"failed[{name!r}]"
+    if not isinstance(entry, dict):
+        return f"{where} is {_a(_kind(entry))}, not an object"
+    if entry.get("cause", "run") not in CAUSES:
+        return f"{where}.cause is {entry.get('cause')!r}, not one of {', '.join(CAUSES)}"
+    return (field_problem(entry, "error", "string", True, f"{where}.")
+            or field_problem(entry, "protocol", "object", False, f"{where}.")
+            or field_problem(entry, "when", "string", False, f"{where}."))
+
+
+def metrics_problem(record: dict[str, Any]) -> str | None:
+    """metrics.json's shape as evaluation, collect, tables and the sweep read it."""
+    if "metrics" not in record:
+        return "metrics is missing"
+    return (mapping_problem(record["metrics"], "metrics", _metric_entry)
+            or (None if record.get("failed") is None
+                else mapping_problem(record["failed"], "failed", _failure_entry)))
+
+
+def read_metrics(run_dir: str | os.PathLike, default: Any = None) -> Any:
+    """metrics.json, checked by shape (RunFileError); default when there is none."""
+    return read_json(Path(run_dir) / "metrics.json", default, metrics_problem)
+
+
+def superseded(failure: dict[str, Any], entry: dict[str, Any] | None) -> bool:
+    """Whether a stored metric (entry) of the same weights and protocol supersedes a failed
+    attempt: a failure of the environment (device, memory) by any such metric, since it
+    says nothing of the run; a failure of the run by one evaluated after it. A failure that
+    records no protocol (the run could not be loaded) matches any."""
+    if entry is None:
+        return False
+    stored = entry.get("protocol") or {}
+    if any(stored.get(k) != v for k, v in (failure.get("protocol") or {}).items()):
+        return False
+    if cause_of(failure) == "environment":
+        return True
+    return str((entry.get("provenance") or {}).get("evaluated", "")) >= \
+        str(failure.get("when", "~"))
+
+
+def open_failures(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The failed attempts of metrics.json that no stored metric supersedes."""
+    metrics = record.get("metrics") or {}
+    return {name: failure for name, failure in (record.get("failed") or {}).items()
+            if not superseded(failure, metrics.get(name))}
 
 
 def read_status(run_dir: str | os.PathLike) -> dict | None:
     """status.json; None when the job never started; state `unreadable` (with the error)
-    when the file does not parse, so the job counts as not done and runs again."""
+    when the file does not parse or has the wrong shape, so the job counts as not done and
+    runs again (write_status then keeps none of its fields)."""
     try:
-        return read_json(Path(run_dir) / "status.json")
+        return read_json(Path(run_dir) / "status.json", shape=status_problem)
     except RunFileError as err:
         return {"state": UNREADABLE, "error": str(err)}
 
@@ -239,16 +398,34 @@ def file_hashes(folder: Path, skip: str = "") -> dict[str, str]:
             if p.is_file() and str(p.relative_to(folder)) != skip}
 
 
+def _base_entry(name: str, entry: Any) -> str | None:
+    if not isinstance(entry, dict):
+        return f"bases[{name!r}] is {_a(_kind(entry))}, not an object"
+    return mapping_problem(entry.get("files"), f"bases[{name!r}].files",
+                           lambda file, digest: None if isinstance(digest, str) else
+                           f"bases[{name!r}].files[{file!r}] is {_a(_kind(digest))}, not a "
+                           "sha256 string")
+
+
+def bases_manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """manifest.json's shape (isodiff.bases), as verify_base and `bases verify=` read it."""
+    return (field_problem(manifest, "device", "string", required=True)
+            or field_problem(manifest, "packages", "object", required=True)
+            or field_problem(manifest["packages"], "torch", "string", True, "packages.")
+            or mapping_problem(manifest.get("bases"), "bases", _base_entry))
+
+
 def verify_base(folder: Path) -> None:
     """ConfigError naming the files, unless a base that isodiff.bases exported (listed in
     manifest.json beside it, as the shipped bases are) holds the files its manifest records;
-    a folder no manifest lists passes. Always hashed: a base is ~8 MB at the quick tier."""
+    a folder no manifest lists passes; a manifest of the wrong shape is RunFileError (a
+    base it may list is never taken unchecked). Always hashed: a base is ~8 MB at the quick
+    tier."""
     manifest = folder.parent / BASES_MANIFEST
-    bases = (read_json(manifest) or {}).get("bases")
-    entry = bases.get(folder.name) if isinstance(bases, dict) else None
-    if not isinstance(entry, dict):
+    entry = (read_json(manifest, {}, bases_manifest_problem).get("bases") or {}).get(folder.name)
+    if entry is None:
         return
-    differ = [name for name, digest in sorted((entry.get("files") or {}).items())
+    differ = [name for name, digest in sorted(entry["files"].items())
               if not (folder / name).is_file() or sha256(folder / name) != digest]
     if differ:
         raise ConfigError(f"{folder}: {', '.join(differ)} differ from their sha256 in "

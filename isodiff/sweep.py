@@ -194,15 +194,17 @@ def _state(run_dir: Path) -> str:
             log.error("%s: %s", run_dir, problem)
         return state
     try:
-        record = runs.read_json(run_dir / "metrics.json")
-    except runs.RunFileError as err:
+        record = runs.read_metrics(run_dir)
+    except runs.RunFileError as err:  # does not parse, or has the wrong shape
         log.error("%s", err)
         return "metrics unreadable"
     if record is None:
         return "not evaluated"
-    if failed := record.get("failed"):
+    if failed := runs.open_failures(record):  # a failure a later success superseded is gone
         for name, failure in failed.items():
-            log.error("%s: evaluation of %s failed: %s", run_dir, name, failure.get("error"))
+            log.error("%s: evaluation of %s failed%s: %s", run_dir, name,
+                      " outside the run" if runs.cause_of(failure) == "environment" else "",
+                      failure["error"])
         return "evaluation failed"
     if stale := runs.stale_metrics(record, runs.read_status(run_dir)):
         log.error("%s: %s measured other weights: evaluate it again", run_dir, ", ".join(stale))

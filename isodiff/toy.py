@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from isodiff.cli import hydra_main
 from isodiff.config import CONF
 from isodiff.isometry import isometry_loss
+from isodiff.runs import atomic_write_text
 
 SETTINGS = {"reconstruction": None, "euclidean": "euclidean", "spherical": "spherical"}
 TITLES = {"reconstruction": "reconstruction only", "euclidean": r"+ $L_{iso}$, $G = I$",
@@ -207,9 +208,7 @@ def run_toy(cfg: ToyConfig) -> dict:
     result = {"settings": numbers, "config": asdict(cfg), "seconds": time.perf_counter() - tic,
               "figure": [str(p) for p in paths],
               "closest_to_scaled_isometry": min(numbers, key=lambda k: numbers[k]["kappa"])}
-    tmp = out_dir / ".toy_fig3.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.rename(out_dir / "toy_fig3.json")
+    atomic_write_text(out_dir / "toy_fig3.json", json.dumps(result, indent=2))  # fsynced
     return result
 
 

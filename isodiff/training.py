@@ -147,6 +147,16 @@ def environment_change(saved: dict[str, Any] | None, now: dict[str, Any]) -> str
     return ", ".join(changed) or None
 
 
+def checkpoint_meta_problem(meta: dict[str, Any]) -> str | None:
+    """A checkpoint's meta.json shape as resume reads it (None: fine): without the sha256
+    of its files a checkpoint could not be checked before it is loaded."""
+    return (runs.field_problem(meta, "step", "int", required=True)
+            or runs.mapping_problem(meta.get("files"), "files", lambda name, digest: None
+                                    if isinstance(digest, str) else f"files[{name!r}] is not "
+                                    "a sha256 string")
+            or runs.field_problem(meta, "environment", "object"))
+
+
 def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """Checkpoints renamed into place (named exactly as save_checkpoint names them, holding
     meta.json), newest first. Anything else in checkpoints/ (a user's `step_00000003.bak`)
@@ -168,8 +178,10 @@ def resume(state: TrainState, run_dir: Path) -> tuple[int, str | None]:
     acc, skipped = state.accelerator, []
     for step, path in complete_checkpoints(run_dir):
         try:
-            meta = json.loads((path / "meta.json").read_text())
-            if (found := runs.file_hashes(path, skip="meta.json")) != meta.get("files", found):
+            meta = runs.read_json(path / "meta.json", shape=checkpoint_meta_problem)
+            if meta["step"] != step:  # a folder renamed by hand: its state is of another step
+                raise ValueError(f"meta.json records step {meta['step']}, its name {step}")
+            if (found := runs.file_hashes(path, skip="meta.json")) != meta["files"]:
                 changed = sorted(k for k in {*found, *meta["files"]}
                                  if found.get(k) != meta["files"].get(k))
                 raise ValueError(f"{', '.join(changed)} differ from their sha256 in meta.json")

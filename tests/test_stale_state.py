@@ -266,16 +266,17 @@ def test_a_failing_metric_is_recorded_and_the_others_computed(finished: Path, tm
     real = evaluation.METRICS["rtl"]
 
     def broken(ctx: object, cfg: object) -> MetricResult:
-        raise RuntimeError("out of memory (simulated)")
+        raise RuntimeError("index 7 is out of bounds (simulated)")  # the run's: a bug
 
     monkeypatch.setitem(evaluation.METRICS, "rtl", broken)
     with pytest.raises(EvaluationFailed, match="1 of 2 metrics failed .*rtl: RuntimeError"):
         _evaluate(run_dir, "[rtl,liso]")
     record = runs.read_json(run_dir / "metrics.json")
     assert set(record["metrics"]) == {"liso"}
-    assert "out of memory" in record["failed"]["rtl"]["error"]
+    assert "out of bounds" in record["failed"]["rtl"]["error"]
+    assert record["failed"]["rtl"]["cause"] == "run"  # out of memory would be "environment"
     assert sweep._state(run_dir) == "evaluation failed"
-    assert "rtl failed: RuntimeError: out of memory" in job_row(run_dir)["problem"]
+    assert "rtl failed: RuntimeError: index 7 is out of bounds" in job_row(run_dir)["problem"]
     monkeypatch.setitem(evaluation.METRICS, "rtl", real)
     record = _evaluate(run_dir, "[rtl,liso]")  # liso is up to date; rtl now succeeds
     assert set(record["metrics"]) == {"rtl", "liso"} and "failed" not in record
