@@ -50,7 +50,7 @@ test-fast: install
 	$(PYTEST) -m "not slurm and not slow"
 
 lint: install
-	$(VENV)/bin/ruff check isodiff analysis tests examples
+	$(VENV)/bin/ruff check isodiff benchmarks tests examples tools
 
 # The quick tier's core, offline, end to end, then every table. A failed job does not stop
 # the others; it is listed under its table and makes the target fail at the end.
@@ -62,7 +62,7 @@ reproduce: install
 	$(PY) -m isodiff.analysis.tables tier=quick || status=1; \
 	$(PY) -m isodiff.analysis.claims tier=quick || status=1; \
 	$(PY) -m isodiff.analysis.figures tier=quick || status=1; \
-	$(PY) -m isodiff.toy || status=1; \
+	$(PY) -m isodiff.analysis.toy || status=1; \
 	$(PY) -m isodiff.analysis.index tier=quick || status=1; \
 	echo "reproduce: $$(( ($$(date +%s) - start) / 60 )) min; every table and figure on" \
 	     "results/quick/index.md"; \
@@ -74,7 +74,7 @@ reproduce: install
 # torch, by the quality check elsewhere). Two at a time on a laptop; CLUSTER=<profile> for SLURM.
 SHIPPED_MANIFEST = isodiff/pretrained/$(TIER)/manifest.json
 bases: install
-	$(PY) -m isodiff.bases tier=$(TIER) out=runs/$(TIER)/bases \
+	$(PY) -m isodiff.sweep.bases tier=$(TIER) out=runs/$(TIER)/bases \
 	    $(if $(wildcard $(SHIPPED_MANIFEST)),verify=isodiff/pretrained/$(TIER)) \
 	    $(if $(CLUSTER),cluster=$(CLUSTER),cluster=local_pool)
 
@@ -101,11 +101,13 @@ figures: install
 # needs a CUDA device) -> results/bench/paper.{json,md}.
 bench: install
 ifeq ($(TIER),paper)
-	$(PY) -m isodiff.bench_paper --out results/bench
+	$(PY) -m benchmarks.paper --out results/bench
+	$(PY) -m benchmarks.backbones --settings dit_flow,lora_unet,sd15_lora --device cuda --out results/bench
 else
-	$(PY) -m isodiff.bench --out results/bench
-	$(PY) -m isodiff.bench_eval --out results/bench
-	$(PY) -m isodiff.analysis.bench_tables out=results/bench
+	$(PY) -m benchmarks.train_step --out results/bench
+	$(PY) -m benchmarks.evaluation --out results/bench
+	$(PY) -m benchmarks.backbones --out results/bench
+	$(PY) -m benchmarks.analysis out=results/bench
 endif
 
 # The paper tier's checkpoints and datasets, on a machine with internet, with sha256
@@ -114,7 +116,7 @@ endif
 # download, LIMIT=N exports the first N LSUN images.
 ASSETS ?= assets
 paper-assets: install
-	$(PY) -m isodiff.paper_assets fetch $(ONLY) --root $(ASSETS) \
+	$(PY) -m isodiff.model.paper_assets fetch $(ONLY) --root $(ASSETS) \
 	    $(if $(CELEBAHQ),--celebahq-source $(CELEBAHQ)) $(if $(LSUN),--lsun-source $(LSUN)) \
 	    $(if $(LIMIT),--limit $(LIMIT))
 

@@ -23,7 +23,7 @@ TIMES = (0.0, 0.1, 0.25, 0.5, round(flow_window(0.5), 3), 0.9, 1.0)
 def images(name: str, count: int) -> torch.Tensor:
     """The first `count` images of an offline dataset of the suite, in [-1, 1]."""
     from isodiff.config import DataConfig, DatasetName
-    from isodiff.data import build_dataset
+    from isodiff.model.data import build_dataset
 
     cfg = (DataConfig(name=DatasetName.mnist, resolution=28, channels=1, size=count)
            if name == "mnist" else DataConfig(name=DatasetName.shapes, size=count))

@@ -12,21 +12,24 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf.errors import OmegaConfBaseException
 
-from isodiff.config import UserError
+from isodiff.config import tier_config
+from isodiff.errors import UserError
 
 USAGE = 2
 
 
-def one_line(err: BaseException) -> str:
-    """A Hydra or OmegaConf error as one line: the key, what is wrong, the fix."""
+def one_line(err: BaseException, command: str = "python -m isodiff.train") -> str:
+    """A Hydra or OmegaConf error as one line: the key, what is wrong, the fix (`command
+    --cfg job` lists the keys)."""
     inner: BaseException | None = err
-    while inner is not None:  # a resolver's (runs.folder_part) error, as OmegaConf chains it
+    while inner is not None:  # a resolver's error (folder_part), as OmegaConf chains it
         if isinstance(inner, UserError):
             return str(inner)
         inner = inner.__cause__ or inner.__context__
@@ -42,8 +45,8 @@ def one_line(err: BaseException) -> str:
     key = getattr(cause, "full_key", None)
     first = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
     if key and re.search(r"not in '|not in struct", first):
-        return (f"{key} is not a config key: check its spelling (python -m isodiff.train "
-                "--cfg job lists every key)")
+        return (f"{key} is not a config key: check its spelling ({command} --cfg job lists "
+                "every key)")
     return f"{key}: {first}" if key else first
 
 
@@ -84,6 +87,15 @@ def quote_paths(args: list[str]) -> list[str]:
     return quoted
 
 
+def _module_of(main: Callable[[], Any]) -> str:
+    """The `python -m` name of the command whose main this is."""
+    module = main.__module__
+    if module == "__main__":  # `python -m isodiff.analysis.toy` runs that module as __main__
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec else module
+    return module.removesuffix(".__main__").removesuffix(".command")
+
+
 def hydra_main(main: Callable[[], Any]) -> None:
     """Run a @hydra.main function; user errors end in one line on stderr and exit 2."""
     sys.argv[1:] = quote_paths(sys.argv[1:])
@@ -98,4 +110,91 @@ def hydra_main(main: Callable[[], Any]) -> None:
     except (HydraException, OmegaConfBaseException) as err:
         if full:
             raise
-        fail(one_line(err))
+        fail(one_line(err, f"python -m {_module_of(main)}"))
+
+
+# ---- the commands that are not Hydra's: `[name ...] [key=value ...] [--flag]`
+
+
+@dataclass
+class Options:
+    """A command line as the non-Hydra commands read it: its own keys' values, the names
+    (specs), its flags, and the `key=value` overrides it passes on to training."""
+
+    values: dict[str, str]
+    names: list[str]
+    flags: set[str]
+    overrides: list[str]
+
+
+def parse_options(argv: list[str], keys: tuple[str, ...], flags: tuple[str, ...] = (),
+                  overrides: bool = False, names: bool = True) -> Options:
+    """The one parser of `key=value` options: UserError naming an unknown key or flag (or a
+    name, where the command takes none); other keys pass on as training overrides where
+    the command takes them."""
+    values: dict[str, str] = {}
+    got = Options(values, [], set(), [])
+    known = ", ".join([*(f"{k}=" for k in keys), *flags, "--help"])
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if arg.startswith("-"):
+            if arg not in flags:
+                raise UserError(f"unknown option {arg}: the options are {known}")
+            got.flags.add(arg)
+        elif not eq:
+            if not names:
+                raise UserError(f"{arg}: this command takes only {known}")
+            got.names.append(arg)
+        elif key in keys:
+            values[key] = value
+        elif overrides:
+            got.overrides.append(arg)
+        else:
+            raise UserError(f"unknown option {key}=: the options are {known}")
+    return got
+
+
+def run(doc: str, argv: list[str], work: Callable[[list[str]], int]) -> int:
+    """`--help` prints doc; a UserError prints its line alone and returns 2."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(doc)
+        return 0
+    try:
+        return work(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+# ---- the analysis commands: `[key=value ...] [spec ...]`
+
+ANALYSIS_KEYS = ("tier", "run_root", "out")
+
+
+@dataclass
+class Args:
+    """The analysis commands' options: tier, run_root and out as they default them."""
+
+    tier: str
+    run_root: Path
+    out: Path
+    names: list[str] | None
+
+
+def parse(argv: list[str]) -> Args:
+    """An analysis command's options and spec names; UserError naming the bad key or tier,
+    or a tier without runs."""
+    got = parse_options(argv, ANALYSIS_KEYS)
+    args = Args(got.values.get("tier", "quick"), Path(got.values.get("run_root", "runs")),
+                Path(got.values.get("out", "results")), got.names or None)
+    tier_config(args.tier)  # an unknown tier is a typo
+    if not any((args.run_root / args.tier).rglob("status.json")):
+        raise UserError(f"tier={args.tier}: no runs under {args.run_root / args.tier}; run "
+                        f"`make reproduce` (or isodiff.sweep <spec> tier={args.tier}) first, "
+                        "or pass run_root=<folder that holds the runs>")
+    return args
+
+
+def analysis(doc: str, argv: list[str], work: Callable[[Args], int]) -> int:
+    """An analysis command: `--help`, its options, one line and exit 2 on a mistake."""
+    return run(doc, argv, lambda argv: work(parse(argv)))

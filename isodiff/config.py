@@ -8,6 +8,7 @@ fails at composition with the key's full name. Ranges and cross-field rules are 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from enum import Enum
@@ -16,6 +17,8 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from isodiff.errors import ConfigError
 
 
 def shipped(name: str) -> Path:
@@ -28,12 +31,6 @@ def shipped(name: str) -> Path:
 CONF = shipped("conf")
 
 
-class UserError(Exception):
-    """An error the user can fix: entry points print its message alone and exit 2."""
-
-
-class ConfigError(UserError, ValueError):
-    """A bad config value or input: the message names the key and the fix."""
 
 
 def _check(ok: bool, key: str, value: object, fix: str) -> None:
@@ -356,19 +353,40 @@ class TierConfig:
                    "is not a preset in conf/eval/")
 
 
+AUTOENCODERS = ("VQModel", "AutoencoderKL")  # the diffusers classes latent.autoencoder may name
+
+
 @dataclass
 class LatentConfig:
-    """Latent diffusion (isodiff.latent): the U-Net models the codes of a frozen autoencoder."""
+    """Latent diffusion (isodiff.model.latent): the U-Net models the codes of a frozen
+    autoencoder."""
 
     # a diffusers VQModel or AutoencoderKL folder (save_pretrained); null: a pixel model
     autoencoder: str | None = None
     scale: float | None = None  # latent scaling factor; null: the checkpoint's scaling_factor
+    def geometry(self) -> tuple[str, int, int]:
+        """(class name, latent channels, downsampling factor) from the autoencoder's
+        config.json, without loading its weights (validation before anything runs)."""
+        path = Path(self.autoencoder or "").expanduser() / "config.json"
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"latent.autoencoder={self.autoencoder!r}: no readable "
+                              f"config.json ({err}); point it at a VQModel or AutoencoderKL "
+                              "folder saved with save_pretrained (e.g. the vqvae/ subfolder "
+                              "of CompVis/ldm-celebahq-256)") from err
+        kind = config.get("_class_name")
+        if kind not in AUTOENCODERS:
+            raise ConfigError(f"latent.autoencoder={self.autoencoder!r} is a {kind}: use a "
+                              f"folder of one of {AUTOENCODERS}")
+        factor = 2 ** (len(config["block_out_channels"]) - 1)
+        return kind, int(config["latent_channels"]), factor
 
 
 @dataclass
 class AssetsConfig:
     """The paper tier's checkpoints and datasets, prepared once by `make paper-assets`
-    (isodiff.paper_assets) and checked against their manifests before a job runs."""
+    (isodiff.model.paper_assets) and checked against their manifests before a job runs."""
 
     root: str = "assets"  # conf/train.yaml: $ISODIFF_ASSETS, else ./assets
     required: list[str] = field(default_factory=list)  # asset names a preset needs
@@ -401,9 +419,7 @@ class TrainConfig:
                "the weight of the isometric loss must be >= 0 (0 trains plain DDPM)")
         channels, size, what = self.data.channels, self.data.resolution, "data"
         if self.latent.autoencoder:  # the U-Net models the autoencoder's latents
-            from isodiff.latent import autoencoder_geometry
-
-            _, channels, factor = autoencoder_geometry(self.latent)
+            _, channels, factor = self.latent.geometry()
             size, what = self.data.resolution // factor, "the latent of latent.autoencoder"
             _check(not self.diffusion.clip_sample, "diffusion.clip_sample", True,
                    "latents are not in [-1, 1]: latent diffusion needs "
@@ -449,3 +465,20 @@ def tier_config(tier: str) -> TierConfig:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TierConfig), node))
     except OmegaConfBaseException as err:
         raise ConfigError(f"conf/tier/{tier}.yaml: {err}") from err
+
+
+def compose(name: str, overrides: list[str], conf: Path = CONF,
+            hydra_node: bool = False) -> DictConfig:
+    """conf/<name>.yaml composed with overrides as its command would compose it; hydra_node:
+    with the `hydra` node, made the current HydraConfig (so that ${hydra:...} resolves)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(conf), version_base=None):
+        cfg = hydra_compose(name, overrides=overrides, return_hydra_config=hydra_node)
+    if hydra_node:
+        HydraConfig.instance().set_config(cfg)
+    return cfg

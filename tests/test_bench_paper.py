@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from isodiff import bench_paper as bp
-from isodiff.bench import model_config
+from benchmarks import paper as bp
+from benchmarks.train_step import model_config
 from isodiff.config import to_train_config
-from isodiff.models import build_unet
+from isodiff.model.unet import build_unet
 from tests.conftest import compose_train
 
 CPU = torch.device("cpu")

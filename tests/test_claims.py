@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+
 from isodiff.analysis.claims import (
     INCONCLUSIVE,
     NOT_MEASURED,
@@ -24,10 +25,9 @@ from isodiff.analysis.claims import (
     write_claims,
 )
 from isodiff.analysis.synthetic import write_runs
-
-from isodiff.config import ConfigError
-from isodiff.plan import Plan, read_plan, write_plan
-from isodiff.specs import load_spec
+from isodiff.errors import ConfigError
+from isodiff.sweep.plan import Plan, read_plan, write_plan
+from isodiff.sweep.specs import load_spec
 
 REL_25 = {"relative": 0.25}
 

@@ -6,11 +6,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+from isodiff.config import compose
 from tests.conftest import CONF, compose_train
 
 LAUNCHERS = {
@@ -63,7 +62,5 @@ def test_profile_typo_fails_at_composition(tmp_path: Path) -> None:
     assert "    partition: debug" in text
     (conf / "cluster" / "typo.yaml").write_text(
         text.replace("    partition: debug", "    partiton: debug"))
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(conf), version_base=None), \
-            pytest.raises(ConfigCompositionException, match="partiton"):
-        compose("train", overrides=["cluster=typo"], return_hydra_config=True)
+    with pytest.raises(ConfigCompositionException, match="partiton"):
+        compose("train", ["cluster=typo"], conf=conf, hydra_node=True)

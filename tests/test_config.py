@@ -8,7 +8,6 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 from isodiff.config import (
-    ConfigError,
     DataConfig,
     DiffusionConfig,
     IsoMetric,
@@ -16,7 +15,8 @@ from isodiff.config import (
     OptimConfig,
     to_train_config,
 )
-from isodiff.models import build_unet
+from isodiff.errors import ConfigError
+from isodiff.model.unet import build_unet
 from tests.conftest import CONF, compose_train
 
 GROUPS = ["data", "model", "diffusion", "optim", "tier"]

@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from isodiff.config import ConfigError, DataConfig, DatasetName, to_train_config
-from isodiff.data import build_dataset, data_identity, render_shapes
-from isodiff.runs import config_hash
+from isodiff.config import DataConfig, DatasetName, to_train_config
+from isodiff.errors import ConfigError
+from isodiff.model.data import build_dataset, data_identity, render_shapes
+from isodiff.runs.identity import config_hash
 from tests.conftest import compose_train
 
 

@@ -1,4 +1,4 @@
-"""SLURM -> torch distributed environment (isodiff.distributed), on CPU with gloo."""
+"""SLURM -> torch distributed environment (isodiff.runs.distributed), on CPU with gloo."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from isodiff.distributed import (
+from isodiff.runs.distributed import (
     export_torch_distributed_env,
     first_host,
     rank,
@@ -112,7 +112,7 @@ def test_two_processes_from_slurm_variables_allreduce_over_gloo() -> None:
                "SLURM_LOCALID": str(r), "SLURM_NODEID": "0", "SLURM_STEP_NUM_TASKS": "2",
                "SLURM_STEP_NUM_NODES": "1", "SLURM_STEP_NODELIST": "localhost",
                "SLURM_STEP_TASKS_PER_NODE": "2"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "isodiff.distributed"], cwd=ROOT,
+        procs.append(subprocess.Popen([sys.executable, "-m", "isodiff.runs.distributed"], cwd=ROOT,
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
     outs = [p.communicate(timeout=120) for p in procs]
@@ -130,7 +130,7 @@ def test_torchrun_is_left_alone() -> None:
     """Under torchrun (RANK set) the export does nothing and accelerate still sees 2 ranks."""
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", str(20000 + os.getpid() % 20000), "-m", "isodiff.distributed"],
+         "--master_port", str(20000 + os.getpid() % 20000), "-m", "isodiff.runs.distributed"],
         cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr
     # The two ranks share one stdout: their lines may come out joined ("{..}{..}").

@@ -1,4 +1,4 @@
-"""Editing directions and edits (isodiff.directions) and the linearity metric against
+"""Editing directions and edits (isodiff.model.directions) and the linearity metric against
 known answers: exact no-ops, Asyrp's process by hand, a known SVD, linear generators."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from isodiff import directions as dirs
-from isodiff.config import ConfigError, DataConfig, DiffusionConfig
-from isodiff.metrics.attributes import AttributeConfig
-from isodiff.metrics.common import EvalContext
-from isodiff.metrics.linearity import (
+from isodiff.config import DataConfig, DiffusionConfig
+from isodiff.errors import ConfigError
+from isodiff.evaluate.metrics.attributes import AttributeConfig
+from isodiff.evaluate.metrics.common import EvalContext
+from isodiff.evaluate.metrics.linearity import (
     Edits,
     LinearityConfig,
     Readout,
@@ -34,8 +34,9 @@ from isodiff.metrics.linearity import (
     response,
     swap_gain,
 )
-from isodiff.models import HUNet
-from isodiff.sampling import DDIM, ddim_step, latents
+from isodiff.model import directions as dirs
+from isodiff.model.sampling import DDIM, ddim_step, latents
+from isodiff.model.unet import HUNet
 from tests.conftest import tiny_unet
 from tests.metric_helpers import tiny_context
 

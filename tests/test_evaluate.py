@@ -7,22 +7,25 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
-from isodiff import evaluation
-from isodiff.config import ConfigError
-from isodiff.evaluation import METRICS, EvaluateConfig, evaluate_run, to_evaluate_config
+from isodiff.config import compose
+from isodiff.errors import ConfigError
+from isodiff.evaluate import measure
+from isodiff.evaluate.config import (
+    EvaluateConfig,
+    metric_of,
+    register_schemas,
+    to_evaluate_config,
+)
+from isodiff.evaluate.measure import METRICS, evaluate_run
 from tests.conftest import CONF, run_cli, run_train_job
 
-evaluation.register_schemas()
+register_schemas()
 
 
 def compose_evaluate(overrides: list[str]) -> EvaluateConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONF), version_base=None):
-        return to_evaluate_config(compose("evaluate", overrides=overrides))
+    return to_evaluate_config(compose("evaluate", overrides))
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "eval").glob("*.yaml")))
@@ -71,7 +74,7 @@ def test_smoke_run_end_to_end(run_root: Path, monkeypatch: pytest.MonkeyPatch) -
         if entry["arrays"]:
             assert (run_dir / entry["arrays"]).is_file()
         # the sweep finds a value's metric by name: every value of every metric maps back
-        assert {evaluation.metric_of(value) for value in entry["values"]} == {name}
+        assert {metric_of(value) for value in entry["values"]} == {name}
     assert stored["metrics"]["fid"]["protocol"]["n"] == 16
     assert stored["metrics"]["rtl"]["values"]["mrtl"] >= 1
     assert list((run_root / "smoke" / "_refs").glob("fid-*.npz"))
@@ -83,14 +86,14 @@ def test_smoke_run_end_to_end(run_root: Path, monkeypatch: pytest.MonkeyPatch) -
     def fail(*args: object) -> None:
         raise AssertionError("recomputed a metric stored with the same protocol")
 
-    monkeypatch.setattr(evaluation, "METRICS", dict.fromkeys(METRICS, fail))
+    monkeypatch.setattr(measure, "METRICS", dict.fromkeys(METRICS, fail))
     assert evaluate_run(cfg) == record
 
 
 def test_evaluation_is_full_fp32_on_cuda_and_says_so() -> None:
     import torch
 
-    from isodiff.evaluation import full_fp32
+    from isodiff.evaluate.measure import full_fp32
 
     assert full_fp32(torch.device("cpu")) == {}  # no TF32 on a CPU: the protocol is as before
     matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn

@@ -11,16 +11,20 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from isodiff.analysis.collect import collect_runs
-from isodiff.analysis.tables import spec_rows
 from safetensors.torch import load_file, save_file
 
-from isodiff import evaluation, runs
-from isodiff.config import UserError
-from isodiff.metrics.common import MetricResult
-from isodiff.plan import FINETUNE, Plan, PlannedJob, write_plan
-from isodiff.specs import load_spec
-from isodiff.training import DivergedWeightsError
+from isodiff.analysis.collect import collect_runs
+from isodiff.analysis.tables import spec_rows
+from isodiff.errors import UserError
+from isodiff.evaluate import measure
+from isodiff.evaluate.metrics.common import MetricResult
+from isodiff.runs import files
+from isodiff.runs.files import _fsync, atomic_write_json, read_json, replace_durably
+from isodiff.runs.identity import require_inside
+from isodiff.runs.status import DONE, RUNNING, UNREADABLE, read_status, weights_record, write_status
+from isodiff.sweep.plan import FINETUNE, Plan, PlannedJob, write_plan
+from isodiff.sweep.specs import load_spec
+from isodiff.train.loop import DivergedWeightsError
 from tests.conftest import run_cli, run_train_job
 from tests.test_evaluate import compose_evaluate
 
@@ -45,7 +49,7 @@ def _interrupted_copy(finished: Path, tmp_path: Path) -> tuple[Path, Path]:
     copy = run_root / finished.relative_to(finished.parents[2])
     shutil.copytree(finished, copy)
     shutil.rmtree(copy / "final")
-    runs.write_status(copy, runs.RUNNING)
+    write_status(copy, RUNNING)
     return run_root, copy
 
 
@@ -93,7 +97,7 @@ def test_resume_fails_naming_the_files_when_no_checkpoint_loads(finished: Path,
         _truncate(run_dir / "checkpoints" / step / "model.safetensors")
     with pytest.raises(UserError, match="no checkpoint of .* loads: step_00000004 .*step_0000"):
         run_train_job(RESUMABLE, run_root)
-    assert runs.read_status(run_dir)["state"] == "failed"
+    assert read_status(run_dir)["state"] == "failed"
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
         "step_00000002", "step_00000004"]  # nothing moved: the user decides
 
@@ -113,7 +117,7 @@ def test_non_finite_weights_fail_the_job(run_root: Path, monkeypatch: pytest.Mon
     with pytest.raises(DivergedWeightsError, match="lower optim.lr=.* or lambda_iso=0.1"):
         run_train_job(["lambda_iso=0.1", "train.steps=1", "train.grid_samples=0"], run_root)
     (run_dir,) = run_root.glob("*/*/*")
-    status = runs.read_status(run_dir)
+    status = read_status(run_dir)
     assert status["state"] == "failed" and "EMA weights" in status["error"]
     assert not (run_dir / "final").exists()
 
@@ -123,7 +127,7 @@ def test_finite_weights_that_diverged_fail_the_job(run_root: Path) -> None:
     with pytest.raises(DivergedWeightsError, match=r"\|w\| > 10000.*lower optim.lr=1e\+30"):
         run_train_job(["optim.lr=1e30", "train.steps=1", "train.grid_samples=0"], run_root)
     (run_dir,) = run_root.glob("*/*/*")
-    assert runs.read_status(run_dir)["state"] == "failed"
+    assert read_status(run_dir)["state"] == "failed"
     assert not (run_dir / "final").exists()
 
 
@@ -139,11 +143,11 @@ def test_evaluation_refuses_non_finite_weights(finished: Path, tmp_path: Path) -
     assert result.returncode == 2 and "not the file the job wrote" in result.stderr
     assert not (run_dir / "metrics.json").exists()  # not done: nothing is written
     # as if an older isodiff had recorded these weights: done, but not measurable
-    runs.write_status(run_dir, runs.DONE, weights=runs.weights_record(run_dir))
+    write_status(run_dir, DONE, weights=weights_record(run_dir))
     result = run_cli("isodiff.evaluate", f"run={run_dir}", "eval=smoke", "metrics=[rtl]")
     assert result.returncode == 2
     assert "diverged weights" in result.stderr and "Traceback" not in result.stderr
-    record = runs.read_json(run_dir / "metrics.json")
+    record = read_json(run_dir / "metrics.json")
     assert record["metrics"] == {} and "diverged" in record["failed"]["rtl"]["error"]
 
 
@@ -152,11 +156,11 @@ def test_a_non_finite_metric_is_never_written_as_a_value(finished: Path, tmp_pat
                                                          ) -> None:
     run_dir = tmp_path / "job"
     shutil.copytree(finished, run_dir)
-    monkeypatch.setitem(evaluation.METRICS, "rtl", lambda ctx, cfg: MetricResult(
+    monkeypatch.setitem(measure.METRICS, "rtl", lambda ctx, cfg: MetricResult(
         {"mrtl": math.nan, "rtl_max": 2.0}, {}))
     cfg = compose_evaluate([f"run={run_dir}", "eval=smoke", "metrics=[rtl]", "progress=false",
                             "eval.grid_samples=0"])
-    entry = evaluation.evaluate_run(cfg)["metrics"]["rtl"]
+    entry = measure.evaluate_run(cfg)["metrics"]["rtl"]
     assert entry["values"] == {"rtl_max": 2.0} and entry["nonfinite"] == ["mrtl"]
     assert "NaN" not in (run_dir / "metrics.json").read_text()
 
@@ -175,7 +179,7 @@ def test_unreadable_run_files_are_that_runs_problem(finished: Path, tmp_path: Pa
         config["iso"].update(metric="spherical", window=0.5)
         assert config["data"]["name"] == "shapes" and config["tier"]["name"] == "smoke"
         (job / "config.yaml").write_text(yaml.safe_dump(config))
-        runs.atomic_write_json(job / "metrics.json", {"metrics": {}})
+        atomic_write_json(job / "metrics.json", {"metrics": {}})
         (job / broken).write_text('{"state": "do')
         jobs.append(job)
     point = {"iso.metric": "spherical", "iso.window": "0.5", "seed": "0"}
@@ -188,7 +192,7 @@ def test_unreadable_run_files_are_that_runs_problem(finished: Path, tmp_path: Pa
     assert rows.loc["job-0", "state"] == "unreadable"
     assert "status.json is unreadable" in rows.loc["job-0", "error"]
     assert "metrics.json is unreadable" in rows.loc["job-0.1", "problem"]
-    assert runs.read_status(jobs[0])["state"] == runs.UNREADABLE  # not done: it runs again
+    assert read_status(jobs[0])["state"] == UNREADABLE  # not done: it runs again
     _, problems = spec_rows(df, spec, "smoke")
     assert any("status.json is unreadable" in p for p in problems)
     assert any("metrics.json is unreadable" in p for p in problems)
@@ -258,7 +262,7 @@ def test_a_folder_name_that_leaves_its_place_is_refused_before_any_folder(
 def test_a_spec_whose_folder_names_leave_their_place_stops_the_plan() -> None:
     """The sweep names folders by its specs' datasets (experiment=<dataset>): the plan
     checks them as the job would, before anything runs."""
-    from isodiff.plan import compose_job
+    from isodiff.sweep.plan import compose_job
 
     with pytest.raises(UserError, match=r"experiment='\.\./x' is invalid"):
         compose_job(["tier=smoke", "experiment=../x"])
@@ -268,10 +272,10 @@ def test_a_job_folder_outside_run_root_is_refused(tmp_path: Path) -> None:
     """The proof beside the folder-name check: a job path (however made) that does not lie
     inside run_root is refused before anything is written."""
     with pytest.raises(UserError, match="not inside run_root"):
-        runs.require_inside(tmp_path / "runs" / "smoke" / ".." / ".." / "x", tmp_path / "runs")
+        require_inside(tmp_path / "runs" / "smoke" / ".." / ".." / "x", tmp_path / "runs")
     with pytest.raises(UserError, match="not inside run_root"):
-        runs.require_inside(tmp_path / "runs", tmp_path / "runs")
-    runs.require_inside(tmp_path / "runs" / "smoke" / "default" / "job", tmp_path / "runs")
+        require_inside(tmp_path / "runs", tmp_path / "runs")
+    require_inside(tmp_path / "runs" / "smoke" / "default" / "job", tmp_path / "runs")
 
 
 def test_renames_into_place_reach_the_disk_in_order(tmp_path: Path,
@@ -279,23 +283,23 @@ def test_renames_into_place_reach_the_disk_in_order(tmp_path: Path,
     """fsync of every file and folder under the source before the rename, of the folder
     that holds the destination after it (status, metrics, checkpoints, final/)."""
     events: list[tuple[str, Path]] = []
-    fsync, replace = runs._fsync, runs.os.replace
-    monkeypatch.setattr(runs, "_fsync", lambda p: (events.append(("fsync", Path(p))),
+    fsync, replace = _fsync, files.os.replace
+    monkeypatch.setattr(files, "_fsync", lambda p: (events.append(("fsync", Path(p))),
                                                    fsync(p)))
-    monkeypatch.setattr(runs.os, "replace", lambda a, b: (events.append(("replace", Path(b))),
+    monkeypatch.setattr(files.os, "replace", lambda a, b: (events.append(("replace", Path(b))),
                                                           replace(a, b)))
     src = tmp_path / ".tmp-final"
     (src / "unet").mkdir(parents=True)
     (src / "unet" / "w.safetensors").write_bytes(b"w")
-    runs.replace_durably(src, tmp_path / "final")
+    replace_durably(src, tmp_path / "final")
     assert set(events[:3]) == {("fsync", src / "unet"), ("fsync", src), ("fsync", src / "unet"
                                                                          / "w.safetensors")}
     assert events[3:] == [("replace", tmp_path / "final"), ("fsync", tmp_path)]
     events.clear()
-    runs.atomic_write_json(tmp_path / "status.json", {"state": "done"})
+    atomic_write_json(tmp_path / "status.json", {"state": "done"})
     assert [e[0] for e in events] == ["fsync", "replace", "fsync"]
     assert events[1:] == [("replace", tmp_path / "status.json"), ("fsync", tmp_path)]
-    assert runs.read_json(tmp_path / "status.json") == {"state": "done"}
+    assert read_json(tmp_path / "status.json") == {"state": "done"}
 
 
 @pytest.mark.parametrize("module", ["isodiff.analysis.tables", "isodiff.analysis.figures",

@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from isodiff.analysis import figures, tables
-from isodiff.analysis.collect import collect_runs
-from isodiff.analysis.index import write_index
-from isodiff.analysis.synthetic import write_runs
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 from PIL import Image
 
-from isodiff.pictures import save_png
-from isodiff.specs import load_spec
-from isodiff.sweep import evaluation_metrics
+from isodiff.analysis import figures, tables
+from isodiff.analysis.collect import collect_runs
+from isodiff.analysis.index import write_index
+from isodiff.analysis.synthetic import write_runs
+from isodiff.model.pictures import save_png
+from isodiff.sweep.command import evaluation_metrics
+from isodiff.sweep.specs import load_spec
 
 PAIRS, FRAMES, KEPT, PX = 3, 11, 8, 16
 CONTROL = "control (lambda_iso = 0)"

@@ -20,14 +20,33 @@ from typing import Any
 import pandas as pd
 import pytest
 import torch
+
 from isodiff.analysis.collect import collect_runs, job_row
 from isodiff.analysis.tables import spec_rows
-
-from isodiff import evaluation, paper_assets, plan, runs, sweep
-from isodiff.evaluation import EvaluationFailed, failure_cause, update_record
-from isodiff.metrics.common import MetricResult
-from isodiff.plan import FINETUNE, Plan, PlannedJob, read_plan, write_plan
-from isodiff.specs import load_spec
+from isodiff.evaluate import measure
+from isodiff.evaluate.measure import EvaluationFailed, failure_cause, update_record
+from isodiff.evaluate.metrics.common import MetricResult
+from isodiff.model import paper_assets
+from isodiff.runs.files import RunFileError, atomic_write_json, atomic_write_text, replace_durably
+from isodiff.runs.status import (
+    BASES_MANIFEST,
+    DONE,
+    RUNNING,
+    UNREADABLE,
+    cause_of,
+    is_done,
+    job_state,
+    read_metrics,
+    read_status,
+    superseded,
+    verify_base,
+    weights_record,
+    write_status,
+)
+from isodiff.sweep import command as sweep
+from isodiff.sweep import plan
+from isodiff.sweep.plan import FINETUNE, Plan, PlannedJob, read_plan, write_plan
+from isodiff.sweep.specs import load_spec
 from tests.conftest import run_cli, run_train_job
 from tests.test_evaluate import compose_evaluate
 from tests.test_faults import RESUMABLE, _interrupted_copy, _weights
@@ -40,7 +59,7 @@ def _done_job(job: Path) -> Path:
     what collect, tables and the sweep's bookkeeping read."""
     (job / "final" / "unet_ema").mkdir(parents=True)
     (job / "final" / "unet_ema" / "w.safetensors").write_bytes(b"weights")
-    runs.write_status(job, runs.DONE, weights=runs.weights_record(job), step=6)
+    write_status(job, DONE, weights=weights_record(job), step=6)
     return job
 
 
@@ -52,7 +71,7 @@ def _table_of_two(root: Path) -> list[Path]:
     """Two done jobs of table_1 at the smoke tier, planned (lambda_iso 0 and 0.1)."""
     jobs = [_done_job(root / "shapes" / f"job-{lam}") for lam in ("0", "0.1")]
     for job in jobs:
-        runs.atomic_write_json(job / "metrics.json", {"metrics": {}})
+        atomic_write_json(job / "metrics.json", {"metrics": {}})
     write_plan(Plan("table_1", "smoke", [
         PlannedJob(f"shapes/job-{lam}", FINETUNE, "shapes", {**POINT, "lambda_iso": lam})
         for lam in ("0", "0.1")]), root)
@@ -71,14 +90,14 @@ def test_a_status_of_the_wrong_shape_is_unreadable_not_done(status: Any, tmp_pat
                                                             ) -> None:
     job = _done_job(tmp_path / "job")
     _write(job / "status.json", status)
-    state, problem = runs.job_state(job, full=True)
-    assert state == runs.UNREADABLE and not runs.is_done(job)  # it runs again
+    state, problem = job_state(job, full=True)
+    assert state == UNREADABLE and not is_done(job)  # it runs again
     assert f"{job / 'status.json'} is unreadable" in problem
     row = job_row(job)  # collect lists it, and goes on
-    assert row["state"] == runs.UNREADABLE and "status.json is unreadable" in row["problem"]
-    assert sweep._state(job) == runs.UNREADABLE
-    runs.write_status(job, runs.RUNNING, attempts=1)  # none of the bad fields is kept
-    assert runs.read_status(job)["state"] == runs.RUNNING
+    assert row["state"] == UNREADABLE and "status.json is unreadable" in row["problem"]
+    assert sweep._state(job) == UNREADABLE
+    write_status(job, RUNNING, attempts=1)  # none of the bad fields is kept
+    assert read_status(job)["state"] == RUNNING
 
 
 def test_a_job_whose_status_has_the_wrong_shape_runs_again_and_ends_done(
@@ -86,11 +105,11 @@ def test_a_job_whose_status_has_the_wrong_shape_runs_again_and_ends_done(
     """The real job: a done status whose weights record is a list (a hand edit) is not
     trusted as done; the job trains again and ends done with a proper record."""
     status, run_dir = run_train_job(["train.steps=2", "train.grid_samples=0"], tmp_path / "r")
-    assert status["state"] == runs.DONE
+    assert status["state"] == DONE
     _write(run_dir / "status.json", {**status, "weights": ["x"]})
     status, _ = run_train_job(["train.steps=2", "train.grid_samples=0"], tmp_path / "r")
-    assert status["state"] == runs.DONE and isinstance(status["weights"], dict)
-    assert runs.job_state(run_dir, full=True) == (runs.DONE, None)
+    assert status["state"] == DONE and isinstance(status["weights"], dict)
+    assert job_state(run_dir, full=True) == (DONE, None)
 
 
 # --- item 4: metrics.json ------------------------------------------------------------------
@@ -105,12 +124,12 @@ def test_a_job_whose_status_has_the_wrong_shape_runs_again_and_ends_done(
 def test_metrics_of_the_wrong_shape_are_that_runs_problem(record: Any, tmp_path: Path) -> None:
     job = _done_job(tmp_path / "job")
     _write(job / "metrics.json", record)
-    with pytest.raises(runs.RunFileError, match=r"metrics\.json is unreadable \(wrong shape"):
-        runs.read_metrics(job)
+    with pytest.raises(RunFileError, match=r"metrics\.json is unreadable \(wrong shape"):
+        read_metrics(job)
     assert "metrics.json is unreadable (wrong shape" in job_row(job)["problem"]
     assert sweep._state(job) == "metrics unreadable"
-    assert evaluation.read_record(job)["metrics"] == {}  # evaluation computes them again
-    assert runs.is_done(job)  # the training is not in doubt
+    assert measure.read_record(job)["metrics"] == {}  # evaluation computes them again
+    assert is_done(job)  # the training is not in doubt
 
 
 def test_a_table_lists_both_wrong_shapes_and_goes_on(tmp_path: Path) -> None:
@@ -149,7 +168,7 @@ def test_a_plan_of_the_wrong_shape_names_its_path(record: Any, why: str, tmp_pat
     path = plan.plan_path(tmp_path, "table_1")
     path.parent.mkdir(parents=True)
     _write(path, record)
-    with pytest.raises(runs.RunFileError, match=why) as err:
+    with pytest.raises(RunFileError, match=why) as err:
         read_plan(tmp_path, "table_1")
     assert str(path) in str(err.value)
     write_plan(Plan("table_1", "smoke", []), tmp_path)  # a sweep writes it again
@@ -181,15 +200,15 @@ def test_a_bases_manifest_of_the_wrong_shape_never_passes_a_base(bases: Any, tmp
     base = tmp_path / "quick" / "shapes"
     base.mkdir(parents=True)
     (base / "config.json").write_text("{}")
-    manifest = tmp_path / "quick" / runs.BASES_MANIFEST
+    manifest = tmp_path / "quick" / BASES_MANIFEST
     _write(manifest, {"device": "cpu", "packages": {"torch": torch.__version__},
                       "bases": bases})
-    with pytest.raises(runs.RunFileError, match="wrong shape") as err:
-        runs.verify_base(base)
+    with pytest.raises(RunFileError, match="wrong shape") as err:
+        verify_base(base)
     assert str(manifest) in str(err.value)
     _write(manifest, {"device": "cpu", "packages": {"torch": torch.__version__},
                       "bases": {"mnist": {"files": {}}}})
-    runs.verify_base(base)  # a folder the manifest does not list passes, as before
+    verify_base(base)  # a folder the manifest does not list passes, as before
 
 
 @pytest.mark.parametrize("files", [{"config.json": "abc"}, ["config.json"],
@@ -226,7 +245,7 @@ def test_a_checkpoint_whose_meta_has_the_wrong_shape_is_skipped(meta: Any, finis
     else:
         _write(newest / "meta.json", meta)
     status, _ = run_train_job(RESUMABLE, run_root)
-    assert status["state"] == runs.DONE
+    assert status["state"] == DONE
     log = (run_dir / "train.log").read_text()
     assert "step_00000004 does not load" in log and "resuming" in log
     assert (run_dir / "checkpoints" / ".corrupt-step_00000004").is_dir()
@@ -239,17 +258,17 @@ def test_a_checkpoint_whose_meta_has_the_wrong_shape_is_skipped(meta: Any, finis
 def test_downloads_and_the_toy_result_are_renamed_into_place_durably(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     moved: list[tuple[Path, Path]] = []
-    real = runs.replace_durably
-    monkeypatch.setattr(runs, "replace_durably", lambda a, b: (moved.append((Path(a), Path(b))),
-                                                               real(a, b)))
+    real = replace_durably
+    monkeypatch.setattr(paper_assets, "replace_durably",
+                        lambda a, b: (moved.append((Path(a), Path(b))), real(a, b)))
     source = tmp_path / "source.bin"
     source.write_bytes(b"data")
     dest = paper_assets.download_url(source.as_uri(), tmp_path / "dest.bin")
     assert dest.read_bytes() == b"data"
     assert moved == [(tmp_path / "dest.bin.part", tmp_path / "dest.bin")]
-    import isodiff.toy
+    import isodiff.analysis.sphere
 
-    assert isodiff.toy.atomic_write_text is runs.atomic_write_text  # temp, fsync, rename
+    assert isodiff.analysis.sphere.atomic_write_text is atomic_write_text  # temp, fsync, rename
 
 
 # --- item 5: failed metric entries are superseded -----------------------------------------------
@@ -279,16 +298,16 @@ def _failure(when: str, cause: str, **protocol: Any) -> dict[str, Any]:
 
 def test_which_failures_a_stored_metric_supersedes() -> None:
     early, late = "2026-01-01T00:00:00+00:00", "2026-01-02T00:00:00+00:00"
-    assert runs.superseded(_failure(late, "environment"), _entry(early))  # any order
-    assert runs.superseded(_failure(late, "environment", n=8), _entry(early, n=8))
-    assert not runs.superseded(_failure(late, "environment", n=9), _entry(early, n=8))
-    assert not runs.superseded(_failure(late, "environment"), None)
-    assert runs.superseded(_failure(early, "run", n=8), _entry(late, n=8))  # a later success
-    assert not runs.superseded(_failure(late, "run", n=8), _entry(early, n=8))  # news
+    assert superseded(_failure(late, "environment"), _entry(early))  # any order
+    assert superseded(_failure(late, "environment", n=8), _entry(early, n=8))
+    assert not superseded(_failure(late, "environment", n=9), _entry(early, n=8))
+    assert not superseded(_failure(late, "environment"), None)
+    assert superseded(_failure(early, "run", n=8), _entry(late, n=8))  # a later success
+    assert not superseded(_failure(late, "run", n=8), _entry(early, n=8))  # news
     legacy = {"error": "RuntimeError: Found no NVIDIA driver on your system", "when": late}
-    assert runs.cause_of(legacy) == "environment" and runs.superseded(legacy, _entry(early))
-    assert runs.cause_of({"error": "MemoryError: "}) == "environment"
-    assert runs.cause_of({"error": "ValueError: bad"}) == "run"
+    assert cause_of(legacy) == "environment" and superseded(legacy, _entry(early))
+    assert cause_of({"error": "MemoryError: "}) == "environment"
+    assert cause_of({"error": "ValueError: bad"}) == "run"
 
 
 def test_collect_reports_environment_failures_apart_and_not_once_superseded(tmp_path: Path
@@ -297,13 +316,13 @@ def test_collect_reports_environment_failures_apart_and_not_once_superseded(tmp_
     superseded_job, open_job = _table_of_two(root)
     early, late = "2026-01-01T00:00:00+00:00", "2026-01-02T00:00:00+00:00"
     # a valid rtl, and a device failure after it (device=cuda on a CPU box)
-    runs.atomic_write_json(superseded_job / "metrics.json", {
+    atomic_write_json(superseded_job / "metrics.json", {
         "metrics": {"rtl": _entry(early)}, "failed": {"rtl": _failure(late, "environment")}})
-    runs.atomic_write_json(open_job / "metrics.json", {
+    atomic_write_json(open_job / "metrics.json", {
         "metrics": {}, "failed": {"rtl": _failure(late, "environment")}})
     rows = collect_runs(root).set_index("job")
     assert rows.loc["job-0", ["problem", "environment"]].isna().all()
-    assert rows.loc["job-0", "mrtl"] == 1.0 and sweep._state(superseded_job) == runs.DONE
+    assert rows.loc["job-0", "mrtl"] == 1.0 and sweep._state(superseded_job) == DONE
     assert pd.isna(rows.loc["job-0.1", "problem"])  # not the run's problem
     assert "rtl failed outside the run: RuntimeError: x" in rows.loc["job-0.1", "environment"]
     assert sweep._state(open_job) == "evaluation failed"
@@ -319,40 +338,40 @@ def test_collect_reports_environment_failures_apart_and_not_once_superseded(tmp_
 
 def test_update_record_removes_only_a_superseded_failure(tmp_path: Path) -> None:
     early, late = "2026-01-01T00:00:00+00:00", "2026-01-02T00:00:00+00:00"
-    runs.atomic_write_json(tmp_path / "metrics.json", {
+    atomic_write_json(tmp_path / "metrics.json", {
         "metrics": {"rtl": _entry(early), "ppl": _entry(early)},
         "failed": {"rtl": _failure(late, "environment"), "ppl": _failure(late, "run")}})
     for name in ("rtl", "ppl"):
         update_record(tmp_path, name)
-    assert set(runs.read_metrics(tmp_path)["failed"]) == {"ppl"}  # a run failure after: news
+    assert set(read_metrics(tmp_path)["failed"]) == {"ppl"}  # a run failure after: news
 
 
 def _evaluate(run_dir: Path, *extra: str) -> dict:
     cfg = compose_evaluate([f"run='{run_dir}'", "eval=smoke", "metrics=[rtl]",
                             "progress=false", "eval.grid_samples=0", *extra])
-    return evaluation.evaluate_run(cfg)
+    return measure.evaluate_run(cfg)
 
 
 def test_an_out_of_memory_failure_is_recorded_as_environment_and_superseded(
         finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run_dir = tmp_path / "job"
     shutil.copytree(finished, run_dir)
-    real = evaluation.METRICS["rtl"]
+    real = measure.METRICS["rtl"]
 
     def out_of_memory(ctx: object, cfg: object) -> MetricResult:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setitem(evaluation.METRICS, "rtl", out_of_memory)
+    monkeypatch.setitem(measure.METRICS, "rtl", out_of_memory)
     with pytest.raises(EvaluationFailed):
         _evaluate(run_dir)
-    failure = runs.read_metrics(run_dir)["failed"]["rtl"]
+    failure = read_metrics(run_dir)["failed"]["rtl"]
     assert failure["cause"] == "environment" and "protocol" in failure
     assert job_row(run_dir)["problem"] is None and "out of memory" in job_row(run_dir)[
         "environment"]
-    monkeypatch.setitem(evaluation.METRICS, "rtl", real)
+    monkeypatch.setitem(measure.METRICS, "rtl", real)
     record = _evaluate(run_dir)
     assert "rtl" in record["metrics"] and "failed" not in record
-    assert sweep._state(run_dir) == runs.DONE
+    assert sweep._state(run_dir) == DONE
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
@@ -366,10 +385,10 @@ def test_a_device_failure_after_a_valid_metric_is_superseded_by_the_next_evaluat
     _evaluate(run_dir)
     with contextlib.suppress(Exception):  # the failure is what is recorded, not how it ends
         _evaluate(run_dir, "device=cuda")
-    record = runs.read_metrics(run_dir)
+    record = read_metrics(run_dir)
     if "failed" in record:  # recorded (an entry point may refuse the device before that)
         assert record["failed"]["rtl"]["cause"] == "environment"
         assert job_row(run_dir)["problem"] is None
-    assert sweep._state(run_dir) == runs.DONE  # a valid metric supersedes it already
+    assert sweep._state(run_dir) == DONE  # a valid metric supersedes it already
     record = _evaluate(run_dir)
-    assert "failed" not in record and "failed" not in runs.read_metrics(run_dir)
+    assert "failed" not in record and "failed" not in read_metrics(run_dir)

@@ -27,8 +27,8 @@ from isodiff.isometry import (
     path_lengths,
     sample_timesteps,
 )
-from isodiff.models import HUNet
-from isodiff.objective import build_regulariser
+from isodiff.model.unet import HUNet
+from isodiff.train.objective import build_regulariser
 from tests.conftest import tiny_unet
 
 
@@ -433,8 +433,8 @@ def train_tiny(lambda_iso: float, steps: int = 8):
     """A few AdamW steps of the training objective on a tiny U-Net; data, timesteps and noise
     come from one generator, the probes from another, so both runs see the same batches."""
     from isodiff.config import DiffusionConfig
-    from isodiff.diffusion import build_scheduler
-    from isodiff.objective import DiffusionObjective
+    from isodiff.model.diffusion import build_scheduler
+    from isodiff.train.objective import DiffusionObjective
 
     unet = grey_unet(torch.float32)
     reg = Regulariser("spherical") if lambda_iso > 0 else None

@@ -13,9 +13,10 @@ from diffusers import AutoencoderKL, VQModel
 from omegaconf import open_dict
 from PIL import Image
 
-from isodiff.config import ConfigError, LatentConfig
-from isodiff.evaluation import evaluate_run
-from isodiff.latent import Autoencoder, Codec, build_codec
+from isodiff.config import LatentConfig
+from isodiff.errors import ConfigError
+from isodiff.evaluate.measure import evaluate_run
+from isodiff.model.latent import Autoencoder, Codec, build_codec
 from tests.conftest import compose_train, run_train_job
 from tests.test_evaluate import compose_evaluate
 

@@ -12,8 +12,8 @@ from diffusers import UNet2DConditionModel
 
 from isodiff import Regulariser, h_encoder, isometry_loss, sample_timesteps
 from isodiff.config import DiffusionConfig
-from isodiff.diffusion import build_scheduler
-from isodiff.objective import DiffusionObjective
+from isodiff.model.diffusion import build_scheduler
+from isodiff.train.objective import DiffusionObjective
 from tests.conftest import tiny_unet
 
 SUITE_ONLY = ("hydra", "omegaconf", "accelerate", "diffusers", "pandas", "lpips", "cleanfid")

@@ -136,7 +136,7 @@ def test_the_lora_example_fine_tunes_saves_and_reloads(tmp_path, monkeypatch) ->
 
 @pytest.mark.parametrize("setting", ["dit_flow", "lora_unet"])
 def test_the_backbone_bench_reports_a_step_cost_ratio(setting: str) -> None:
-    from isodiff.bench_backbones import step_cost
+    from benchmarks.backbones import step_cost
 
     row = step_cost(setting, repeats=1)
     assert row["plain_s"] > 0 and row["iso_s"] > 0

@@ -1,5 +1,5 @@
-"""The metric registry: each metric module declares itself (isodiff.metrics.Metric), and the
-evaluation's config, value names and directions follow; metric modules import light."""
+"""The metric registry: each metric module declares itself (isodiff.evaluate.metrics.Metric),
+and the evaluation's config, value names and directions follow; metric modules import light."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from isodiff import evaluate_config
-from isodiff.metrics import lower_is_better, registry
+from isodiff.evaluate import config
+from isodiff.evaluate.metrics import lower_is_better, registry
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "torchvision", "diffusers", "accelerate", "lpips", "cleanfid", "sklearn",
@@ -31,11 +31,11 @@ def test_the_registry_holds_every_metric_in_order() -> None:
     assert list(registry()) == ["fid", "ppl", "rtl", "interp", "jacobian", "separability",
                                 "inversion", "quality", "liso", "linearity",
                                 "disentanglement"]
-    fields = [f.name for f in dataclasses.fields(evaluate_config.EvalConfig)]
+    fields = [f.name for f in dataclasses.fields(config.EvalConfig)]
     assert fields == ["name", *registry(), "grid_samples", "grid_steps"]
     for name, metric in registry().items():
-        assert metric.module == f"isodiff.metrics.{name}"
-        assert all(evaluate_config.metric_of(v) == name for v in metric.values)
+        assert metric.module == f"isodiff.evaluate.metrics.{name}"
+        assert all(config.metric_of(v) == name for v in metric.values)
     # versions as the modules set them (stored protocols carry them)
     assert {n: m.version for n, m in registry().items() if m.version > 1} == {
         "ppl": 2, "interp": 2, "liso": 2}
@@ -51,8 +51,8 @@ def test_directions_come_from_the_declarations() -> None:
 
 
 def test_light_constants_match_the_heavy_modules() -> None:
-    from isodiff import directions
-    from isodiff.metrics import common, interp, linearity
+    from isodiff.evaluate.metrics import common, interp, linearity
+    from isodiff.model import directions
 
     assert tuple(common.PATHS) == interp.PATH_NAMES
     assert linearity.SPACES == directions.SPACES
@@ -61,8 +61,8 @@ def test_light_constants_match_the_heavy_modules() -> None:
 def test_metric_modules_and_the_config_load_nothing_heavy() -> None:
     out = run_python(f"""
         import sys
-        import isodiff.evaluate, isodiff.evaluate_config, isodiff.metrics
-        for metric in isodiff.metrics.registry().values():
+        import isodiff.evaluate, isodiff.evaluate.config, isodiff.evaluate.metrics
+        for metric in isodiff.evaluate.metrics.registry().values():
             __import__(metric.module)
         print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))
     """)
@@ -75,8 +75,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from isodiff.metrics import Metric
-from isodiff.metrics.result import MetricResult, protocol_of
+from isodiff.evaluate.metrics import Metric
+from isodiff.evaluate.metrics.result import MetricResult, protocol_of
 
 
 @dataclass
@@ -100,11 +100,11 @@ def test_a_new_metric_is_its_module_alone(tmp_path: Path) -> None:
     (tmp_path / "toy.py").write_text(TOY)
     out = run_python(f"""
         import dataclasses, sys
-        import isodiff.metrics
-        isodiff.metrics.__path__.append({str(tmp_path)!r})
+        import isodiff.evaluate.metrics
+        isodiff.evaluate.metrics.__path__.append({str(tmp_path)!r})
         from omegaconf import OmegaConf
-        from isodiff import evaluate_config as ec
-        from isodiff.metrics import lower_is_better, registry
+        from isodiff.evaluate import config as ec
+        from isodiff.evaluate.metrics import lower_is_better, registry
 
         assert list(registry())[-1] == "toy", list(registry())
         assert "toy" in [f.name for f in dataclasses.fields(ec.EvalConfig)]
@@ -128,7 +128,7 @@ def test_a_new_metric_is_its_module_alone(tmp_path: Path) -> None:
 
 def test_the_attribute_net_keeps_its_parameter_names() -> None:
     """Classifiers cached under refs/ by the module class it replaced still load."""
-    from isodiff.metrics.attributes import attribute_net
+    from isodiff.evaluate.metrics.attributes import attribute_net
 
     keys = list(attribute_net(3, 5, 8).state_dict())
     assert keys[:2] == ["features.0.weight", "features.0.bias"]

@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 from sklearn.metrics import mutual_info_score
 
-from isodiff.config import ConfigError, DataConfig, DatasetName
-from isodiff.data import FactorDataset, shape_factors
-from isodiff.metrics.calibration import (
+from isodiff.config import DataConfig, DatasetName
+from isodiff.errors import ConfigError
+from isodiff.evaluate.metrics.calibration import (
     permutation_floor,
     planted_code,
     random_rotation,
     spectrum,
     within_floor,
 )
-from isodiff.metrics.disentanglement import (
+from isodiff.evaluate.metrics.disentanglement import (
     DisentanglementConfig,
     dci,
     dci_from_importance,
@@ -29,8 +29,15 @@ from isodiff.metrics.disentanglement import (
     mutual_information,
     readouts,
 )
-from isodiff.metrics.factors import angle_of, circular_mean, encode, encode_factor, wrapped
-from isodiff.metrics.probes import participation_ratio, probes
+from isodiff.evaluate.metrics.factors import (
+    angle_of,
+    circular_mean,
+    encode,
+    encode_factor,
+    wrapped,
+)
+from isodiff.evaluate.metrics.probes import participation_ratio, probes
+from isodiff.model.data import FactorDataset, shape_factors
 from tests.metric_helpers import tiny_context
 
 NAMES = ("shape", "hue", "size", "x", "y")

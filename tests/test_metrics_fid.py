@@ -7,8 +7,13 @@ import pytest
 import torch
 from cleanfid.fid import frechet_distance as cleanfid_frechet_distance
 
-from isodiff import assets
-from isodiff.metrics.fid import frechet_distance, gaussian_stats, inception_features, to_uint8
+from isodiff.evaluate import networks
+from isodiff.evaluate.metrics.fid import (
+    frechet_distance,
+    gaussian_stats,
+    inception_features,
+    to_uint8,
+)
 
 
 def _spd(rng: np.random.Generator, d: int) -> np.ndarray:
@@ -47,7 +52,7 @@ def test_images_are_quantised_like_an_image_file() -> None:
 
 @pytest.mark.parametrize("mode", ["clean", "legacy_tensorflow"])
 def test_clean_fid_runs_on_the_offline_inception(mode: str) -> None:
-    model = assets.inception(mode).module
+    model = networks.inception(mode).module
     images = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     features = inception_features(images, model, mode)
     assert features.shape == (3, 2048) and np.isfinite(features).all()

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from isodiff.metrics.common import path_points
-from isodiff.metrics.interp import (
+from isodiff.evaluate.metrics.common import path_points
+from isodiff.evaluate.metrics.interp import (
     InterpConfig,
     adjacent_distances,
     coefficient_of_variation,
     evaluate,
     smoothness,
 )
-from isodiff.sampling import quantise
+from isodiff.model.sampling import quantise
 from tests.metric_helpers import tiny_context
 
 

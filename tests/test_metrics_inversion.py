@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from isodiff.metrics.inversion import InversionConfig, evaluate, reconstruction_errors
-from isodiff.sampling import quantise
+from isodiff.evaluate.metrics.inversion import InversionConfig, evaluate, reconstruction_errors
+from isodiff.model.sampling import quantise
 from tests.conftest import tiny_unet
 from tests.metric_helpers import tiny_context
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 from scipy.linalg import null_space
 
-from isodiff.isometry import higher_order_ad
-from isodiff.metrics.jacobian import (
+from isodiff.evaluate.metrics.jacobian import (
     mean_condition_number,
     singular_values_exact,
     singular_values_lanczos,
     variance_of_riemannian_metric,
 )
+from isodiff.isometry import higher_order_ad
 from tests.conftest import tiny_unet
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from isodiff.metrics.liso import LisoConfig, evaluate
+from isodiff.evaluate.metrics.liso import LisoConfig, evaluate
 from tests.metric_helpers import tiny_context
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from isodiff.metrics import lower_is_better
-from isodiff.metrics.ppl import (
+from isodiff.evaluate.metrics import lower_is_better
+from isodiff.evaluate.metrics.ppl import (
     VARIANT_NET,
     PPLConfig,
     batch_mean_percentile_mean,

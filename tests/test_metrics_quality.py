@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from isodiff.config import ConfigError
-from isodiff.metrics.attributes import AttributeConfig
-from isodiff.metrics.fid import FIDConfig
-from isodiff.metrics.fid import evaluate as fid_evaluate
-from isodiff.metrics.quality import QualityConfig, check, class_figures, evaluate
+from isodiff.errors import ConfigError
+from isodiff.evaluate.metrics.attributes import AttributeConfig
+from isodiff.evaluate.metrics.fid import FIDConfig
+from isodiff.evaluate.metrics.fid import evaluate as fid_evaluate
+from isodiff.evaluate.metrics.quality import QualityConfig, check, class_figures, evaluate
 from tests.metric_helpers import tiny_context
 
 PASSING = {"fid_heldout": 20.0, "fid_floor": 10.0, "confident_digit": 0.9,

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from isodiff.metrics.rtl import RTLConfig, evaluate, relative_trajectory_length
-from isodiff.metrics.rtl import relative_trajectory_lengths as rtls
+from isodiff.evaluate.metrics.rtl import RTLConfig, evaluate, relative_trajectory_length
+from isodiff.evaluate.metrics.rtl import relative_trajectory_lengths as rtls
 from tests.metric_helpers import tiny_context
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from isodiff.config import ConfigError
-from isodiff.metrics.attributes import AttributeConfig, attribute_model
-from isodiff.metrics.separability import (
+from isodiff.errors import ConfigError
+from isodiff.evaluate.metrics.attributes import AttributeConfig, attribute_model
+from isodiff.evaluate.metrics.separability import (
     SeparabilityConfig,
     conditional_entropy,
     confident_labels,

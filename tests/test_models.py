@@ -6,9 +6,10 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from isodiff.config import ConfigError, ModelConfig
+from isodiff.config import ModelConfig
+from isodiff.errors import ConfigError
 from isodiff.isometry import higher_order_ad
-from isodiff.models import HUNet, build_unet, init_unet, load_unet, unet_kwargs
+from isodiff.model.unet import HUNet, build_unet, init_unet, load_unet, unet_kwargs
 from tests.conftest import tiny_model, tiny_unet
 
 TINY = tiny_model()

@@ -33,9 +33,14 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheel, built from a copy of the checkout: setuptools writes build/ beside the
     sources, and a stale build/ there could put deleted files into the wheel."""
     source, out = tmp_path_factory.mktemp("src") / "isodiff", tmp_path_factory.mktemp("dist")
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "dist", "runs", "results", "outputs", "multirun",
-        "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache"))
+    anywhere = shutil.ignore_patterns("*.egg-info", "__pycache__", ".pytest_cache",
+                                      ".ruff_cache")
+    top = {".git", ".venv", "build", "dist", "runs", "results", "outputs", "multirun"}
+
+    def ignore(folder: str, names: list[str]) -> set[str]:  # isodiff/runs/ is a package
+        return set(anywhere(folder, names)) | (top & set(names) if Path(folder) == ROOT else set())
+
+    shutil.copytree(ROOT, source, ignore=ignore)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
                     "--no-build-isolation", "-w", str(out), str(source)], check=True,
                    capture_output=True)
@@ -110,7 +115,7 @@ x = torch.randn(4, 3, 2, 2)
 loss = float(isometry_loss(f, x, metric="euclidean"))
 print(math.isfinite(loss) and loss > 0)
 try:
-    import isodiff.train
+    import isodiff.train.command
 except ModuleNotFoundError as err:
     print("suite absent:", err.name)
 print(sorted({m.split('.')[0] for m in sys.modules} & set(SUITE_ONLY)))
@@ -126,7 +131,7 @@ def test_the_suite_wheel_trains_from_outside_the_repository(wheel: Path, tmp_pat
     python = fresh_env(tmp_path / "env", _closure(declared(wheel), ("suite",)))
     install(python, wheel, "[suite]")
     bin_dir = python.parent
-    where = run(python, "import isodiff.config as c, isodiff.specs as s; print(c.CONF); "
+    where = run(python, "import isodiff.config as c, isodiff.sweep.specs as s; print(c.CONF); "
                         "print(s.EXPERIMENTS)", tmp_path).split()
     assert all(Path(p).is_relative_to(tmp_path / "env") for p in where), where
     train = subprocess.run([str(bin_dir / "isodiff-train"), "tier=smoke",

@@ -23,9 +23,9 @@ import torch
 from diffusers import UNet2DModel
 from PIL import Image
 
-from isodiff import paper_assets as pa
-from isodiff.config import UserError
-from isodiff.models import load_unet
+from isodiff.errors import UserError
+from isodiff.model import paper_assets as pa
+from isodiff.model.unet import load_unet
 
 lmdb = pytest.importorskip("lmdb")
 
@@ -105,8 +105,8 @@ def test_a_corrupt_byte_is_caught_even_after_a_cached_verification(
     _age(path)
     pa.verify(CKPT, tmp_path)  # hashes and stamps the (old) files
     hashed: list[Path] = []
-    real = pa.runs.sha256
-    monkeypatch.setattr(pa.runs, "sha256", lambda p: hashed.append(p) or real(p))
+    real = pa.sha256
+    monkeypatch.setattr(pa, "sha256", lambda p: hashed.append(p) or real(p))
     pa.verify(CKPT, tmp_path)
     assert hashed == []  # the stamp spares rehashing
     data = bytearray(weights.read_bytes())
@@ -118,7 +118,7 @@ def test_a_corrupt_byte_is_caught_even_after_a_cached_verification(
     message = str(err.value)
     assert "diffusion_pytorch_model.safetensors" in message and "sha256" in message
     assert _command(CKPT, tmp_path) in message and "\n" not in message
-    assert f"python -m isodiff.paper_assets fetch {CKPT} --root" in message
+    assert f"python -m isodiff.model.paper_assets fetch {CKPT} --root" in message
     pa.fetch(CKPT, tmp_path)  # a corrupt asset is fetched again
     assert len(hub) == 2
     pa.verify(CKPT, tmp_path)
@@ -333,7 +333,7 @@ def test_cli_verify_exit_codes(tmp_path: Path, hub: list[str],
 
 
 def test_cli_celebahq_without_source_is_one_line_exit_2(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "isodiff.paper_assets", "fetch",
+    done = subprocess.run([sys.executable, "-m", "isodiff.model.paper_assets", "fetch",
                            "celebahq256", "--root", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2

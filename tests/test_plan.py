@@ -10,16 +10,20 @@ from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import open_dict
+
 from isodiff.analysis.collect import collect_runs
 from isodiff.analysis.synthetic import write_runs
 from isodiff.analysis.tables import build_table
-from omegaconf import open_dict
-
-from isodiff import distributed, plan, runs, sweep
-from isodiff.config import ConfigError, UserError
-from isodiff.jobs import run_job
-from isodiff.specs import load_spec
-from isodiff.training import train
+from isodiff.errors import ConfigError, UserError
+from isodiff.runs import distributed
+from isodiff.runs.identity import base_identity
+from isodiff.runs.status import DONE, is_done, read_status
+from isodiff.sweep import command as sweep
+from isodiff.sweep import plan
+from isodiff.sweep.specs import load_spec
+from isodiff.train.job import run_job
+from isodiff.train.loop import train
 from tests.conftest import run_cli
 
 SPEC = """\
@@ -105,20 +109,20 @@ def test_a_bad_spec_stops_before_anything_runs(key: str, values: str, named: str
 
 def test_a_base_is_identified_by_signature_or_content_never_by_path(tmp_path: Path) -> None:
     job = tmp_path / "a" / "base" / "data.name=shapes-0123abcd"
-    assert runs.base_identity(str(job)) == "run:0123abcd"  # planned, not trained yet
+    assert base_identity(str(job)) == "run:0123abcd"  # planned, not trained yet
     job.mkdir(parents=True)
     (job / "status.json").write_text("{}")
     moved = tmp_path / "b" / "elsewhere" / job.name
     shutil.copytree(job, moved)
-    assert runs.base_identity(str(moved)) == "run:0123abcd"
+    assert base_identity(str(moved)) == "run:0123abcd"
     shipped = sweep.shipped_base("quick", "shapes")
     copy = tmp_path / "checkpoint"
     shutil.copytree(shipped, copy)
-    assert runs.base_identity(str(copy)) == runs.base_identity(str(shipped))
-    assert runs.base_identity(str(copy)).startswith("checkpoint:")
+    assert base_identity(str(copy)) == base_identity(str(shipped))
+    assert base_identity(str(copy)).startswith("checkpoint:")
     (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
-    assert runs.base_identity(str(copy)) != runs.base_identity(str(shipped))
-    assert runs.base_identity("google/ddpm-cifar10-32") == "google/ddpm-cifar10-32"
+    assert base_identity(str(copy)) != base_identity(str(shipped))
+    assert base_identity("google/ddpm-cifar10-32") == "google/ddpm-cifar10-32"
 
 
 def _train_planned(overrides: list[str]) -> Path:
@@ -127,7 +131,7 @@ def _train_planned(overrides: list[str]) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     with open_dict(cfg):
         del cfg["hydra"]
-    assert run_job(cfg, run_dir, train)["state"] == runs.DONE
+    assert run_job(cfg, run_dir, train)["state"] == DONE
     return run_dir
 
 
@@ -147,8 +151,8 @@ def test_a_moved_runs_folder_reruns_nothing(tmp_path: Path) -> None:
     shutil.move(tmp_path / "first", tmp_path / "second")
     (again,), bases, root = sweep.compile_plans([spec], "smoke", [f"run_root={moved}"])
     assert [j.folder for j in again.jobs] == [j.folder for j in compiled.jobs]
-    assert runs.is_done(bases["shapes"]) and runs.is_done(root / job.folder)
-    status = runs.read_status(root / job.folder)
+    assert is_done(bases["shapes"]) and is_done(root / job.folder)
+    status = read_status(root / job.folder)
     assert status["attempts"] == 1
 
 

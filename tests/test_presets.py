@@ -14,11 +14,11 @@ import torch
 from diffusers import UNet2DModel
 from PIL import Image
 
-from isodiff import paper_assets
 from isodiff.config import LoopConfig, to_train_config
-from isodiff.models import config_mismatch, init_unet
-from isodiff.runs import signature
-from isodiff.specs import all_specs
+from isodiff.model import paper_assets
+from isodiff.model.unet import config_mismatch, init_unet
+from isodiff.runs.identity import signature
+from isodiff.sweep.specs import all_specs
 from tests.conftest import CONF, ROOT, compose_train
 
 PRESETS = sorted(p.stem for p in (CONF / "preset").glob("*.yaml"))

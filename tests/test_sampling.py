@@ -7,9 +7,9 @@ import torch
 from diffusers import DDIMInverseScheduler
 
 from isodiff.config import DiffusionConfig
-from isodiff.diffusion import build_ddim
-from isodiff.models import HUNet
-from isodiff.sampling import DDIM, HEdit, ddim_schedule, ddim_step, latents, quantise
+from isodiff.model.diffusion import build_ddim
+from isodiff.model.sampling import DDIM, HEdit, ddim_schedule, ddim_step, latents, quantise
+from isodiff.model.unet import HUNet
 from tests.conftest import tiny_unet
 
 CFG = DiffusionConfig()
@@ -142,8 +142,8 @@ def test_generated_samples_are_shared_between_metrics(tmp_path) -> None:
     """EvalContext.generated: sample i is DDIM of x_T seeded by (seed, i), whatever the
     batch it is asked in; asked again, it is served from memory without sampling; past the
     cache's bytes it is sampled again, to the same images."""
-    from isodiff.metrics.common import EvalContext
-    from isodiff.sampling import to_images
+    from isodiff.evaluate.metrics.common import EvalContext
+    from isodiff.model.sampling import to_images
     from tests.metric_helpers import tiny_context
 
     ctx = tiny_context(tmp_path, batch_size=4)

@@ -24,7 +24,7 @@ import pytest
 import submitit
 from omegaconf import OmegaConf
 
-from isodiff import distributed
+from isodiff.runs import distributed
 from tests.conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.slurm

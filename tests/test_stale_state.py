@@ -19,19 +19,34 @@ import numpy as np
 import pytest
 import torch
 from filelock import FileLock
-from isodiff.analysis.collect import collect_runs, job_row
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from isodiff import evaluation, runs, sweep
+from isodiff.analysis.collect import collect_runs, job_row
 from isodiff.cli import quote_paths
-from isodiff.config import ConfigError, DataConfig, DatasetName
-from isodiff.data import build_dataset
-from isodiff.evaluation import EvaluationFailed, evaluate_run, update_record
-from isodiff.metrics import interp
-from isodiff.metrics.common import MetricResult
-from isodiff.models import resolve_checkpoint
-from isodiff.training import environment_change
+from isodiff.config import DataConfig, DatasetName
+from isodiff.errors import ConfigError
+from isodiff.evaluate import measure
+from isodiff.evaluate.measure import EvaluationFailed, evaluate_run, update_record
+from isodiff.evaluate.metrics import interp
+from isodiff.evaluate.metrics.common import MetricResult
+from isodiff.model.data import build_dataset
+from isodiff.model.unet import resolve_checkpoint
+from isodiff.runs.files import atomic_write_json, read_json
+from isodiff.runs.status import (
+    DONE,
+    FAILED,
+    RUNNING,
+    WEIGHTS_CHANGED,
+    job_state,
+    read_status,
+    stale_metrics,
+    weights_digest,
+    weights_record,
+    write_status,
+)
+from isodiff.sweep import command as sweep
+from isodiff.train.loop import environment_change
 from tests.conftest import ROOT, run_cli, run_train_job
 from tests.test_evaluate import compose_evaluate
 
@@ -76,33 +91,33 @@ def test_a_metric_of_other_weights_is_stale_and_computed_again(finished: Path,
                                                                tmp_path: Path) -> None:
     _, run_dir = _copy(finished, tmp_path)
     first = _evaluate(run_dir)["metrics"]["rtl"]
-    assert first["protocol"]["weights_sha256"] == runs.weights_digest(
-        runs.read_status(run_dir), "unet_ema")
+    assert first["protocol"]["weights_sha256"] == weights_digest(
+        read_status(run_dir), "unet_ema")
     _perturb(run_dir)  # retrained: new weights, recorded as the job's own
-    runs.write_status(run_dir, runs.DONE, weights=runs.weights_record(run_dir))
-    record = runs.read_json(run_dir / "metrics.json")
-    assert runs.stale_metrics(record, runs.read_status(run_dir)) == ["rtl"]
+    write_status(run_dir, DONE, weights=weights_record(run_dir))
+    record = read_json(run_dir / "metrics.json")
+    assert stale_metrics(record, read_status(run_dir)) == ["rtl"]
     assert sweep._state(run_dir) == "metrics stale"
     row = job_row(run_dir)
     assert "rtl measured other weights" in row["problem"] and "rtl.mrtl" not in row
     second = _evaluate(run_dir)["metrics"]["rtl"]  # not "up to date": computed again
     assert second["provenance"]["evaluated"] >= first["provenance"]["evaluated"]
     assert second["protocol"]["weights_sha256"] != first["protocol"]["weights_sha256"]
-    assert runs.stale_metrics(runs.read_json(run_dir / "metrics.json"),
-                              runs.read_status(run_dir)) == []
+    assert stale_metrics(read_json(run_dir / "metrics.json"),
+                              read_status(run_dir)) == []
     assert sweep._state(run_dir) == "done"
 
 
 def test_edited_weights_make_a_done_job_train_again(finished: Path, tmp_path: Path) -> None:
     run_root, run_dir = _copy(finished, tmp_path)
     _perturb(run_dir)
-    state, problem = runs.job_state(run_dir)
-    assert state == runs.WEIGHTS_CHANGED and "not the file the job wrote" in problem
+    state, problem = job_state(run_dir)
+    assert state == WEIGHTS_CHANGED and "not the file the job wrote" in problem
     with pytest.raises(ConfigError, match="not the file the job wrote"):
         _evaluate(run_dir)
     status, _ = run_train_job(RESUMABLE, run_root)  # from its newest checkpoint: the same bits
-    assert status["state"] == runs.DONE and status["attempts"] == 2
-    assert runs.job_state(run_dir) == (runs.DONE, None)
+    assert status["state"] == DONE and status["attempts"] == 2
+    assert job_state(run_dir) == (DONE, None)
     ref, got = load_file(finished / WEIGHTS), load_file(run_dir / WEIGHTS)
     assert all(torch.equal(ref[k], got[k]) for k in ref)
 
@@ -124,18 +139,18 @@ def test_swapped_weights_of_the_same_size_and_mtime_are_not_trusted(finished: Pa
     the job trains again rather than saying "done already"."""
     run_root, run_dir = _copy(finished, tmp_path)
     _swap_keeping_size_and_mtime(run_dir / WEIGHTS)
-    assert runs.job_state(run_dir)[0] == runs.DONE  # the listing's shortcut
-    assert runs.job_state(run_dir, full=True) == (
-        runs.WEIGHTS_CHANGED, f"{WEIGHTS} is not the file the job wrote (its sha256 differs)")
+    assert job_state(run_dir)[0] == DONE  # the listing's shortcut
+    assert job_state(run_dir, full=True) == (
+        WEIGHTS_CHANGED, f"{WEIGHTS} is not the file the job wrote (its sha256 differs)")
     result = run_cli("isodiff.evaluate", f"run={run_dir}", "eval=smoke", "metrics=[rtl]")
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert f"{WEIGHTS} is not the file the job wrote" in lines[0] and "nothing is measured" \
         in lines[0]
-    record = runs.read_json(run_dir / "metrics.json") or {"metrics": {}}
+    record = read_json(run_dir / "metrics.json") or {"metrics": {}}
     assert "values" not in record["metrics"].get("rtl", {})
     status, _ = run_train_job(RESUMABLE, run_root)  # not skipped: trained again
-    assert status["state"] == runs.DONE and status["attempts"] == 2
+    assert status["state"] == DONE and status["attempts"] == 2
     ref, got = load_file(finished / WEIGHTS), load_file(run_dir / WEIGHTS)
     assert all(torch.equal(ref[k], got[k]) for k in ref)
 
@@ -166,14 +181,14 @@ def test_a_named_folder_that_holds_another_config_is_refused(run_root: Path) -> 
 def test_deleted_weights_are_noticed_everywhere(finished: Path, tmp_path: Path) -> None:
     run_root, run_dir = _copy(finished, tmp_path)
     shutil.rmtree(run_dir / "final" / "unet_ema")
-    assert runs.job_state(run_dir)[0] == runs.WEIGHTS_CHANGED
-    assert sweep._state(run_dir) == runs.WEIGHTS_CHANGED  # not "done"
+    assert job_state(run_dir)[0] == WEIGHTS_CHANGED
+    assert sweep._state(run_dir) == WEIGHTS_CHANGED  # not "done"
     (row,) = collect_runs(run_root).to_dict("records")
-    assert row["state"] == runs.WEIGHTS_CHANGED and "final/unet_ema/" in row["problem"]
+    assert row["state"] == WEIGHTS_CHANGED and "final/unet_ema/" in row["problem"]
     with pytest.raises(ConfigError, match="init_from=.*not done .*weights changed"):
         resolve_checkpoint(str(run_dir))
     status, _ = run_train_job(RESUMABLE, run_root)
-    assert status["state"] == runs.DONE and (run_dir / WEIGHTS).is_file()
+    assert status["state"] == DONE and (run_dir / WEIGHTS).is_file()
 
 
 # --- one writer per file ------------------------------------------------------------------------
@@ -192,7 +207,7 @@ def test_concurrent_metric_writes_are_all_kept(tmp_path: Path) -> None:
     for proc in workers:
         proc.join(60)
         assert proc.exitcode == 0
-    metrics = runs.read_json(tmp_path / "metrics.json")["metrics"]
+    metrics = read_json(tmp_path / "metrics.json")["metrics"]
     assert len(metrics) == 100
     assert metrics["m3_24"]["values"]["v"] == 324
 
@@ -207,7 +222,7 @@ def test_two_evaluations_of_one_run_at_once_keep_both(finished: Path, tmp_path: 
                               stderr=subprocess.STDOUT, text=True) for m in ("[rtl]", "[liso]")]
     outputs = [proc.communicate(timeout=300)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], outputs
-    assert set(runs.read_json(run_dir / "metrics.json")["metrics"]) == {"rtl", "liso"}
+    assert set(read_json(run_dir / "metrics.json")["metrics"]) == {"rtl", "liso"}
 
 
 def _wait_for(path: Path, text: str, timeout: float) -> str:
@@ -237,7 +252,7 @@ def test_a_second_process_waits_for_the_job_and_then_skips_it(finished: Path,
         lock.release()
     assert proc.wait(timeout=120) == 0
     assert "is done already: skipped" in out.read_text()
-    assert runs.read_status(run_dir)["attempts"] == 1
+    assert read_status(run_dir)["attempts"] == 1
 
 
 @pytest.mark.slow
@@ -252,8 +267,8 @@ def test_two_trainings_of_one_job_at_once_train_it_once(run_root: Path) -> None:
     outputs = [proc.communicate(timeout=300)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], outputs
     (run_dir,) = run_root.glob("*/*/*")
-    status = runs.read_status(run_dir)
-    assert status["state"] == runs.DONE and status["attempts"] == 1
+    status = read_status(run_dir)
+    assert status["state"] == DONE and status["attempts"] == 1
     assert sum("is done already: skipped" in out for out in outputs) == 1
 
 
@@ -263,21 +278,21 @@ def test_a_failing_metric_is_recorded_and_the_others_computed(finished: Path, tm
                                                               monkeypatch: pytest.MonkeyPatch
                                                               ) -> None:
     _, run_dir = _copy(finished, tmp_path)
-    real = evaluation.METRICS["rtl"]
+    real = measure.METRICS["rtl"]
 
     def broken(ctx: object, cfg: object) -> MetricResult:
         raise RuntimeError("index 7 is out of bounds (simulated)")  # the run's: a bug
 
-    monkeypatch.setitem(evaluation.METRICS, "rtl", broken)
+    monkeypatch.setitem(measure.METRICS, "rtl", broken)
     with pytest.raises(EvaluationFailed, match="1 of 2 metrics failed .*rtl: RuntimeError"):
         _evaluate(run_dir, "[rtl,liso]")
-    record = runs.read_json(run_dir / "metrics.json")
+    record = read_json(run_dir / "metrics.json")
     assert set(record["metrics"]) == {"liso"}
     assert "out of bounds" in record["failed"]["rtl"]["error"]
     assert record["failed"]["rtl"]["cause"] == "run"  # out of memory would be "environment"
     assert sweep._state(run_dir) == "evaluation failed"
     assert "rtl failed: RuntimeError: index 7 is out of bounds" in job_row(run_dir)["problem"]
-    monkeypatch.setitem(evaluation.METRICS, "rtl", real)
+    monkeypatch.setitem(measure.METRICS, "rtl", real)
     record = _evaluate(run_dir, "[rtl,liso]")  # liso is up to date; rtl now succeeds
     assert set(record["metrics"]) == {"rtl", "liso"} and "failed" not in record
     assert sweep._state(run_dir) == "done"
@@ -293,23 +308,23 @@ def test_an_evaluation_multirun_evaluates_every_run(finished: Path, tmp_path: Pa
     first = sorted(weights)[0]
     weights[first] = torch.full_like(weights[first], float("nan"))
     save_file(weights, bad / WEIGHTS)
-    runs.write_status(bad, runs.DONE, weights=runs.weights_record(bad))
+    write_status(bad, DONE, weights=weights_record(bad))
     result = run_cli("isodiff.evaluate", "-m", f"run={bad},{good}", "eval=smoke",
                      "metrics=[liso]", "progress=false", f"hydra.sweep.dir={tmp_path}/multirun")
     assert result.returncode != 0
-    assert set(runs.read_json(good / "metrics.json")["metrics"]) == {"liso"}
-    record = runs.read_json(bad / "metrics.json")
+    assert set(read_json(good / "metrics.json")["metrics"]) == {"liso"}
+    record = read_json(bad / "metrics.json")
     assert record["metrics"] == {} and "diverged" in record["failed"]["liso"]["error"]
     assert sweep._state(bad) == "evaluation failed"
 
 
 # --- inputs that went wrong silently --------------------------------------------------------
 
-@pytest.mark.parametrize("state", [runs.FAILED, runs.RUNNING])
+@pytest.mark.parametrize("state", [FAILED, RUNNING])
 def test_init_from_a_run_that_is_not_done_is_refused(state: str, finished: Path,
                                                      tmp_path: Path) -> None:
     _, run_dir = _copy(finished, tmp_path)
-    runs.write_status(run_dir, state, error="boom" if state == runs.FAILED else None)
+    write_status(run_dir, state, error="boom" if state == FAILED else None)
     with pytest.raises(ConfigError, match=f"not done \\(state: {state}"):
         resolve_checkpoint(str(run_dir))
     result = run_cli("isodiff.train", "tier=smoke", f"run_root={tmp_path}/ft",
@@ -359,7 +374,7 @@ def test_an_unquoted_job_folder_works_on_the_command_line(finished: Path, tmp_pa
     result = run_cli("isodiff.evaluate", f"run={run_dir}", "eval=smoke", "metrics=[liso]",
                      "progress=false")
     assert result.returncode == 0, result.stderr
-    assert "liso" in runs.read_json(run_dir / "metrics.json")["metrics"]
+    assert "liso" in read_json(run_dir / "metrics.json")["metrics"]
     missing = run_cli("isodiff.evaluate", f"run={tmp_path}/a=1,b=2", "eval=smoke")
     assert missing.returncode == 2 and "must be quoted" in missing.stderr, missing.stderr
 
@@ -377,14 +392,14 @@ def test_a_resume_under_other_threads_is_warned_and_recorded(finished: Path,
                                                              tmp_path: Path) -> None:
     run_root, run_dir = _copy(finished, tmp_path)
     shutil.rmtree(run_dir / "final")
-    runs.write_status(run_dir, runs.RUNNING)
+    write_status(run_dir, RUNNING)
     meta_path = run_dir / "checkpoints" / "step_00000004" / "meta.json"
     meta = json.loads(meta_path.read_text())
     assert meta["environment"]["threads"] == torch.get_num_threads()
     meta["environment"]["threads"] += 6  # written under another thread count
     meta_path.write_text(json.dumps(meta))
     status, _ = run_train_job(RESUMABLE, run_root)
-    assert status["state"] == runs.DONE
+    assert status["state"] == DONE
     (note,) = status["not_bitwise"]
     assert note.startswith("resumed at step 4 with threads=")
     assert "will not be bitwise" in (run_dir / "train.log").read_text()
@@ -398,13 +413,13 @@ def test_a_metric_whose_values_grew_is_computed_again(finished: Path, tmp_path: 
     record = _evaluate(run_dir, "[interp,rtl]")["metrics"]
     assert record["interp"]["protocol"]["version"] == interp.VERSION > 1
     assert "version" not in record["rtl"]["protocol"]
-    stored = runs.read_json(run_dir / "metrics.json")
+    stored = read_json(run_dir / "metrics.json")
     old = stored["metrics"]["interp"]
     del old["protocol"]["version"]  # as the metric stored it before
     del old["values"]["slerp_cv"]
     old["values"]["slerp_mean"] = -1.0  # markers: a recomputed value replaces its marker
     stored["metrics"]["rtl"]["values"]["mrtl"] = -1.0
-    runs.atomic_write_json(run_dir / "metrics.json", stored)
+    atomic_write_json(run_dir / "metrics.json", stored)
     again = _evaluate(run_dir, "[interp,rtl]")["metrics"]
     assert again["interp"]["protocol"]["version"] == interp.VERSION
     assert again["interp"]["values"] == record["interp"]["values"]  # computed again

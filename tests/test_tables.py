@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from isodiff.analysis.collect import collect_runs
 from isodiff.analysis.synthetic import write_runs
 from isodiff.analysis.tables import build_table, render_all, to_markdown
-
-from isodiff.config import ConfigError
-from isodiff.specs import all_specs, expand, load_spec
+from isodiff.errors import ConfigError
+from isodiff.sweep.specs import all_specs, expand, load_spec
 
 
 @pytest.mark.parametrize("tier", ["smoke", "quick", "paper"])

@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from isodiff.toy import (
-    ToyConfig,
+from isodiff.analysis.sphere import (
     latitude_rings,
     run_toy,
     sample_sphere,
@@ -17,6 +16,7 @@ from isodiff.toy import (
     tangent_basis,
     tangent_metrics,
 )
+from isodiff.analysis.toy import ToyConfig
 
 
 def orthographic(x: torch.Tensor) -> torch.Tensor:

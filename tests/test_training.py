@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from isodiff import runs
-from isodiff.config import ConfigError
-from isodiff.training import NonFiniteLossError, StepBatches
+from isodiff.errors import ConfigError
+from isodiff.runs.status import is_done, read_status
+from isodiff.train.loop import NonFiniteLossError, StepBatches
 from tests.conftest import ROOT, run_cli, run_train_job
 
 
@@ -68,9 +68,9 @@ def test_held_out_liso_is_logged_and_leaves_training_as_it_was(tmp_path: Path) -
     from omegaconf import OmegaConf
 
     from isodiff.config import to_train_config
-    from isodiff.latent import build_codec
-    from isodiff.models import load_unet
-    from isodiff.training import HeldoutCurve
+    from isodiff.model.latent import build_codec
+    from isodiff.model.unet import load_unet
+    from isodiff.train.loop import HeldoutCurve
 
     _, plain = run_train_job(["train.steps=4"], tmp_path / "a")
     status, logged = run_train_job(["train.steps=4", "train.heldout_every=2",
@@ -120,11 +120,11 @@ def test_kill_then_rerun_equals_uninterrupted(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     (run_dir,) = killed_root.glob("*/*/*")
-    assert runs.read_status(run_dir)["state"] == "running" and not (run_dir / "final").exists()
+    assert read_status(run_dir)["state"] == "running" and not (run_dir / "final").exists()
     resumed = run_cli("isodiff.train", *args, f"run_root={killed_root}", OMP_NUM_THREADS="2")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in (run_dir / "train.log").read_text()
-    assert runs.read_status(run_dir)["attempts"] == 2
+    assert read_status(run_dir)["attempts"] == 2
     (ref_dir,) = (tmp_path / "ref").glob("*/*/*")
     _assert_same_weights(ref_dir, run_dir)
 
@@ -133,7 +133,7 @@ def test_non_finite_loss_fails_the_job(run_root: Path) -> None:
     with pytest.raises(NonFiniteLossError, match="non-finite loss"):
         run_train_job(["optim.lr=1e30", "train.steps=20"], run_root)
     (run_dir,) = run_root.glob("*/*/*")
-    status = runs.read_status(run_dir)
+    status = read_status(run_dir)
     assert status["state"] == "failed" and "NonFiniteLossError" in status["error"]
     assert not (run_dir / "final").exists()
 
@@ -163,7 +163,7 @@ def test_bad_input_exits_non_zero_naming_the_key(overrides, message, tmp_path: P
     result = run_cli("isodiff.train", "tier=smoke", f"run_root={run_root}", *overrides)
     assert result.returncode != 0
     assert message in result.stderr + result.stdout
-    assert not [p for p in run_root.rglob("status.json") if runs.is_done(p.parent)]
+    assert not [p for p in run_root.rglob("status.json") if is_done(p.parent)]
 
 
 def test_config_error_leaves_no_run_folder(run_root: Path) -> None:
@@ -179,4 +179,4 @@ def test_multirun_writes_one_folder_per_lambda(run_root: Path) -> None:
     jobs = sorted(p.name for p in (run_root / "smoke" / "default").iterdir() if p.is_dir())
     assert [j.split(",")[0] for j in jobs] == ["lambda_iso=0", "lambda_iso=0.0001",
                                                 "lambda_iso=0.001"]
-    assert all(runs.is_done(run_root / "smoke" / "default" / j) for j in jobs)
+    assert all(is_done(run_root / "smoke" / "default" / j) for j in jobs)

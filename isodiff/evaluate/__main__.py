@@ -1,0 +1,5 @@
+"""`python -m isodiff.evaluate`."""
+
+from isodiff.evaluate.command import command
+
+command()

@@ -1,0 +1,54 @@
+"""`python -m isodiff.evaluate run=<run dir> eval=<smoke|quick|paper>`: evaluate a done run."""
+
+from __future__ import annotations
+
+import logging
+from typing import NoReturn
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from isodiff.cli import USAGE, fail, hydra_main
+from isodiff.config import CONF
+from isodiff.errors import UserError
+from isodiff.evaluate.config import register_schemas, to_evaluate_config
+
+register_schemas()
+log = logging.getLogger("isodiff.evaluate")
+
+
+@hydra.main(config_path=str(CONF), config_name="evaluate", version_base=None)
+def main(cfg: DictConfig) -> dict:
+    try:
+        config = to_evaluate_config(cfg)
+    except UserError as err:
+        _stop(err, USAGE)
+    # Only a valid config loads torch and the models (isodiff.evaluate.measure): a typo's error
+    # comes in about a second.
+    from isodiff.evaluate import parallel
+    from isodiff.evaluate.measure import EvaluationFailed, evaluate_run
+
+    ranks, device = parallel.join()  # a launcher's processes share the work (one writer)
+    try:
+        return evaluate_run(config, ranks, device)
+    except (UserError, EvaluationFailed) as err:
+        _stop(err, 1 if isinstance(err, EvaluationFailed) else USAGE)
+
+
+def _stop(err: Exception, code: int) -> NoReturn:
+    """One line and `code`; under a multirun the launcher evaluates the other runs, then
+    reports this one."""
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise err
+    fail(err, code=code)
+
+
+def command() -> None:
+    """The `isodiff-evaluate` console command."""
+    hydra_main(main)
+
+
+if __name__ == "__main__":
+    command()

@@ -1,0 +1,96 @@
+"""The config of `python -m isodiff.evaluate`, checked before torch loads.
+
+EvalConfig (one preset of conf/eval/) has a section per metric of the registry
+(isodiff.evaluate.metrics.registry: each metric module declares its config), so that adding a metric
+adds its section here without an edit; EvaluateConfig is the command's config around it.
+Light: Hydra, OmegaConf and the metric modules' configs, never torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from isodiff.errors import ConfigError
+from isodiff.evaluate.metrics import Metric, registry
+
+
+def eval_config_class(metrics: dict[str, Metric]) -> type:
+    """The dataclass of an eval preset: its name, one section per metric (eval.<name>: the
+    metric's config, enabled or not) and the sample grid's size."""
+    fields = [("name", str, field(default="quick")),
+              *((m.name, m.config, field(default_factory=m.config)) for m in metrics.values()),
+              # samples.png: a grid of this many DDIM samples (eval.grid_steps) from fixed x_T
+              ("grid_samples", int, field(default=64)),
+              ("grid_steps", int, field(default=50))]
+    cls = dataclasses.make_dataclass(
+        "EvalConfig", fields,
+        namespace={"__doc__": "One preset of conf/eval/: per-metric sample counts and DDIM "
+                              "steps (a section per registered metric)."})
+    cls.__module__ = __name__  # where Hydra's and pickle's lookups find it
+    return cls
+
+
+EvalConfig = eval_config_class(registry())
+
+
+def value_prefixes() -> dict[str, str]:
+    """Which metric writes a value of metrics.json, by name or name prefix (each metric's
+    declared values): the values a spec shows say which metrics its jobs need (tests check
+    it against a real evaluation)."""
+    return {prefix: m.name for m in registry().values() for prefix in m.values}
+
+
+VALUE_PREFIXES = value_prefixes()
+
+
+@dataclass
+class EvaluateConfig:
+    run: str = MISSING  # a run directory whose status is done
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ema: bool = True  # the EMA weights (final/unet_ema) when the run has them
+    seed: int = 0  # sample i of every metric is seeded by (seed, i)
+    batch_size: int = 64
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    metrics: list[str] | None = None  # only these (default: every enabled one)
+    refs_dir: str | None = None  # dataset-level caches; default <run>/../../_refs
+    force: bool = False  # recompute even when the stored protocol matches
+    clip_sample: bool | None = None  # DDIM x0 clipping; null: the run's diffusion.clip_sample
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        names = list(registry())
+        if unknown := set(self.metrics or ()) - set(names):
+            raise ConfigError(f"metrics: unknown {sorted(unknown)}; use {names}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
+            raise ConfigError(f"device={self.device!r}: use auto, cpu, cuda, cuda:N or mps")
+
+
+def metric_of(value: str) -> str:
+    """The metric (a name of the registry) that computes `value`; a metric's own name stands
+    for itself (figure specs name the metric whose arrays they draw)."""
+    metrics, prefixes = registry(), value_prefixes()
+    if value in metrics:
+        return value
+    for prefix, metric in prefixes.items():
+        if value.startswith(prefix):
+            return metric
+    raise ConfigError(f"{value!r} is computed by no metric of isodiff.evaluate: name a value "
+                      f"of metrics.json (prefixes {list(prefixes)}) or a metric "
+                      f"({list(metrics)})")
+
+
+def register_schemas() -> None:
+    ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
+
+
+def to_evaluate_config(cfg: DictConfig) -> EvaluateConfig:
+    """The composed config as an EvaluateConfig, every value checked (ConfigError)."""
+    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvaluateConfig), cfg))

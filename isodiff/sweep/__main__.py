@@ -1,0 +1,5 @@
+"""`python -m isodiff.sweep`."""
+
+from isodiff.sweep.command import command
+
+command()

@@ -1,0 +1,265 @@
+"""`python -m isodiff.sweep <spec> [tier=quick] [overrides] [--plan]`: run a spec end to end.
+
+For each dataset: the tier's base model (trained once, shared by every spec), then the
+spec's grid as one Hydra multirun of isodiff.train fine-tuned from it, then isodiff.evaluate
+of the finished jobs on the metrics their specs show (and their figures draw).
+First every job is compiled into the plan (composed and validated: a bad key or value in
+a spec stops here, before any folder exists), written to <run_root>/<tier>/plans/<spec>.json;
+`--plan` prints it and launches nothing. Launcher overrides (`cluster=slurm_local`,
+`hydra/launcher=submitit_local`, ...) go to both stages. `datasets=shapes[,mnist]` launches
+only those datasets' jobs (the plan keeps every job; the others show as not run).
+Idempotent: finished jobs and computed metrics are skipped by the jobs themselves; a grid
+whose jobs are all done is not launched at all. Job outcomes are read from status files,
+never from exit codes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+from isodiff import cli
+from isodiff.config import BaseSource, shipped, tier_config
+from isodiff.errors import UserError
+from isodiff.evaluate.config import metric_of
+from isodiff.evaluate.metrics import registry
+from isodiff.model import paper_assets
+from isodiff.runs.files import RunFileError
+from isodiff.runs.status import (
+    DONE,
+    cause_of,
+    is_done,
+    job_state,
+    open_failures,
+    read_metrics,
+    read_status,
+    stale_metrics,
+    verify_base,
+)
+from isodiff.sweep import plan
+from isodiff.sweep.specs import Spec, all_specs, dataset_override, load_spec
+
+log = logging.getLogger("isodiff.sweep")
+# The overrides that choose where jobs run: they go to every stage (training, evaluation).
+LAUNCHER_KEYS = ("cluster=", "hydra/launcher=", "hydra.launcher.")
+PRETRAINED = shipped("pretrained")  # isodiff/pretrained, in a checkout and in a wheel
+
+
+def shipped_base(tier: str, dataset: str) -> Path:
+    """The base isodiff ships for a dataset at this tier (isodiff/pretrained/<tier>/)."""
+    path = PRETRAINED / tier / dataset
+    if not (path / "config.json").is_file():
+        raise UserError(f"no shipped {tier}-tier base for data={dataset} in {path}: train "
+                        f"it with `make bases TIER={tier}`, or set `tier.bases: trained` in "
+                        f"conf/tier/{tier}.yaml to pretrain bases in the sweep")
+    verify_base(path)  # before any plan is made from it
+    return path
+
+
+def _multirun(module: str, args: list[str]) -> None:
+    cmd = [sys.executable, "-m", module, "-m", *args]
+    log.info("$ %s", " ".join(cmd))
+    subprocess.run(cmd, check=False)  # outcomes come from status files
+
+
+def base_stage(datasets: list[str], tier: str, extra: list[str]) -> dict[str, Path]:
+    """The tier's base model of each dataset, trained once (one multirun over datasets)."""
+    bases = {d: plan.job_dir(plan.base_overrides(d, tier, extra)) for d in datasets}
+    pending = [d for d, path in bases.items() if not is_done(path)]
+    if pending:
+        _multirun("isodiff.train", plan.base_overrides(",".join(pending), tier, extra))
+    return bases
+
+
+def train_stage(spec: Spec, compiled: plan.Plan, root: Path, bases: dict[str, Path],
+                extra: list[str], datasets: list[str]) -> None:
+    """Train the plan's fine-tunes of the spec on those datasets, one multirun per dataset."""
+    tier = compiled.tier
+    for dataset in (d for d in spec.datasets_for(tier) if d in datasets):
+        dirs = [root / job.folder for job in compiled.finetunes() if job.dataset == dataset]
+        if all(is_done(d) for d in dirs):
+            continue
+        base_dir = bases.get(dataset)
+        if base_dir is not None and (base_dir / "status.json").is_file() \
+                and not is_done(base_dir):  # a base trained by the sweep
+            log.error("base model %s is not done (%s): skipping %d jobs of %s", base_dir,
+                      job_state(base_dir)[1], len(dirs), dataset)
+            continue
+        _multirun("isodiff.train", plan.multirun_overrides(
+            spec, tier, dataset, None if base_dir is None else str(base_dir), extra))
+
+
+def evaluation_metrics(table: Spec, tier: str) -> set[str]:
+    """The isodiff.evaluate metrics a table's jobs need at this tier: those of its values,
+    of every figure drawn from its runs, and the quality check every table shows."""
+    figures = [s for s in all_specs() if s.kind == "figure" and s.source == table.name]
+    return {"fid", "quality", *(metric_of(value) for spec in (table, *figures)
+                                for value in spec.metrics_for(tier))}
+
+
+def _interleaved(dirs: list[Path]) -> list[Path]:
+    """Job folders with their datasets (parent folders) taken in turn: jobs that start
+    together then build different datasets' caches (FID statistics, attribute
+    classifiers) instead of waiting for one."""
+    by_dataset: dict[Path, list[Path]] = {}
+    for d in dirs:
+        by_dataset.setdefault(d.parent, []).append(d)
+    return [d for turn in itertools.zip_longest(*by_dataset.values()) for d in turn if d]
+
+
+def evaluate_stage(jobs: dict[Path, set[str]], preset: str, extra: list[str]) -> None:
+    """isodiff.evaluate of every finished job on the metrics it needs: one multirun per set
+    of metrics (the jobs skip metrics already computed)."""
+    groups: dict[tuple[str, ...], list[Path]] = {}
+    for run_dir, metrics in jobs.items():
+        if is_done(run_dir):
+            groups.setdefault(tuple(m for m in registry() if m in metrics), []).append(run_dir)
+    for metrics, dirs in groups.items():
+        quoted = ",".join(f"'{d}'" for d in _interleaved(dirs))  # folders hold '=' and ','
+        _multirun("isodiff.evaluate", [f"run={quoted}", f"eval={preset}",
+                                       f"metrics=[{','.join(metrics)}]", *extra])
+
+
+def compile_plans(specs: list[Spec], tier: str, extra: list[str]
+                  ) -> tuple[list[plan.Plan], dict[str, Path], Path]:
+    """Every job of the specs' tables, composed and validated before anything runs:
+    (one plan per table, dataset -> base, the tier's folder)."""
+    for spec in specs:
+        if spec.kind not in ("table", "figure"):  # kind=claims: judged on other specs' runs
+            raise UserError(f"spec {spec.name} (kind: {spec.kind}) has no jobs: sweep the "
+                            "tables it cites, then `python -m isodiff.analysis.claims`")
+    settings = tier_config(tier)
+    tables = list({s.name: s for s in (load_spec(s.source) if s.kind == "figure" else s
+                                       for s in specs)}.values())
+    datasets = list(dict.fromkeys(d for s in tables for d in s.datasets_for(tier)))
+    trained = settings.bases == BaseSource.trained
+    if settings.bases == BaseSource.shipped:
+        bases = {d: shipped_base(tier, d) for d in datasets}
+    elif trained:
+        bases = {d: plan.job_dir(plan.base_overrides(d, tier, extra)) for d in datasets}
+    else:
+        bases = {}  # given: init_from= among the overrides
+    plans = [plan.compile_plan(t, tier, bases, trained, sorted(evaluation_metrics(t, tier)),
+                               extra) for t in tables]
+    root = plan.tier_dir(plan.compose_job([f"tier={tier}", *extra], validate=False))
+    return plans, bases, root
+
+
+def plan_for(spec: Spec, tier: str, root: Path) -> plan.Plan:
+    """The plan of a table spec's runs under a tier's folder: the one its last sweep wrote,
+    or else the one a sweep without extra overrides would compile."""
+    return plan.read_plan(root, spec.name) or compile_plans(
+        [spec], tier, [f"run_root={root.parent}"])[0][0]
+
+
+def launched_datasets(plans: list[plan.Plan], only: list[str] | None) -> list[str]:
+    """The plans' datasets that a sweep launches: all, or those `datasets=` names."""
+    planned = list(dict.fromkeys(job.dataset for p in plans for job in p.finetunes()))
+    if only is None:
+        return planned
+    if unknown := [d for d in only if d not in planned]:
+        raise UserError(f"datasets={','.join(only)}: {unknown[0]!r} has no job in these "
+                        f"specs at this tier; use some of {', '.join(planned) or '(none)'}")
+    return only
+
+
+def run_specs(specs: list[Spec], tier: str, extra: list[str],
+              only: list[str] | None = None) -> dict[str, dict[str, int]]:
+    """The plans (written beside the runs), then the bases, every spec's training, and one
+    evaluation of all their jobs (of the datasets `only` names, default all); returns the
+    states of the launched jobs per spec (from status files)."""
+    plans, bases, root = compile_plans(specs, tier, extra)
+    datasets = launched_datasets(plans, only)
+    for dataset in datasets:
+        # every preset's assets, before anything is launched (its jobs validated above)
+        assets = plan.compose_job([f"tier={tier}", dataset_override(tier, dataset), *extra],
+                                  validate=False).assets
+        paper_assets.require(assets.required, assets.root)
+    for compiled in plans:
+        log.info("plan: %s", plan.write_plan(compiled, root))
+    settings = tier_config(tier)
+    if bases and settings.bases == BaseSource.trained:
+        base_stage([d for d in bases if d in datasets], tier, extra)
+    for compiled in plans:
+        train_stage(compiled.source, compiled, root, bases, extra, datasets)
+    launched = [(compiled, [j for j in compiled.finetunes() if j.dataset in datasets])
+                for compiled in plans]
+    needs: dict[Path, set[str]] = {}
+    for _, jobs in launched:
+        for job in jobs:
+            needs.setdefault(root / job.folder, set()).update(job.metrics)
+    # Evaluation takes only the launcher overrides; the rest are training keys.
+    launch = [a for a in extra if a.startswith(LAUNCHER_KEYS)]
+    evaluate_stage(needs, settings.eval, launch)
+    counts = {}
+    for compiled, jobs in launched:
+        states = [_state(root / job.folder) for job in jobs]
+        counts[compiled.spec] = {s: states.count(s) for s in sorted(set(states))}
+    return counts
+
+
+def _state(run_dir: Path) -> str:
+    """done (trained and evaluated, every metric of its weights), or what it lacks; the
+    reasons are logged."""
+    state, problem = job_state(run_dir)
+    if state != DONE:
+        if problem:
+            log.error("%s: %s", run_dir, problem)
+        return state
+    try:
+        record = read_metrics(run_dir)
+    except RunFileError as err:  # does not parse, or has the wrong shape
+        log.error("%s", err)
+        return "metrics unreadable"
+    if record is None:
+        return "not evaluated"
+    if failed := open_failures(record):  # a failure a later success superseded is gone
+        for name, failure in failed.items():
+            log.error("%s: evaluation of %s failed%s: %s", run_dir, name,
+                      " outside the run" if cause_of(failure) == "environment" else "",
+                      failure["error"])
+        return "evaluation failed"
+    if stale := stale_metrics(record, read_status(run_dir)):
+        log.error("%s: %s measured other weights: evaluate it again", run_dir, ", ".join(stale))
+        return "metrics stale"
+    return state
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    if not argv:
+        print(__doc__)
+        return 2
+    return cli.run(__doc__, argv, _sweep)
+
+
+def _sweep(argv: list[str]) -> int:
+    got = cli.parse_options(argv, ("tier", "datasets"), flags=("--plan",), overrides=True)
+    tier = got.values.get("tier", "quick")
+    only = got.values["datasets"].strip("[]").split(",") if "datasets" in got.values else None
+    specs = [load_spec(n) for n in got.names]
+    if "--plan" in got.flags:
+        plans, _, root = compile_plans(specs, tier, got.overrides)
+        launched = launched_datasets(plans, only)
+        print(f"# under {root}; nothing is launched (a sweep would launch the jobs of "
+              f"{', '.join(launched)})")
+        print("\n".join(p.describe() for p in plans))
+        return 0
+    counts = run_specs(specs, tier, got.overrides, only)
+    failed = 0  # jobs not done and evaluated
+    for name, states in counts.items():
+        log.info("%s (%s): %s", name, tier, states)
+        failed += sum(n for s, n in states.items() if s != DONE)
+    return 1 if failed else 0
+
+
+def command() -> None:
+    """The `isodiff-sweep` console command."""
+    sys.exit(main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    command()

@@ -1,0 +1,5 @@
+"""`python -m isodiff.train`."""
+
+from isodiff.train.command import command
+
+command()

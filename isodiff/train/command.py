@@ -1,0 +1,53 @@
+"""`python -m isodiff.train [overrides]`: train one job (or a Hydra multirun with -m)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from isodiff.cli import fail, hydra_main
+from isodiff.config import CONF, TrainConfig, register_schemas
+from isodiff.errors import UserError
+from isodiff.runs.distributed import export_torch_distributed_env
+from isodiff.runs.identity import FOLDER_NAME_EXCLUDES, folder_part, job_name
+from isodiff.train.job import run_job
+
+register_schemas()
+OmegaConf.register_new_resolver("job_name", job_name, replace=True)
+OmegaConf.register_new_resolver("folder", folder_part, replace=True)
+OmegaConf.register_new_resolver("folder_name_excludes", lambda: list(FOLDER_NAME_EXCLUDES),
+                                replace=True)
+log = logging.getLogger("isodiff.train")
+logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
+
+
+def _train(cfg: TrainConfig, run_dir: Path) -> dict:
+    from isodiff.train.loop import train  # torch & co. load only once the config is valid
+
+    return train(cfg, run_dir)
+
+
+@hydra.main(config_path=str(CONF), config_name="train", version_base=None)
+def main(cfg: DictConfig) -> dict:
+    export_torch_distributed_env()  # SLURM tasks -> torch ranks, before any Accelerator
+    hydra_cfg = HydraConfig.get()
+    try:
+        return run_job(cfg, Path(hydra_cfg.runtime.output_dir), _train)
+    except UserError as err:
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise  # the sweeper runs the other jobs, then reports this one
+        fail(err)  # here, not in hydra_main: Hydra would first log the job's overrides
+
+
+def command() -> None:
+    """The `isodiff-train` console command."""
+    hydra_main(main)
+
+
+if __name__ == "__main__":
+    command()

@@ -1,0 +1,129 @@
+"""Run one job under the run-directory contract: validate, skip if done, record the outcome."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from isodiff.config import TrainConfig, to_train_config
+from isodiff.errors import ConfigError, UserError
+from isodiff.model import paper_assets
+from isodiff.runs import distributed
+from isodiff.runs.files import atomic_write_text, exclusive
+from isodiff.runs.identity import identity_difference, provenance, require_inside
+from isodiff.runs.status import (
+    DONE,
+    FAILED,
+    RUNNING,
+    UNREADABLE,
+    WEIGHTS_CHANGED,
+    is_done,
+    job_state,
+    read_status,
+    weights_record,
+    write_status,
+)
+
+log = logging.getLogger(__name__)
+
+
+def remove_empty(run_dir: Path, run_root: Path) -> None:
+    """The folders Hydra made for a job that never ran, up to run_root itself: each is
+    kept once it holds anything."""
+    folder, stop = run_dir.resolve(), run_root.resolve()
+    while folder == stop or stop in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty (or gone): kept
+        folder = folder.parent
+
+
+def _holder(run_dir: Path) -> str:
+    status = read_status(run_dir) or {}
+    return f" (status.json: {status.get('state')}, pid {status.get('pid')} on {status.get('host')})"
+
+
+def require_same_job(run_dir: Path, cfg: DictConfig) -> None:
+    """A folder is its identity: ConfigError naming the keys when run_dir records a job of
+    another config (never skipped as done, nor resumed from its checkpoints)."""
+    if differ := identity_difference(run_dir, cfg):
+        raise ConfigError(
+            f"name={run_dir.name!r}: {run_dir} holds a job with other "
+            + ", ".join(f"{k} (recorded {old!r}, asked {new!r})" for k, (old, new)
+                        in differ.items())
+            + ": nothing is run; choose another name= or remove that folder")
+
+
+def run_job(cfg: DictConfig, run_dir: Path, work: Callable[[TrainConfig, Path], dict]) -> dict:
+    """Validate cfg, then run `work` in run_dir unless it is already done.
+
+    The job holds run_dir/.lock while it decides and works: a second process given the same
+    job (two sweeps on one runs folder) waits, then finds it done. status.json is written
+    `running` before the work and `done` (with the work's summary and the sha256 of final/)
+    or `failed` (with error and traceback) after; an invalid config, or a base (init_from)
+    that is missing or not done, writes nothing.
+    """
+    run_root = Path(str(cfg.get("run_root", run_dir.parent)))
+    try:
+        require_inside(run_dir, run_root)
+        typed = to_train_config(cfg)
+        if not is_done(run_dir):
+            # a preset's assets as prepared (named, with the command that fetches them)
+            paper_assets.require(typed.assets.required, typed.assets.root)
+            if typed.init_from:  # its base exists and is done
+                from isodiff.model.unet import resolve_checkpoint  # torch: the config is valid
+
+                resolve_checkpoint(typed.init_from)
+    except UserError:
+        remove_empty(run_dir, run_root)
+        raise
+    if distributed.rank() != 0:  # rank 0 alone keeps the run folder's books (and its lock)
+        require_same_job(run_dir, cfg)  # every rank stops where rank 0 does
+        return read_status(run_dir) if is_done(run_dir) else work(typed, run_dir)
+    with exclusive(run_dir / ".lock", f"job {run_dir.name}", lambda: _holder(run_dir)):
+        return _run_locked(cfg, typed, run_dir, work)
+
+
+def _run_locked(cfg: DictConfig, typed: TrainConfig, run_dir: Path,
+                work: Callable[[TrainConfig, Path], dict]) -> dict:
+    require_same_job(run_dir, cfg)
+    state, problem = job_state(run_dir, full=True)  # a skip relies on the weights' bits
+    status = read_status(run_dir) or {}
+    if state == DONE:
+        log.info("%s is done already: skipped", run_dir)
+        return status
+    if state == UNREADABLE:
+        log.warning("%s: the job runs again (from its newest checkpoint that loads)", problem)
+    if state == WEIGHTS_CHANGED:
+        log.warning("%s: %s: the job trains again (from its newest checkpoint that loads), and "
+                    "its metrics are computed again", run_dir, problem)
+    resolved = OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
+                                 resolve=True)
+    atomic_write_text(run_dir / "config.yaml", resolved)
+    write_status(run_dir, RUNNING, host=socket.gethostname(), pid=os.getpid(),
+                      attempts=status.get("attempts", 0) + 1, weights=None,
+                      slurm_job_id=os.environ.get("SLURM_JOB_ID"), git=provenance()["git"])
+    file_log = logging.FileHandler(run_dir / "train.log")
+    file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(file_log)
+    try:
+        summary = work(typed, run_dir)
+    except SystemExit:
+        raise  # submitit's preemption/timeout requeue: the job stays `running` and resumes
+    except BaseException as err:
+        log.exception("job failed")
+        write_status(run_dir, FAILED, error=f"{type(err).__name__}: {err}",
+                          traceback=traceback.format_exc())
+        raise
+    finally:
+        logging.getLogger().removeHandler(file_log)
+        file_log.close()
+    write_status(run_dir, DONE, **summary, weights=weights_record(run_dir))
+    return read_status(run_dir)

@@ -1,0 +1,447 @@
+"""The training loop: accelerate, EMA, checkpoints with rotation and exact resume.
+
+Every random draw of step s comes from a generator seeded by (seed, s, micro-batch's place
+in the step over all processes) and the data order from one seeded by (seed, epoch), so a
+job resumed from its last checkpoint reaches bitwise the weights of an uninterrupted one (on
+CPU), and W processes draw what one process accumulating W times as often draws.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import logging
+import math
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from isodiff.config import TrainConfig
+from isodiff.errors import UserError
+from isodiff.isometry import sample_timesteps
+from isodiff.model import pictures, seeding
+from isodiff.model.data import build_dataset
+from isodiff.model.diffusion import build_scheduler
+from isodiff.model.latent import Codec, build_codec
+from isodiff.model.unet import MAX_ABS_WEIGHT, HUNet, diverged, init_unet
+from isodiff.runs.files import (
+    field_problem,
+    file_hashes,
+    mapping_problem,
+    read_json,
+    replace_durably,
+)
+from isodiff.runs.status import read_status, write_status
+from isodiff.train.objective import DiffusionObjective, build_regulariser
+
+log = logging.getLogger(__name__)
+CHECKPOINT_PREFIX = "step_"
+CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}(\d{{8}})")  # what save_checkpoint names
+
+
+class NonFiniteLossError(UserError, RuntimeError):
+    """The loss became nan/inf: the job stops and nothing is written as final."""
+
+
+class DivergedWeightsError(UserError, RuntimeError):
+    """Training ended with nan, inf or out-of-range weights (model.unet.diverged): the job fails
+    instead of being marked done."""
+
+
+class StepBatches:
+    """Batch sampler: micro-batch m of process r holds the dataset positions
+    [m*B*W + r*B, m*B*W + (r+1)*B) of an endless stream of per-epoch permutations."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, rank: int = 0,
+                 world: int = 1) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.start, self.rank, self.world = start, rank, world
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _index(self, position: int) -> int:
+        epoch = position // self.n
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n, generator=seeding.generator(
+                self.seed, "data", epoch))}
+        return int(self._perms[epoch][position % self.n])
+
+    def __iter__(self) -> Iterator[list[int]]:
+        micro = self.start
+        while True:
+            first = (micro * self.world + self.rank) * self.batch_size
+            yield [self._index(p) for p in range(first, first + self.batch_size)]
+            micro += 1
+
+
+@dataclass
+class TrainState:
+    """What the loop needs besides the prepared objective."""
+
+    accelerator: Accelerator
+    objective: DiffusionObjective
+    unet: HUNet
+    ema: EMAModel
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    codec: Codec  # images -> the space the U-Net models (the identity for a pixel model)
+
+
+def build_state(cfg: TrainConfig, accelerator: Accelerator) -> TrainState:
+    """The model, objective, optimizer and EMA of `cfg` (whose train.steps is resolved)."""
+    torch.manual_seed(seeding.derive_seed(cfg.seed, "init"))
+    unet = init_unet(cfg.model, cfg.init_from)
+    regulariser = build_regulariser(cfg.iso) if cfg.regularised else None
+    objective = DiffusionObjective(unet, build_scheduler(cfg.diffusion), cfg.lambda_iso,
+                                   regulariser)
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=o.lr, betas=tuple(o.betas),
+                                  weight_decay=o.weight_decay, eps=o.eps)
+    # Stepped by us once per optimizer step (accelerate's wrapper would step it per process).
+    lr_scheduler = get_scheduler(o.lr_schedule.value, optimizer, num_warmup_steps=o.warmup_steps,
+                                 num_training_steps=cfg.train.steps)
+    ema = EMAModel(unet.parameters(), decay=o.ema_decay, use_ema_warmup=o.ema_warmup,
+                   power=o.ema_power, model_cls=HUNet, model_config=unet.config)
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    ema.to(accelerator.device)
+    accelerator.register_for_checkpointing(ema, lr_scheduler)
+    return TrainState(accelerator, objective, accelerator.unwrap_model(objective).unet, ema,
+                      optimizer, lr_scheduler, build_codec(cfg.latent, accelerator.device))
+
+
+def check_weights(state: TrainState, cfg: TrainConfig) -> None:
+    """Raises DivergedWeightsError naming the diverged tensors of the weights or of their
+    EMA, and the settings to lower."""
+    names = [n for n, _ in state.unet.named_parameters()]
+    bad = {"weights": diverged(state.unet.named_parameters()),
+           "EMA weights": diverged(zip(names, state.ema.shadow_params, strict=True))}
+    if any(bad.values()):
+        detail = "; ".join(f"{kind}: {len(found)} tensors, e.g. {found[0]}"
+                           for kind, found in bad.items() if found)
+        raise DivergedWeightsError(
+            f"training ended with diverged weights (nan, inf or |w| > {MAX_ABS_WEIGHT:g}; "
+            f"{detail}); nothing was saved as final: "
+            f"lower optim.lr={cfg.optim.lr:g} or lambda_iso={cfg.lambda_iso:g}")
+
+
+def environment(acc: Accelerator) -> dict[str, Any]:
+    """What decides the bits of a step besides the config. It is recorded, not part of the
+    job's identity (the same job gets the same folder on any machine); a resume under
+    another one is warned about and recorded in status.json as `not_bitwise`."""
+    return {"torch": torch.__version__, "device": str(acc.device),
+            "cuda": torch.version.cuda if acc.device.type == "cuda" else None,
+            "threads": torch.get_num_threads() if acc.device.type == "cpu" else None,
+            "processes": acc.num_processes}
+
+
+def environment_change(saved: dict[str, Any] | None, now: dict[str, Any]) -> str | None:
+    """How `now` differs from the environment a checkpoint was written under (None: same)."""
+    if saved is None:
+        return None  # a checkpoint of an older isodiff: nothing to compare
+    changed = [f"{k}={now.get(k)} (checkpoint: {saved.get(k)})" for k in sorted({*saved, *now})
+               if saved.get(k) != now.get(k)]
+    return ", ".join(changed) or None
+
+
+def checkpoint_meta_problem(meta: dict[str, Any]) -> str | None:
+    """A checkpoint's meta.json shape as resume reads it (None: fine): without the sha256
+    of its files a checkpoint could not be checked before it is loaded."""
+    return (field_problem(meta, "step", "int", required=True)
+            or mapping_problem(meta.get("files"), "files", lambda name, digest: None
+                                    if isinstance(digest, str) else f"files[{name!r}] is not "
+                                    "a sha256 string")
+            or field_problem(meta, "environment", "object"))
+
+
+def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Checkpoints renamed into place (named exactly as save_checkpoint names them, holding
+    meta.json), newest first. Anything else in checkpoints/ (a user's `step_00000003.bak`)
+    is neither resumed from nor rotated away."""
+    found = [(int(match[1]), p) for p in (run_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*")
+             if (match := CHECKPOINT_NAME.fullmatch(p.name)) and (p / "meta.json").is_file()]
+    return sorted(found, reverse=True)
+
+
+def resume(state: TrainState, run_dir: Path) -> tuple[int, str | None]:
+    """Load the newest checkpoint that loads completely; returns its step (0: none) and
+    how the environment differs from the one that wrote it (None: same, or no checkpoint).
+
+    A checkpoint can be complete and still damaged (a full disk, a killed copy): one whose
+    files do not load is skipped, with the reason, and once an older one has loaded it is
+    moved to checkpoints/.corrupt-* so that training can write that step again. Fails,
+    naming them and moving nothing, when checkpoints exist and none loads.
+    """
+    acc, skipped = state.accelerator, []
+    for step, path in complete_checkpoints(run_dir):
+        try:
+            meta = read_json(path / "meta.json", shape=checkpoint_meta_problem)
+            if meta["step"] != step:  # a folder renamed by hand: its state is of another step
+                raise ValueError(f"meta.json records step {meta['step']}, its name {step}")
+            if (found := file_hashes(path, skip="meta.json")) != meta["files"]:
+                changed = sorted(k for k in {*found, *meta["files"]}
+                                 if found.get(k) != meta["files"].get(k))
+                raise ValueError(f"{', '.join(changed)} differ from their sha256 in meta.json")
+            acc.load_state(str(path))
+        except Exception as err:  # any damaged file: safetensors, torch pickles, JSON
+            skipped.append((path, f"{type(err).__name__}: {str(err)[:200]}"))
+            log.warning("checkpoint %s does not load (%s): skipped", path, skipped[-1][1])
+            continue
+        acc.wait_for_everyone()
+        for bad, _ in skipped if acc.is_main_process else []:
+            aside = bad.with_name(f".corrupt-{bad.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            bad.rename(aside)
+        if skipped:
+            log.warning("resuming from %s, the newest checkpoint that loads; the damaged "
+                        "ones are kept as checkpoints/.corrupt-*", path.name)
+        if change := environment_change(meta.get("environment"), environment(acc)):
+            log.warning("resuming %s at step %d with %s: the weights will not be bitwise "
+                        "those of an uninterrupted run", run_dir.name, step, change)
+        return step, change
+    if skipped:
+        raise UserError(f"no checkpoint of {run_dir} loads: "
+                        + "; ".join(f"{p.name} ({why})" for p, why in skipped)
+                        + ": delete its checkpoints/ folder to train it from step 0")
+    return 0, None
+
+
+def save_checkpoint(state: TrainState, run_dir: Path, step: int, keep: int) -> None:
+    """accelerate save_state into a temp folder, then rename: a kill never leaves a
+    checkpoint that looks complete. Older checkpoints beyond `keep` are removed."""
+    acc = state.accelerator
+    ckpt_dir = run_dir / "checkpoints"
+    tmp = ckpt_dir / f".tmp-{CHECKPOINT_PREFIX}{step:08d}"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    acc.wait_for_everyone()  # every rank's files are in tmp before it is renamed
+    if acc.is_main_process:
+        # written last: the sha256 of every file, checked before a resume loads them
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "files": file_hashes(tmp),
+                                                   "environment": environment(acc)}))
+        replace_durably(tmp, ckpt_dir / f"{CHECKPOINT_PREFIX}{step:08d}")
+        for _, old in complete_checkpoints(run_dir)[keep:]:
+            shutil.rmtree(old)
+    acc.wait_for_everyone()
+
+
+def write_grid(state: TrainState, cfg: TrainConfig, run_dir: Path, step: int,
+               tb: SummaryWriter | None) -> None:
+    """samples/step_<step>.png (and TensorBoard's samples image): the EMA weights' DDIM
+    samples from fixed x_T. Sampling draws from its own generators and leaves the
+    weights as they were, so a run with grids trains bitwise as one without."""
+    loop = cfg.train
+    if not (loop.grid_samples and state.accelerator.is_main_process):
+        return
+    params, mode = list(state.unet.parameters()), state.unet.training
+    state.ema.store(params)
+    state.ema.copy_to(params)
+    try:
+        grid = pictures.sample_grid(state.unet, cfg.diffusion, loop.grid_samples,
+                                    loop.grid_steps, codec=state.codec)
+    finally:
+        state.ema.restore(params)
+        state.unet.train(mode)
+    pictures.save_png(grid, run_dir / "samples" / f"step_{step:08d}.png",
+                      scale=max(1, 64 // cfg.data.resolution))
+    if tb is not None:
+        tb.add_image("samples", grid, step)
+
+
+def save_final(state: TrainState, run_dir: Path) -> None:
+    """final/unet (raw weights) and final/unet_ema, via a temp folder and one rename."""
+    if not state.accelerator.is_main_process:
+        return
+    tmp, final = run_dir / ".tmp-final", run_dir / "final"
+    shutil.rmtree(tmp, ignore_errors=True)
+    state.unet.save_pretrained(tmp / "unet")
+    params = list(state.unet.parameters())
+    state.ema.store(params)
+    state.ema.copy_to(params)
+    state.unet.save_pretrained(tmp / "unet_ema")
+    state.ema.restore(params)
+    shutil.rmtree(final, ignore_errors=True)
+    replace_durably(tmp, final)
+
+
+class MetricLog:
+    """metrics.csv + TensorBoard, main process only; rows past a resume point are dropped."""
+
+    FIELDS = ("step", "loss", "mse", "iso", "lr", "steps_per_s", "liso_heldout")
+
+    def __init__(self, run_dir: Path, start_step: int, enabled: bool) -> None:
+        self.enabled, self.tb = enabled, None
+        if not enabled:
+            return
+        self.path = run_dir / "metrics.csv"
+        rows = []
+        if self.path.exists():
+            with self.path.open() as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
+        with self.path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, self.FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1)
+
+    def write(self, row: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, self.FIELDS).writerow({k: row.get(k, "") for k in self.FIELDS})
+        for key, value in row.items():
+            if key != "step":
+                self.tb.add_scalar(f"train/{key}", value, row["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tb.close()
+
+
+def draw_timesteps(cfg: TrainConfig, batch_size: int, g: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """t for one micro-batch and the mask of samples that get the iso loss."""
+    T = cfg.diffusion.num_train_timesteps
+    if not cfg.regularised:
+        return torch.randint(0, T, (batch_size,), generator=g), torch.zeros(batch_size, dtype=bool)
+    return sample_timesteps(batch_size, T, cfg.iso.window, cfg.iso.schedule.value, g)
+
+
+def step_mean(acc: Accelerator, totals: dict[str, float]) -> dict[str, float]:
+    """The whole step's losses from every process's: the mean over processes. A process
+    whose micro-batches had no iso term has none ("iso" absent) and counts it as 0, as one
+    process accumulating all the micro-batches would."""
+    keys = ("loss", "mse", "iso")
+    values = torch.tensor([totals.get(k, 0.0) for k in keys] + [float("iso" in totals)],
+                          dtype=torch.float64, device=acc.device)
+    *means, any_iso = acc.reduce(values, "sum").tolist()
+    out = {k: v / acc.num_processes for k, v in zip(keys, means, strict=True)}
+    if not any_iso:
+        del out["iso"]
+    return out
+
+
+class HeldoutCurve:
+    """Held-out L_iso (metrics.liso's liso_scaled) of the trained U-Net on the first
+    train.heldout_n test images, fixed noise and probes, at the window's first, middle and
+    last timesteps: comparable across steps and across the runs of a table."""
+
+    def __init__(self, cfg: TrainConfig, codec: Codec, device: torch.device) -> None:
+        test = build_dataset(cfg.data, "test")
+        n = min(cfg.train.heldout_n, len(test))
+        self.x_0 = codec.encode(torch.stack([test[i][0] for i in range(n)]).to(device)).cpu()
+        T, start = cfg.diffusion.num_train_timesteps, int(cfg.iso.window * cfg.diffusion
+                                                          .num_train_timesteps)
+        self.timesteps = sorted({start, (start + T) // 2, T - 1})
+        self.alphas = build_scheduler(cfg.diffusion).alphas_cumprod.double()
+        self.device = device
+
+    def __call__(self, unet: HUNet) -> float:
+        from isodiff.evaluate.metrics.liso import heldout_liso  # the metric's quantity, one batch
+        return heldout_liso(unet.encode_h, self.x_0, 0, self.timesteps, self.alphas,
+                            device=self.device)
+
+
+def train(cfg: TrainConfig, run_dir: Path) -> dict:
+    """Train (or resume) the job in run_dir; returns a summary for status.json."""
+    acc = Accelerator(mixed_precision=cfg.train.mixed_precision.value)
+    if cfg.train.cpu_threads and acc.device.type == "cpu":
+        torch.set_num_threads(cfg.train.cpu_threads)
+    dataset: Dataset = build_dataset(cfg.data, "train")
+    # images: a pass over the distinct images (data.flip's mirrored copies are not new ones)
+    images = len(dataset) // (2 if cfg.data.flip else 1)
+    cfg = dataclasses.replace(cfg, train=cfg.train.resolved(images, acc.num_processes))
+    state, loop = build_state(cfg, acc), cfg.train
+    start_step, change = resume(state, run_dir)
+    if start_step:
+        log.info("resuming %s from step %d", run_dir, start_step)
+    if acc.is_main_process and (status := read_status(run_dir)) is not None:
+        # how this attempt's weights may differ from an uninterrupted run's (reset at step 0)
+        before = status.get("not_bitwise") or []
+        record = [*(before if start_step else []),
+                  *([f"resumed at step {start_step} with {change}"] if change else [])]
+        if record != before:
+            write_status(run_dir, status["state"], not_bitwise=record or None)
+    batches = iter(DataLoader(dataset, num_workers=cfg.data.num_workers, batch_sampler=StepBatches(
+        len(dataset), loop.batch_size, cfg.seed, start_step * loop.grad_accum,
+        acc.process_index, acc.num_processes)))
+    metric_log = MetricLog(run_dir, start_step, acc.is_main_process)
+    progress = tqdm(total=loop.steps, initial=start_step, desc=f"train {run_dir.name}",
+                    disable=not (acc.is_main_process and loop.progress), dynamic_ncols=True)
+    curve = HeldoutCurve(cfg, state.codec, acc.device) \
+        if loop.heldout_every and acc.is_main_process else None
+    if curve is not None and start_step == 0:
+        metric_log.write({"step": 0, "liso_heldout": curve(state.unet)})
+    tic, last_logged, last = time.perf_counter(), start_step, {}
+    for step in range(start_step, loop.steps):
+        totals: dict[str, float] = {}
+        for micro in range(loop.grad_accum):
+            x0 = state.codec.encode(next(batches)[0].to(acc.device))  # no graph: frozen
+            # keyed by the micro-batch's place in the step over all processes (its data's
+            # place too, StepBatches): W processes draw what one process accumulating W
+            # times as often draws, and a single process draws what it always drew
+            g = seeding.generator(cfg.seed, "train", step,
+                                  micro * acc.num_processes + acc.process_index, 0)
+            t, iso_mask = draw_timesteps(cfg, x0.shape[0], g)
+            noise = torch.randn(x0.shape, generator=g).to(acc.device)
+            sync = (contextlib.nullcontext() if micro == loop.grad_accum - 1
+                    else acc.no_sync(state.objective))
+            with sync, acc.autocast():
+                out = state.objective(x0, noise, t.to(acc.device), iso_mask.to(acc.device),
+                                      generator=g)
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                values = {k: float(v.detach()) for k, v in out.items()}
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {step} ({values}); lower optim.lr or lambda_iso, "
+                    "or train with train.mixed_precision=no")
+            acc.backward(loss / loop.grad_accum)
+            for key, value in out.items():
+                totals[key] = totals.get(key, 0.0) + float(value.detach()) / loop.grad_accum
+        if cfg.optim.grad_clip > 0:
+            acc.clip_grad_norm_(state.unet.parameters(), cfg.optim.grad_clip)
+        state.optimizer.step()
+        state.lr_scheduler.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        state.ema.step(state.unet.parameters())
+        done = step + 1
+        progress.update(1)
+        progress.set_postfix(loss=f"{totals['loss']:.4f}")
+        # every process takes the same branch (step_mean is collective); the main one measures
+        heldout = bool(loop.heldout_every) and (done % loop.heldout_every == 0
+                                                or done == loop.steps)
+        if done % loop.log_every == 0 or done == loop.steps or heldout:
+            elapsed = time.perf_counter() - tic
+            if acc.num_processes > 1:
+                totals = step_mean(acc, totals)
+            last = {"step": done, **totals, "lr": state.lr_scheduler.get_last_lr()[0],
+                    "steps_per_s": (done - last_logged) / max(elapsed, 1e-9)}
+            metric_log.write({**last, **({"liso_heldout": curve(state.unet)}
+                                         if heldout and curve is not None else {})})
+            tic, last_logged = time.perf_counter(), done
+        if done % loop.checkpoint_every == 0 and done < loop.steps:
+            save_checkpoint(state, run_dir, done, loop.keep_checkpoints)
+            write_grid(state, cfg, run_dir, done, metric_log.tb)
+    progress.close()
+    check_weights(state, cfg)
+    save_final(state, run_dir)
+    write_grid(state, cfg, run_dir, loop.steps, metric_log.tb)
+    metric_log.close()
+    acc.wait_for_everyone()
+    return {"step": loop.steps, "grad_accum": loop.grad_accum, "environment": environment(acc),
+            "final_loss": last.get("loss", math.nan),
+            "final_mse": last.get("mse", math.nan), "steps_per_s": last.get("steps_per_s")}
