@@ -147,6 +147,11 @@ class IsoConfig:
                "must be in (0, 1]")
         _check(0.0 < self.path_length_decay <= 1.0, "iso.path_length_decay",
                self.path_length_decay, "must be in (0, 1]")
+        # isometry.py: the official loss draws its chart probe from a Gaussian only
+        _check(self.metric != IsoMetric.isodiff_compat or self.probe == Probe.gaussian,
+               "iso.probe", Probe(self.probe).value, "iso.metric=isodiff_compat is the "
+               "official loss, whose chart probe is Gaussian: use iso.probe=gaussian, or "
+               "another iso.metric (euclidean, spherical) with iso.probe=rademacher")
 
 
 @dataclass
@@ -174,6 +179,8 @@ class DataConfig:
         _check(self.name != DatasetName.folder or bool(self.root), "data.root", self.root,
                "data=folder needs data.root=/path/to/images")
         _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
+        _check(self.seed >= 0, "data.seed", self.seed, "must be >= 0 (numpy seeds the draw "
+               "of the shapes' factors with it)")
         _check(self.attributes is None or self.name == DatasetName.folder, "data.attributes",
                self.attributes, f"data={DatasetName(self.name).value} has its own factors: "
                "attribute files are for data=folder; drop data.attributes")
@@ -414,6 +421,16 @@ class TrainConfig:
                self.model.out_channels, f"must equal the channels of {what} ({channels})")
         _check(self.model.sample_size == size, "model.sample_size", self.model.sample_size,
                f"must equal the resolution of {what} ({size})")
+        # Every block but the last halves the image; the up path concatenates the skips, so
+        # an odd size on the way down (9 -> 5 -> 10) no longer matches on the way up.
+        halvings = len(self.model.block_out_channels) - 1
+        if size % 2**halvings:
+            fit = max(2**halvings, round(size / 2**halvings) * 2**halvings)
+            _check(False, "data.resolution", self.data.resolution,
+                   f"the U-Net halves {what}'s size ({size}) {halvings} time(s) "
+                   f"(model.block_out_channels has {halvings + 1} blocks), so it must be a "
+                   f"multiple of {2**halvings}: e.g. data.resolution="
+                   f"{fit * (self.data.resolution // size)}")
 
     @property
     def regularised(self) -> bool:
