@@ -455,6 +455,34 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
+def check_run_folder(run: str) -> None:
+    """ConfigError naming run= when it is a file (status.json, a weights file) rather than
+    the run folder, with the folder to pass instead."""
+    path = Path(run).expanduser()
+    if path.exists() and not path.is_dir():
+        parent = next((p for p in path.parents if (p / "status.json").is_file()), None)
+        fix = f"run={parent}" if parent else "the folder of the run, which holds status.json"
+        raise ConfigError(f"run={run!r} is a file, not a run folder: pass {fix}")
+
+
+def check_device(name: str) -> None:
+    """ConfigError naming device= when the device asked for is not on this machine: checked
+    before any model or metric is loaded, so nothing is recorded as failed."""
+    import torch  # here: config.py stays light for the commands that never need torch
+
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name.partition(":")[2] or 0)
+        if index >= count:
+            seen = f"{count} CUDA device(s) visible" if count else "no CUDA GPU visible"
+            raise ConfigError(f"device={name!r}: {seen} here (torch.cuda.is_available() is "
+                              f"{torch.cuda.is_available()}): use device=auto or device=cpu"
+                              + (f", or cuda:0..cuda:{count - 1}" if count else ""))
+    elif name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device='mps': no Apple GPU here (torch.backends.mps.is_available()"
+                          " is False): use device=auto or device=cpu")
+
+
 def tier_config(tier: str) -> TierConfig:
     """The `tier` node of conf/tier/<tier>.yaml, validated (ConfigError for an unknown tier)."""
     path = CONF / "tier" / f"{tier}.yaml"
