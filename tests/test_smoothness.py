@@ -212,3 +212,18 @@ def test_tiny_diffusers_unet() -> None:
     assert len(grads) > 0.9 * len(list(unet.parameters()))
     assert all(torch.isfinite(gr).all() for gr in grads)
     assert float(reg.pl_mean) > 0 and int(reg.pl_updates) == 1
+
+
+def test_imports_torch_alone() -> None:
+    """Like the core library: importing isodiff.smoothness loads none of the suite's
+    dependencies."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nimport isodiff.smoothness\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    loaded = set(eval(out))
+    suite = {"hydra", "omegaconf", "diffusers", "transformers", "lpips", "scipy", "PIL"}
+    assert "torch" in loaded and not loaded & suite, loaded & suite
