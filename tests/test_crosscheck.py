@@ -22,16 +22,18 @@ not do (1e-7 / 1e-4 = 1e-3).
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
-
-# a dev dependency (pyproject): its absence is an install error, not a skipped test
-import torchmetrics.functional.image.perceptual_path_length as tm_ppl
 from torch import Tensor, nn
 
 from isodiff.evaluate.metrics.ppl import path_images, percentile_mean, step_lengths
 
+# a dev dependency (pyproject): its absence is an install error, not a skipped test; the
+# module, not the function torchmetrics re-exports under the same name
+tm_ppl = importlib.import_module("torchmetrics.functional.image.perceptual_path_length")
 EPS = 1e-4
 Z = 8
 
