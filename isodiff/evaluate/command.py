@@ -28,7 +28,7 @@ def main(cfg: DictConfig) -> dict:
         _stop(err, USAGE)
     # Only a valid config loads torch and the models (isodiff.evaluate.measure): a typo's error
     # comes in about a second.
-    from isodiff.evaluate.command import parallel
+    from isodiff.evaluate import parallel
     from isodiff.evaluate.measure import EvaluationFailed, evaluate_run
 
     ranks, device = parallel.join()  # a launcher's processes share the work (one writer)

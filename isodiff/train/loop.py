@@ -356,8 +356,61 @@ class HeldoutCurve:
                             device=self.device)
 
 
+def record_resume(run_dir: Path, start_step: int, change: str | None) -> None:
+    """Note in status.json how this attempt's weights may differ from an uninterrupted run's
+    (the list is reset when the job starts again from step 0)."""
+    if (status := read_status(run_dir)) is None:
+        return
+    before = status.get("not_bitwise") or []
+    record = [*(before if start_step else []),
+              *([f"resumed at step {start_step} with {change}"] if change else [])]
+    if record != before:
+        write_status(run_dir, status["state"], not_bitwise=record or None)
+
+
+def accumulate(state: TrainState, cfg: TrainConfig, acc: Accelerator, batches: Iterator,
+               step: int) -> dict[str, float]:
+    """Forward and backward of the step's micro-batches; their mean loss terms."""
+    loop, totals = cfg.train, {}
+    for micro in range(loop.grad_accum):
+        x0 = state.codec.encode(next(batches)[0].to(acc.device))  # no graph: frozen
+        # keyed by the micro-batch's place in the step over all processes (its data's place
+        # too, StepBatches): W processes draw what one process accumulating W times as often
+        # draws, and a single process draws what it always drew
+        g = seeding.generator(cfg.seed, "train", step,
+                              micro * acc.num_processes + acc.process_index, 0)
+        t, iso_mask = draw_timesteps(cfg, x0.shape[0], g)
+        noise = torch.randn(x0.shape, generator=g).to(acc.device)
+        sync = (contextlib.nullcontext() if micro == loop.grad_accum - 1
+                else acc.no_sync(state.objective))
+        with sync, acc.autocast():
+            out = state.objective(x0, noise, t.to(acc.device), iso_mask.to(acc.device),
+                                  generator=g)
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            values = {k: float(v.detach()) for k, v in out.items()}
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} ({values}); lower optim.lr or lambda_iso, "
+                "or train with train.mixed_precision=no")
+        acc.backward(loss / loop.grad_accum)
+        for key, value in out.items():
+            totals[key] = totals.get(key, 0.0) + float(value.detach()) / loop.grad_accum
+    return totals
+
+
+def update(state: TrainState, cfg: TrainConfig, acc: Accelerator) -> None:
+    """The optimiser's step: gradient clipping, parameters, learning rate, EMA."""
+    if cfg.optim.grad_clip > 0:
+        acc.clip_grad_norm_(state.unet.parameters(), cfg.optim.grad_clip)
+    state.optimizer.step()
+    state.lr_scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.ema.step(state.unet.parameters())
+
+
 def train(cfg: TrainConfig, run_dir: Path) -> dict:
     """Train (or resume) the job in run_dir; returns a summary for status.json."""
+    # 1. The accelerator, the data, and the job's state resumed from its newest checkpoint
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision.value)
     if cfg.train.cpu_threads and acc.device.type == "cpu":
         torch.set_num_threads(cfg.train.cpu_threads)
@@ -369,13 +422,10 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
     start_step, change = resume(state, run_dir)
     if start_step:
         log.info("resuming %s from step %d", run_dir, start_step)
-    if acc.is_main_process and (status := read_status(run_dir)) is not None:
-        # how this attempt's weights may differ from an uninterrupted run's (reset at step 0)
-        before = status.get("not_bitwise") or []
-        record = [*(before if start_step else []),
-                  *([f"resumed at step {start_step} with {change}"] if change else [])]
-        if record != before:
-            write_status(run_dir, status["state"], not_bitwise=record or None)
+    if acc.is_main_process:
+        record_resume(run_dir, start_step, change)
+
+    # 2. The data stream from that step on; the logs and the held-out L_iso curve
     batches = iter(DataLoader(dataset, num_workers=cfg.data.num_workers, batch_sampler=StepBatches(
         len(dataset), loop.batch_size, cfg.seed, start_step * loop.grad_accum,
         acc.process_index, acc.num_processes)))
@@ -386,38 +436,12 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
         if loop.heldout_every and acc.is_main_process else None
     if curve is not None and start_step == 0:
         metric_log.write({"step": 0, "liso_heldout": curve(state.unet)})
+
+    # 3. The steps: accumulate, update, log, checkpoint
     tic, last_logged, last = time.perf_counter(), start_step, {}
     for step in range(start_step, loop.steps):
-        totals: dict[str, float] = {}
-        for micro in range(loop.grad_accum):
-            x0 = state.codec.encode(next(batches)[0].to(acc.device))  # no graph: frozen
-            # keyed by the micro-batch's place in the step over all processes (its data's
-            # place too, StepBatches): W processes draw what one process accumulating W
-            # times as often draws, and a single process draws what it always drew
-            g = seeding.generator(cfg.seed, "train", step,
-                                  micro * acc.num_processes + acc.process_index, 0)
-            t, iso_mask = draw_timesteps(cfg, x0.shape[0], g)
-            noise = torch.randn(x0.shape, generator=g).to(acc.device)
-            sync = (contextlib.nullcontext() if micro == loop.grad_accum - 1
-                    else acc.no_sync(state.objective))
-            with sync, acc.autocast():
-                out = state.objective(x0, noise, t.to(acc.device), iso_mask.to(acc.device),
-                                      generator=g)
-            loss = out["loss"]
-            if not torch.isfinite(loss):
-                values = {k: float(v.detach()) for k, v in out.items()}
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {step} ({values}); lower optim.lr or lambda_iso, "
-                    "or train with train.mixed_precision=no")
-            acc.backward(loss / loop.grad_accum)
-            for key, value in out.items():
-                totals[key] = totals.get(key, 0.0) + float(value.detach()) / loop.grad_accum
-        if cfg.optim.grad_clip > 0:
-            acc.clip_grad_norm_(state.unet.parameters(), cfg.optim.grad_clip)
-        state.optimizer.step()
-        state.lr_scheduler.step()
-        state.optimizer.zero_grad(set_to_none=True)
-        state.ema.step(state.unet.parameters())
+        totals = accumulate(state, cfg, acc, batches, step)
+        update(state, cfg, acc)
         done = step + 1
         progress.update(1)
         progress.set_postfix(loss=f"{totals['loss']:.4f}")
@@ -437,6 +461,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
             save_checkpoint(state, run_dir, done, loop.keep_checkpoints)
             write_grid(state, cfg, run_dir, done, metric_log.tb)
     progress.close()
+
+    # 4. The final weights: checked for divergence, saved, and their sample grid
     check_weights(state, cfg)
     save_final(state, run_dir)
     write_grid(state, cfg, run_dir, loop.steps, metric_log.tb)
