@@ -96,7 +96,7 @@ def test_identity_is_the_files_not_the_path(tmp_path: Path) -> None:
     a = save_model(tmp_path / "a")
     first = prepare(released_config(a, runs))
     shutil.copytree(a, tmp_path / "copy")
-    assert prepare(released_config(tmp_path / "copy", runs, "name=other")) == first
+    assert prepare(released_config(tmp_path / "copy", runs, "released_name=other")) == first
 
     changed = tmp_path / "changed"
     torch.manual_seed(0)
@@ -144,15 +144,24 @@ def test_a_pipeline_folder_and_its_schedule(tmp_path: Path) -> None:
 def test_released_user_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="needs the data it models"):
         to_evaluate_config(compose("evaluate", [f"released={tmp_path}", "eval=smoke"]))
+    with pytest.raises(ConfigError, match="for released= only"):
+        to_evaluate_config(compose("evaluate", ["run=/nowhere", "data=shapes"]))
     with pytest.raises(ConfigError, match="name one model"):
         to_evaluate_config(compose("evaluate", ["eval=smoke"]))
     with pytest.raises(ConfigError, match="no such folder"):
         prepare(released_config(tmp_path / "absent", tmp_path / "runs"))
     with pytest.raises(ConfigError, match="no diffusers U-Net"):
         prepare(released_config(tmp_path, tmp_path / "runs"))
-    with pytest.raises(ConfigError, match="pass tier="):
+    with pytest.raises(ConfigError, match="pass released_tier="):
         to_evaluate_config(compose("evaluate", [f"released={tmp_path}", "data=shapes",
                                                 "eval=base"]))
+    cfg = to_evaluate_config(compose("evaluate", [f"released={tmp_path}", "data=shapes",
+                                                  "eval=base", "released_tier=quick",
+                                                  "released_name=mine"]))
+    assert (cfg.released_tier, cfg.released_name) == ("quick", "mine")
+    with pytest.raises(ConfigError, match="released_name"):
+        to_evaluate_config(compose("evaluate", [f"released={tmp_path}", "data=shapes",
+                                                "released_name=a/b"]))
 
 
 def test_the_command_says_what_to_fix(tmp_path: Path) -> None:

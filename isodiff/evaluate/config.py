@@ -57,9 +57,10 @@ class EvaluateConfig:
     # pipeline folder, or a cached hub id, with the data it models (data=<group>)
     released: str | None = None
     data: DataConfig | None = None  # released=: its data, keys as training's (data=shapes)
-    tier: str | None = None  # released=: its folder's tier (null: eval's preset name)
+    # released=: its folder's tier (null: eval's preset name; `tier` is training's group)
+    released_tier: str | None = None
     run_root: str = "runs"  # released=: <run_root>/<tier>/released/<name>-<sha256 prefix>
-    name: str | None = None  # released=: its folder's name (null: the model folder's)
+    released_name: str | None = None  # released=: its folder's name (null: the model's)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ema: bool = True  # the EMA weights (final/unet_ema) when the run has them
     seed: int = 0  # sample i of every metric is seeded by (seed, i)
@@ -85,6 +86,10 @@ class EvaluateConfig:
                               "hub id> with data=<its data>")
         if self.released is not None:
             self._check_released()
+        elif given := [k for k in ("data", "released_tier", "released_name")
+                       if getattr(self, k) is not None]:
+            raise ConfigError(f"{', '.join(given)}: for released= only (a run's data and "
+                              "folder are its own): drop them")
 
     def _check_released(self) -> None:
         """released= needs its data; its folder's tier and name are folder names."""
@@ -92,14 +97,15 @@ class EvaluateConfig:
             raise ConfigError(f"released={self.released!r} needs the data it models: "
                               "data=shapes, data=mnist or data=folder data.root=<images> "
                               "(with data.resolution= the model's size)")
-        if self.tier is None:
+        if self.released_tier is None:
             if not (CONF / "tier" / f"{self.eval.name}.yaml").is_file():
-                raise ConfigError(f"eval={self.eval.name} is no tier's name: pass tier= "
-                                  "(smoke, quick or paper) for the released model's folder")
-            self.tier = self.eval.name
-        tier_config(self.tier)  # a tier's name, or ConfigError
-        if self.name is not None:
-            folder_part("name", self.name)
+                raise ConfigError(f"eval={self.eval.name} is no tier's name: pass "
+                                  "released_tier= (smoke, quick or paper), the tier whose "
+                                  "folder holds the released model's")
+            self.released_tier = self.eval.name
+        tier_config(self.released_tier)  # a tier's name, or ConfigError
+        if self.released_name is not None:
+            folder_part("released_name", self.released_name)
 
 
 def metric_of(value: str) -> str:

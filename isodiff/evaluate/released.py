@@ -154,14 +154,14 @@ def find_folder(parent: Path, digest: str) -> Path | None:
 def prepare(cfg: EvaluateConfig) -> Path:
     """The released model's folder, made or found by its digest, with status.json and
     config.yaml; returns it (evaluate_run measures it as a run)."""
-    assert cfg.released is not None and cfg.data is not None and cfg.tier is not None
+    assert cfg.released is not None and cfg.data is not None and cfg.released_tier is not None
     root, unet_dir = locate(cfg.released)
     record, digest = identity(unet_dir)
     diffusion, origin = schedule(root, unet_dir)
-    parent = Path(cfg.run_root).expanduser() / cfg.tier / EXPERIMENT
+    parent = Path(cfg.run_root).expanduser() / cfg.released_tier / EXPERIMENT
     folder = find_folder(parent, digest)
     if folder is None:
-        name = cfg.name or model_name(cfg.released, root)
+        name = cfg.released_name or model_name(cfg.released, root)
         folder = parent / f"{name}-{digest[:DIGEST_CHARS]}"
         folder.mkdir(parents=True, exist_ok=True)
         log.info("released model %s: new folder %s", digest[:DIGEST_CHARS], folder)
@@ -173,7 +173,7 @@ def prepare(cfg: EvaluateConfig) -> Path:
     released = {"sha256": digest, "name": folder.name.rsplit("-", 1)[0], "schedule": origin}
     config = {"experiment": EXPERIMENT, "name": folder.name, "released": released,
               "data": _plain(cfg.data), "diffusion": _plain(diffusion),
-              "tier": {"name": cfg.tier}}
+              "tier": {"name": cfg.released_tier}}
     atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(config))
     # where the files were read this time (provenance, never identity), and their record
     # with this location's sizes and mtimes (the digest is the same by construction)
