@@ -190,3 +190,59 @@ def test_a_hub_id_in_the_local_cache(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert prepare(released_config(snapshot / "unet", tmp_path / "runs")) == folder
     with pytest.raises(ConfigError, match="local Hugging Face cache"):
         prepare(released_config("acme/absent", tmp_path / "runs"))
+
+
+def _measured(model: Path, runs: Path, tier: str, fid: float) -> Path:
+    """The released model's folder at `tier` with a stored fid (as an evaluation leaves)."""
+    folder = prepare(released_config(model, runs, f"released_tier={tier}"))
+    digest = read_status(folder)["released"]["sha256"]
+    (folder / "metrics.json").write_text(json.dumps({"run": str(folder), "metrics": {
+        "fid": {"values": {"fid": fid}, "protocol": {"weights": "unet",
+                                                     "weights_sha256": digest}}}}))
+    return folder
+
+
+def test_a_spec_lists_released_models_as_rows(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spec's `released:` rows: the table shows an evaluated one beside the runs (found by
+    its files' sha256), and says what is missing of the others (the command to evaluate
+    it, or the model not found); the sweep evaluates them with released=."""
+    from isodiff.analysis.synthetic import write_runs
+    from isodiff.analysis.tables import build_table, to_markdown
+    from isodiff.sweep import command as sweep
+    from isodiff.sweep.specs import load_spec
+
+    model, later = save_model(tmp_path / "ddpm"), save_model(tmp_path / "later", seed=1)
+    text = (Path(__file__).parents[1] / "experiments" / "table_1.yaml").read_text()
+    spec_file = tmp_path / "table_1.yaml"
+    spec_file.write_text(text + f"""
+released:
+  - {{label: released DDPM, model: {model}, dataset: shapes,
+     data: [data=shapes, data.resolution=16, data.size=64]}}
+  - {{label: not yet, model: {later}, dataset: shapes}}
+  - {{label: gone, model: {tmp_path / 'gone'}, dataset: shapes}}
+  - {{label: other data, model: {model}, dataset: cifar}}
+""")
+    spec = load_spec(spec_file)
+    assert [r.label for r in spec.released_for("quick")] == ["released DDPM", "not yet", "gone"]
+    write_runs(tmp_path, spec, "quick")
+    _measured(model, tmp_path, "quick", fid=1.25)
+
+    table = build_table(collect_runs(tmp_path / "quick"), spec, "quick")
+    assert "shapes: released DDPM" in table.display.index
+    row = table.numbers.loc["shapes: released DDPM"]
+    assert row["fid_mean"] == 1.25 and row["fid_n"] == 1
+    assert len(table.display) == 5  # the four rows of the runs, and the released model
+    problems = "\n".join(table.problems)
+    assert "released=not yet: not evaluated (python -m isodiff.evaluate released=" in problems
+    assert "released=gone: released=" in problems and "no such folder" in problems
+    assert "released DDPM" not in problems
+    assert "released DDPM" in to_markdown(table, "quick")
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(sweep, "_multirun", lambda module, args: calls.append([module, *args]))
+    states = sweep.released_stage(spec, "quick", tmp_path / "quick", ["shapes"], "quick", [])
+    assert states == ["done", "not evaluated", "not evaluated"]
+    assert calls[0][:5] == ["isodiff.evaluate", f"released='{model}'", "data=shapes",
+                            "data.resolution=16", "data.size=64"]
+    assert "released_tier=quick" in calls[0] and calls[1][2] == "data=shapes"

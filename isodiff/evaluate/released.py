@@ -209,3 +209,10 @@ def data_and_diffusion(run_dir: Path) -> tuple[DataConfig, DiffusionConfig]:
                                                 config.data)),
             OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DiffusionConfig),
                                                 config.diffusion)))
+
+
+def folder_of(source: str, tier_root: Path) -> Path | None:
+    """The folder under <tier_root>/released/ of the model at `source` (hashed now), or None
+    when it has none yet; ConfigError when the model is not there."""
+    _, unet_dir = locate(source)
+    return find_folder(tier_root / EXPERIMENT, identity(unet_dir)[1])
