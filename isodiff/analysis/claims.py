@@ -266,7 +266,7 @@ def judge_all(df: pd.DataFrame, spec: Spec, tier: str, ids: list[str] | None = N
         name = claim.source or DEFAULT_SOURCE
         if name not in sources:
             source = load_spec(name)
-            sources[name] = source, spec_rows(df, source, tier)[0]
+            sources[name] = source, spec_rows(df, source, tier, released=False)[0]
         results += judge(sources[name][1], claim, sources[name][0], tier)
     return results
 

@@ -59,12 +59,14 @@ def _label(spec: Spec, pairs: list[tuple[str, object]]) -> str:
     return f"{dataset}: {_key(rest)}" if dataset else _key(rest)
 
 
-def spec_rows(df: pd.DataFrame, spec: Spec, tier: str) -> tuple[pd.DataFrame, list[str]]:
+def spec_rows(df: pd.DataFrame, spec: Spec, tier: str, released: bool = True
+              ) -> tuple[pd.DataFrame, list[str]]:
     """The collected jobs of a spec, one row per job of its plan (the folder the plan names,
     never a folder that merely holds the same values; `_dataset` and `_point` its dataset and
     grid values as planned), and the problems: planned jobs that failed, are missing, or
     whose files are unreadable (or of the wrong shape) or stale, and metrics that failed
-    outside the run (said so)."""
+    outside the run (said so). released: with the spec's released models (`released_rows`;
+    `_given_label` their label), which claims leave out (they pair runs by grid point)."""
     planned = plan_for(spec, tier, Path(df.attrs["root"])).finetunes()
     expected = [{"_job": job.folder, "_dataset": job.dataset, "_point": job.point,
                  "_name": ",".join([f"data={job.dataset}",
@@ -72,12 +74,14 @@ def spec_rows(df: pd.DataFrame, spec: Spec, tier: str) -> tuple[pd.DataFrame, li
                  "_row": [("data.name", job.dataset),
                           *((k, job.point[k]) for k in spec.rows if k != "data.name")]}
                 for job in planned]
+    models, problems = released_rows(spec, tier, Path(df.attrs["root"])) if released \
+        else ([], [])
+    expected += models
     found = pd.DataFrame(columns=["_job"])
     if not df.empty:
         found = df.assign(_job=["/".join(Path(p).parts[-2:]) for p in df["path"]])
-    columns = ["_job", "_dataset", "_point", "_name", "_row"]
+    columns = ["_job", "_dataset", "_point", "_name", "_row", "_given_label"]
     merged = pd.DataFrame(expected, columns=columns).merge(found, on="_job", how="left")
-    problems = []
     for _, row in merged.iterrows():
         state, problem = row.get("state"), row.get("problem")
         if state != "done":
@@ -90,9 +94,39 @@ def spec_rows(df: pd.DataFrame, spec: Spec, tier: str) -> tuple[pd.DataFrame, li
     return merged, problems
 
 
+def released_rows(spec: Spec, tier: str, root: Path) -> tuple[list[dict], list[str]]:
+    """The spec's released models at this tier as expected rows (their folders found by
+    their files' sha256: isodiff.evaluate.released), and those that cannot be shown: the
+    model is not on this machine, or has not been evaluated (with the command that does)."""
+    if not spec.released_for(tier):
+        return [], []
+    from isodiff.errors import ConfigError
+    from isodiff.evaluate.released import EXPERIMENT, folder_of  # (loads torch)
+
+    rows, problems = [], []
+    for row in spec.released_for(tier):
+        name = f"data={row.dataset},released={row.label}"
+        try:
+            folder = folder_of(row.model, root)
+        except ConfigError as err:
+            problems.append(f"{name}: {err}")
+            continue
+        if folder is None:
+            problems.append(f"{name}: not evaluated (python -m isodiff.evaluate released="
+                            f"{row.model} {' '.join(row.data_overrides())} "
+                            f"released_tier={tier} run_root={root.parent})")
+            continue
+        rows.append({"_job": f"{EXPERIMENT}/{folder.name}", "_dataset": row.dataset,
+                     "_point": {}, "_name": name, "_row": [("data.name", row.dataset)],
+                     "_given_label": f"{row.dataset}: {row.label}"})
+    return rows, problems
+
+
 def build_table(df: pd.DataFrame, spec: Spec, tier: str) -> Table:
     merged, problems = spec_rows(df, spec, tier)
-    merged["_label"] = [_label(spec, pairs) for pairs in merged["_row"]]
+    merged["_label"] = [given if isinstance(given, str) else _label(spec, pairs)
+                        for given, pairs in zip(merged["_given_label"], merged["_row"],
+                                                strict=True)]
     order = list(dict.fromkeys(merged["_label"]))
     numbers = pd.DataFrame(index=pd.Index(order, name="row"))
     display = pd.DataFrame(index=pd.Index(order, name="row"))

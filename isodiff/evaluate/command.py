@@ -1,4 +1,6 @@
-"""`python -m isodiff.evaluate run=<run dir> eval=<smoke|quick|paper>`: evaluate a done run."""
+"""`python -m isodiff.evaluate run=<run dir> eval=<smoke|quick|paper>`: evaluate a done run;
+`released=<diffusers folder | cached hub id> data=<its data>`: a model isodiff did not train
+(isodiff.evaluate.released), in a folder of its own under <run_root>/<tier>/released/."""
 
 from __future__ import annotations
 
@@ -23,7 +25,11 @@ log = logging.getLogger("isodiff.evaluate")
 def main(cfg: DictConfig) -> dict:
     try:
         config = to_evaluate_config(cfg)
-        check_run_folder(config.run)  # in isodiff.config: a launcher pickles main by reference
+        if config.run is not None:  # in isodiff.config: a launcher pickles main by reference
+            check_run_folder(config.run)
+        else:  # its folder found by its files' sha256, or made (loads torch: config valid)
+            from isodiff.evaluate.released import prepare
+            config.run = str(prepare(config))
     except UserError as err:
         _stop(err, USAGE)
     # Only a valid config loads torch and the models (isodiff.evaluate.measure): a typo's error

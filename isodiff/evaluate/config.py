@@ -13,10 +13,12 @@ import re
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
+from isodiff.config import CONF, DataConfig, tier_config
 from isodiff.errors import ConfigError
 from isodiff.evaluate.metrics import Metric, registry
+from isodiff.runs.identity import folder_part
 
 
 def eval_config_class(metrics: dict[str, Metric]) -> type:
@@ -50,7 +52,15 @@ VALUE_PREFIXES = value_prefixes()
 
 @dataclass
 class EvaluateConfig:
-    run: str = MISSING  # a run directory whose status is done
+    run: str | None = None  # a run directory whose status is done
+    # or a model isodiff did not train (isodiff.evaluate.released): a diffusers U-Net or
+    # pipeline folder, or a cached hub id, with the data it models (data=<group>)
+    released: str | None = None
+    data: DataConfig | None = None  # released=: its data, keys as training's (data=shapes)
+    # released=: its folder's tier (null: eval's preset name; `tier` is training's group)
+    released_tier: str | None = None
+    run_root: str = "runs"  # released=: <run_root>/<tier>/released/<name>-<sha256 prefix>
+    released_name: str | None = None  # released=: its folder's name (null: the model's)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ema: bool = True  # the EMA weights (final/unet_ema) when the run has them
     seed: int = 0  # sample i of every metric is seeded by (seed, i)
@@ -70,6 +80,32 @@ class EvaluateConfig:
             raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
             raise ConfigError(f"device={self.device!r}: use auto, cpu, cuda, cuda:N or mps")
+        if (self.run is None) == (self.released is None):
+            raise ConfigError("name one model: run=<a run folder> (isodiff's own run), or "
+                              "released=<a diffusers U-Net or pipeline folder, or a cached "
+                              "hub id> with data=<its data>")
+        if self.released is not None:
+            self._check_released()
+        elif given := [k for k in ("data", "released_tier", "released_name")
+                       if getattr(self, k) is not None]:
+            raise ConfigError(f"{', '.join(given)}: for released= only (a run's data and "
+                              "folder are its own): drop them")
+
+    def _check_released(self) -> None:
+        """released= needs its data; its folder's tier and name are folder names."""
+        if self.data is None:
+            raise ConfigError(f"released={self.released!r} needs the data it models: "
+                              "data=shapes, data=mnist or data=folder data.root=<images> "
+                              "(with data.resolution= the model's size)")
+        if self.released_tier is None:
+            if not (CONF / "tier" / f"{self.eval.name}.yaml").is_file():
+                raise ConfigError(f"eval={self.eval.name} is no tier's name: pass "
+                                  "released_tier= (smoke, quick or paper), the tier whose "
+                                  "folder holds the released model's")
+            self.released_tier = self.eval.name
+        tier_config(self.released_tier)  # a tier's name, or ConfigError
+        if self.released_name is not None:
+            folder_part("released_name", self.released_name)
 
 
 def metric_of(value: str) -> str:

@@ -18,6 +18,7 @@ that are done, with the weights they recorded, are evaluated.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import errno
 import json
@@ -42,7 +43,13 @@ from isodiff.evaluate.metrics.common import EvalContext, MetricResult, protocol_
 from isodiff.evaluate.parallel import Ranks
 from isodiff.model import paper_assets, pictures
 from isodiff.model.latent import build_codec
-from isodiff.model.unet import MAX_ABS_WEIGHT, diverged, load_unet, resolve_checkpoint
+from isodiff.model.unet import (
+    MAX_ABS_WEIGHT,
+    HUNet,
+    diverged,
+    load_unet,
+    resolve_checkpoint,
+)
 from isodiff.runs.files import RunFileError, atomic_save, atomic_write_json, exclusive
 from isodiff.runs.identity import base_identity, provenance
 from isodiff.runs.status import (
@@ -108,33 +115,79 @@ def build_context(cfg: EvaluateConfig, ranks: Ranks | None = None,
         raise ConfigError(f"run={cfg.run!r}: status is {state}; only a finished run can be "
                           "evaluated: train it first (python -m isodiff.train ...), or pass "
                           "the directory of a run whose status.json says done")
+    status = read_status(run_dir) or {}
+    if status.get("released"):  # a model isodiff did not train (isodiff.evaluate.released)
+        return _released_context(cfg, run_dir, status, ranks, device)
     train_cfg = to_train_config(OmegaConf.load(run_dir / "config.yaml"))
     if cfg.clip_sample is not None:
         train_cfg.diffusion.clip_sample = cfg.clip_sample
     _, subfolder = resolve_checkpoint(str(run_dir), cfg.ema)
     if train_cfg.assets.required:  # a paper-tier run: its data, checked as prepared
         paper_assets.require(train_cfg.assets.required, train_cfg.assets.root)
-    unet = load_unet(str(run_dir), ema=cfg.ema).to(device or _device(cfg.device))
-    if bad := diverged(unet.named_parameters()):
-        raise ConfigError(f"run={cfg.run!r}: final/{subfolder} holds diverged weights (nan, "
-                          f"inf or |w| > {MAX_ABS_WEIGHT:g}) "
-                          f"({len(bad)} tensors, e.g. {bad[0]}): nothing is measured; retrain "
-                          "it with a lower optim.lr or lambda_iso")
-    # beside the tier's experiments, from the absolute path: `run=<job>/final/..` is no
-    # job folder's parent
-    refs_dir = Path(cfg.refs_dir) if cfg.refs_dir else \
-        Path(os.path.abspath(run_dir)).parent.parent / "_refs"
+    unet = _checked(load_unet(str(run_dir), ema=cfg.ema).to(device or _device(cfg.device)),
+                    cfg.run, f"final/{subfolder}")
     ctx = EvalContext(unet, train_cfg.diffusion, train_cfg.data, seed=cfg.seed,
-                      batch_size=cfg.batch_size, refs_dir=refs_dir, progress=cfg.progress,
+                      batch_size=cfg.batch_size, refs_dir=_refs_dir(cfg, run_dir),
+                      progress=cfg.progress,
                       codec=build_codec(train_cfg.latent, unet.device), ranks=ranks)
     common = {"seed": cfg.seed, "weights": f"final/{subfolder}",
-              "weights_sha256": weights_digest(read_status(run_dir), subfolder),
+              "weights_sha256": weights_digest(status, subfolder),
               "ema": subfolder == "unet_ema", "sampler": "DDIM eta=0 fp32",
               "clip_sample": train_cfg.diffusion.clip_sample, "data": ctx.data_key,
               **full_fp32(unet.device)}
     if train_cfg.latent.autoencoder:  # (a pixel model's protocol is what it was before)
         common["latent"] = {"autoencoder": base_identity(train_cfg.latent.autoencoder),
                             "scale": ctx.codec.scale}
+    return ctx, common
+
+
+def _checked(unet: HUNet, run: str, where: str) -> HUNet:
+    """The U-Net, unless it holds diverged weights (ConfigError: nothing is measured)."""
+    if bad := diverged(unet.named_parameters()):
+        raise ConfigError(f"run={run!r}: {where} holds diverged weights (nan, "
+                          f"inf or |w| > {MAX_ABS_WEIGHT:g}) "
+                          f"({len(bad)} tensors, e.g. {bad[0]}): nothing is measured; retrain "
+                          "it with a lower optim.lr or lambda_iso")
+    return unet
+
+
+def _refs_dir(cfg: EvaluateConfig, run_dir: Path) -> Path:
+    # beside the tier's experiments, from the absolute path: `run=<job>/final/..` is no
+    # job folder's parent
+    return Path(cfg.refs_dir) if cfg.refs_dir else \
+        Path(os.path.abspath(run_dir)).parent.parent / "_refs"
+
+
+def _released_context(cfg: EvaluateConfig, run_dir: Path, status: dict[str, Any],
+                      ranks: Ranks | None, device: torch.device | None
+                      ) -> tuple[EvalContext, dict[str, Any]]:
+    """build_context of a released model's folder: its U-Net read where it lies, hashed
+    against the record first; its data and schedule from its config.yaml; the schedule
+    and its origin in the protocol (a run's is fixed by its training config)."""
+    from isodiff.evaluate.released import SUBFOLDER, check_files, data_and_diffusion
+
+    unet_dir = check_files(run_dir, status)
+    data, diffusion = data_and_diffusion(run_dir)
+    if cfg.clip_sample is not None:
+        diffusion.clip_sample = cfg.clip_sample
+    unet = _checked(load_unet(str(unet_dir)).to(device or _device(cfg.device)), cfg.run,
+                    str(unet_dir))
+    size, channels = unet.config.sample_size, unet.config.in_channels
+    if (data.resolution, data.channels) != (size, channels):
+        raise ConfigError(f"released model {run_dir.name}: its U-Net models {channels}-channel "
+                          f"{size} px images, the data are {data.channels}-channel "
+                          f"{data.resolution} px: pass data.resolution={size} "
+                          f"data.channels={channels} (or the data it was trained on)")
+    ctx = EvalContext(unet, diffusion, data, seed=cfg.seed, batch_size=cfg.batch_size,
+                      refs_dir=_refs_dir(cfg, run_dir), progress=cfg.progress, ranks=ranks)
+    schedule = {k: (v.value if hasattr(v, "value") else v)
+                for k, v in dataclasses.asdict(diffusion).items()}
+    common = {"seed": cfg.seed, "weights": SUBFOLDER,
+              "weights_sha256": weights_digest(status, SUBFOLDER), "ema": False,
+              "sampler": "DDIM eta=0 fp32", "clip_sample": diffusion.clip_sample,
+              "data": ctx.data_key, "released": True,
+              "schedule": {**schedule, "from": status["released"].get("schedule")},
+              **full_fp32(unet.device)}
     return ctx, common
 
 

@@ -183,11 +183,21 @@ def write_status(run_dir: str | os.PathLike, state: str, **fields: Any) -> None:
 def weights_record(run_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """What status.json keeps of final/: each file's sha256, and its size and mtime (a
     cheap first check that the file is the one hashed)."""
-    final = Path(run_dir) / "final"
+    return files_record(Path(run_dir) / "final")
+
+
+def files_record(folder: str | os.PathLike, prefix: str = "") -> dict[str, dict[str, Any]]:
+    """sha256, size and mtime of every file under folder, by `prefix` + its path in it (a
+    released model's record names its U-Net's files unet/<file>, as a run's final/unet/).
+    Hidden files and folders (.cache/ of a hub download, .DS_Store) are no part of it."""
+    folder = Path(folder)
     record = {}
-    for path in sorted(p for p in final.rglob("*") if p.is_file()):
-        stat = path.stat()
-        record[str(path.relative_to(final))] = {"sha256": sha256(path), "size": stat.st_size,
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.relative_to(folder)
+        if any(part.startswith(".") for part in name.parts):
+            continue
+        stat = path.stat()  # through a hub cache's symlink: the blob's
+        record[f"{prefix}{name.as_posix()}"] = {"sha256": sha256(path), "size": stat.st_size,
                                                 "mtime_ns": stat.st_mtime_ns}
     return record
 
@@ -201,16 +211,25 @@ def weights_problem(run_dir: str | os.PathLike, status: dict[str, Any],
     record = status.get("weights")
     if not record:
         return "status.json records no weights (the job ended before weights were recorded)"
-    final = Path(run_dir) / "final"
+    if status.get("released"):  # no weights in the folder: evaluation hashes the model's
+        return None             # files against the record each time (released_problem)
+    return files_problem(Path(run_dir) / "final", record, full, "final/",
+                         "the file the job wrote")
+
+
+def files_problem(folder: Path, record: dict[str, Any], full: bool, label: str,
+                  what: str) -> str | None:
+    """Why the files under folder are not those of `record` (files_record; None: they
+    are); label + name names a file in the message. full: every file hashed."""
     for name, want in record.items():
-        path = final / name
+        path = folder / name
         try:
             stat = path.stat()
         except FileNotFoundError:
-            return f"final/{name} is missing"
+            return f"{label}{name} is missing"
         if stat.st_size != want["size"] or ((full or stat.st_mtime_ns != want["mtime_ns"])
                                             and sha256(path) != want["sha256"]):
-            return f"final/{name} is not the file the job wrote (its sha256 differs)"
+            return f"{label}{name} is not {what} (its sha256 differs)"
     return None
 
 

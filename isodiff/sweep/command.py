@@ -197,8 +197,35 @@ def run_specs(specs: list[Spec], tier: str, extra: list[str],
     counts = {}
     for compiled, jobs in launched:
         states = [_state(root / job.folder) for job in jobs]
+        states += released_stage(compiled.source, tier, root, datasets, settings.eval, launch)
         counts[compiled.spec] = {s: states.count(s) for s in sorted(set(states))}
     return counts
+
+
+def released_stage(table: Spec | None, tier: str, root: Path, datasets: list[str],
+                   preset: str, launch: list[str]) -> list[str]:
+    """isodiff.evaluate of the table's released models (spec `released:` rows) of these
+    datasets, each read where it lies and measured in its folder under <root>/released/
+    (found by its files' sha256: one evaluated before is up to date); their states."""
+    if table is None or not (rows := [r for r in table.released_for(tier)
+                                      if r.dataset in datasets]):
+        return []
+    from isodiff.evaluate.released import folder_of  # (loads torch)
+
+    metrics = sorted(evaluation_metrics(table, tier), key=list(registry()).index)
+    states = []
+    for row in rows:
+        _multirun("isodiff.evaluate", [f"released='{row.model}'", *row.data_overrides(),
+                                       f"eval={preset}", f"released_tier={tier}",
+                                       f"run_root='{root.parent}'",
+                                       f"metrics=[{','.join(metrics)}]", *launch])
+        try:
+            folder = folder_of(row.model, root)
+        except UserError as err:
+            log.error("%s, released %s: %s", table.name, row.label, err)
+            folder = None
+        states.append(_state(folder) if folder is not None else "not evaluated")
+    return states
 
 
 def _state(run_dir: Path) -> str:

@@ -56,6 +56,23 @@ class Claim:
 
 
 @dataclass
+class ReleasedRow:
+    """A model isodiff did not train, as a row of a table beside its runs
+    (isodiff.evaluate.released): `model` a diffusers U-Net or pipeline folder, or a cached hub
+    id; `dataset` the spec's dataset whose rows it joins; `data` the evaluate overrides of
+    the data it models (default data=<dataset>); `label` its row's label. The sweep
+    evaluates it (`released=<model> <data>`), tables find its folder by its files' sha256."""
+
+    label: str
+    model: str
+    dataset: str
+    data: list[str] = field(default_factory=list)
+
+    def data_overrides(self) -> list[str]:
+        return self.data or [f"data={self.dataset}"]
+
+
+@dataclass
 class Spec:
     name: str
     title: str
@@ -66,6 +83,7 @@ class Spec:
     tiers: dict[str, SpecTier] = field(default_factory=dict)
     metrics: list[str] = field(default_factory=list)  # values shown; a figure: its metric
     rows: list[str] = field(default_factory=list)  # config keys that make a row
+    released: list[ReleasedRow] = field(default_factory=list)  # models isodiff did not train
     row_labels: dict[str, str] = field(default_factory=dict)  # "k=v,k=v" -> label
     # Row keys of the control (e.g. {lambda_iso: 0}): tables add every other row's paired
     # difference from it (same seed and other row keys), mean ± standard error.
@@ -87,6 +105,10 @@ class Spec:
         override = self.tiers.get(tier)
         return override.datasets if override and override.datasets is not None \
             else self.datasets
+
+    def released_for(self, tier: str) -> list[ReleasedRow]:
+        """The released models among the spec's rows at a tier (of its datasets there)."""
+        return [r for r in self.released if r.dataset in self.datasets_for(tier)]
 
     def metrics_for(self, tier: str) -> list[str]:
         override = self.tiers.get(tier)
