@@ -79,6 +79,14 @@ def test_a_dit_job_trains_saves_loads_and_evaluates(run_root: Path) -> None:
         values = record["metrics"][name]["values"]
         assert values and all(math.isfinite(v) for v in values.values()), (name, values)
 
+    # LoRA on the DiT: its attention projections alone move; final/ loads as an HDiT
+    status, tuned = run_train_job([*DIT, f"init_from='{run_dir}'", "train.lora.rank=2",
+                                   "train.steps=2"], run_root)
+    assert status["state"] == "done" and isinstance(load_unet(str(tuned)), HDiT)
+    before, after = _weights(run_dir, "unet_ema"), _weights(tuned)
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(any(f".attn1.{t}.weight" in k for t in TARGETS) for k in moved)
+
 
 def test_a_bad_dit_config_is_one_line_exit_2_and_no_folder(tmp_path: Path) -> None:
     run_root = tmp_path / "runs"
@@ -166,3 +174,17 @@ def test_lora_without_a_base_is_refused() -> None:
 
     with pytest.raises(ConfigError, match="train.lora.rank=4 is invalid"):
         to_train_config(compose_train(["tier=smoke", "train.lora.rank=4"]))
+
+
+def test_a_sweep_plans_dit_bases_and_finetunes(tmp_path: Path) -> None:
+    """`model=dit_tiny` on a sweep's command line reaches its bases and fine-tunes, as any
+    training override (the full sweep at smoke, evaluation included, is run by hand)."""
+    from isodiff.sweep import plan
+
+    result = run_cli("isodiff.sweep", "table_1", "tier=smoke", "model=dit_tiny",
+                     f"run_root={tmp_path}", "--plan")
+    assert result.returncode == 0, result.stderr
+    assert "3 jobs" in result.stdout and "base" in result.stdout
+    base = to_train_config(plan.compose_job(plan.base_overrides(
+        "shapes", "smoke", ["model=dit_tiny", f"run_root={tmp_path}"])))
+    assert base.model.arch.value == "dit"
