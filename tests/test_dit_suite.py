@@ -188,3 +188,21 @@ def test_a_sweep_plans_dit_bases_and_finetunes(tmp_path: Path) -> None:
     base = to_train_config(plan.compose_job(plan.base_overrides(
         "shapes", "smoke", ["model=dit_tiny", f"run_root={tmp_path}"])))
     assert base.model.arch.value == "dit"
+
+
+def test_a_checkpoint_loads_as_its_own_architecture(tmp_path: Path) -> None:
+    """load_unet reads the class from config.json; a base of the other arch is refused."""
+    from isodiff.errors import ConfigError
+    from isodiff.model.dit import HDiT
+    from isodiff.model.unet import init_unet
+    from tests.conftest import tiny_model
+
+    model = _dit()
+    model.save_pretrained(tmp_path / "dit")
+    cfg = to_train_config(compose_train(["tier=smoke", "model=dit_tiny"])).model
+    loaded = init_unet(cfg, str(tmp_path / "dit"))
+    assert isinstance(loaded, HDiT)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
+                                                  model.state_dict().values(), strict=True))
+    with pytest.raises(ConfigError, match="holds a HDiT, not the model.arch=unet"):
+        init_unet(tiny_model(), str(tmp_path / "dit"))
