@@ -8,6 +8,7 @@ fails at composition with the key's full name. Ranges and cross-field rules are 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 from dataclasses import dataclass, field
@@ -119,6 +120,13 @@ UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D", "SkipUpBlock
              "AttnSkipUpBlock2D")
 
 
+class Arch(str, Enum):
+    """`model.arch`: the denoiser's backbone."""
+
+    unet = "unet"  # diffusers' UNet2DModel, h at its mid block (isodiff.model.unet.HUNet)
+    dit = "dit"  # diffusers' DiTTransformer2DModel, h at its middle block (model.dit.HDiT)
+
+
 class MixedPrecision(str, Enum):
     no = "no"
     fp16 = "fp16"
@@ -190,10 +198,28 @@ class DataConfig:
 
 
 @dataclass
+class DiTConfig:
+    """`model.dit.*`: arguments of diffusers' DiTTransformer2DModel (read when model.arch=dit;
+    sample_size, in_channels, out_channels and dropout are model's own)."""
+
+    patch_size: int = 2
+    num_layers: int = 4
+    num_attention_heads: int = 2
+    attention_head_dim: int = 16
+
+    def __post_init__(self) -> None:
+        for key in ("patch_size", "num_layers", "num_attention_heads", "attention_head_dim"):
+            value = getattr(self, key)
+            _check(value >= 1, f"model.dit.{key}", value, "must be >= 1")
+
+
+@dataclass
 class ModelConfig:
-    """Arguments of diffusers' UNet2DModel (names kept as diffusers spells them)."""
+    """Arguments of diffusers' UNet2DModel (names kept as diffusers spells them), or with
+    arch=dit those of its DiTTransformer2DModel (`dit`)."""
 
     name: str = "tiny"
+    arch: Arch = Arch.unet
     sample_size: int = 32
     in_channels: int = 3
     out_channels: int = 3
@@ -209,8 +235,11 @@ class ModelConfig:
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
     downsample_padding: int = 1
+    dit: DiTConfig = field(default_factory=DiTConfig)
 
     def __post_init__(self) -> None:
+        if self.arch == Arch.dit:  # the U-Net fields are not read
+            return
         n = len(self.block_out_channels)
         _check(len(self.down_block_types) == n and len(self.up_block_types) == n,
                "model.down_block_types", self.down_block_types,
@@ -268,6 +297,23 @@ class OptimConfig:
 
 
 @dataclass
+class LoraOptions:
+    """`train.lora.*`: a LoRA fine-tune (isodiff.lora.add_lora): the base frozen, only the
+    adapter trains; final/ holds the adapter merged into the base weights."""
+
+    rank: int = 0  # 0: off (every weight trains)
+    alpha: float | None = None  # null: rank (scale 1)
+    targets: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 0, "train.lora.rank", self.rank, "must be >= 0 (0: no LoRA)")
+        _check(self.alpha is None or self.alpha > 0, "train.lora.alpha", self.alpha,
+               "must be > 0 or null (rank)")
+        _check(len(self.targets) >= 1, "train.lora.targets", self.targets,
+               "name at least one module (diffusers' attention: to_k, to_q, to_v, to_out.0)")
+
+
+@dataclass
 class LoopConfig:
     """Length and bookkeeping of one training job (`train.*`)."""
 
@@ -298,6 +344,7 @@ class LoopConfig:
     # a fine-tune must be. 0 disables.
     heldout_every: int = 0
     heldout_n: int = 32
+    lora: LoraOptions = field(default_factory=LoraOptions)
 
     def __post_init__(self) -> None:
         _check(self.heldout_every >= 0, "train.heldout_every", self.heldout_every,
@@ -424,6 +471,12 @@ class TrainConfig:
         _check(self.seed >= 0, "seed", self.seed, "must be >= 0")
         _check(self.lambda_iso >= 0, "lambda_iso", self.lambda_iso,
                "the weight of the isometric loss must be >= 0 (0 trains plain DDPM)")
+        _check(self.train.lora.rank == 0 or self.init_from is not None, "train.lora.rank",
+               self.train.lora.rank, "LoRA adapts a trained base: set init_from= (or "
+               "stage=finetune), or train.lora.rank=0")
+        _check(self.train.lora.rank == 0 or importlib.util.find_spec("peft") is not None,
+               "train.lora.rank", self.train.lora.rank, "LoRA needs peft: pip install "
+               "'isodiff[lora]', or train.lora.rank=0")
         channels, size, what = self.data.channels, self.data.resolution, "data"
         if self.latent.autoencoder:  # the U-Net models the autoencoder's latents
             _, channels, factor = self.latent.geometry()
@@ -437,6 +490,12 @@ class TrainConfig:
                self.model.out_channels, f"must equal the channels of {what} ({channels})")
         _check(self.model.sample_size == size, "model.sample_size", self.model.sample_size,
                f"must equal the resolution of {what} ({size})")
+        if self.model.arch == Arch.dit:  # DiT cuts the image into patch_size^2 tiles
+            patch = self.model.dit.patch_size
+            _check(size % patch == 0, "model.dit.patch_size", patch,
+                   f"must divide the size of {what} ({size}): e.g. model.dit.patch_size="
+                   f"{max(d for d in (1, 2, 4, 8) if size % d == 0)}")
+            return
         # Every block but the last halves the image; the up path concatenates the skips, so
         # an odd size on the way down (9 -> 5 -> 10) no longer matches on the way up.
         halvings = len(self.model.block_out_channels) - 1

@@ -6,7 +6,8 @@ differentiates through the adapted layers; with the base weights frozen
 (requires_grad=False), autograd takes the double backward of L_iso to the adapter weights
 alone. `add_lora` sets that up as diffusers' train_text_to_image_lora.py does (rank 8, the
 attention projections, Gaussian A and zero B, alpha = rank); `lora_parameters` lists what
-trains. peft (the `lora` extra) is imported only when `add_lora` is called.
+trains; `merged_state_dict` is the plain model's weights with the adapter merged in. peft
+(the `lora` extra) is imported only when `add_lora` or `merged_state_dict` is called.
 
 Gradient checkpointing (`model.enable_gradient_checkpointing()`, common in LoRA fine-tunes)
 works with L_iso when the whole step (the main forward, L_iso and the backward) runs under
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 # The attention projections of diffusers' U-Nets and transformers (DiT, PixArt, SD3, Flux),
 # the targets of diffusers' LoRA training scripts.
@@ -47,3 +48,26 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float | None = None,
 def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The model's LoRA weights by name (peft's `lora_A` / `lora_B` and their embeddings)."""
     return {name: p for name, p in model.named_parameters() if ".lora_" in name}
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The state dict of `model` without its LoRA layers, each adapted weight replaced by
+    base + scale * B A (peft's get_delta_weight, of the active adapters): loadable, strict,
+    into the model's class built without adapters. The model is left as it is; every tensor
+    that no adapter touches is a bitwise copy of the model's."""
+    from peft.tuners.tuners_utils import BaseTunerLayer  # the `lora` extra, needed only here
+
+    deltas: dict[str, Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer) and module.active_adapters:
+            delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
+            deltas[f"{name}.base_layer.weight"] = delta
+    merged = {}
+    for key, value in model.state_dict().items():
+        if ".lora_" in key:
+            continue
+        value = value.detach().clone()
+        if key in deltas:
+            value = value + deltas[key].to(value.dtype)
+        merged[key.replace(".base_layer.", ".")] = value
+    return merged

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -11,8 +12,9 @@ from typing import Any
 import torch
 from diffusers import UNet2DModel
 
-from isodiff.config import ModelConfig
+from isodiff.config import Arch, ModelConfig
 from isodiff.errors import ConfigError
+from isodiff.model.dit import HDiT
 from isodiff.runs.status import DONE, job_state, verify_base
 
 EncoderState = tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]
@@ -79,17 +81,47 @@ class HUNet(UNet2DModel):
         return self.decode(h_used, skips, emb, timesteps), h
 
 
+# The suite's denoisers: a U-Net or (model.arch=dit) a diffusion transformer, both with
+# encode/decode/encode_h/eps_and_h.
+Denoiser = HUNet | HDiT
+
+
 def unet_kwargs(cfg: ModelConfig) -> dict:
-    """ModelConfig -> UNet2DModel keyword arguments."""
+    """ModelConfig -> UNet2DModel keyword arguments (DiTTransformer2DModel's with arch=dit)."""
+    if cfg.arch == Arch.dit:
+        return dit_kwargs(cfg)
     kwargs = dataclasses.asdict(cfg)
-    kwargs.pop("name")
+    for key in ("name", "arch", "dit"):
+        kwargs.pop(key)
     for key in ("block_out_channels", "down_block_types", "up_block_types"):
         kwargs[key] = tuple(kwargs[key])
     return kwargs
 
 
-def build_unet(cfg: ModelConfig) -> HUNet:
+def dit_kwargs(cfg: ModelConfig) -> dict:
+    """ModelConfig (arch=dit) -> DiTTransformer2DModel keyword arguments: one class (HDiT
+    is unconditional)."""
+    return {**dataclasses.asdict(cfg.dit), "sample_size": cfg.sample_size,
+            "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
+            "dropout": cfg.dropout, "num_embeds_ada_norm": 1}
+
+
+def build_unet(cfg: ModelConfig) -> Denoiser:
+    """The denoiser of `cfg`, freshly initialised: HUNet, or HDiT with model.arch=dit."""
+    if cfg.arch == Arch.dit:
+        return HDiT(**dit_kwargs(cfg))
     return HUNet(**unet_kwargs(cfg))
+
+
+def model_class(source: str, subfolder: str | None) -> type[HUNet] | type[HDiT]:
+    """The class of the weights at a local checkpoint (its config.json's _class_name):
+    HDiT for a DiT, else HUNet (a hub id, whose config is not read before loading)."""
+    config = Path(source) / (subfolder or "") / "config.json"
+    try:
+        name = json.loads(config.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return HUNet
+    return HDiT if name in ("HDiT", "DiTTransformer2DModel") else HUNet
 
 
 def _missing(init_from: str) -> ConfigError:
@@ -125,11 +157,13 @@ def resolve_checkpoint(init_from: str, ema: bool = True) -> tuple[str, str | Non
     return init_from, None  # a hub id: only the local cache is consulted
 
 
-def load_unet(init_from: str, ema: bool = True) -> HUNet:
-    """Load pretrained U-Net weights into an HUNet, offline (never downloads)."""
+def load_unet(init_from: str, ema: bool = True) -> Denoiser:
+    """Load pretrained weights into an HUNet (an HDiT for a DiT's), offline (never
+    downloads)."""
     source, subfolder = resolve_checkpoint(init_from, ema)
     try:
-        return HUNet.from_pretrained(source, subfolder=subfolder, local_files_only=True)
+        return model_class(source, subfolder).from_pretrained(source, subfolder=subfolder,
+                                                              local_files_only=True)
     except (OSError, ValueError) as err:
         if os.path.isdir(source):
             raise ConfigError(f"init_from={init_from!r}: cannot load a U-Net from {source}"
@@ -155,11 +189,15 @@ def config_mismatch(cfg: ModelConfig, config: Mapping[str, Any]) -> dict[str, tu
             if _comparable(value) != _comparable(config.get(key))}
 
 
-def init_unet(cfg: ModelConfig, init_from: str | None) -> HUNet:
+def init_unet(cfg: ModelConfig, init_from: str | None) -> Denoiser:
     """The model named by `cfg`, or the pretrained `init_from` when its config matches cfg."""
     if init_from is None:
         return build_unet(cfg)
     unet = load_unet(init_from)
+    if not isinstance(unet, HDiT if cfg.arch == Arch.dit else HUNet):
+        raise ConfigError(f"init_from={init_from!r} holds a {type(unet).__name__}, not the "
+                          f"model.arch={Arch(cfg.arch).value} of model={cfg.name}; pick the "
+                          "model config that describes the checkpoint")
     if differ := config_mismatch(cfg, unet.config):
         detail = ", ".join(f"{k}: model={v!r} checkpoint={c!r}" for k, (v, c) in differ.items())
         raise ConfigError(f"init_from={init_from!r} does not match model={cfg.name} ({detail}); "

@@ -169,6 +169,13 @@ def identity(cfg: DictConfig | dict) -> dict[str, Any]:
     for key in ("effective_batch", "epochs"):  # unset: the signature is what it was before
         if cfg.get("train", {}).get(key, 0) is None:
             del cfg["train"][key]
+    # A U-Net job without LoRA has the signature it had before model.arch and train.lora
+    model, loop = cfg.get("model") or {}, cfg.get("train") or {}
+    if isinstance(model, dict) and model.get("arch", "unet") == "unet":
+        model.pop("arch", None)
+        model.pop("dit", None)
+    if isinstance(loop, dict) and not (loop.get("lora") or {}).get("rank"):
+        loop.pop("lora", None)
     latent = cfg.pop("latent", None) or {}
     if latent.get("autoencoder"):  # a pixel model's signature is what it was before latents
         cfg["latent"] = {**latent, "autoencoder": base_identity(str(latent["autoencoder"]))}

@@ -66,13 +66,13 @@ def training_seconds(run_dir: Path) -> float:
 
 def export(run_dir: Path, dest: Path) -> None:
     """The run's EMA U-Net as a plain diffusers UNet2DModel folder (safetensors), loadable by
-    UNet2DModel.from_pretrained without isodiff."""
-    from diffusers import UNet2DModel  # torch and diffusers load once the options are valid
-
+    UNet2DModel.from_pretrained without isodiff (a DiT's: DiTTransformer2DModel)."""
     from isodiff.model.unet import load_unet
 
     unet = load_unet(str(run_dir), ema=True)
-    plain = UNet2DModel.from_config(unet.config)
+    # the diffusers class HUNet (HDiT) extends: UNet2DModel (DiTTransformer2DModel)
+    plain = next(c for c in type(unet).__mro__ if c.__module__.startswith("diffusers.")
+                 ).from_config(unet.config)
     plain.load_state_dict(unet.state_dict())
     shutil.rmtree(dest, ignore_errors=True)
     plain.save_pretrained(dest)

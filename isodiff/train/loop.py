@@ -33,11 +33,12 @@ from tqdm.auto import tqdm
 from isodiff.config import TrainConfig
 from isodiff.errors import UserError
 from isodiff.isometry import sample_timesteps
+from isodiff.lora import add_lora, lora_parameters, merged_state_dict
 from isodiff.model import pictures, seeding
 from isodiff.model.data import build_dataset
 from isodiff.model.diffusion import build_scheduler
 from isodiff.model.latent import Codec, build_codec
-from isodiff.model.unet import MAX_ABS_WEIGHT, HUNet, diverged, init_unet
+from isodiff.model.unet import MAX_ABS_WEIGHT, Denoiser, diverged, init_unet
 from isodiff.runs.files import (
     field_problem,
     file_hashes,
@@ -93,7 +94,7 @@ class TrainState:
 
     accelerator: Accelerator
     objective: DiffusionObjective
-    unet: HUNet
+    unet: Denoiser  # HUNet, or HDiT with model.arch=dit
     ema: EMAModel
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -104,17 +105,22 @@ def build_state(cfg: TrainConfig, accelerator: Accelerator) -> TrainState:
     """The model, objective, optimizer and EMA of `cfg` (whose train.steps is resolved)."""
     torch.manual_seed(seeding.derive_seed(cfg.seed, "init"))
     unet = init_unet(cfg.model, cfg.init_from)
+    lora = cfg.train.lora
+    if lora.rank:  # the base frozen: only the adapter's weights train (after init's draws)
+        add_lora(unet, lora.rank, lora.alpha, lora.targets)
     regulariser = build_regulariser(cfg.iso) if cfg.regularised else None
     objective = DiffusionObjective(unet, build_scheduler(cfg.diffusion), cfg.lambda_iso,
                                    regulariser)
     o = cfg.optim
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=o.lr, betas=tuple(o.betas),
+    # the trainable parameters: all of them, or the adapter's (the same list without LoRA)
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=tuple(o.betas),
                                   weight_decay=o.weight_decay, eps=o.eps)
     # Stepped by us once per optimizer step (accelerate's wrapper would step it per process).
     lr_scheduler = get_scheduler(o.lr_schedule.value, optimizer, num_warmup_steps=o.warmup_steps,
                                  num_training_steps=cfg.train.steps)
     ema = EMAModel(unet.parameters(), decay=o.ema_decay, use_ema_warmup=o.ema_warmup,
-                   power=o.ema_power, model_cls=HUNet, model_config=unet.config)
+                   power=o.ema_power, model_cls=type(unet), model_config=unet.config)
     objective, optimizer = accelerator.prepare(objective, optimizer)
     ema.to(accelerator.device)
     accelerator.register_for_checkpointing(ema, lr_scheduler)
@@ -262,17 +268,29 @@ def write_grid(state: TrainState, cfg: TrainConfig, run_dir: Path, step: int,
         tb.add_image("samples", grid, step)
 
 
+def save_weights(unet: Denoiser, path: Path) -> None:
+    """unet.save_pretrained(path); a LoRA-adapted model as its class without adapters, the
+    adapter merged into the base weights (base + scale * B A), so that final/ loads for
+    evaluation and as a base like any run's."""
+    if not lora_parameters(unet):
+        unet.save_pretrained(path)
+        return
+    plain = type(unet).from_config(unet.config)
+    plain.load_state_dict(merged_state_dict(unet))
+    plain.save_pretrained(path)
+
+
 def save_final(state: TrainState, run_dir: Path) -> None:
     """final/unet (raw weights) and final/unet_ema, via a temp folder and one rename."""
     if not state.accelerator.is_main_process:
         return
     tmp, final = run_dir / ".tmp-final", run_dir / "final"
     shutil.rmtree(tmp, ignore_errors=True)
-    state.unet.save_pretrained(tmp / "unet")
+    save_weights(state.unet, tmp / "unet")
     params = list(state.unet.parameters())
     state.ema.store(params)
     state.ema.copy_to(params)
-    state.unet.save_pretrained(tmp / "unet_ema")
+    save_weights(state.unet, tmp / "unet_ema")
     state.ema.restore(params)
     shutil.rmtree(final, ignore_errors=True)
     replace_durably(tmp, final)
@@ -350,7 +368,7 @@ class HeldoutCurve:
         self.alphas = build_scheduler(cfg.diffusion).alphas_cumprod.double()
         self.device = device
 
-    def __call__(self, unet: HUNet) -> float:
+    def __call__(self, unet: Denoiser) -> float:
         from isodiff.evaluate.metrics.liso import heldout_liso  # the metric's quantity, one batch
         return heldout_liso(unet.encode_h, self.x_0, 0, self.timesteps, self.alphas,
                             device=self.device)

@@ -11,14 +11,14 @@ from torch import nn
 
 from isodiff.config import IsoConfig, IsoMetric
 from isodiff.isometry import Regulariser, higher_order_ad
-from isodiff.model.unet import HUNet
+from isodiff.model.unet import Denoiser
 
 
 class DiffusionObjective(nn.Module):
     """One module for everything a training step differentiates, so that accelerate/DDP wrap
     a single forward (custom methods called on an unwrapped model would bypass DDP)."""
 
-    def __init__(self, unet: HUNet, scheduler: DDPMScheduler, lambda_iso: float,
+    def __init__(self, unet: Denoiser, scheduler: DDPMScheduler, lambda_iso: float,
                  regulariser: Regulariser | None = None) -> None:
         super().__init__()
         self.unet, self.scheduler = unet, scheduler
