@@ -51,6 +51,7 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check isodiff benchmarks tests examples tools
+	$(VENV)/bin/ruff format --check isodiff benchmarks tests examples tools
 
 # The quick tier's core, offline, end to end, then every table. A failed job does not stop
 # the others; it is listed under its table and makes the target fail at the end.

@@ -1,6 +1,6 @@
 """Benchmark: collect + render of 1,000 synthetic run folders (target: under 5 s).
 
-    python -m benchmarks.analysis [out=results/bench]
+python -m benchmarks.analysis [out=results/bench]
 """
 
 from __future__ import annotations
@@ -32,8 +32,12 @@ def main(argv: list[str]) -> int:
         write_table(table, "quick", Path(tmp) / "tables")
         seconds = time.perf_counter() - t0
     assert int(table.numbers["fid_n"].sum()) == N_RUNS, "every synthetic run must be counted"
-    result = {"runs": N_RUNS, "collect_and_render_s": round(seconds, 3), "target_s": TARGET_S,
-              "meets_target": seconds < TARGET_S}
+    result = {
+        "runs": N_RUNS,
+        "collect_and_render_s": round(seconds, 3),
+        "target_s": TARGET_S,
+        "meets_target": seconds < TARGET_S,
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "tables.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"collect + render of {N_RUNS} runs: {seconds:.2f} s (target < {TARGET_S} s)")

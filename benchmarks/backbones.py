@@ -52,9 +52,16 @@ def _dit_flow(device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, Step
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(0)
-    model = DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=16, in_channels=3,
-                                  out_channels=3, num_layers=6, sample_size=16, patch_size=2,
-                                  num_embeds_ada_norm=10)
+    model = DiTTransformer2DModel(
+        num_attention_heads=4,
+        attention_head_dim=16,
+        in_channels=3,
+        out_channels=3,
+        num_layers=6,
+        sample_size=16,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+    )
     model = _to(model, device, dtype)
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(16, 3, 16, 16, generator=g).to(device, dtype)
@@ -64,15 +71,23 @@ def _dit_flow(device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, Step
     reg = Regulariser("spherical")
 
     def step(iso: bool) -> torch.Tensor:
-        return flow_matching_loss(model, x0, noise, t, lambda_iso=1.0 if iso else 0.0,
-                                  regulariser=reg, generator=torch.Generator().manual_seed(2),
-                                  class_labels=labels)["loss"]
+        return flow_matching_loss(
+            model,
+            x0,
+            noise,
+            t,
+            lambda_iso=1.0 if iso else 0.0,
+            regulariser=reg,
+            generator=torch.Generator().manual_seed(2),
+            class_labels=labels,
+        )["loss"]
 
     return model, step
 
 
-def _lora_step(unet: nn.Module, batch: int, text_tokens: int, device: torch.device,
-               dtype: torch.dtype) -> Step:
+def _lora_step(
+    unet: nn.Module, batch: int, text_tokens: int, device: torch.device, dtype: torch.dtype
+) -> Step:
     """eps-MSE (+ L_iso) of a LoRA-adapted UNet2DConditionModel on random latents."""
     add_lora(unet, rank=8)
     _to(unet, device, dtype)
@@ -94,8 +109,9 @@ def _lora_step(unet: nn.Module, batch: int, text_tokens: int, device: torch.devi
             pred = unet(x, t, encoder_hidden_states=text).sample
         loss = F.mse_loss(pred.float(), noise.float())
         if iso:
-            loss = loss + reg(h_encoder(unet), x, t, h=seen[0],
-                              generator=torch.Generator().manual_seed(2))
+            loss = loss + reg(
+                h_encoder(unet), x, t, h=seen[0], generator=torch.Generator().manual_seed(2)
+            )
         return loss
 
     return step
@@ -106,10 +122,17 @@ def _lora_unet(device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, Ste
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(16, 16, 32, 32), norm_num_groups=8, cross_attention_dim=32,
-        attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 16, 32, 32),
+        norm_num_groups=8,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
     return unet, _lora_step(unet, 8, 1, device, dtype)
 
 
@@ -143,8 +166,9 @@ def _time(step: Step, iso: bool, device: torch.device, repeats: int) -> tuple[fl
     return min(times), float(peak)
 
 
-def step_cost(setting: str, device: str = "cpu", repeats: int = 3,
-              dtype: torch.dtype | None = None) -> dict[str, float | str]:
+def step_cost(
+    setting: str, device: str = "cpu", repeats: int = 3, dtype: torch.dtype | None = None
+) -> dict[str, float | str]:
     """{plain_s, iso_s, ratio = iso_s / plain_s, ...} for one setting (see the module)."""
     dev = torch.device(device)
     if dtype is None:
@@ -159,19 +183,28 @@ def step_cost(setting: str, device: str = "cpu", repeats: int = 3,
         iso, iso_peak = _time(step, True, dev, repeats)
     finally:
         torch.set_num_threads(previous)
-    row: dict[str, float | str] = {"setting": setting, "device": str(dev),
-                                   "dtype": str(dtype).removeprefix("torch."),
-                                   "plain_s": plain, "iso_s": iso, "ratio": iso / plain}
+    row: dict[str, float | str] = {
+        "setting": setting,
+        "device": str(dev),
+        "dtype": str(dtype).removeprefix("torch."),
+        "plain_s": plain,
+        "iso_s": iso,
+        "ratio": iso / plain,
+    }
     if dev.type == "cuda":
-        row.update(device_name=torch.cuda.get_device_name(dev), plain_peak_gib=plain_peak / 2**30,
-                   iso_peak_gib=iso_peak / 2**30)
+        row.update(
+            device_name=torch.cuda.get_device_name(dev),
+            plain_peak_gib=plain_peak / 2**30,
+            iso_peak_gib=iso_peak / 2**30,
+        )
     return row
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--settings", default="dit_flow,lora_unet",
-                        help=f"comma-separated, of {','.join(SETTINGS)}")
+    parser.add_argument(
+        "--settings", default="dit_flow,lora_unet", help=f"comma-separated, of {','.join(SETTINGS)}"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None, help="folder for backbones.json")
@@ -180,8 +213,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for setting in args.settings.split(","):
         rows.append(step_cost(setting, args.device, args.repeats))
         row = rows[-1]
-        print(f"{setting:10s} {row['device']} {row['dtype']}: plain {row['plain_s']:.4f} s, "
-              f"iso {row['iso_s']:.4f} s, iso / plain {row['ratio']:.2f}", flush=True)
+        print(
+            f"{setting:10s} {row['device']} {row['dtype']}: plain {row['plain_s']:.4f} s, "
+            f"iso {row['iso_s']:.4f} s, iso / plain {row['ratio']:.2f}",
+            flush=True,
+        )
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "backbones.json").write_text(json.dumps(rows, indent=2))

@@ -51,13 +51,15 @@ def bench(tier: str, preset: str, batch_size: int, refs_dir: Path) -> dict:
     config.register_schemas()
     evaluate_config.register_schemas()
     train_cfg = config.to_train_config(config.compose("train", [f"tier={tier}", "name=bench"]))
-    eval_cfg = evaluate_config.to_evaluate_config(config.compose("evaluate", [
-        "run=bench", f"eval={preset}", f"batch_size={batch_size}"])).eval
+    eval_cfg = evaluate_config.to_evaluate_config(
+        config.compose("evaluate", ["run=bench", f"eval={preset}", f"batch_size={batch_size}"])
+    ).eval
     cuda = torch.cuda.is_available()
     torch.manual_seed(0)
     unet = build_unet(train_cfg.model).to("cuda" if cuda else "cpu")
-    ctx = EvalContext(unet, train_cfg.diffusion, train_cfg.data, batch_size=batch_size,
-                      refs_dir=refs_dir)
+    ctx = EvalContext(
+        unet, train_cfg.diffusion, train_cfg.data, batch_size=batch_size, refs_dir=refs_dir
+    )
     enabled = [name for name in METRICS if getattr(eval_cfg, name).enabled]
     if "fid" in enabled:  # per-dataset caches, built once per tier
         f, inception = eval_cfg.fid, networks.inception(eval_cfg.fid.mode, ctx.device).module
@@ -82,12 +84,20 @@ def bench(tier: str, preset: str, batch_size: int, refs_dir: Path) -> dict:
             ddim.sample(latents(0, range(lo, min(lo + batch_size, n)), ctx.x_shape))
     pure = _elapsed(start, cuda)
     clock = "wall_s" if cuda else "cpu_s"
-    return {"tier": tier, "preset": preset, "batch_size": batch_size,
-            "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-            "threads": torch.get_num_threads(), "clock": clock, "suite": suite,
-            "per_metric": per_metric, "pure_ddim": pure,
-            "trajectories_by_steps": trajectories,
-            "overhead": suite[clock] / pure[clock] - 1, "target_overhead": 0.2}
+    return {
+        "tier": tier,
+        "preset": preset,
+        "batch_size": batch_size,
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "clock": clock,
+        "suite": suite,
+        "per_metric": per_metric,
+        "pure_ddim": pure,
+        "trajectories_by_steps": trajectories,
+        "overhead": suite[clock] / pure[clock] - 1,
+        "target_overhead": 0.2,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

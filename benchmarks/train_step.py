@@ -55,8 +55,22 @@ from isodiff.train.objective import DiffusionObjective
 MODELS = CONF / "model"
 # (resolution, channels, batch size, warm-up runs, timed runs, variants)
 ARCHS = {
-    "small": (32, 1, 16, 1, 3, ["plain", "iso_fast", "iso_official_style", "path_length",
-                                 "iso_separate", "iso_forward_mode", "iso_half"]),
+    "small": (
+        32,
+        1,
+        16,
+        1,
+        3,
+        [
+            "plain",
+            "iso_fast",
+            "iso_official_style",
+            "path_length",
+            "iso_separate",
+            "iso_forward_mode",
+            "iso_half",
+        ],
+    ),
     "ddpm_256": (256, 3, 1, 0, 1, ["plain", "iso_fast", "iso_official_style", "path_length"]),
 }
 LAMBDA_ISO = 1.0
@@ -83,8 +97,9 @@ def _objective_step(reg: Regulariser | None, lambda_iso: float) -> Step:
 def _iso_separate(unet, x0, noise, t, g):
     x_t = build_scheduler(DiffusionConfig()).add_noise(x0, noise, t)
     eps, _ = unet.eps_and_h(x_t, t)
-    return F.mse_loss(eps, noise) + LAMBDA_ISO * Regulariser("spherical")(unet.encode_h, x_t,
-                                                                          t, generator=g)
+    return F.mse_loss(eps, noise) + LAMBDA_ISO * Regulariser("spherical")(
+        unet.encode_h, x_t, t, generator=g
+    )
 
 
 def _iso_forward_mode(unet, x0, noise, t, g):
@@ -92,8 +107,7 @@ def _iso_forward_mode(unet, x0, noise, t, g):
     x_t = build_scheduler(DiffusionConfig()).add_noise(x0, noise, t).requires_grad_()
     u = geo.tangent_project(draw_probes(x_t, 1, "gaussian", g)[0], x_t.detach())
     with higher_order_ad():
-        (h, skips, emb), (ju, _, _) = torch.func.jvp(lambda x: unet.encode(x, t)[:3],
-                                                     (x_t,), (u,))
+        (h, skips, emb), (ju, _, _) = torch.func.jvp(lambda x: unet.encode(x, t)[:3], (x_t,), (u,))
         eps = unet.decode(h, skips, emb, t)
         (jtju,) = torch.autograd.grad(h, x_t, ju, create_graph=True)
     num = geo.sq_norm(geo.tangent_project(jtju, x_t.detach()))
@@ -124,8 +138,9 @@ def make_step(variant: str) -> Step:
     steps: dict[str, Callable[[], Step]] = {
         "plain": lambda: _objective_step(None, 0.0),
         "iso_fast": lambda: _objective_step(Regulariser("spherical"), LAMBDA_ISO),
-        "iso_half": lambda: _objective_step(Regulariser("spherical", batch_fraction=0.5),
-                                            LAMBDA_ISO),
+        "iso_half": lambda: _objective_step(
+            Regulariser("spherical", batch_fraction=0.5), LAMBDA_ISO
+        ),
         "path_length": lambda: _objective_step(Regulariser("path_length"), LAMBDA_ISO),
         "iso_separate": lambda: _iso_separate,
         "iso_forward_mode": lambda: _iso_forward_mode,
@@ -160,11 +175,20 @@ def worker(arch: str, variant: str, threads: int) -> dict:
         wall.append(time.perf_counter() - wall_tic)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     cpu, wall = cpu[warmup:], wall[warmup:]
-    return {"arch": arch, "variant": variant, "batch_size": batch, "resolution": resolution,
-            "channels": channels, "threads": threads, "times_s": cpu, "time_s": min(cpu),
-            "median_s": statistics.median(cpu), "wall_s": min(wall),
-            "peak_mem_mib": (peak - baseline) / 2**20,
-            "params_m": sum(p.numel() for p in unet.parameters()) / 1e6}
+    return {
+        "arch": arch,
+        "variant": variant,
+        "batch_size": batch,
+        "resolution": resolution,
+        "channels": channels,
+        "threads": threads,
+        "times_s": cpu,
+        "time_s": min(cpu),
+        "median_s": statistics.median(cpu),
+        "wall_s": min(wall),
+        "peak_mem_mib": (peak - baseline) / 2**20,
+        "params_m": sum(p.numel() for p in unet.parameters()) / 1e6,
+    }
 
 
 def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
@@ -173,36 +197,53 @@ def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
         by = {r["variant"]: r for r in rows if r["arch"] == arch}
         wanted = [  # (name, numerator, denominator, key)
             ("time iso_fast / plain (target <= 2.5)", "iso_fast", "plain", "time_s"),
-            ("time iso_official_style / iso_fast (target >= 2.0)", "iso_official_style",
-             "iso_fast", "time_s"),
-            ("peak mem iso_official_style / iso_fast (target > 1)", "iso_official_style",
-             "iso_fast", "peak_mem_mib"),
+            (
+                "time iso_official_style / iso_fast (target >= 2.0)",
+                "iso_official_style",
+                "iso_fast",
+                "time_s",
+            ),
+            (
+                "peak mem iso_official_style / iso_fast (target > 1)",
+                "iso_official_style",
+                "iso_fast",
+                "peak_mem_mib",
+            ),
             ("time path_length / plain", "path_length", "plain", "time_s"),
             ("time iso_half / plain", "iso_half", "plain", "time_s"),
             ("time iso_separate / iso_fast", "iso_separate", "iso_fast", "time_s"),
             ("time iso_forward_mode / iso_fast", "iso_forward_mode", "iso_fast", "time_s"),
         ]
-        out[arch] = {name: by[a][key] / by[b][key] for name, a, b, key in wanted
-                     if a in by and b in by}
+        out[arch] = {
+            name: by[a][key] / by[b][key] for name, a, b, key in wanted if a in by and b in by
+        }
     return out
 
 
 def markdown(result: dict) -> str:
-    lines = ["# Regulariser benchmark (one training step, forward + backward)", "",
-             f"{result['machine']}; torch {result['torch']}, {result['threads']} intra-op "
-             f"thread(s); load average at start {result['load_avg']}, at end "
-             f"{result['load_avg_end']}.", "",
-             "Time: process CPU seconds, min over the timed runs (all runs listed); wall: min "
-             "wall-clock seconds. Memory: peak RSS minus RSS after setup, fresh process per "
-             "row. See benchmarks/train_step.py for the variants.", "",
-             "| arch | variant | batch | time (CPU s) | runs (CPU s) | wall (s) | peak mem (MiB) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Regulariser benchmark (one training step, forward + backward)",
+        "",
+        f"{result['machine']}; torch {result['torch']}, {result['threads']} intra-op "
+        f"thread(s); load average at start {result['load_avg']}, at end "
+        f"{result['load_avg_end']}.",
+        "",
+        "Time: process CPU seconds, min over the timed runs (all runs listed); wall: min "
+        "wall-clock seconds. Memory: peak RSS minus RSS after setup, fresh process per "
+        "row. See benchmarks/train_step.py for the variants.",
+        "",
+        "| arch | variant | batch | time (CPU s) | runs (CPU s) | wall (s) | peak mem (MiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
         reps = ", ".join(f"{v:.2f}" for v in r["times_s"])
-        lines.append(f"| {r['arch']} | {r['variant']} | {r['batch_size']} | {r['time_s']:.2f} "
-                     f"| {reps} | {r['wall_s']:.2f} | {r['peak_mem_mib']:.0f} |")
-    lines += [f"| {f['arch']} | {f['variant']} | failed: {f['error']} | | | | |"
-              for f in result["failed"]]
+        lines.append(
+            f"| {r['arch']} | {r['variant']} | {r['batch_size']} | {r['time_s']:.2f} "
+            f"| {reps} | {r['wall_s']:.2f} | {r['peak_mem_mib']:.0f} |"
+        )
+    lines += [
+        f"| {f['arch']} | {f['variant']} | failed: {f['error']} | | | | |" for f in result["failed"]
+    ]
     lines += ["", "| arch | ratio | value |", "|---|---|---|"]
     for arch, values in result["ratios"].items():
         lines += [f"| {arch} | {k} | {v:.2f} |" for k, v in values.items()]
@@ -223,24 +264,44 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [a for a in archs if a not in ARCHS]
     if unknown:
         sys.exit(f"--archs: unknown {unknown}; choose from {sorted(ARCHS)}")
-    result = {"machine": f"{platform.processor() or platform.machine()}, "
-                         f"{os.cpu_count()} cores", "torch": torch.__version__,
-              "threads": args.threads, "load_avg": [round(v, 2) for v in os.getloadavg()],
-              "lambda_iso": LAMBDA_ISO, "rows": [], "failed": []}
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "load_avg": [round(v, 2) for v in os.getloadavg()],
+        "lambda_iso": LAMBDA_ISO,
+        "rows": [],
+        "failed": [],
+    }
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
     for arch in archs:
         for variant in ARCHS[arch][5]:
-            proc = subprocess.run([sys.executable, "-m", "benchmarks.train_step", "--worker", arch,
-                                   variant, "--threads", str(args.threads)],
-                                  capture_output=True, text=True, env=env)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.train_step",
+                    "--worker",
+                    arch,
+                    variant,
+                    "--threads",
+                    str(args.threads),
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
             if proc.returncode != 0:  # e.g. killed for memory: say so, keep the other rows
                 tail = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
                 result["failed"].append({"arch": arch, "variant": variant, "error": tail[0]})
                 print(f"{arch:9s} {variant:19s} FAILED: {tail[0]}", flush=True)
                 continue
             row = json.loads(proc.stdout.strip().splitlines()[-1])
-            print(f"{arch:9s} {variant:19s} batch {row['batch_size']:3d}  "
-                  f"{row['time_s']:8.2f} s  {row['peak_mem_mib']:8.0f} MiB", flush=True)
+            print(
+                f"{arch:9s} {variant:19s} batch {row['batch_size']:3d}  "
+                f"{row['time_s']:8.2f} s  {row['peak_mem_mib']:8.0f} MiB",
+                flush=True,
+            )
             result["rows"].append(row)
     result["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
     result["ratios"] = ratios(result["rows"])

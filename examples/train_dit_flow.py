@@ -44,20 +44,31 @@ def main(argv: list[str] | None = None) -> DiTTransformer2DModel:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--weighting-scheme", default="none",
-                        choices=["none", "logit_normal", "mode"])
+    parser.add_argument(
+        "--weighting-scheme", default="none", choices=["none", "logit_normal", "mode"]
+    )
     parser.add_argument("--lambda-iso", type=float, default=1e-4)
-    parser.add_argument("--window", type=float, default=flow_window(0.5),
-                        help="L_iso on sigma >= window (flow time, 1 = noise)")
+    parser.add_argument(
+        "--window",
+        type=float,
+        default=flow_window(0.5),
+        help="L_iso on sigma >= window (flow time, 1 = noise)",
+    )
     parser.add_argument("--output-dir", default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
     model = DiTTransformer2DModel(
-        num_attention_heads=4, attention_head_dim=16, in_channels=3, out_channels=3,
-        num_layers=6, sample_size=args.resolution, patch_size=2,
-        num_embeds_ada_norm=args.num_classes)
+        num_attention_heads=4,
+        attention_head_dim=16,
+        in_channels=3,
+        out_channels=3,
+        num_layers=6,
+        sample_size=args.resolution,
+        patch_size=2,
+        num_embeds_ada_norm=args.num_classes,
+    )
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     iso = Regulariser("spherical")  # isodiff: the sphere through x_t (isodiff.flow)
@@ -66,16 +77,25 @@ def main(argv: list[str] | None = None) -> DiTTransformer2DModel:
     for step, (images, labels) in zip(range(args.steps), batches(args), strict=False):
         noise = torch.randn_like(images)
         u = compute_density_for_timestep_sampling(
-            weighting_scheme=args.weighting_scheme, batch_size=len(images), logit_mean=0.0,
-            logit_std=1.0, mode_scale=1.29, generator=gen)
+            weighting_scheme=args.weighting_scheme,
+            batch_size=len(images),
+            logit_mean=0.0,
+            logit_std=1.0,
+            mode_scale=1.29,
+            generator=gen,
+        )
         timesteps = scheduler.timesteps[(u * T).long()]
         sigmas = (timesteps / T).view(-1, 1, 1, 1)  # the script's get_sigmas, shift 1
         x_t = (1.0 - sigmas) * images + sigmas * noise
         pred = model(x_t, timestep=timesteps, class_labels=labels).sample
         loss = F.mse_loss(pred.float(), (noise - images).float())
         if (m := sigmas.flatten() >= args.window).any():  # isodiff: the regularised sigmas
-            loss = loss + args.lambda_iso * iso(h_encoder(model), x_t[m], timesteps[m],  # isodiff
-                                                class_labels=labels[m])  # isodiff
+            loss = loss + args.lambda_iso * iso(
+                h_encoder(model),
+                x_t[m],
+                timesteps[m],  # isodiff
+                class_labels=labels[m],
+            )  # isodiff
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

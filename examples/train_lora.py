@@ -37,11 +37,17 @@ def base_unet(args: argparse.Namespace) -> UNet2DConditionModel:
         return UNet2DConditionModel.from_pretrained(args.pretrained, subfolder="unet")
     torch.manual_seed(args.seed)
     return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(16, 16, 32, 32), norm_num_groups=8, cross_attention_dim=32,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 16, 32, 32),
+        norm_num_groups=8,
+        cross_attention_dim=32,
         attention_head_dim=8,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
 
 
 def reload(output_dir: str, args: argparse.Namespace) -> UNet2DConditionModel:
@@ -69,8 +75,14 @@ def main(argv: list[str] | None = None) -> UNet2DConditionModel:
     unet.requires_grad_(False)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
-                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    unet.add_adapter(
+        LoraConfig(
+            r=args.rank,
+            lora_alpha=args.rank,
+            init_lora_weights="gaussian",
+            target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+        )
+    )
     lora_layers = [p for p in unet.parameters() if p.requires_grad]
     size, channels = unet.config.sample_size, unet.config.in_channels
     text_dim = unet.config.cross_attention_dim
@@ -87,18 +99,24 @@ def main(argv: list[str] | None = None) -> UNet2DConditionModel:
     for step in range(args.steps):
         labels = torch.randint(0, 10, (args.batch_size,), generator=gen)
         latents = torch.randn(args.batch_size, channels, size, size, generator=gen) * 0.1 + (
-            labels.view(-1, 1, 1, 1) / 10)  # toy latents that depend on the prompt
+            labels.view(-1, 1, 1, 1) / 10
+        )  # toy latents that depend on the prompt
         with torch.no_grad():
             text = prompts(labels)[:, None]  # (B, tokens = 1, text_dim)
         noise = torch.randn_like(latents)
         t = torch.randint(0, T, (args.batch_size,), generator=gen)
         x_t = scheduler.add_noise(latents, noise, t)
         with attention():  # isodiff
-            loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=text).sample.float(),
-                              noise.float())
+            loss = F.mse_loss(
+                unet(x_t, t, encoder_hidden_states=text).sample.float(), noise.float()
+            )
             if (m := t >= args.window * T).any():  # isodiff: the regularised timesteps
-                loss = loss + args.lambda_iso * iso(h_encoder(unet), x_t[m], t[m],  # isodiff
-                                                    encoder_hidden_states=text[m])
+                loss = loss + args.lambda_iso * iso(
+                    h_encoder(unet),
+                    x_t[m],
+                    t[m],  # isodiff
+                    encoder_hidden_states=text[m],
+                )
             optimizer.zero_grad()
             loss.backward()
         optimizer.step()
@@ -107,8 +125,10 @@ def main(argv: list[str] | None = None) -> UNet2DConditionModel:
     if args.output_dir:
         unet_lora_state_dict = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
         StableDiffusionLoraLoaderMixin.save_lora_weights(
-            save_directory=args.output_dir, unet_lora_layers=unet_lora_state_dict,
-            safe_serialization=True)
+            save_directory=args.output_dir,
+            unet_lora_layers=unet_lora_state_dict,
+            safe_serialization=True,
+        )
     return unet
 
 

@@ -31,10 +31,17 @@ def main(argv: list[str] | None = None) -> UNet2DConditionModel:
 
     torch.manual_seed(args.seed)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32,
-        attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        norm_num_groups=8,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )
     prompts = torch.nn.Embedding(10, 32)  # stands in for a frozen text encoder
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
@@ -43,8 +50,10 @@ def main(argv: list[str] | None = None) -> UNet2DConditionModel:
     gen = torch.Generator().manual_seed(args.seed)
     for step in range(args.steps):
         labels = torch.randint(0, 10, (args.batch_size,), generator=gen)
-        latents = torch.randn(args.batch_size, 4, 8, 8, generator=gen) * 0.1 + labels.view(
-            -1, 1, 1, 1) / 10  # toy latents that depend on the prompt
+        latents = (
+            torch.randn(args.batch_size, 4, 8, 8, generator=gen) * 0.1
+            + labels.view(-1, 1, 1, 1) / 10
+        )  # toy latents that depend on the prompt
         with torch.no_grad():
             text = prompts(labels)[:, None]  # (B, tokens = 1, 32)
         noise = torch.randn_like(latents)
@@ -52,8 +61,12 @@ def main(argv: list[str] | None = None) -> UNet2DConditionModel:
         x_t = scheduler.add_noise(latents, noise, t)
         loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=text).sample, noise)
         if (m := t >= args.window * T).any():  # isodiff: the regularised timesteps
-            loss = loss + args.lambda_iso * iso(h_encoder(unet), x_t[m], t[m],  # isodiff
-                                                encoder_hidden_states=text[m])
+            loss = loss + args.lambda_iso * iso(
+                h_encoder(unet),
+                x_t[m],
+                t[m],  # isodiff
+                encoder_hidden_states=text[m],
+            )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -30,9 +30,17 @@ def batches(args: argparse.Namespace) -> Iterator[torch.Tensor]:
             yield F.interpolate(low, size=args.resolution, mode="bilinear")
     from torchvision import datasets, transforms
 
-    folder = datasets.ImageFolder(args.train_data_dir, transforms.Compose([
-        transforms.Resize(args.resolution), transforms.CenterCrop(args.resolution),
-        transforms.ToTensor(), transforms.Normalize([0.5], [0.5])]))
+    folder = datasets.ImageFolder(
+        args.train_data_dir,
+        transforms.Compose(
+            [
+                transforms.Resize(args.resolution),
+                transforms.CenterCrop(args.resolution),
+                transforms.ToTensor(),
+                transforms.Normalize([0.5], [0.5]),
+            ]
+        ),
+    )
     loader = torch.utils.data.DataLoader(folder, batch_size=args.batch_size, shuffle=True)
     while True:
         yield from (images for images, _ in loader)
@@ -53,11 +61,19 @@ def main(argv: list[str] | None = None) -> UNet2DModel:
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    unet = UNet2DModel.from_pretrained(args.init) if args.init else UNet2DModel(
-        sample_size=args.resolution, in_channels=3, out_channels=3,
-        block_out_channels=(32, 64, 64), norm_num_groups=8,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+    unet = (
+        UNet2DModel.from_pretrained(args.init)
+        if args.init
+        else UNet2DModel(
+            sample_size=args.resolution,
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(32, 64, 64),
+            norm_num_groups=8,
+            down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        )
+    )
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr)
     iso = Regulariser("spherical")  # isodiff

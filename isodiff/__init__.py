@@ -26,10 +26,18 @@ from typing import Any
 # commands, which live in sub-packages, report a config error before torch loads.
 _API = {
     **dict.fromkeys(("h_encoder", "recording_h", "transformer_blocks"), "isodiff.adapters"),
-    **dict.fromkeys(("flow_matching_loss", "flow_window", "sample_flow_timesteps"),
-                    "isodiff.flow"),
-    **dict.fromkeys(("Regulariser", "higher_order_ad", "isometry_loss", "isometry_loss_from_h",
-                     "path_lengths", "sample_timesteps"), "isodiff.isometry"),
+    **dict.fromkeys(("flow_matching_loss", "flow_window", "sample_flow_timesteps"), "isodiff.flow"),
+    **dict.fromkeys(
+        (
+            "Regulariser",
+            "higher_order_ad",
+            "isometry_loss",
+            "isometry_loss_from_h",
+            "path_lengths",
+            "sample_timesteps",
+        ),
+        "isodiff.isometry",
+    ),
     "add_lora": "isodiff.lora",
 }
 __all__ = sorted(_API)

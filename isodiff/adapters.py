@@ -34,8 +34,9 @@ class _ReachedH(Exception):
         self.h = h
 
 
-def transformer_blocks(model: nn.Module, block_lists: Sequence[str] = BLOCK_LISTS
-                       ) -> list[nn.Module]:
+def transformer_blocks(
+    model: nn.Module, block_lists: Sequence[str] = BLOCK_LISTS
+) -> list[nn.Module]:
     """The model's transformer blocks in forward order: the concatenation of those of its
     attributes named in `block_lists` that exist (Flux: its 19 double-stream blocks, then its
     38 single-stream blocks, 57 in all)."""
@@ -59,8 +60,9 @@ def _image_stream(output: Tensor | tuple, index: int) -> Tensor:
     return output if isinstance(output, Tensor) else output[index]
 
 
-def h_block(model: nn.Module, block: int | None = None,
-            block_lists: Sequence[str] = BLOCK_LISTS) -> nn.Module:
+def h_block(
+    model: nn.Module, block: int | None = None, block_lists: Sequence[str] = BLOCK_LISTS
+) -> nn.Module:
     """The module whose output is h (see `h_encoder`): a U-Net's mid block, or block `block`
     (the middle one when None) of a transformer's concatenated block lists."""
     unet_block = getattr(model, "mid_block", None)
@@ -68,36 +70,50 @@ def h_block(model: nn.Module, block: int | None = None,
         return unet_block
     blocks = transformer_blocks(model, block_lists)
     if not blocks and unet_block is not None:
-        raise TypeError(f"block={block!r} indexes a transformer's blocks; "
-                        f"{type(model).__name__}'s h is its mid_block (leave block None)")
+        raise TypeError(
+            f"block={block!r} indexes a transformer's blocks; "
+            f"{type(model).__name__}'s h is its mid_block (leave block None)"
+        )
     if not blocks:
-        raise TypeError(f"{type(model).__name__} has no mid_block and no transformer blocks "
-                        f"(attributes {tuple(block_lists)}): h_encoder reads h at a diffusers "
-                        "U-Net's mid block or at a transformer's middle block (block_lists= "
-                        "names the block lists of other models)")
+        raise TypeError(
+            f"{type(model).__name__} has no mid_block and no transformer blocks "
+            f"(attributes {tuple(block_lists)}): h_encoder reads h at a diffusers "
+            "U-Net's mid block or at a transformer's middle block (block_lists= "
+            "names the block lists of other models)"
+        )
     return blocks[middle_block_index(len(blocks)) if block is None else block]  # IndexError
 
 
 @contextlib.contextmanager
-def recording_h(model: nn.Module, block: int | None = None, *,
-                block_lists: Sequence[str] = BLOCK_LISTS, output: int = -1
-                ) -> Iterator[list[Tensor]]:
+def recording_h(
+    model: nn.Module,
+    block: int | None = None,
+    *,
+    block_lists: Sequence[str] = BLOCK_LISTS,
+    output: int = -1,
+) -> Iterator[list[Tensor]]:
     """Records h during the model's own full forwards, without stopping them: yields a
     list to which each forward inside the block appends its h (the h that `h_encoder` with
     the same arguments returns). Lets a training loss reuse the main forward's h for L_iso
     (`Regulariser(..., h=h)`), saving the encoder forward."""
     seen: list[Tensor] = []
     handle = h_block(model, block, block_lists).register_forward_hook(
-        lambda module, inputs, out: seen.append(_image_stream(out, output)))
+        lambda module, inputs, out: seen.append(_image_stream(out, output))
+    )
     try:
         yield seen
     finally:
         handle.remove()
 
 
-def h_encoder(model: nn.Module, block: int | None = None, *,
-              block_lists: Sequence[str] = BLOCK_LISTS, output: int = -1,
-              shared: dict[str, Tensor] | None = None) -> Callable[..., Tensor]:
+def h_encoder(
+    model: nn.Module,
+    block: int | None = None,
+    *,
+    block_lists: Sequence[str] = BLOCK_LISTS,
+    output: int = -1,
+    shared: dict[str, Tensor] | None = None,
+) -> Callable[..., Tensor]:
     """(x_t, t, **condition) -> h, the h of `model` at (x_t, t).
 
     U-Net (a model with a `mid_block`, and `block` None): h is the mid-block output, as
@@ -144,14 +160,17 @@ def h_encoder(model: nn.Module, block: int | None = None, *,
             return reached.h
         finally:
             handle.remove()
-        raise RuntimeError(f"{type(model).__name__}'s forward never ran its h block "
-                           "(skipped, or not in its forward)")
+        raise RuntimeError(
+            f"{type(model).__name__}'s forward never ran its h block "
+            "(skipped, or not in its forward)"
+        )
 
     return encode
 
 
-def _unet_encoder(unet: nn.Module, block: nn.Module, shared: dict[str, Tensor]
-                  ) -> Callable[..., Tensor]:
+def _unet_encoder(
+    unet: nn.Module, block: nn.Module, shared: dict[str, Tensor]
+) -> Callable[..., Tensor]:
     """The mid-block encoder of a U-Net (see `h_encoder`)."""
 
     def stop(module: nn.Module, inputs: tuple, output: Tensor) -> None:

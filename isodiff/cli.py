@@ -72,8 +72,10 @@ def interruptible() -> Iterator[None]:
             return
         raise Interrupted(signum)
 
-    defaults = {signal.SIGINT: (signal.default_int_handler, signal.SIG_DFL),
-                signal.SIGTERM: (signal.SIG_DFL,)}
+    defaults = {
+        signal.SIGINT: (signal.default_int_handler, signal.SIG_DFL),
+        signal.SIGTERM: (signal.SIG_DFL,),
+    }
     previous = {}
     for signum, ours_to_replace in defaults.items():
         if signal.getsignal(signum) in ours_to_replace:
@@ -97,16 +99,21 @@ def one_line(err: BaseException, command: str = "python -m isodiff.train") -> st
     if isinstance(err, MissingConfigException) and err.missing_cfg_file:
         group, _, value = err.missing_cfg_file.rpartition("/")
         options = ", ".join(err.options or [])
-        return (f"{group}={value}: no such option; choose one of: {options} "
-                f"(the files of conf/{group}/)")
+        return (
+            f"{group}={value}: no such option; choose one of: {options} "
+            f"(the files of conf/{group}/)"
+        )
     if isinstance(err, OverrideParseException):
-        return (f"{str(err).splitlines()[0]}: a value that holds '=', ',' or spaces (a job "
-                "folder, say) must be quoted, e.g. \"run='runs/quick/mnist/a=1,b=2-abc'\"")
+        return (
+            f"{str(err).splitlines()[0]}: a value that holds '=', ',' or spaces (a job "
+            "folder, say) must be quoted, e.g. \"run='runs/quick/mnist/a=1,b=2-abc'\""
+        )
     key = getattr(cause, "full_key", None)
     first = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
     if key and re.search(r"not in '|not in struct", first):
-        return (f"{key} is not a config key: check its spelling ({command} --cfg job lists "
-                "every key)")
+        return (
+            f"{key} is not a config key: check its spelling ({command} --cfg job lists every key)"
+        )
     return f"{key}: {first}" if key else first
 
 
@@ -139,9 +146,14 @@ def quote_paths(args: list[str]) -> list[str]:
     quoted = []
     for arg in args:
         key, eq, value = arg.partition("=")
-        if eq and key.lstrip("+~") in PATH_KEYS and re.search(r"[=, ]", value) \
-                and not value.startswith(("'", '"', "[")) and "'" not in value \
-                and (paths := _existing(value)):
+        if (
+            eq
+            and key.lstrip("+~") in PATH_KEYS
+            and re.search(r"[=, ]", value)
+            and not value.startswith(("'", '"', "["))
+            and "'" not in value
+            and (paths := _existing(value))
+        ):
             arg = f"{key}=" + ",".join(f"'{path}'" for path in paths)
         quoted.append(arg)
     return quoted
@@ -207,8 +219,13 @@ class Options:
     overrides: list[str]
 
 
-def parse_options(argv: list[str], keys: tuple[str, ...], flags: tuple[str, ...] = (),
-                  overrides: bool = False, names: bool = True) -> Options:
+def parse_options(
+    argv: list[str],
+    keys: tuple[str, ...],
+    flags: tuple[str, ...] = (),
+    overrides: bool = False,
+    names: bool = True,
+) -> Options:
     """The one parser of `key=value` options: UserError naming an unknown key or flag (or a
     name, where the command takes none); other keys pass on as training overrides where
     the command takes them."""
@@ -265,13 +282,19 @@ def parse(argv: list[str]) -> Args:
     """An analysis command's options and spec names; UserError naming the bad key or tier,
     or a tier without runs."""
     got = parse_options(argv, ANALYSIS_KEYS)
-    args = Args(got.values.get("tier", "quick"), Path(got.values.get("run_root", "runs")),
-                Path(got.values.get("out", "results")), got.names or None)
+    args = Args(
+        got.values.get("tier", "quick"),
+        Path(got.values.get("run_root", "runs")),
+        Path(got.values.get("out", "results")),
+        got.names or None,
+    )
     tier_config(args.tier)  # an unknown tier is a typo
     if not any((args.run_root / args.tier).rglob("status.json")):
-        raise UserError(f"tier={args.tier}: no runs under {args.run_root / args.tier}; run "
-                        f"`make reproduce` (or isodiff.sweep <spec> tier={args.tier}) first, "
-                        "or pass run_root=<folder that holds the runs>")
+        raise UserError(
+            f"tier={args.tier}: no runs under {args.run_root / args.tier}; run "
+            f"`make reproduce` (or isodiff.sweep <spec> tier={args.tier}) first, "
+            "or pass run_root=<folder that holds the runs>"
+        )
     return args
 
 

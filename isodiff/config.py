@@ -32,8 +32,6 @@ def shipped(name: str) -> Path:
 CONF = shipped("conf")
 
 
-
-
 def _check(ok: bool, key: str, value: object, fix: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is invalid: {fix}")
@@ -114,10 +112,20 @@ class BetaSchedule(str, Enum):
 
 # The U-Net blocks HUNet's split forward supports (diffusers' UNet2DModel without cross
 # attention); others fail here rather than when the job has started.
-DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D", "SkipDownBlock2D",
-               "AttnSkipDownBlock2D")
-UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D", "SkipUpBlock2D",
-             "AttnSkipUpBlock2D")
+DOWN_BLOCKS = (
+    "DownBlock2D",
+    "AttnDownBlock2D",
+    "ResnetDownsampleBlock2D",
+    "SkipDownBlock2D",
+    "AttnSkipDownBlock2D",
+)
+UP_BLOCKS = (
+    "UpBlock2D",
+    "AttnUpBlock2D",
+    "ResnetUpsampleBlock2D",
+    "SkipUpBlock2D",
+    "AttnSkipUpBlock2D",
+)
 
 
 class Arch(str, Enum):
@@ -145,18 +153,34 @@ class IsoConfig:
     path_length_decay: float = 0.01  # running-mean rate of the path-length baseline
 
     def __post_init__(self) -> None:
-        _check(0.0 <= self.window < 1.0, "iso.window", self.window,
-               "the timestep window p must be in [0, 1): iso loss on t in [p*T, T)")
+        _check(
+            0.0 <= self.window < 1.0,
+            "iso.window",
+            self.window,
+            "the timestep window p must be in [0, 1): iso loss on t in [p*T, T)",
+        )
         _check(self.n_probes >= 1, "iso.n_probes", self.n_probes, "use at least 1 probe")
-        _check(0.0 < self.batch_fraction <= 1.0, "iso.batch_fraction", self.batch_fraction,
-               "must be in (0, 1]")
-        _check(0.0 < self.path_length_decay <= 1.0, "iso.path_length_decay",
-               self.path_length_decay, "must be in (0, 1]")
+        _check(
+            0.0 < self.batch_fraction <= 1.0,
+            "iso.batch_fraction",
+            self.batch_fraction,
+            "must be in (0, 1]",
+        )
+        _check(
+            0.0 < self.path_length_decay <= 1.0,
+            "iso.path_length_decay",
+            self.path_length_decay,
+            "must be in (0, 1]",
+        )
         # isometry.py: the official loss draws its chart probe from a Gaussian only
-        _check(self.metric != IsoMetric.isodiff_compat or self.probe == Probe.gaussian,
-               "iso.probe", Probe(self.probe).value, "iso.metric=isodiff_compat is the "
-               "official loss, whose chart probe is Gaussian: use iso.probe=gaussian, or "
-               "another iso.metric (euclidean, spherical) with iso.probe=rademacher")
+        _check(
+            self.metric != IsoMetric.isodiff_compat or self.probe == Probe.gaussian,
+            "iso.probe",
+            Probe(self.probe).value,
+            "iso.metric=isodiff_compat is the "
+            "official loss, whose chart probe is Gaussian: use iso.probe=gaussian, or "
+            "another iso.metric (euclidean, spherical) with iso.probe=rademacher",
+        )
 
 
 @dataclass
@@ -177,24 +201,52 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(self.resolution >= 8, "data.resolution", self.resolution, "must be >= 8")
         _check(self.channels in (1, 3), "data.channels", self.channels, "must be 1 or 3")
-        _check(self.size is None or self.size >= 1, "data.size", self.size,
-               "must be >= 1 or null (all)")
-        _check(self.name != DatasetName.shapes or self.channels == 3, "data.channels",
-               self.channels, "data=shapes is coloured: use data.channels=3")
-        _check(self.name != DatasetName.folder or bool(self.root), "data.root", self.root,
-               "data=folder needs data.root=/path/to/images")
+        _check(
+            self.size is None or self.size >= 1,
+            "data.size",
+            self.size,
+            "must be >= 1 or null (all)",
+        )
+        _check(
+            self.name != DatasetName.shapes or self.channels == 3,
+            "data.channels",
+            self.channels,
+            "data=shapes is coloured: use data.channels=3",
+        )
+        _check(
+            self.name != DatasetName.folder or bool(self.root),
+            "data.root",
+            self.root,
+            "data=folder needs data.root=/path/to/images",
+        )
         _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
-        _check(self.seed >= 0, "data.seed", self.seed, "must be >= 0 (numpy seeds the draw "
-               "of the shapes' factors with it)")
-        _check(self.attributes is None or self.name == DatasetName.folder, "data.attributes",
-               self.attributes, f"data={DatasetName(self.name).value} has its own factors: "
-               "attribute files are for data=folder; drop data.attributes")
+        _check(
+            self.seed >= 0,
+            "data.seed",
+            self.seed,
+            "must be >= 0 (numpy seeds the draw of the shapes' factors with it)",
+        )
+        _check(
+            self.attributes is None or self.name == DatasetName.folder,
+            "data.attributes",
+            self.attributes,
+            f"data={DatasetName(self.name).value} has its own factors: "
+            "attribute files are for data=folder; drop data.attributes",
+        )
         names = self.attribute_names
-        _check(names is None or self.attributes is not None, "data.attribute_names", names,
-               "selects attributes of data.attributes: set data.attributes=/path/to/"
-               "list_attr_celeba.txt, or data.attribute_names=null")
-        _check(names is None or len(set(names)) == len(names) >= 1, "data.attribute_names",
-               names, "list each attribute once, at least one (null: all of the file's)")
+        _check(
+            names is None or self.attributes is not None,
+            "data.attribute_names",
+            names,
+            "selects attributes of data.attributes: set data.attributes=/path/to/"
+            "list_attr_celeba.txt, or data.attribute_names=null",
+        )
+        _check(
+            names is None or len(set(names)) == len(names) >= 1,
+            "data.attribute_names",
+            names,
+            "list each attribute once, at least one (null: all of the file's)",
+        )
 
 
 @dataclass
@@ -224,8 +276,7 @@ class ModelConfig:
     in_channels: int = 3
     out_channels: int = 3
     block_out_channels: list[int] = field(default_factory=lambda: [16, 32])
-    down_block_types: list[str] = field(
-        default_factory=lambda: ["DownBlock2D", "AttnDownBlock2D"])
+    down_block_types: list[str] = field(default_factory=lambda: ["DownBlock2D", "AttnDownBlock2D"])
     up_block_types: list[str] = field(default_factory=lambda: ["AttnUpBlock2D", "UpBlock2D"])
     layers_per_block: int = 1
     attention_head_dim: int | None = 8
@@ -241,16 +292,23 @@ class ModelConfig:
         if self.arch == Arch.dit:  # the U-Net fields are not read
             return
         n = len(self.block_out_channels)
-        _check(len(self.down_block_types) == n and len(self.up_block_types) == n,
-               "model.down_block_types", self.down_block_types,
-               "block_out_channels, down_block_types and up_block_types need equal lengths")
-        for key, blocks, known in (("model.down_block_types", self.down_block_types,
-                                    DOWN_BLOCKS),
-                                   ("model.up_block_types", self.up_block_types, UP_BLOCKS)):
+        _check(
+            len(self.down_block_types) == n and len(self.up_block_types) == n,
+            "model.down_block_types",
+            self.down_block_types,
+            "block_out_channels, down_block_types and up_block_types need equal lengths",
+        )
+        for key, blocks, known in (
+            ("model.down_block_types", self.down_block_types, DOWN_BLOCKS),
+            ("model.up_block_types", self.up_block_types, UP_BLOCKS),
+        ):
             _check(set(blocks) <= set(known), key, blocks, f"use blocks of {list(known)}")
-        _check(all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
-               "model.norm_num_groups", self.norm_num_groups,
-               "must divide every entry of model.block_out_channels")
+        _check(
+            all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
+            "model.norm_num_groups",
+            self.norm_num_groups,
+            "must divide every entry of model.block_out_channels",
+        )
 
 
 @dataclass
@@ -265,12 +323,24 @@ class DiffusionConfig:
     clip_sample: bool = True
 
     def __post_init__(self) -> None:
-        _check(self.num_train_timesteps >= 2, "diffusion.num_train_timesteps",
-               self.num_train_timesteps, "must be >= 2")
-        _check(0.0 < self.beta_start < self.beta_end < 1.0, "diffusion.beta_start",
-               (self.beta_start, self.beta_end), "need 0 < beta_start < beta_end < 1")
-        _check(self.prediction_type == "epsilon", "diffusion.prediction_type",
-               self.prediction_type, "only epsilon prediction is supported")
+        _check(
+            self.num_train_timesteps >= 2,
+            "diffusion.num_train_timesteps",
+            self.num_train_timesteps,
+            "must be >= 2",
+        )
+        _check(
+            0.0 < self.beta_start < self.beta_end < 1.0,
+            "diffusion.beta_start",
+            (self.beta_start, self.beta_end),
+            "need 0 < beta_start < beta_end < 1",
+        )
+        _check(
+            self.prediction_type == "epsilon",
+            "diffusion.prediction_type",
+            self.prediction_type,
+            "only epsilon prediction is supported",
+        )
 
 
 @dataclass
@@ -288,10 +358,13 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
-               self.betas, "need two values in [0, 1)")
-        _check(0.0 <= self.ema_decay < 1.0, "optim.ema_decay", self.ema_decay,
-               "must be in [0, 1)")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "optim.betas",
+            self.betas,
+            "need two values in [0, 1)",
+        )
+        _check(0.0 <= self.ema_decay < 1.0, "optim.ema_decay", self.ema_decay, "must be in [0, 1)")
         _check(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "must be >= 0")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
 
@@ -307,10 +380,18 @@ class LoraOptions:
 
     def __post_init__(self) -> None:
         _check(self.rank >= 0, "train.lora.rank", self.rank, "must be >= 0 (0: no LoRA)")
-        _check(self.alpha is None or self.alpha > 0, "train.lora.alpha", self.alpha,
-               "must be > 0 or null (rank)")
-        _check(len(self.targets) >= 1, "train.lora.targets", self.targets,
-               "name at least one module (diffusers' attention: to_k, to_q, to_v, to_out.0)")
+        _check(
+            self.alpha is None or self.alpha > 0,
+            "train.lora.alpha",
+            self.alpha,
+            "must be > 0 or null (rank)",
+        )
+        _check(
+            len(self.targets) >= 1,
+            "train.lora.targets",
+            self.targets,
+            "name at least one module (diffusers' attention: to_k, to_q, to_v, to_out.0)",
+        )
 
 
 @dataclass
@@ -347,24 +428,55 @@ class LoopConfig:
     lora: LoraOptions = field(default_factory=LoraOptions)
 
     def __post_init__(self) -> None:
-        _check(self.heldout_every >= 0, "train.heldout_every", self.heldout_every,
-               "must be >= 0 (0: no held-out L_iso during training)")
-        for key in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints",
-                    "log_every", "heldout_n"):
+        _check(
+            self.heldout_every >= 0,
+            "train.heldout_every",
+            self.heldout_every,
+            "must be >= 0 (0: no held-out L_iso during training)",
+        )
+        for key in (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "log_every",
+            "heldout_n",
+        ):
             value = getattr(self, key)
             _check(value >= 1, f"train.{key}", value, "must be >= 1")
-        _check(self.grid_samples >= 0, "train.grid_samples", self.grid_samples,
-               "must be >= 0 (0: no sample grids)")
+        _check(
+            self.grid_samples >= 0,
+            "train.grid_samples",
+            self.grid_samples,
+            "must be >= 0 (0: no sample grids)",
+        )
         _check(self.grid_steps >= 1, "train.grid_steps", self.grid_steps, "must be >= 1")
-        _check(self.cpu_threads is None or self.cpu_threads >= 1, "train.cpu_threads",
-               self.cpu_threads, "must be >= 1 or null (torch's default)")
-        _check(self.effective_batch is None or self.effective_batch >= 1,
-               "train.effective_batch", self.effective_batch, "must be >= 1 or null")
-        _check(self.effective_batch is None or self.grad_accum == 1, "train.grad_accum",
-               self.grad_accum, "train.effective_batch sets the accumulation from the process "
-               "count: set one of them (train.grad_accum=1 or train.effective_batch=null)")
-        _check(self.epochs is None or self.epochs > 0, "train.epochs", self.epochs,
-               "must be > 0 or null (train.steps)")
+        _check(
+            self.cpu_threads is None or self.cpu_threads >= 1,
+            "train.cpu_threads",
+            self.cpu_threads,
+            "must be >= 1 or null (torch's default)",
+        )
+        _check(
+            self.effective_batch is None or self.effective_batch >= 1,
+            "train.effective_batch",
+            self.effective_batch,
+            "must be >= 1 or null",
+        )
+        _check(
+            self.effective_batch is None or self.grad_accum == 1,
+            "train.grad_accum",
+            self.grad_accum,
+            "train.effective_batch sets the accumulation from the process "
+            "count: set one of them (train.grad_accum=1 or train.effective_batch=null)",
+        )
+        _check(
+            self.epochs is None or self.epochs > 0,
+            "train.epochs",
+            self.epochs,
+            "must be > 0 or null (train.steps)",
+        )
 
     def resolved(self, images: int, processes: int) -> LoopConfig:
         """This loop on `processes` processes over `images` training images: grad_accum from
@@ -372,17 +484,23 @@ class LoopConfig:
         grad_accum = self.grad_accum
         if self.effective_batch is not None:
             per_step = self.batch_size * processes
-            _check(self.effective_batch % per_step == 0, "train.effective_batch",
-                   self.effective_batch, f"must be a multiple of train.batch_size x processes "
-                   f"({self.batch_size} x {processes} = {per_step}): change train.batch_size "
-                   "or the number of GPUs")
+            _check(
+                self.effective_batch % per_step == 0,
+                "train.effective_batch",
+                self.effective_batch,
+                f"must be a multiple of train.batch_size x processes "
+                f"({self.batch_size} x {processes} = {per_step}): change train.batch_size "
+                "or the number of GPUs",
+            )
             grad_accum = self.effective_batch // per_step
         steps = self.steps
         if self.epochs is not None:
-            steps = max(1, math.ceil(self.epochs * images
-                                     / (self.batch_size * grad_accum * processes)))
-        return dataclasses.replace(self, steps=steps, grad_accum=grad_accum,
-                                   effective_batch=None, epochs=None)
+            steps = max(
+                1, math.ceil(self.epochs * images / (self.batch_size * grad_accum * processes))
+            )
+        return dataclasses.replace(
+            self, steps=steps, grad_accum=grad_accum, effective_batch=None, epochs=None
+        )
 
 
 @dataclass
@@ -399,12 +517,20 @@ class TierConfig:
     dataset_group: str = "data"
 
     def __post_init__(self) -> None:
-        _check(self.dataset_group in ("data", "preset"), "tier.dataset_group",
-               self.dataset_group, "use data or preset")
+        _check(
+            self.dataset_group in ("data", "preset"),
+            "tier.dataset_group",
+            self.dataset_group,
+            "use data or preset",
+        )
         for key in ("eval", "base_eval"):
             preset = getattr(self, key)
-            _check((CONF / "eval" / f"{preset}.yaml").is_file(), f"tier.{key}", preset,
-                   "is not a preset in conf/eval/")
+            _check(
+                (CONF / "eval" / f"{preset}.yaml").is_file(),
+                f"tier.{key}",
+                preset,
+                "is not a preset in conf/eval/",
+            )
 
 
 AUTOENCODERS = ("VQModel", "AutoencoderKL")  # the diffusers classes latent.autoencoder may name
@@ -418,6 +544,7 @@ class LatentConfig:
     # a diffusers VQModel or AutoencoderKL folder (save_pretrained); null: a pixel model
     autoencoder: str | None = None
     scale: float | None = None  # latent scaling factor; null: the checkpoint's scaling_factor
+
     def geometry(self) -> tuple[str, int, int]:
         """(class name, latent channels, downsampling factor) from the autoencoder's
         config.json, without loading its weights (validation before anything runs)."""
@@ -425,14 +552,18 @@ class LatentConfig:
         try:
             config = json.loads(path.read_text())
         except (OSError, ValueError) as err:
-            raise ConfigError(f"latent.autoencoder={self.autoencoder!r}: no readable "
-                              f"config.json ({err}); point it at a VQModel or AutoencoderKL "
-                              "folder saved with save_pretrained (e.g. the vqvae/ subfolder "
-                              "of CompVis/ldm-celebahq-256)") from err
+            raise ConfigError(
+                f"latent.autoencoder={self.autoencoder!r}: no readable "
+                f"config.json ({err}); point it at a VQModel or AutoencoderKL "
+                "folder saved with save_pretrained (e.g. the vqvae/ subfolder "
+                "of CompVis/ldm-celebahq-256)"
+            ) from err
         kind = config.get("_class_name")
         if kind not in AUTOENCODERS:
-            raise ConfigError(f"latent.autoencoder={self.autoencoder!r} is a {kind}: use a "
-                              f"folder of one of {AUTOENCODERS}")
+            raise ConfigError(
+                f"latent.autoencoder={self.autoencoder!r} is a {kind}: use a "
+                f"folder of one of {AUTOENCODERS}"
+            )
         factor = 2 ** (len(config["block_out_channels"]) - 1)
         return kind, int(config["latent_channels"]), factor
 
@@ -469,43 +600,77 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.seed >= 0, "seed", self.seed, "must be >= 0")
-        _check(self.lambda_iso >= 0, "lambda_iso", self.lambda_iso,
-               "the weight of the isometric loss must be >= 0 (0 trains plain DDPM)")
-        _check(self.train.lora.rank == 0 or self.init_from is not None, "train.lora.rank",
-               self.train.lora.rank, "LoRA adapts a trained base: set init_from= (or "
-               "stage=finetune), or train.lora.rank=0")
-        _check(self.train.lora.rank == 0 or importlib.util.find_spec("peft") is not None,
-               "train.lora.rank", self.train.lora.rank, "LoRA needs peft: pip install "
-               "'isodiff[lora]', or train.lora.rank=0")
+        _check(
+            self.lambda_iso >= 0,
+            "lambda_iso",
+            self.lambda_iso,
+            "the weight of the isometric loss must be >= 0 (0 trains plain DDPM)",
+        )
+        _check(
+            self.train.lora.rank == 0 or self.init_from is not None,
+            "train.lora.rank",
+            self.train.lora.rank,
+            "LoRA adapts a trained base: set init_from= (or stage=finetune), or train.lora.rank=0",
+        )
+        _check(
+            self.train.lora.rank == 0 or importlib.util.find_spec("peft") is not None,
+            "train.lora.rank",
+            self.train.lora.rank,
+            "LoRA needs peft: pip install 'isodiff[lora]', or train.lora.rank=0",
+        )
         channels, size, what = self.data.channels, self.data.resolution, "data"
         if self.latent.autoencoder:  # the U-Net models the autoencoder's latents
             _, channels, factor = self.latent.geometry()
             size, what = self.data.resolution // factor, "the latent of latent.autoencoder"
-            _check(not self.diffusion.clip_sample, "diffusion.clip_sample", True,
-                   "latents are not in [-1, 1]: latent diffusion needs "
-                   "diffusion.clip_sample=false (as diffusers' LDM pipelines)")
-        _check(self.model.in_channels == channels, "model.in_channels", self.model.in_channels,
-               f"must equal the channels of {what} ({channels})")
-        _check(self.model.out_channels == channels, "model.out_channels",
-               self.model.out_channels, f"must equal the channels of {what} ({channels})")
-        _check(self.model.sample_size == size, "model.sample_size", self.model.sample_size,
-               f"must equal the resolution of {what} ({size})")
+            _check(
+                not self.diffusion.clip_sample,
+                "diffusion.clip_sample",
+                True,
+                "latents are not in [-1, 1]: latent diffusion needs "
+                "diffusion.clip_sample=false (as diffusers' LDM pipelines)",
+            )
+        _check(
+            self.model.in_channels == channels,
+            "model.in_channels",
+            self.model.in_channels,
+            f"must equal the channels of {what} ({channels})",
+        )
+        _check(
+            self.model.out_channels == channels,
+            "model.out_channels",
+            self.model.out_channels,
+            f"must equal the channels of {what} ({channels})",
+        )
+        _check(
+            self.model.sample_size == size,
+            "model.sample_size",
+            self.model.sample_size,
+            f"must equal the resolution of {what} ({size})",
+        )
         if self.model.arch == Arch.dit:  # DiT cuts the image into patch_size^2 tiles
             patch = self.model.dit.patch_size
-            _check(size % patch == 0, "model.dit.patch_size", patch,
-                   f"must divide the size of {what} ({size}): e.g. model.dit.patch_size="
-                   f"{max(d for d in (1, 2, 4, 8) if size % d == 0)}")
+            _check(
+                size % patch == 0,
+                "model.dit.patch_size",
+                patch,
+                f"must divide the size of {what} ({size}): e.g. model.dit.patch_size="
+                f"{max(d for d in (1, 2, 4, 8) if size % d == 0)}",
+            )
             return
         # Every block but the last halves the image; the up path concatenates the skips, so
         # an odd size on the way down (9 -> 5 -> 10) no longer matches on the way up.
         halvings = len(self.model.block_out_channels) - 1
         if size % 2**halvings:
             fit = max(2**halvings, round(size / 2**halvings) * 2**halvings)
-            _check(False, "data.resolution", self.data.resolution,
-                   f"the U-Net halves {what}'s size ({size}) {halvings} time(s) "
-                   f"(model.block_out_channels has {halvings + 1} blocks), so it must be a "
-                   f"multiple of {2**halvings}: e.g. data.resolution="
-                   f"{fit * (self.data.resolution // size)}")
+            _check(
+                False,
+                "data.resolution",
+                self.data.resolution,
+                f"the U-Net halves {what}'s size ({size}) {halvings} time(s) "
+                f"(model.block_out_channels has {halvings + 1} blocks), so it must be a "
+                f"multiple of {2**halvings}: e.g. data.resolution="
+                f"{fit * (self.data.resolution // size)}",
+            )
 
     @property
     def regularised(self) -> bool:
@@ -525,8 +690,10 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), plain)
     except ConfigKeyError as err:
-        raise ConfigError(f"{err.full_key} is not a config key: check its spelling against "
-                          "conf/ (python -m isodiff.train --cfg job lists every key)") from err
+        raise ConfigError(
+            f"{err.full_key} is not a config key: check its spelling against "
+            "conf/ (python -m isodiff.train --cfg job lists every key)"
+        ) from err
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
@@ -550,12 +717,16 @@ def check_device(name: str) -> None:
         index = int(name.partition(":")[2] or 0)
         if index >= count:
             seen = f"{count} CUDA device(s) visible" if count else "no CUDA GPU visible"
-            raise ConfigError(f"device={name!r}: {seen} here (torch.cuda.is_available() is "
-                              f"{torch.cuda.is_available()}): use device=auto or device=cpu"
-                              + (f", or cuda:0..cuda:{count - 1}" if count else ""))
+            raise ConfigError(
+                f"device={name!r}: {seen} here (torch.cuda.is_available() is "
+                f"{torch.cuda.is_available()}): use device=auto or device=cpu"
+                + (f", or cuda:0..cuda:{count - 1}" if count else "")
+            )
     elif name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device='mps': no Apple GPU here (torch.backends.mps.is_available()"
-                          " is False): use device=auto or device=cpu")
+        raise ConfigError(
+            "device='mps': no Apple GPU here (torch.backends.mps.is_available()"
+            " is False): use device=auto or device=cpu"
+        )
 
 
 def tier_config(tier: str) -> TierConfig:
@@ -571,8 +742,9 @@ def tier_config(tier: str) -> TierConfig:
         raise ConfigError(f"conf/tier/{tier}.yaml: {err}") from err
 
 
-def compose(name: str, overrides: list[str], conf: Path = CONF,
-            hydra_node: bool = False) -> DictConfig:
+def compose(
+    name: str, overrides: list[str], conf: Path = CONF, hydra_node: bool = False
+) -> DictConfig:
     """conf/<name>.yaml composed with overrides as its command would compose it; hydra_node:
     with the `hydra` node, made the current HydraConfig (so that ${hydra:...} resolves)."""
     from hydra import compose as hydra_compose

@@ -82,8 +82,9 @@ def flow_radius(t: Tensor | float, n: int, sigma_data: float = 1.0) -> Tensor:
     return torch.sqrt(n * ((1 - t) ** 2 * sigma_data**2 + t**2))
 
 
-def radius_deviation(x0: Tensor, noise: Tensor, t: Tensor | float,
-                     sigma_data: float | None = None) -> Tensor:
+def radius_deviation(
+    x0: Tensor, noise: Tensor, t: Tensor | float, sigma_data: float | None = None
+) -> Tensor:
     """|x_t| / flow_radius(t) - 1 per sample (B,): how far x_t is from the sphere of the
     radius its t predicts. sigma_data: the rms of x0's coordinates when None (the batch's)."""
     if sigma_data is None:
@@ -100,8 +101,9 @@ def _ddpm_snr(p: float, num_train_timesteps: int, beta_start: float, beta_end: f
     return abar / (1 - abar)
 
 
-def flow_window(p: float, num_train_timesteps: int = 1000, beta_start: float = 1e-4,
-                beta_end: float = 0.02) -> float:
+def flow_window(
+    p: float, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
+) -> float:
     """The flow time t whose SNR (1 - t)^2 / t^2 equals DDPM's at timestep floor(p T) of the
     linear schedule: regularise t >= flow_window(p) to regularise the paper's noise levels
     (p = 0.5 -> 0.775; p = 0 -> 0.0099, not 0: DDPM's t = 0 is already slightly noisy)."""
@@ -109,8 +111,12 @@ def flow_window(p: float, num_train_timesteps: int = 1000, beta_start: float = 1
     return 1 / (1 + root)
 
 
-def sample_flow_timesteps(batch_size: int, window: float, schedule: str = "micro_batch",
-                          generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def sample_flow_timesteps(
+    batch_size: int,
+    window: float,
+    schedule: str = "micro_batch",
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
     """t ~ U[0, 1) (B,) and the mask of samples that get L_iso: t >= window.
 
     micro_batch (as the official schedule): with probability `window` every t of the
@@ -144,12 +150,21 @@ def _prediction(out: object) -> Tensor:
     return out.sample if hasattr(out, "sample") else out[0]
 
 
-def flow_matching_loss(model: nn.Module, x0: Tensor, noise: Tensor, t: Tensor, *,
-                       lambda_iso: float = 0.0, regulariser: nn.Module | None = None,
-                       iso_mask: Tensor | None = None, timestep_scale: float = 1000.0,
-                       encoder: Encoder | None = None, shared: dict[str, Tensor] | None = None,
-                       generator: torch.Generator | None = None, **condition: Tensor
-                       ) -> dict[str, Tensor]:
+def flow_matching_loss(
+    model: nn.Module,
+    x0: Tensor,
+    noise: Tensor,
+    t: Tensor,
+    *,
+    lambda_iso: float = 0.0,
+    regulariser: nn.Module | None = None,
+    iso_mask: Tensor | None = None,
+    timestep_scale: float = 1000.0,
+    encoder: Encoder | None = None,
+    shared: dict[str, Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    **condition: Tensor,
+) -> dict[str, Tensor]:
     """Rectified-flow loss + lambda_iso * L_iso: {"loss", "mse", and "iso" when computed}.
 
     mse = mean |model(x_t, t * timestep_scale) - (noise - x0)|^2 (float32), with
@@ -168,8 +183,12 @@ def flow_matching_loss(model: nn.Module, x0: Tensor, noise: Tensor, t: Tensor, *
     # Every sample regularised at x_t itself: L_iso differentiates the main forward's h
     # (recorded by a hook), which saves the encoder forward; that graph must then support
     # double backward (math attention).
-    reuse = (active and encoder is None and isinstance(regulariser, Regulariser)
-             and regulariser.reuses_h(mask))
+    reuse = (
+        active
+        and encoder is None
+        and isinstance(regulariser, Regulariser)
+        and regulariser.reuses_h(mask)
+    )
     x_t = interpolate(x0, noise, t)
     if reuse and not x_t.requires_grad:
         x_t.requires_grad_()
@@ -187,7 +206,12 @@ def flow_matching_loss(model: nn.Module, x0: Tensor, noise: Tensor, t: Tensor, *
     if reuse:
         iso = regulariser(encoder, x_t, timestep, h=seen[0], generator=generator)
     else:
-        iso = regulariser(encoder, x_t[mask], timestep[mask], generator=generator,
-                          **{name: _select(c, mask) for name, c in condition.items()})
+        iso = regulariser(
+            encoder,
+            x_t[mask],
+            timestep[mask],
+            generator=generator,
+            **{name: _select(c, mask) for name, c in condition.items()},
+        )
     out.update(loss=mse + lambda_iso * iso, iso=iso)
     return out

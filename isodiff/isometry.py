@@ -58,9 +58,12 @@ def higher_order_ad() -> Iterator[None]:
         yield
 
 
-
-def draw_probes(like: Tensor, n_probes: int = 1, probe: str = "gaussian",
-                generator: torch.Generator | None = None) -> Tensor:
+def draw_probes(
+    like: Tensor,
+    n_probes: int = 1,
+    probe: str = "gaussian",
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """n_probes probes shaped like `like`, stacked: (n_probes, *like.shape); E[u u^T] = I.
 
     Drawn on the generator's device (a CPU generator makes draws device-independent), then
@@ -96,8 +99,9 @@ def _jt_w(h: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     return w, jt_w
 
 
-def isometry_terms(h: Tensor, x: Tensor, v: Tensor, *, metric: str = "spherical"
-                   ) -> tuple[Tensor, Tensor]:
+def isometry_terms(
+    h: Tensor, x: Tensor, v: Tensor, *, metric: str = "spherical"
+) -> tuple[Tensor, Tensor]:
     """Per-probe, per-sample Hutchinson terms (Tr((G^{-1}J^TJ)^2), Tr(G^{-1}J^TJ)), (K, B) each.
 
     h: f(x) computed with a graph from x (x.requires_grad); x: the evaluation point (for the
@@ -127,17 +131,23 @@ def isometry_terms(h: Tensor, x: Tensor, v: Tensor, *, metric: str = "spherical"
     return num_t, den_t
 
 
-def isometry_loss_from_h(h: Tensor, x: Tensor, v: Tensor, *, metric: str = "spherical"
-                         ) -> Tensor:
+def isometry_loss_from_h(h: Tensor, x: Tensor, v: Tensor, *, metric: str = "spherical") -> Tensor:
     """L_iso = mean Tr((G^{-1}J^TJ)^2) / (mean Tr(G^{-1}J^TJ))^2 from an h already computed
     from x (see `isometry_terms`); means over samples and probes."""
     num, den = isometry_terms(h, x, v, metric=metric)
     return num.mean() / den.mean() ** 2
 
 
-def isometry_loss(f: Callable[[Tensor], Tensor], x: Tensor, *, metric: str = "spherical",
-                  n_probes: int = 1, probe: str = "gaussian", radius: str = "norm",
-                  generator: torch.Generator | None = None) -> Tensor:
+def isometry_loss(
+    f: Callable[[Tensor], Tensor],
+    x: Tensor,
+    *,
+    metric: str = "spherical",
+    n_probes: int = 1,
+    probe: str = "gaussian",
+    radius: str = "norm",
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """L_iso of f at the batch x (B, ...) -> (B, ...), differentiable w.r.t. what f uses.
 
     metric: euclidean | spherical | isodiff_compat (module docstring); radius (spherical
@@ -158,9 +168,13 @@ def path_lengths(h: Tensor, x: Tensor, y: Tensor) -> Tensor:
     return sq_norm(jt_y).sqrt()
 
 
-def sample_timesteps(batch_size: int, num_train_timesteps: int, window: float,
-                     schedule: str = "micro_batch", generator: torch.Generator | None = None
-                     ) -> tuple[Tensor, Tensor]:
+def sample_timesteps(
+    batch_size: int,
+    num_train_timesteps: int,
+    window: float,
+    schedule: str = "micro_batch",
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
     """Timesteps t (B,) and the mask of samples that get L_iso: those with t >= floor(p T).
 
     micro_batch (the official schedule): one draw per micro-batch; with probability
@@ -199,9 +213,15 @@ class Regulariser(nn.Module):
     `higher_order_ad`), which saves one encoder forward; `reuses_h` says when that is right.
     """
 
-    def __init__(self, metric: str, radius: str = "norm", n_probes: int = 1,
-                 probe: str = "gaussian", batch_fraction: float = 1.0,
-                 path_length_decay: float = 0.01) -> None:
+    def __init__(
+        self,
+        metric: str,
+        radius: str = "norm",
+        n_probes: int = 1,
+        probe: str = "gaussian",
+        batch_fraction: float = 1.0,
+        path_length_decay: float = 0.01,
+    ) -> None:
         super().__init__()
         if metric not in (*METRICS, "path_length"):
             raise ValueError(f"metric={metric!r}: use one of {(*METRICS, 'path_length')}")
@@ -223,12 +243,21 @@ class Regulariser(nn.Module):
         subset, backpropagating through the full batch's encoder costs more than a forward
         of the subset)."""
         at_x_t = self.metric in ("euclidean", "path_length") or (
-            self.metric == "spherical" and self.radius == "norm")
+            self.metric == "spherical" and self.radius == "norm"
+        )
         n = iso_mask.numel()
         return at_x_t and bool(iso_mask.all()) and self.n_regularised(n) == n
 
-    def forward(self, encoder: Encoder, x_t: Tensor, t: Tensor, *, h: Tensor | None = None,
-                generator: torch.Generator | None = None, **condition: Tensor) -> Tensor:
+    def forward(
+        self,
+        encoder: Encoder,
+        x_t: Tensor,
+        t: Tensor,
+        *,
+        h: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        **condition: Tensor,
+    ) -> Tensor:
         """The term at the batch (x_t, t): encoder(x, t, **condition) gives h; condition
         tensors (e.g. encoder_hidden_states of a text-conditional U-Net) have the batch as
         their first dimension (dicts of such tensors are sliced entry by entry). `h`: the
@@ -238,8 +267,9 @@ class Regulariser(nn.Module):
                 k = self.n_regularised(x_t.shape[0])
                 x = evaluation_point(x_t[:k].detach(), self.metric, self.radius)
                 x = x.requires_grad_()
-                h = encoder(x, t[:k], **{name: first_samples(c, k)
-                                         for name, c in condition.items()})
+                h = encoder(
+                    x, t[:k], **{name: first_samples(c, k) for name, c in condition.items()}
+                )
             else:
                 x = x_t
             if self.metric == "path_length":
@@ -255,7 +285,8 @@ class Regulariser(nn.Module):
         if self.training:
             batch_mean = lengths.detach().mean()
             first = self.pl_updates == 0  # start from the first batch, not from 0
-            self.pl_mean.copy_(torch.where(first, batch_mean,
-                                           self.pl_mean.lerp(batch_mean, self.decay)))
+            self.pl_mean.copy_(
+                torch.where(first, batch_mean, self.pl_mean.lerp(batch_mean, self.decay))
+            )
             self.pl_updates += 1
         return (lengths - self.pl_mean).pow(2).mean()

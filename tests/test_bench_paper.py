@@ -19,12 +19,25 @@ CPU = torch.device("cpu")
 
 
 def test_cpu_test_mode_end_to_end(tmp_path):
-    bp.main(["--device", "cpu", "--archs", "tiny", "--warmup", "1", "--steps", "2",
-             "--out", str(tmp_path)])
+    bp.main(
+        [
+            "--device",
+            "cpu",
+            "--archs",
+            "tiny",
+            "--warmup",
+            "1",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     result = json.loads((tmp_path / "paper.json").read_text())
     assert result["complete"] and result["device"] == "cpu" and result["gpu"] is None
     assert {(r["arch"], r["dtype"], r["variant"]) for r in result["rows"]} == {
-        ("tiny", "fp32", v) for v in bp.VARIANTS}
+        ("tiny", "fp32", v) for v in bp.VARIANTS
+    }
     for r in result["rows"]:
         assert "error" not in r, r
         assert math.isfinite(r["images_per_s"]) and r["images_per_s"] > 0
@@ -110,7 +123,11 @@ def test_ldm_celebahq256_config_matches_the_hub_unet():
     cfg = model_config("ldm_celebahq256", 64, 3)
     # the hub's unet/config.json values that the YAML leaves to the schema's defaults
     assert (cfg.norm_eps, cfg.flip_sin_to_cos, cfg.freq_shift, cfg.downsample_padding) == (
-        1e-5, True, 0, 1)
+        1e-5,
+        True,
+        0,
+        1,
+    )
     unet = build_unet(cfg)
     n = sum(p.numel() for p in unet.parameters())
     assert n == pytest.approx(274e6, rel=0.02), n  # CompVis/ldm-celebahq-256's U-Net: ~274 M
@@ -142,9 +159,21 @@ def test_search_keeps_what_it_learnt_when_a_probe_fails(monkeypatch):
 def test_ldm_celebahq256_composes_on_the_vq_f4_latent(tmp_path):
     vq = tmp_path / "vqvae"  # only config.json is read before anything runs
     vq.mkdir()
-    (vq / "config.json").write_text(json.dumps({
-        "_class_name": "VQModel", "latent_channels": 3, "block_out_channels": [128, 256, 512]}))
-    cfg = to_train_config(compose_train([
-        "model=ldm_celebahq256", f"latent.autoencoder={vq}", "data.resolution=256",
-        "diffusion.clip_sample=false", "model.sample_size=64"], tmp_path))
+    (vq / "config.json").write_text(
+        json.dumps(
+            {"_class_name": "VQModel", "latent_channels": 3, "block_out_channels": [128, 256, 512]}
+        )
+    )
+    cfg = to_train_config(
+        compose_train(
+            [
+                "model=ldm_celebahq256",
+                f"latent.autoencoder={vq}",
+                "data.resolution=256",
+                "diffusion.clip_sample=false",
+                "model.sample_size=64",
+            ],
+            tmp_path,
+        )
+    )
     assert (cfg.model.sample_size, cfg.model.in_channels, cfg.model.out_channels) == (64, 3, 3)

@@ -132,8 +132,15 @@ def _values(dataset: str, lam: float, seed: int) -> dict[str, float]:
         probe += 0.1
     elif treated:
         liso += 0.3
-    return {"liso_scaled": liso, "fid": fid, "fid_floor": 2.0 + seed, "ppl_stylegan": ppl,
-            "probe_lin_h": probe, "probe_lin_h_floor": 0.1, "probe_lin_h_floor_sd": 0.02}
+    return {
+        "liso_scaled": liso,
+        "fid": fid,
+        "fid_floor": 2.0 + seed,
+        "ppl_stylegan": ppl,
+        "probe_lin_h": probe,
+        "probe_lin_h_floor": 0.1,
+        "probe_lin_h_floor_sd": 0.02,
+    }
 
 
 def _tree(root: Path, fail: frozenset[int] = frozenset()) -> dict[tuple[str, float, int], Path]:
@@ -145,12 +152,14 @@ def _tree(root: Path, fail: frozenset[int] = frozenset()) -> dict[tuple[str, flo
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
         key = (cfg["data"]["name"], float(cfg["lambda_iso"]), int(cfg["seed"]))
         if (run_dir / "metrics.json").is_file():
-            (run_dir / "metrics.json").write_text(json.dumps(
-                {"metrics": {"all": {"values": _values(*key)}}}))
+            (run_dir / "metrics.json").write_text(
+                json.dumps({"metrics": {"all": {"values": _values(*key)}}})
+            )
         runs[key] = run_dir
     table_1 = read_plan(root / "quick", "table_1")
-    write_plan(Plan("table_6", "quick", [j for j in table_1.jobs if j.dataset == "shapes"]),
-               root / "quick")
+    write_plan(
+        Plan("table_6", "quick", [j for j in table_1.jobs if j.dataset == "shapes"]), root / "quick"
+    )
     for name in ("table_2", "table_3"):
         write_plan(Plan(name, "quick", []), root / "quick")
     return runs
@@ -230,19 +239,23 @@ def test_a_dataset_the_sweep_did_not_launch_says_which_command_runs_it(tmp_path:
     assert rows["liso", "shapes"]["verdict"] == REPRODUCED
     mnist = rows["liso", "mnist"]
     assert mnist["verdict"] == NOT_MEASURED and mnist["pairs"] == 0
-    assert mnist["reason"] == ("table_1: not run (5 pairs planned): "
-                               "`python -m isodiff.sweep table_1 tier=quick`")
+    assert mnist["reason"] == (
+        "table_1: not run (5 pairs planned): `python -m isodiff.sweep table_1 tier=quick`"
+    )
 
 
 def test_the_command_writes_the_register_and_refuses_a_tier_without_runs(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main([f"run_root={tmp_path}", f"out={tmp_path}/o"]) == 2
     assert "no runs under" in capsys.readouterr().err
     _tree(tmp_path / "runs")
     assert main([f"run_root={tmp_path / 'runs'}", f"out={tmp_path / 'out'}", "liso"]) == 0
     assert (tmp_path / "out" / "quick" / "claims.md").is_file()
-    assert set(_rows(tmp_path / "out" / "quick" / "claims.csv")) == {("liso", "shapes"),
-                                                                   ("liso", "mnist")}
+    assert set(_rows(tmp_path / "out" / "quick" / "claims.csv")) == {
+        ("liso", "shapes"),
+        ("liso", "mnist"),
+    }
 
 
 # ---- the spec ------------------------------------------------------------------------------
@@ -256,18 +269,29 @@ def test_the_claims_spec_loads_and_every_claim_names_a_table() -> None:
         assert load_spec(claim.source or "table_1").kind == "table", claim.id
 
 
-@pytest.mark.parametrize(("change", "key"), [
-    ({"smallest": {"relative": 0.1, "absolute": 0.5}}, "claims[0].smallest"),
-    ({"smallest": {"fraction": 0.1}}, "claims[0].smallest"),
-    ({"direction": "sideways"}, "claims[0].direction"),
-])
-def test_a_malformed_claim_is_one_error_naming_its_key(tmp_path: Path, change: dict,
-                                                       key: str) -> None:
-    claim = {"id": "x", "text": "t", "metric": "fid", "direction": "lower",
-             "smallest": {"relative": 0.1}, **change}
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"smallest": {"relative": 0.1, "absolute": 0.5}}, "claims[0].smallest"),
+        ({"smallest": {"fraction": 0.1}}, "claims[0].smallest"),
+        ({"direction": "sideways"}, "claims[0].direction"),
+    ],
+)
+def test_a_malformed_claim_is_one_error_naming_its_key(
+    tmp_path: Path, change: dict, key: str
+) -> None:
+    claim = {
+        "id": "x",
+        "text": "t",
+        "metric": "fid",
+        "direction": "lower",
+        "smallest": {"relative": 0.1},
+        **change,
+    }
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump({"name": "bad", "title": "b", "kind": "claims",
-                                    "claims": [claim]}))
+    path.write_text(
+        yaml.safe_dump({"name": "bad", "title": "b", "kind": "claims", "claims": [claim]})
+    )
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")) as err:
         load_spec(path)
     assert "'x'" in str(err.value) and "\n" not in str(err.value)

@@ -40,8 +40,7 @@ def test_profile_composes(name: str, tmp_path: Path) -> None:
 
 
 def test_slurm_profiles_fit_the_submitit_schema(tmp_path: Path) -> None:
-    cfg = compose_train(["cluster=example", "tier=paper", "init_from=/x", "data.root=/y"],
-                        tmp_path)
+    cfg = compose_train(["cluster=example", "tier=paper", "init_from=/x", "data.root=/y"], tmp_path)
     launcher = cfg.hydra.launcher
     assert launcher.gpus_per_node == launcher.tasks_per_node  # one task per GPU
     assert launcher.max_num_timeout > 0  # jobs resume, so timeouts may requeue them
@@ -61,6 +60,7 @@ def test_profile_typo_fails_at_composition(tmp_path: Path) -> None:
     text = (conf / "cluster" / "slurm_local.yaml").read_text()
     assert "    partition: debug" in text
     (conf / "cluster" / "typo.yaml").write_text(
-        text.replace("    partition: debug", "    partiton: debug"))
+        text.replace("    partition: debug", "    partiton: debug")
+    )
     with pytest.raises(ConfigCompositionException, match="partiton"):
         compose("train", ["cluster=typo"], conf=conf, hydra_node=True)

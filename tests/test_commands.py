@@ -24,7 +24,12 @@ def test_every_console_command_is_installed() -> None:
 # --help from outside the repository (the analysis commands' --help: tests/test_faults.py).
 @pytest.mark.parametrize("name", ["isodiff-train", "isodiff-sweep"])
 def test_console_commands_answer_help_from_any_folder(name: str, tmp_path: Path) -> None:
-    result = subprocess.run([str(Path(sys.executable).parent / name), "--help"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / name), "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()

@@ -24,10 +24,12 @@ OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml")
 
 
 def _overrides(group: str, option: str) -> list[str]:
-    extra = {("data", "folder"): ["data.root=/nonexistent"],
-             # 6 blocks halve the image 5 times: the smoke tier's 16 px cannot pass
-             ("model", "ddpm_256"): ["data.resolution=32"],
-             ("tier", "paper"): ["init_from=/nonexistent", "data.root=/nonexistent"]}
+    extra = {
+        ("data", "folder"): ["data.root=/nonexistent"],
+        # 6 blocks halve the image 5 times: the smoke tier's 16 px cannot pass
+        ("model", "ddpm_256"): ["data.resolution=32"],
+        ("tier", "paper"): ["init_from=/nonexistent", "data.root=/nonexistent"],
+    }
     tier = [] if group == "tier" else ["tier=smoke"]
     return [*tier, f"{group}={option}", *extra.get((group, option), [])]
 
@@ -42,8 +44,12 @@ def test_every_option_composes_and_validates(group: str, option: str, tmp_path) 
         assert unet.config.sample_size == cfg.data.resolution
 
 
-SCHEMAS = {"data": DataConfig, "model": ModelConfig, "diffusion": DiffusionConfig,
-           "optim": OptimConfig}
+SCHEMAS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "diffusion": DiffusionConfig,
+    "optim": OptimConfig,
+}
 
 
 @pytest.mark.parametrize("group", sorted(SCHEMAS))
@@ -63,26 +69,32 @@ def test_defaults_are_the_quick_tier_and_plain_ddpm(tmp_path) -> None:
     assert cfg.iso.metric == IsoMetric.spherical and cfg.model.name == "small"
 
 
-@pytest.mark.parametrize(("override", "key"), [
-    ("lambda_iso=-1", "lambda_iso"),
-    ("iso.window=1.0", "iso.window"),
-    ("iso.window=-0.1", "iso.window"),
-    ("iso.n_probes=0", "iso.n_probes"),
-    ("train.steps=0", "train.steps"),
-    ("optim.lr=0", "optim.lr"),
-    ("model.norm_num_groups=5", "model.norm_num_groups"),
-])
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("lambda_iso=-1", "lambda_iso"),
+        ("iso.window=1.0", "iso.window"),
+        ("iso.window=-0.1", "iso.window"),
+        ("iso.n_probes=0", "iso.n_probes"),
+        ("train.steps=0", "train.steps"),
+        ("optim.lr=0", "optim.lr"),
+        ("model.norm_num_groups=5", "model.norm_num_groups"),
+    ],
+)
 def test_out_of_range_values_name_the_key(override: str, key: str, tmp_path) -> None:
     with pytest.raises(ConfigError, match=rf"^{key}="):
         to_train_config(compose_train(["tier=smoke", override], tmp_path))
 
 
-@pytest.mark.parametrize(("override", "key"), [
-    ("iso.metric=cosine", "iso.metric"),
-    ("lambda_iso=abc", "lambda_iso"),
-    ("iso.typo=1", "iso.typo"),
-    ("train.batchsize=3", "train.batchsize"),
-])
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("iso.metric=cosine", "iso.metric"),
+        ("lambda_iso=abc", "lambda_iso"),
+        ("iso.typo=1", "iso.typo"),
+        ("train.batchsize=3", "train.batchsize"),
+    ],
+)
 def test_unknown_keys_and_types_fail_at_composition(override: str, key: str, tmp_path) -> None:
     with pytest.raises((ConfigCompositionException, ValidationError)) as err:
         compose_train(["tier=smoke", override], tmp_path)

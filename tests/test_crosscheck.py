@@ -53,8 +53,9 @@ class Generator(nn.Module):
     def __init__(self, latents: list[Tensor], for_torchmetrics: bool = False) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(0)
-        self.w = nn.Parameter(torch.randn(48, Z, generator=g, dtype=torch.float64) / 2,
-                              requires_grad=False)
+        self.w = nn.Parameter(
+            torch.randn(48, Z, generator=g, dtype=torch.float64) / 2, requires_grad=False
+        )
         self.latents, self.tm = list(latents), for_torchmetrics
 
     def forward(self, z: Tensor) -> Tensor:
@@ -65,16 +66,24 @@ class Generator(nn.Module):
         return self.latents.pop(0)[:num_samples]
 
 
-def both(n: int, method: str, lower: float | None, upper: float | None
-         ) -> tuple[Tensor, np.ndarray]:
+def both(
+    n: int, method: str, lower: float | None, upper: float | None
+) -> tuple[Tensor, np.ndarray]:
     """(torchmetrics' distances after its filter, isodiff's unfiltered d) on n samples."""
     g = torch.Generator().manual_seed(n)
     z1 = torch.randn(n, Z, generator=g, dtype=torch.float64)
     z2 = torch.randn(n, Z, generator=g, dtype=torch.float64)
     _, _, d_tm = tm_ppl.perceptual_path_length(
-        Generator([z1, z2], for_torchmetrics=True), num_samples=n, batch_size=32,
-        interpolation_method=method, epsilon=EPS, resize=None, lower_discard=lower,
-        upper_discard=upper, sim_net=Squared())
+        Generator([z1, z2], for_torchmetrics=True),
+        num_samples=n,
+        batch_size=32,
+        interpolation_method=method,
+        epsilon=EPS,
+        resize=None,
+        lower_discard=lower,
+        upper_discard=upper,
+        sim_net=Squared(),
+    )
     gen = Generator([])
     if method == "lerp":
         a, b = gen(z1), gen(z1 + EPS * (z2 - z1))
@@ -104,8 +113,10 @@ def test_filtered_mean_differs_by_the_upper_rule_elsewhere() -> None:
     keeps up to the "higher" one, one more order statistic."""
     d_tm, d_iso = both(64, "slerp_any", 0.01, 0.99)
     s = np.sort(d_iso)
-    kept_tm = s[(s >= np.quantile(s, 0.01, method="lower"))
-                & (s <= np.quantile(s, 0.99, method="lower"))]
+    kept_tm = s[
+        (s >= np.quantile(s, 0.01, method="lower")) & (s <= np.quantile(s, 0.99, method="lower"))
+    ]
     assert float(d_tm.mean()) == pytest.approx(kept_tm.mean(), rel=1e-9)
     assert len(d_tm) + 1 == np.count_nonzero(
-        (s >= np.percentile(s, 1, method="lower")) & (s <= np.percentile(s, 99, method="higher")))
+        (s >= np.percentile(s, 1, method="lower")) & (s <= np.percentile(s, 99, method="higher"))
+    )

@@ -34,8 +34,9 @@ def test_shapes_are_deterministic_by_seed() -> None:
 
 def test_train_and_test_splits_differ() -> None:
     cfg = DataConfig(size=8)
-    assert not torch.equal(build_dataset(cfg, "train").tensors[1], build_dataset(cfg, "test")
-                           .tensors[1])
+    assert not torch.equal(
+        build_dataset(cfg, "train").tensors[1], build_dataset(cfg, "test").tensors[1]
+    )
 
 
 @pytest.mark.parametrize("shape", [0, 1, 2])
@@ -82,14 +83,16 @@ def _folder(tmp_path, n: int = 3):
     rng = np.random.default_rng(0)
     for i in range(n):
         Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(
-            root / ("sub" if i % 2 else "") / f"{i}.png")
+            root / ("sub" if i % 2 else "") / f"{i}.png"
+        )
     return root
 
 
 def test_folder_resizes_crops_and_flips(tmp_path) -> None:
     root = _folder(tmp_path)
-    ds = build_dataset(DataConfig(name=DatasetName.folder, root=str(root), resolution=16,
-                                  flip=True))
+    ds = build_dataset(
+        DataConfig(name=DatasetName.folder, root=str(root), resolution=16, flip=True)
+    )
     assert len(ds) == 6
     image, _ = ds[0]
     assert image.shape == (3, 16, 16) and image.min() >= -1 and image.max() <= 1
@@ -112,23 +115,29 @@ def test_folder_errors_name_the_path(tmp_path) -> None:
 
 # As CelebA writes it: the count, the names (a trailing space), rows padded with runs of
 # spaces; bare file names except sub/1.png, and a line for an image the folder lacks.
-CELEBA = ("5\n"
-          "5_o_Clock_Shadow Smiling Young \n"
-          "3.png  1 -1  1\n"
-          "0.png -1  1  1\n"
-          "sub/1.png  1  1 -1\n"
-          "2.png -1 -1 -1\n"
-          "9.png  1  1  1\n")
+CELEBA = (
+    "5\n"
+    "5_o_Clock_Shadow Smiling Young \n"
+    "3.png  1 -1  1\n"
+    "0.png -1  1  1\n"
+    "sub/1.png  1  1 -1\n"
+    "2.png -1 -1 -1\n"
+    "9.png  1  1  1\n"
+)
 # The folder's images in the dataset's (sorted) order and the 0/1 factors of their lines.
-EXPECTED = {"0.png": [0, 1, 1], "2.png": [0, 0, 0], "sub/1.png": [1, 1, 0],
-            "sub/3.png": [1, 0, 1]}
+EXPECTED = {"0.png": [0, 1, 1], "2.png": [0, 0, 0], "sub/1.png": [1, 1, 0], "sub/3.png": [1, 0, 1]}
 
 
 def _labelled(tmp_path, text: str = CELEBA, **kwargs) -> DataConfig:
     (tmp_path / "list_attr_celeba.txt").write_text(text)
     root = tmp_path / "imgs" if (tmp_path / "imgs").is_dir() else _folder(tmp_path, 4)
-    return DataConfig(name=DatasetName.folder, root=str(root), resolution=8,
-                      attributes=str(tmp_path / "list_attr_celeba.txt"), **kwargs)
+    return DataConfig(
+        name=DatasetName.folder,
+        root=str(root),
+        resolution=8,
+        attributes=str(tmp_path / "list_attr_celeba.txt"),
+        **kwargs,
+    )
 
 
 def _key(cfg: DataConfig) -> str:  # EvalContext.data_key's formula
@@ -149,16 +158,21 @@ def test_folder_attributes_are_0_1_factors_matched_by_file_name(tmp_path) -> Non
     assert plain.factor_names == () and plain[0][1].shape == (0,)
 
 
-@pytest.mark.parametrize(("text", "match"), [
-    ("Smiling Young\n0.png 1 1\n", r"line 1: expected the number of images"),
-    ("1\n0.png 1 -1\n", r"line 2: expected the attribute names"),
-    ("2\nSmiling Young\n0.png 1 1\n\n2.png 1\n", r"line 5: expected a file name and 2 values"),
-    ("1\nSmiling Young\n0.png  0 -1\n", r"line 3: 0.png: Smiling is '0', not -1 or 1"),
-    ("3\nSmiling Young\n0.png 1 1\n2.png 1 1\n", r"line 1: says 3 images, but 2 lines follow"),
-    ("2\nSmiling Young\n0.png 1 1\n0.png 1 1\n", r"line 4: 0.png has a second line"),
-    ("2\nSmiling Young\n0.png 1 1\n3.png 1 1\n",
-     r"2 of the 4 images under data.root have no line in it \(first: 2.png, sub/1.png\)"),
-])
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("Smiling Young\n0.png 1 1\n", r"line 1: expected the number of images"),
+        ("1\n0.png 1 -1\n", r"line 2: expected the attribute names"),
+        ("2\nSmiling Young\n0.png 1 1\n\n2.png 1\n", r"line 5: expected a file name and 2 values"),
+        ("1\nSmiling Young\n0.png  0 -1\n", r"line 3: 0.png: Smiling is '0', not -1 or 1"),
+        ("3\nSmiling Young\n0.png 1 1\n2.png 1 1\n", r"line 1: says 3 images, but 2 lines follow"),
+        ("2\nSmiling Young\n0.png 1 1\n0.png 1 1\n", r"line 4: 0.png has a second line"),
+        (
+            "2\nSmiling Young\n0.png 1 1\n3.png 1 1\n",
+            r"2 of the 4 images under data.root have no line in it \(first: 2.png, sub/1.png\)",
+        ),
+    ],
+)
 def test_bad_attribute_files_name_the_key_and_the_line(tmp_path, text: str, match: str) -> None:
     with pytest.raises(ConfigError, match=rf"^data.attributes=.*{match}"):
         build_dataset(_labelled(tmp_path, text))
@@ -193,25 +207,43 @@ def test_attributes_leave_the_job_identity_unchanged(tmp_path) -> None:
     before the keys existed) keeps its signature."""
     common = ["tier=smoke", "data=folder", "data.root=/nonexistent", "name_keys=[lambda_iso]"]
     plain = compose_train(common, tmp_path)
-    labelled = compose_train([*common, "data.attributes=/data/list_attr_celeba.txt",
-                              "data.attribute_names=[Smiling]"], tmp_path)
+    labelled = compose_train(
+        [*common, "data.attributes=/data/list_attr_celeba.txt", "data.attribute_names=[Smiling]"],
+        tmp_path,
+    )
     assert plain.hydra.run.dir == labelled.hydra.run.dir
     assert to_train_config(labelled).data.attributes == "/data/list_attr_celeba.txt"
     fields = dataclasses.asdict(DataConfig(name=DatasetName.folder, root="/x"))
     before = {k: v for k, v in fields.items() if k not in ("attributes", "attribute_names")}
     set_ = {**fields, "attributes": "/x.txt", "attribute_names": ["Smiling"]}
-    assert config_hash({"data": before}) == config_hash({"data": fields}) == config_hash(
-        {"data": set_})
+    assert (
+        config_hash({"data": before})
+        == config_hash({"data": fields})
+        == config_hash({"data": set_})
+    )
 
 
 def test_data_key_is_unchanged_without_attributes_and_follows_the_file(tmp_path) -> None:
     # The keys of these configs before data.attributes existed (stored protocols hold them).
     assert _key(DataConfig()) == "shapes-3da9982c"
-    assert _key(DataConfig(name=DatasetName.folder, root="/data/celebahq256", resolution=256,
-                           size=None, flip=True)) == "folder-cd9c1300"
+    assert (
+        _key(
+            DataConfig(
+                name=DatasetName.folder,
+                root="/data/celebahq256",
+                resolution=256,
+                size=None,
+                flip=True,
+            )
+        )
+        == "folder-cd9c1300"
+    )
     cfg = _labelled(tmp_path)
-    keys = {_key(dataclasses.replace(cfg, attributes=None)), _key(cfg),
-            _key(dataclasses.replace(cfg, attribute_names=["Smiling"]))}
+    keys = {
+        _key(dataclasses.replace(cfg, attributes=None)),
+        _key(cfg),
+        _key(dataclasses.replace(cfg, attribute_names=["Smiling"])),
+    }
     assert len(keys) == 3
     (tmp_path / "list_attr_celeba.txt").write_text(CELEBA.replace("2.png -1", "2.png  1"))
     assert _key(cfg) not in keys  # an edited file: a new classifier

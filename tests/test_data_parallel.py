@@ -21,9 +21,17 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 # The smoke tier on shapes with the regulariser on: 4 steps of 16 images (4 per micro-batch)
-TRAIN = ["tier=smoke", "data=shapes", "lambda_iso=0.1", "train.steps=4", "train.log_every=1",
-         "train.batch_size=4", "train.effective_batch=16", "train.progress=false",
-         "train.grid_samples=0"]
+TRAIN = [
+    "tier=smoke",
+    "data=shapes",
+    "lambda_iso=0.1",
+    "train.steps=4",
+    "train.log_every=1",
+    "train.batch_size=4",
+    "train.effective_batch=16",
+    "train.progress=false",
+    "train.grid_samples=0",
+]
 SHARDED = ["fid", "ppl", "rtl", "interp", "inversion", "jacobian", "liso"]
 # batches of 2: every metric has several chunks, so both ranks compute some; FID on 8
 # images (Inception at 299 px is most of the time on a CPU)
@@ -39,11 +47,27 @@ def _free_port() -> int:
 
 
 def _run(module: str, args: list[str], processes: int) -> None:
-    launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-               str(processes), "--master_port", str(_free_port())] if processes > 1
-              else [sys.executable])
-    proc = subprocess.run([*launch, "-m", module, *args], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=600)
+    launch = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--master_port",
+            str(_free_port()),
+        ]
+        if processes > 1
+        else [sys.executable]
+    )
+    proc = subprocess.run(
+        [*launch, "-m", module, *args],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -90,17 +114,28 @@ def test_two_processes_evaluate_as_one(trained: dict[int, Path], tmp_path: Path)
     for processes in (1, 2):
         runs[processes] = tmp_path / f"run{processes}"
         shutil.copytree(trained[1], runs[processes])
-        _run("isodiff.evaluate", [f"run={runs[processes]}", "eval=smoke", "progress=false",
-                                  f"metrics=[{','.join(SHARDED)}]", *EVAL,
-                                  f"refs_dir={tmp_path / f'refs{processes}'}"], processes)
+        _run(
+            "isodiff.evaluate",
+            [
+                f"run={runs[processes]}",
+                "eval=smoke",
+                "progress=false",
+                f"metrics=[{','.join(SHARDED)}]",
+                *EVAL,
+                f"refs_dir={tmp_path / f'refs{processes}'}",
+            ],
+            processes,
+        )
     one, two = (json.loads((runs[n] / "metrics.json").read_text()) for n in (1, 2))
     assert "failed" not in one and "failed" not in two
     assert sorted(one["metrics"]) == sorted(two["metrics"]) == sorted(SHARDED)
     for name, entry in one["metrics"].items():
         assert two["metrics"][name]["values"] == entry["values"], name
         assert two["metrics"][name]["protocol"] == entry["protocol"], name
-        assert (entry["provenance"]["processes"],
-                two["metrics"][name]["provenance"]["processes"]) == (1, 2)
+        assert (
+            entry["provenance"]["processes"],
+            two["metrics"][name]["provenance"]["processes"],
+        ) == (1, 2)
     for path in sorted((runs[1] / "eval").glob("*.npz")):
         with np.load(path) as a, np.load(runs[2] / "eval" / path.name) as b:
             assert sorted(a.files) == sorted(b.files)

@@ -72,16 +72,21 @@ def test_a_dit_job_trains_saves_loads_and_evaluates(run_root: Path) -> None:
         assert loaded.state_dict().keys() == saved.keys()
         assert all(torch.equal(loaded.state_dict()[k], saved[k]) for k in saved)
     register_schemas()
-    cfg = to_evaluate_config(compose("evaluate", [
-        f"run='{run_dir}'", "eval=smoke", "progress=false", "metrics=[liso,rtl,jacobian]"]))
+    cfg = to_evaluate_config(
+        compose(
+            "evaluate",
+            [f"run='{run_dir}'", "eval=smoke", "progress=false", "metrics=[liso,rtl,jacobian]"],
+        )
+    )
     record = evaluate_run(cfg)
     for name in ("liso", "rtl", "jacobian"):
         values = record["metrics"][name]["values"]
         assert values and all(math.isfinite(v) for v in values.values()), (name, values)
 
     # LoRA on the DiT: its attention projections alone move; final/ loads as an HDiT
-    status, tuned = run_train_job([*DIT, f"init_from='{run_dir}'", "train.lora.rank=2",
-                                   "train.steps=2"], run_root)
+    status, tuned = run_train_job(
+        [*DIT, f"init_from='{run_dir}'", "train.lora.rank=2", "train.steps=2"], run_root
+    )
     assert status["state"] == "done" and isinstance(load_unet(str(tuned)), HDiT)
     before, after = _weights(run_dir, "unet_ema"), _weights(tuned)
     moved = {k for k in before if not torch.equal(before[k], after[k])}
@@ -90,8 +95,14 @@ def test_a_dit_job_trains_saves_loads_and_evaluates(run_root: Path) -> None:
 
 def test_a_bad_dit_config_is_one_line_exit_2_and_no_folder(tmp_path: Path) -> None:
     run_root = tmp_path / "runs"
-    result = run_cli("isodiff.train", "tier=smoke", "model=dit_tiny", "model.dit.patch_size=3",
-                     f"run_root={run_root}", HYDRA_FULL_ERROR="")
+    result = run_cli(
+        "isodiff.train",
+        "tier=smoke",
+        "model=dit_tiny",
+        "model.dit.patch_size=3",
+        f"run_root={run_root}",
+        HYDRA_FULL_ERROR="",
+    )
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
@@ -101,8 +112,9 @@ def test_a_bad_dit_config_is_one_line_exit_2_and_no_folder(tmp_path: Path) -> No
 
 def test_lora_identity_names_the_rank_and_rank_0_is_the_plain_job(tmp_path: Path) -> None:
     base = ["tier=smoke", "init_from=/some/base-0123abcd"]
-    names = {rank: compose_train([*base, f"train.lora.rank={rank}"], tmp_path).name
-             for rank in (0, 4, 8)}
+    names = {
+        rank: compose_train([*base, f"train.lora.rank={rank}"], tmp_path).name for rank in (0, 4, 8)
+    }
     assert "train.lora.rank=4" in names[4]
     signatures = {rank: name.rsplit("-", 1)[1] for rank, name in names.items()}
     assert len(set(signatures.values())) == 3
@@ -115,12 +127,18 @@ def _base(root: Path) -> Path:
     return base
 
 
-LORA = ["train.lora.rank=4", "lambda_iso=0.1", "iso.window=0", "train.steps=4",
-        "train.checkpoint_every=2", "train.grid_samples=0"]
+LORA = [
+    "train.lora.rank=4",
+    "lambda_iso=0.1",
+    "iso.window=0",
+    "train.steps=4",
+    "train.checkpoint_every=2",
+    "train.grid_samples=0",
+]
 
 
 def test_a_lora_finetune_trains_the_adapter_alone_and_resumes_exactly(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     from accelerate import Accelerator
 
@@ -181,12 +199,16 @@ def test_a_sweep_plans_dit_bases_and_finetunes(tmp_path: Path) -> None:
     training override (the full sweep at smoke, evaluation included, is run by hand)."""
     from isodiff.sweep import plan
 
-    result = run_cli("isodiff.sweep", "table_1", "tier=smoke", "model=dit_tiny",
-                     f"run_root={tmp_path}", "--plan")
+    result = run_cli(
+        "isodiff.sweep", "table_1", "tier=smoke", "model=dit_tiny", f"run_root={tmp_path}", "--plan"
+    )
     assert result.returncode == 0, result.stderr
     assert "3 jobs" in result.stdout and "base" in result.stdout
-    base = to_train_config(plan.compose_job(plan.base_overrides(
-        "shapes", "smoke", ["model=dit_tiny", f"run_root={tmp_path}"])))
+    base = to_train_config(
+        plan.compose_job(
+            plan.base_overrides("shapes", "smoke", ["model=dit_tiny", f"run_root={tmp_path}"])
+        )
+    )
     assert base.model.arch.value == "dit"
 
 
@@ -202,7 +224,9 @@ def test_a_checkpoint_loads_as_its_own_architecture(tmp_path: Path) -> None:
     cfg = to_train_config(compose_train(["tier=smoke", "model=dit_tiny"])).model
     loaded = init_unet(cfg, str(tmp_path / "dit"))
     assert isinstance(loaded, HDiT)
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
-                                                  model.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(loaded.state_dict().values(), model.state_dict().values(), strict=True)
+    )
     with pytest.raises(ConfigError, match="holds a HDiT, not the model.arch=unet"):
         init_unet(tiny_model(), str(tmp_path / "dit"))

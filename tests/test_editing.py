@@ -59,9 +59,14 @@ def test_a_zero_direction_returns_the_unedited_sample_exactly(unet: HUNet) -> No
         assert torch.equal(images[0], plain) and torch.equal(images[1], plain), space
 
 
-def _asyrp_by_hand(unet: HUNet, ddim: DDIM, x: torch.Tensor, offset: torch.Tensor | None,
-                   t_edit: int, new_h: Callable[[torch.Tensor, int], torch.Tensor] | None = None
-                   ) -> torch.Tensor:
+def _asyrp_by_hand(
+    unet: HUNet,
+    ddim: DDIM,
+    x: torch.Tensor,
+    offset: torch.Tensor | None,
+    t_edit: int,
+    new_h: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Asyrp's asymmetric process written out: on steps with t >= t_edit the x0 prediction
     uses the up path from h + offset, or from new_h(h, step k), the direction the model's
     own eps."""
@@ -73,8 +78,9 @@ def _asyrp_by_hand(unet: HUNet, ddim: DDIM, x: torch.Tensor, offset: torch.Tenso
             h, skips, emb, ts = unet.encode(x, t)
             eps = unet.decode(h, skips, emb, ts)
             eps_x0 = unet.decode(new_h(h, k), skips, emb, ts) if t >= t_edit else eps
-            x = ddim_step(x, eps_x0, float(s.alpha_bar[k]), float(s.alpha_bar_prev[k]), eps,
-                          CFG.clip_sample)
+            x = ddim_step(
+                x, eps_x0, float(s.alpha_bar[k]), float(s.alpha_bar_prev[k]), eps, CFG.clip_sample
+            )
     return x.clamp(-1, 1)
 
 
@@ -89,11 +95,14 @@ def test_asyrp_edit_window(unet: HUNet) -> None:
     assert not torch.allclose(edited, ddim.sample(x_T).x.clamp(-1, 1))
     # a window that starts inside the trajectory edits only its first steps
     middle = int(ddim.schedule.timesteps[1])
-    torch.testing.assert_close(dirs.edit(ddim, x_T, "h", offset[None], t_edit=middle)[0],
-                               _asyrp_by_hand(unet, ddim, x_T, offset, middle))
+    torch.testing.assert_close(
+        dirs.edit(ddim, x_T, "h", offset[None], t_edit=middle)[0],
+        _asyrp_by_hand(unet, ddim, x_T, offset, middle),
+    )
     # t_edit past T: no edit at all
-    assert torch.equal(dirs.edit(ddim, x_T, "h", offset[None], t_edit=1000)[0],
-                       ddim.sample(x_T).x.clamp(-1, 1))
+    assert torch.equal(
+        dirs.edit(ddim, x_T, "h", offset[None], t_edit=1000)[0], ddim.sample(x_T).x.clamp(-1, 1)
+    )
 
 
 def test_power_iteration_recovers_the_top_singular_vectors_of_a_known_map() -> None:
@@ -107,8 +116,7 @@ def test_power_iteration_recovers_the_top_singular_vectors_of_a_known_map() -> N
     def f(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(len(x), -1) @ A.T
 
-    v, u, sv = dirs.top_singular_vectors(f, torch.randn(3, 2, 2, dtype=torch.float64), k,
-                                         iters=60)
+    v, u, sv = dirs.top_singular_vectors(f, torch.randn(3, 2, 2, dtype=torch.float64), k, iters=60)
     np.testing.assert_allclose(sv.numpy(), s[:k], rtol=1e-8)
     # up to sign, each recovered vector is the true one
     np.testing.assert_allclose(np.abs((v.numpy() @ V[:, :k]).diagonal()), 1, atol=1e-8)
@@ -122,12 +130,12 @@ def test_supervised_directions_find_the_separating_axis() -> None:
     axis = np.zeros(10)
     axis[3] = 1.0
     codes = rng.normal(size=(600, 10)) + 3 * np.outer(labels, axis)
-    for direction in (dirs.class_mean_direction(codes, labels),
-                      dirs.svm_direction(codes, labels)):
+    for direction in (dirs.class_mean_direction(codes, labels), dirs.svm_direction(codes, labels)):
         assert direction @ axis / np.linalg.norm(direction) > 0.95  # towards label 1
         one_std = dirs.scaled(direction, codes)
         assert (codes @ (one_std / np.linalg.norm(one_std))).std() == pytest.approx(
-            np.linalg.norm(one_std))
+            np.linalg.norm(one_std)
+        )
     with pytest.raises(ValueError, match="both labels"):
         dirs.class_mean_direction(codes, np.zeros(600))
 
@@ -141,7 +149,7 @@ def test_a_linear_generator_is_perfectly_linear_and_additive() -> None:
         return base + a * v1 + b * v2
 
     def curved(a: float, b: float = 0.0) -> np.ndarray:
-        return base + a * v1 + b * v2 + 0.5 * a * b * v1 + 0.3 * a ** 2 * v2
+        return base + a * v1 + b * v2 + 0.5 * a * b * v1 + 0.3 * a**2 * v2
 
     images = np.stack([linear(a) for a in strengths])
     np.testing.assert_allclose(image_r2(strengths, images), 1.0)
@@ -167,17 +175,34 @@ def test_a_linear_generator_is_perfectly_linear_and_additive() -> None:
 
 def test_linearity_of_a_model(tmp_path: Path) -> None:
     ctx = tiny_context(tmp_path)
-    cfg = LinearityConfig(fit_n=16, n=2, steps=2, strengths=[-1.0, 0.0, 1.0],
-                          grid_strengths=[-1.0, 0.0, 1.0],
-                          targets=["x", "hue", "shape=1", "y"], local_iters=2, keep_images=2,
-                          swap_pairs=3, classifier=AttributeConfig(epochs=1, width=8))
+    cfg = LinearityConfig(
+        fit_n=16,
+        n=2,
+        steps=2,
+        strengths=[-1.0, 0.0, 1.0],
+        grid_strengths=[-1.0, 0.0, 1.0],
+        targets=["x", "hue", "shape=1", "y"],
+        local_iters=2,
+        keep_images=2,
+        swap_pairs=3,
+        classifier=AttributeConfig(epochs=1, width=8),
+    )
     result = evaluate(ctx, cfg)
     assert 0 <= result.values["lin_h_swap"] < 5
     assert {f"lin_h_{source}_gain" for source in ("mean", "svm", "local")} <= set(result.values)
     for space in ("xT", "h"):
         for source in ("mean", "svm", "local"):
-            for q in ("r2", "slope", "r2img", "lpips", "interaction", "interaction_img",
-                      "effect", "offtarget", "swapfrac"):
+            for q in (
+                "r2",
+                "slope",
+                "r2img",
+                "lpips",
+                "interaction",
+                "interaction_img",
+                "effect",
+                "offtarget",
+                "swapfrac",
+            ):
                 assert f"lin_{space}_{source}_{q}" in result.values
             assert np.isfinite(result.values[f"lin_{space}_{source}_effect"])
             assert result.arrays[f"strip_{space}_{source}"].shape == (2, 3, *SHAPE)
@@ -189,7 +214,8 @@ def test_linearity_of_a_model(tmp_path: Path) -> None:
     # circle only: this untrained model's)
     for name in ("shape1", "hue"):
         assert ("lin_xT_svm_r2_" + name in result.values) != any(
-            f"/{name}:" in s for s in result.provenance.get("skipped", []))
+            f"/{name}:" in s for s in result.provenance.get("skipped", [])
+        )
     assert result.protocol["targets_used"] == ["x", "hue", "shape1", "y"]
 
 
@@ -202,13 +228,15 @@ def test_bad_linearity_settings_name_the_key(tmp_path: Path) -> None:
         LinearityConfig(sources=["pca"])
     with pytest.raises(ConfigError, match="h_swapfrac"):
         LinearityConfig(h_swapfrac=0)
-    cfg = LinearityConfig(fit_n=8, n=1, steps=1, targets=["colour"],
-                          classifier=AttributeConfig(epochs=1, width=8))
+    cfg = LinearityConfig(
+        fit_n=8, n=1, steps=1, targets=["colour"], classifier=AttributeConfig(epochs=1, width=8)
+    )
     with pytest.raises(ConfigError, match="eval.linearity.targets"):
         evaluate(tiny_context(tmp_path), cfg)
 
 
 # --- h-swap influence, per-step h edits, circular targets --------------------------------
+
 
 class LinearStub(torch.nn.Module):
     """A 'U-Net' with h = x_t and eps = -k h: its output depends on h only, and every DDIM
@@ -243,8 +271,11 @@ def _linear_swap_influence(ddim: DDIM, k: float, t_edit: int) -> float:
         a, a_next = float(s.alpha_bar[step]), float(s.alpha_bar_prev[step])
         r, c, c_next = (a_next / a) ** 0.5, (1 - a) ** 0.5, (1 - a_next) ** 0.5
         m = r * (1 + k * c) - k * c_next
-        beta = (r - k * c_next) * beta + r * k * c * P if int(s.timesteps[step]) >= t_edit \
+        beta = (
+            (r - k * c_next) * beta + r * k * c * P
+            if int(s.timesteps[step]) >= t_edit
             else m * beta
+        )
         P *= m
     return abs(beta) / abs(P)
 
@@ -278,19 +309,29 @@ def test_h_swap_replaces_h_step_by_step_with_the_other_trajectorys(unet: HUNet) 
         for k in range(ddim.steps):
             h, skips, emb, ts = unet.encode(xb, int(s.timesteps[k]))
             h_b.append(h)
-            xb = ddim_step(xb, unet.decode(h, skips, emb, ts), float(s.alpha_bar[k]),
-                           float(s.alpha_bar_prev[k]), clip=CFG.clip_sample)
+            xb = ddim_step(
+                xb,
+                unet.decode(h, skips, emb, ts),
+                float(s.alpha_bar[k]),
+                float(s.alpha_bar_prev[k]),
+                clip=CFG.clip_sample,
+            )
     middle = int(s.timesteps[1])
     for t_edit in (0, middle):
         swapped = _asyrp_by_hand(unet, ddim, x_a, None, t_edit, lambda h, k: h_b[k])
         plain, img_b = ddim.sample(x_a).x.clamp(-1, 1), xb.clamp(-1, 1)
-        expected = ((swapped - plain).flatten(1).norm(dim=1)
-                    / (img_b - plain).flatten(1).norm(dim=1)).double().numpy()
-        np.testing.assert_allclose(dirs.h_swap_influence(ddim, x_a, x_b, t_edit), expected,
-                                   rtol=1e-4)
+        expected = (
+            ((swapped - plain).flatten(1).norm(dim=1) / (img_b - plain).flatten(1).norm(dim=1))
+            .double()
+            .numpy()
+        )
+        np.testing.assert_allclose(
+            dirs.h_swap_influence(ddim, x_a, x_b, t_edit), expected, rtol=1e-4
+        )
     # fewer swapped steps, less of b in the image (this U-Net's h does act)
-    assert (dirs.h_swap_influence(ddim, x_a, x_b, middle)
-            < dirs.h_swap_influence(ddim, x_a, x_b, 0)).all()
+    assert (
+        dirs.h_swap_influence(ddim, x_a, x_b, middle) < dirs.h_swap_influence(ddim, x_a, x_b, 0)
+    ).all()
     with pytest.raises(ValueError, match="must match"):
         dirs.h_swap_influence(ddim, x_a, x_b[:1], 0)
 
@@ -303,8 +344,9 @@ def test_per_step_offsets_reach_their_own_steps(unet: HUNet) -> None:
     per_step = torch.randn(ddim.steps, 2, D, generator=gen)  # (steps, N, D)
     per_step[2:] = 0  # only steps 0 and 1 carry an offset
     edited = dirs.edit(ddim, x_T, "h", per_step[None], t_edit=0)[0]
-    by_hand = _asyrp_by_hand(unet, ddim, x_T, None, 0,
-                             lambda h, k: h + per_step[k].reshape(h.shape))
+    by_hand = _asyrp_by_hand(
+        unet, ddim, x_T, None, 0, lambda h, k: h + per_step[k].reshape(h.shape)
+    )
     torch.testing.assert_close(edited, by_hand)
     # only step 1's offset, the window covering it or not
     only_one = torch.zeros_like(per_step)
@@ -312,10 +354,11 @@ def test_per_step_offsets_reach_their_own_steps(unet: HUNet) -> None:
     t1 = int(ddim.schedule.timesteps[1])
     torch.testing.assert_close(
         dirs.edit(ddim, x_T, "h", only_one[None], t_edit=t1)[0],
-        _asyrp_by_hand(unet, ddim, x_T, None, t1,
-                       lambda h, k: h + only_one[k].reshape(h.shape)))
-    assert not torch.allclose(dirs.edit(ddim, x_T, "h", only_one[None], t_edit=t1)[0],
-                              ddim.sample(x_T).x.clamp(-1, 1))
+        _asyrp_by_hand(unet, ddim, x_T, None, t1, lambda h, k: h + only_one[k].reshape(h.shape)),
+    )
+    assert not torch.allclose(
+        dirs.edit(ddim, x_T, "h", only_one[None], t_edit=t1)[0], ddim.sample(x_T).x.clamp(-1, 1)
+    )
     plain = ddim.sample(x_T).x.clamp(-1, 1)
     t2 = int(ddim.schedule.timesteps[0])  # window = step 0 alone: step 1's offset unused
     assert torch.equal(dirs.edit(ddim, x_T, "h", only_one[None], t_edit=t2)[0], plain)
@@ -328,13 +371,18 @@ def test_per_step_offsets_reach_their_own_steps(unet: HUNet) -> None:
     # batch size, ~1e-5), and within that rounding of the plain sample
     assert torch.equal(images[0], dirs.edit(ddim, x_T, "h", 0 * offsets, t_edit=0)[0])
     torch.testing.assert_close(images[0], plain, rtol=0, atol=1e-4)
-    torch.testing.assert_close(images[1], _asyrp_by_hand(
-        unet, ddim, x_T, None, 0, lambda h, k: h + per_step[k, :1].reshape(1, *h.shape[1:])))
+    torch.testing.assert_close(
+        images[1],
+        _asyrp_by_hand(
+            unet, ddim, x_T, None, 0, lambda h, k: h + per_step[k, :1].reshape(1, *h.shape[1:])
+        ),
+    )
     # a constant offset per step is the plain offset
     constant = torch.randn(1, D, generator=gen)
     torch.testing.assert_close(
         dirs.edit(ddim, x_T, "h", constant.expand(ddim.steps, 1, D)[None], t_edit=0),
-        dirs.edit(ddim, x_T, "h", constant[None], t_edit=0))
+        dirs.edit(ddim, x_T, "h", constant[None], t_edit=0),
+    )
     with pytest.raises(ValueError, match="per-step"):
         dirs.edit(ddim, x_T, "x_T", offsets, t_edit=0)
 
@@ -345,10 +393,11 @@ def test_circular_responses_are_wrapped_angles_in_spreads() -> None:
     # sqrt(1/12) turns for angles uniform on the circle
     tight = np.mod(0.98 + 0.02 * rng.normal(size=20_000), 1.0)
     assert angular_spread(tight) == pytest.approx(0.02, rel=0.02)
-    assert angular_spread(rng.uniform(0, 1, 20_000)) == pytest.approx(12 ** -0.5, rel=0.02)
+    assert angular_spread(rng.uniform(0, 1, 20_000)) == pytest.approx(12**-0.5, rel=0.02)
     # labels: the half circle around the circular mean (0.98), whatever side of the seam
-    np.testing.assert_array_equal(circular_labels(np.array([0.97, 0.99, 0.05, 0.5, 0.6])),
-                                  [1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(
+        circular_labels(np.array([0.97, 0.99, 0.05, 0.5, 0.6])), [1, 1, 1, 0, 0]
+    )
     hue = Target("hue", None, "circular")
 
     def cos_sin(turns: list[float], radius: float = 1.0) -> np.ndarray:
@@ -358,8 +407,7 @@ def test_circular_responses_are_wrapped_angles_in_spreads() -> None:
     raw = {"hue": cos_sin([0.02, 0.9, 0.5], radius=3.0)}  # a head's output need not be unit
     base = cos_sin([0.97, 0.95, 0.5])
     # signed, wrapped across the seam: +0.05, -0.05, 0 turns, over a spread of 0.1
-    np.testing.assert_allclose(response(raw, hue, base, spread=0.1), [0.5, -0.5, 0.0],
-                               atol=1e-12)
+    np.testing.assert_allclose(response(raw, hue, base, spread=0.1), [0.5, -0.5, 0.0], atol=1e-12)
     with pytest.raises(ValueError, match="circular"):
         response(raw, hue)
     np.testing.assert_array_equal(labels(raw, hue), circular_labels(np.array([0.02, 0.9, 0.5])))
@@ -398,8 +446,8 @@ def test_h_directions_are_fitted_and_scaled_per_step() -> None:
         one = _supervised(cfg, source, codes[0], y, None)
         assert one.shape == (1, D)
         assert np.linalg.norm(one.numpy()) == pytest.approx(
-            (codes[0] @ (one[0].double().numpy() / np.linalg.norm(one.numpy()))).std(),
-            rel=1e-5)
+            (codes[0] @ (one[0].double().numpy() / np.linalg.norm(one.numpy()))).std(), rel=1e-5
+        )
 
 
 def test_h_edits_are_calibrated_to_a_fraction_of_the_h_swap(tmp_path: Path) -> None:
@@ -408,8 +456,12 @@ def test_h_edits_are_calibrated_to_a_fraction_of_the_h_swap(tmp_path: Path) -> N
     assert swap_gain(2.0, 8.0, 0.5) == 2.0 and swap_gain(0.0, 8.0, 0.5) == 1.0
     plain = torch.zeros(3, 4)
     assert image_move(torch.stack([plain + 1, plain - 2]), plain) == pytest.approx(3.0)
-    ctx = EvalContext(LinearStub(0.7), DiffusionConfig(clip_sample=False),
-                      DataConfig(resolution=16, size=64), refs_dir=tmp_path)
+    ctx = EvalContext(
+        LinearStub(0.7),
+        DiffusionConfig(clip_sample=False),
+        DataConfig(resolution=16, size=64),
+        refs_dir=tmp_path,
+    )
     cfg = LinearityConfig(steps=4, strengths=[-2.0, 0.0, 2.0], h_swapfrac=0.3, t_edit=0)
     ddim = ctx.ddim(cfg.steps)
     x = latents(5, range(8), SHAPE)
@@ -418,8 +470,10 @@ def test_h_edits_are_calibrated_to_a_fraction_of_the_h_swap(tmp_path: Path) -> N
     moved, _ = dirs.h_swap_moves(ddim, x_a, x_b, 0)
     gen = torch.Generator().manual_seed(0)
     D = x_T[0].numel()
-    vectors = [1e-3 * torch.randn(1, D, generator=gen),
-               torch.cat([1e-4 * torch.randn(2, 1, D, generator=gen), torch.zeros(2, 1, D)])]
+    vectors = [
+        1e-3 * torch.randn(1, D, generator=gen),
+        torch.cat([1e-4 * torch.randn(2, 1, D, generator=gen), torch.zeros(2, 1, D)]),
+    ]
     edits, gains = _calibrated(ctx, cfg, x_T, Edits(vectors, [None, None]), moved.mean())
     unedited = ddim.sample(x_T).x
     for before, after, gain in zip(vectors, edits.vectors, gains, strict=True):

@@ -29,8 +29,12 @@ from tests.conftest import run_cli, run_train_job
 from tests.test_evaluate import compose_evaluate
 
 # train.steps=6 with a checkpoint every 2 steps keeps step 2 and step 4 (the end is final/)
-RESUMABLE = ["train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=2",
-             "train.grid_samples=0"]
+RESUMABLE = [
+    "train.steps=6",
+    "train.checkpoint_every=2",
+    "train.keep_checkpoints=2",
+    "train.grid_samples=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +61,12 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 2)])
 
 
-@pytest.mark.parametrize("damaged", ["model.safetensors", "optimizer.bin",
-                                     "random_states_0.pkl", "meta.json"])
-def test_resume_skips_a_damaged_newest_checkpoint(damaged: str, finished: Path,
-                                                  tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "damaged", ["model.safetensors", "optimizer.bin", "random_states_0.pkl", "meta.json"]
+)
+def test_resume_skips_a_damaged_newest_checkpoint(
+    damaged: str, finished: Path, tmp_path: Path
+) -> None:
     run_root, run_dir = _interrupted_copy(finished, tmp_path)
     newest = run_dir / "checkpoints" / "step_00000004"
     _truncate(newest / damaged)
@@ -74,8 +80,9 @@ def test_resume_skips_a_damaged_newest_checkpoint(damaged: str, finished: Path,
     assert all(torch.equal(ref[k], got[k]) for k in ref)
 
 
-def test_a_users_copy_in_checkpoints_is_neither_resumed_nor_rotated(finished: Path,
-                                                                   tmp_path: Path) -> None:
+def test_a_users_copy_in_checkpoints_is_neither_resumed_nor_rotated(
+    finished: Path, tmp_path: Path
+) -> None:
     run_root, run_dir = _interrupted_copy(finished, tmp_path)
     ckpts = run_dir / "checkpoints"
     # copies of step 2 named like checkpoints, one of them sorting after every real one
@@ -87,11 +94,16 @@ def test_a_users_copy_in_checkpoints_is_neither_resumed_nor_rotated(finished: Pa
     ref, got = _weights(finished), _weights(run_dir)
     assert all(torch.equal(ref[k], got[k]) for k in ref)  # resumed from the real step 2
     assert {p.name for p in ckpts.iterdir()} == {
-        "step_00000002", "step_00000004", "step_00000002.bak", "step_99999999x"}
+        "step_00000002",
+        "step_00000004",
+        "step_00000002.bak",
+        "step_99999999x",
+    }
 
 
-def test_resume_fails_naming_the_files_when_no_checkpoint_loads(finished: Path,
-                                                               tmp_path: Path) -> None:
+def test_resume_fails_naming_the_files_when_no_checkpoint_loads(
+    finished: Path, tmp_path: Path
+) -> None:
     run_root, run_dir = _interrupted_copy(finished, tmp_path)
     for step in ("step_00000002", "step_00000004"):
         _truncate(run_dir / "checkpoints" / step / "model.safetensors")
@@ -99,11 +111,12 @@ def test_resume_fails_naming_the_files_when_no_checkpoint_loads(finished: Path,
         run_train_job(RESUMABLE, run_root)
     assert read_status(run_dir)["state"] == "failed"
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
-        "step_00000002", "step_00000004"]  # nothing moved: the user decides
+        "step_00000002",
+        "step_00000004",
+    ]  # nothing moved: the user decides
 
 
-def test_non_finite_weights_fail_the_job(run_root: Path, monkeypatch: pytest.MonkeyPatch
-                                         ) -> None:
+def test_non_finite_weights_fail_the_job(run_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The last update overflows (the loss it came from was finite): not done, no final."""
     step = torch.optim.AdamW.step
 
@@ -151,15 +164,19 @@ def test_evaluation_refuses_non_finite_weights(finished: Path, tmp_path: Path) -
     assert record["metrics"] == {} and "diverged" in record["failed"]["rtl"]["error"]
 
 
-def test_a_non_finite_metric_is_never_written_as_a_value(finished: Path, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch
-                                                         ) -> None:
+def test_a_non_finite_metric_is_never_written_as_a_value(
+    finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run_dir = tmp_path / "job"
     shutil.copytree(finished, run_dir)
-    monkeypatch.setitem(measure.METRICS, "rtl", lambda ctx, cfg: MetricResult(
-        {"mrtl": math.nan, "rtl_max": 2.0}, {}))
-    cfg = compose_evaluate([f"run={run_dir}", "eval=smoke", "metrics=[rtl]", "progress=false",
-                            "eval.grid_samples=0"])
+    monkeypatch.setitem(
+        measure.METRICS,
+        "rtl",
+        lambda ctx, cfg: MetricResult({"mrtl": math.nan, "rtl_max": 2.0}, {}),
+    )
+    cfg = compose_evaluate(
+        [f"run={run_dir}", "eval=smoke", "metrics=[rtl]", "progress=false", "eval.grid_samples=0"]
+    )
     entry = measure.evaluate_run(cfg)["metrics"]["rtl"]
     assert entry["values"] == {"rtl_max": 2.0} and entry["nonfinite"] == ["mrtl"]
     assert "NaN" not in (run_dir / "metrics.json").read_text()
@@ -183,9 +200,17 @@ def test_unreadable_run_files_are_that_runs_problem(finished: Path, tmp_path: Pa
         (job / broken).write_text('{"state": "do')
         jobs.append(job)
     point = {"iso.metric": "spherical", "iso.window": "0.5", "seed": "0"}
-    write_plan(Plan("table_1", "smoke", [PlannedJob(f"shapes/job-{lam}", FINETUNE, "shapes",
-                                                    {**point, "lambda_iso": lam})
-                                         for lam in ("0", "0.1")]), root)
+    write_plan(
+        Plan(
+            "table_1",
+            "smoke",
+            [
+                PlannedJob(f"shapes/job-{lam}", FINETUNE, "shapes", {**point, "lambda_iso": lam})
+                for lam in ("0", "0.1")
+            ],
+        ),
+        root,
+    )
     df = collect_runs(root)
     assert len(df) == 2
     rows = df.set_index("job")
@@ -198,8 +223,9 @@ def test_unreadable_run_files_are_that_runs_problem(finished: Path, tmp_path: Pa
     assert any("metrics.json is unreadable" in p for p in problems)
 
 
-def test_a_job_with_an_unreadable_status_runs_again_and_ends_done(finished: Path,
-                                                                 tmp_path: Path) -> None:
+def test_a_job_with_an_unreadable_status_runs_again_and_ends_done(
+    finished: Path, tmp_path: Path
+) -> None:
     run_root, run_dir = _interrupted_copy(finished, tmp_path)
     (run_dir / "status.json").write_text("{not json")
     status, _ = run_train_job(RESUMABLE, run_root)
@@ -208,26 +234,33 @@ def test_a_job_with_an_unreadable_status_runs_again_and_ends_done(finished: Path
     assert all(torch.equal(ref[k], got[k]) for k in ref)
 
 
-@pytest.mark.parametrize(("args", "names"), [
-    (["cluster=nosuch"], ["cluster=nosuch", "local_pool"]),
-    (["tier=nosuch"], ["tier=nosuch", "quick"]),
-    (["model=nosuch"], ["model=nosuch", "small"]),
-    (["train.steps=abc"], ["train.steps", "Integer"]),
-    (["+foo=1"], ["foo is not a config key"]),
-    (["foo=1"], ["foo is not a config key"]),
-    (["seed=-1"], ["seed=-1", ">= 0"]),
-    (["optim.lr_schedule=cosin"], ["optim.lr_schedule", "cosine_with_restarts"]),
-    (["data.channels=1"], ["data.channels=1", "data.channels=3"]),
-    (["init_from=runs/a=1,b=2"], ["must be quoted"]),
-    (["diffusion.beta_schedule=cosin"], ["diffusion.beta_schedule", "squaredcos_cap_v2"]),
-    (["model=tiny", "model.down_block_types=[DownBlock2D,CrossAttnDownBlock2D]"],
-     ["model.down_block_types", "AttnDownBlock2D"]),
-])
-def test_bad_input_is_one_line_exit_2_and_no_folder(args: list[str], names: list[str],
-                                                    tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (["cluster=nosuch"], ["cluster=nosuch", "local_pool"]),
+        (["tier=nosuch"], ["tier=nosuch", "quick"]),
+        (["model=nosuch"], ["model=nosuch", "small"]),
+        (["train.steps=abc"], ["train.steps", "Integer"]),
+        (["+foo=1"], ["foo is not a config key"]),
+        (["foo=1"], ["foo is not a config key"]),
+        (["seed=-1"], ["seed=-1", ">= 0"]),
+        (["optim.lr_schedule=cosin"], ["optim.lr_schedule", "cosine_with_restarts"]),
+        (["data.channels=1"], ["data.channels=1", "data.channels=3"]),
+        (["init_from=runs/a=1,b=2"], ["must be quoted"]),
+        (["diffusion.beta_schedule=cosin"], ["diffusion.beta_schedule", "squaredcos_cap_v2"]),
+        (
+            ["model=tiny", "model.down_block_types=[DownBlock2D,CrossAttnDownBlock2D]"],
+            ["model.down_block_types", "AttnDownBlock2D"],
+        ),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_no_folder(
+    args: list[str], names: list[str], tmp_path: Path
+) -> None:
     run_root = tmp_path / "runs"
-    result = run_cli("isodiff.train", "tier=smoke", f"run_root={run_root}", *args,
-                     HYDRA_FULL_ERROR="")
+    result = run_cli(
+        "isodiff.train", "tier=smoke", f"run_root={run_root}", *args, HYDRA_FULL_ERROR=""
+    )
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
@@ -236,24 +269,37 @@ def test_bad_input_is_one_line_exit_2_and_no_folder(args: list[str], names: list
     assert not run_root.exists()
 
 
-@pytest.mark.parametrize("args", [["name=.."], ["name="], ["name=../../y"], ["name=a/b"],
-                                  ["experiment=../../../x"], ["experiment=."],
-                                  ["name=a\tb"], ["tier.name=.."],
-                                  ["-m", "experiment=..", "lambda_iso=0,0.1"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["name=.."],
+        ["name="],
+        ["name=../../y"],
+        ["name=a/b"],
+        ["experiment=../../../x"],
+        ["experiment=."],
+        ["name=a\tb"],
+        ["tier.name=.."],
+        ["-m", "experiment=..", "lambda_iso=0,0.1"],
+    ],
+)
 def test_a_folder_name_that_leaves_its_place_is_refused_before_any_folder(
-        args: list[str], tmp_path: Path) -> None:
+    args: list[str], tmp_path: Path
+) -> None:
     """name=, experiment= and the tier's name are one folder each under run_root: `..`,
     '/', empty or unprintable values would write outside it or into a folder above the
     job's (single runs and multiruns alike)."""
     run_root = tmp_path / "a" / "b" / "runs"  # ../../../x would land in tmp_path/a/b/x
     run_root.parent.mkdir(parents=True)
     before = sorted(tmp_path.rglob("*"))
-    result = run_cli("isodiff.train", *args, "tier=smoke", f"run_root={run_root}",
-                     HYDRA_FULL_ERROR="")
+    result = run_cli(
+        "isodiff.train", *args, "tier=smoke", f"run_root={run_root}", HYDRA_FULL_ERROR=""
+    )
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "is invalid: it names one folder under run_root" in lines[0], \
+    assert len(lines) == 1 and "is invalid: it names one folder under run_root" in lines[0], (
         result.stderr
+    )
     key = next(a for a in args if a != "-m").split("=")[0]
     assert lines[0].startswith(f"error: {key}="), lines[0]
     assert sorted(tmp_path.rglob("*")) == before
@@ -278,22 +324,26 @@ def test_a_job_folder_outside_run_root_is_refused(tmp_path: Path) -> None:
     require_inside(tmp_path / "runs" / "smoke" / "default" / "job", tmp_path / "runs")
 
 
-def test_renames_into_place_reach_the_disk_in_order(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_renames_into_place_reach_the_disk_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """fsync of every file and folder under the source before the rename, of the folder
     that holds the destination after it (status, metrics, checkpoints, final/)."""
     events: list[tuple[str, Path]] = []
     fsync, replace = _fsync, files.os.replace
-    monkeypatch.setattr(files, "_fsync", lambda p: (events.append(("fsync", Path(p))),
-                                                   fsync(p)))
-    monkeypatch.setattr(files.os, "replace", lambda a, b: (events.append(("replace", Path(b))),
-                                                          replace(a, b)))
+    monkeypatch.setattr(files, "_fsync", lambda p: (events.append(("fsync", Path(p))), fsync(p)))
+    monkeypatch.setattr(
+        files.os, "replace", lambda a, b: (events.append(("replace", Path(b))), replace(a, b))
+    )
     src = tmp_path / ".tmp-final"
     (src / "unet").mkdir(parents=True)
     (src / "unet" / "w.safetensors").write_bytes(b"w")
     replace_durably(src, tmp_path / "final")
-    assert set(events[:3]) == {("fsync", src / "unet"), ("fsync", src), ("fsync", src / "unet"
-                                                                         / "w.safetensors")}
+    assert set(events[:3]) == {
+        ("fsync", src / "unet"),
+        ("fsync", src),
+        ("fsync", src / "unet" / "w.safetensors"),
+    }
     assert events[3:] == [("replace", tmp_path / "final"), ("fsync", tmp_path)]
     events.clear()
     atomic_write_json(tmp_path / "status.json", {"state": "done"})
@@ -302,8 +352,9 @@ def test_renames_into_place_reach_the_disk_in_order(tmp_path: Path,
     assert read_json(tmp_path / "status.json") == {"state": "done"}
 
 
-@pytest.mark.parametrize("module", ["isodiff.analysis.tables", "isodiff.analysis.figures",
-                                    "isodiff.analysis.index"])
+@pytest.mark.parametrize(
+    "module", ["isodiff.analysis.tables", "isodiff.analysis.figures", "isodiff.analysis.index"]
+)
 def test_analysis_of_a_tier_without_runs_fails_clearly(module: str, tmp_path: Path) -> None:
     for tier, message in (("nosuch", "tier='nosuch' is not a tier"), ("smoke", "no runs under")):
         result = run_cli(module, f"tier={tier}", f"run_root={tmp_path}", f"out={tmp_path}/o")

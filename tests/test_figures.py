@@ -57,11 +57,18 @@ def _interp_runs(root: Path) -> list[Path]:
     rng = np.random.default_rng(0)
     for d in dirs:
         dataset, arm, seed = _job(d)
-        frames = np.stack([np.full((FRAMES, _channels(dataset), PX, PX), _value(arm, seed, p),
-                                   np.uint8) for p in range(PAIRS)])
+        frames = np.stack(
+            [
+                np.full((FRAMES, _channels(dataset), PX, PX), _value(arm, seed, p), np.uint8)
+                for p in range(PAIRS)
+            ]
+        )
         (d / "eval").mkdir()
-        np.savez(d / "eval" / "interp.npz", slerp_frames=frames,
-                 slerp_adjacent=rng.random((8, FRAMES - 1)))
+        np.savez(
+            d / "eval" / "interp.npz",
+            slerp_frames=frames,
+            slerp_adjacent=rng.random((8, FRAMES - 1)),
+        )
         _set_eval_seed(d, "interp", 0)
     return dirs
 
@@ -74,9 +81,11 @@ def _inversion_runs(root: Path) -> list[Path]:
         dataset, arm, seed = _job(d)
         c = _channels(dataset)
         sources = np.random.default_rng(int(dataset == "mnist" and arm == 0)).integers(
-            0, 256, (KEPT, c, PX, PX), dtype=np.uint8)
-        reconstructions = np.stack([np.full((c, PX, PX), _value(arm, seed, i), np.uint8)
-                                    for i in range(KEPT)])
+            0, 256, (KEPT, c, PX, PX), dtype=np.uint8
+        )
+        reconstructions = np.stack(
+            [np.full((c, PX, PX), _value(arm, seed, i), np.uint8) for i in range(KEPT)]
+        )
         (d / "eval").mkdir()
         np.savez(d / "eval" / "inversion.npz", sources=sources, reconstructions=reconstructions)
     return dirs
@@ -84,8 +93,7 @@ def _inversion_runs(root: Path) -> list[Path]:
 
 def _pictures(fig: Figure) -> list[tuple[str, np.ndarray]]:
     """(title, picture shown) of each picture panel, in drawing order."""
-    return [(ax.get_title(loc="left"), ax.images[0].get_array()) for ax in fig.axes
-            if ax.images]
+    return [(ax.get_title(loc="left"), ax.images[0].get_array()) for ax in fig.axes if ax.images]
 
 
 def _texts(fig: Figure) -> list[str]:
@@ -101,8 +109,7 @@ def test_picture_figures_are_evaluated_on_table_1_runs() -> None:
     assert {"interp", "inversion"} <= evaluation_metrics(load_spec("table_1"), "quick")
 
 
-def test_interp_strips_show_the_same_pairs_of_each_arm_beside_all_its_seeds(
-        tmp_path: Path) -> None:
+def test_interp_strips_show_the_same_pairs_of_each_arm_beside_all_its_seeds(tmp_path: Path) -> None:
     dirs = _interp_runs(tmp_path)
     shapes_ours_seed0 = next(d for d in dirs if _job(d) == ("shapes", 1, 0))
     (shapes_ours_seed0 / "eval" / "interp.npz").unlink()  # its lowest seed left: seed 1
@@ -112,62 +119,92 @@ def test_interp_strips_show_the_same_pairs_of_each_arm_beside_all_its_seeds(
 
     strips = _pictures(fig)  # shapes (RGB) first, then mnist (grey)
     assert [title for title, _ in strips] == [
-        f"{CONTROL}, training seed 0", f"{OURS}, training seed 1",
-        f"{CONTROL}, training seed 0", f"{OURS}, training seed 0"]
-    shown_seed = {f"{CONTROL}, training seed 0": (0, 0), f"{OURS}, training seed 1": (1, 1),
-                  f"{OURS}, training seed 0": (1, 0)}
+        f"{CONTROL}, training seed 0",
+        f"{OURS}, training seed 1",
+        f"{CONTROL}, training seed 0",
+        f"{OURS}, training seed 0",
+    ]
+    shown_seed = {
+        f"{CONTROL}, training seed 0": (0, 0),
+        f"{OURS}, training seed 1": (1, 1),
+        f"{OURS}, training seed 0": (1, 0),
+    }
     for title, picture in strips:
         assert picture.shape[:2] == (PAIRS * (PX + 1) + 1, FRAMES * (PX + 1) + 1)
         arm, seed = shown_seed[title]
         for p in range(PAIRS):
             for k in (0, FRAMES - 1):
-                np.testing.assert_allclose(_cell(picture, p, k),
-                                           _value(arm, seed, p) / 255, atol=1e-6)
+                np.testing.assert_allclose(
+                    _cell(picture, p, k), _value(arm, seed, p) / 255, atol=1e-6
+                )
     assert [p.ndim for _, p in strips] == [3, 3, 2, 2]
 
     # the curves: one per arm, the mean over every seed of the per-run mean over pairs
     curve = next(ax for ax in fig.axes if ax.lines)
     assert [line.get_label() for line in curve.lines] == [f"{CONTROL} (n=5)", f"{OURS} (n=4)"]
-    expected = np.mean([np.load(d / "eval" / "interp.npz")["slerp_adjacent"].mean(axis=0)
-                        for d in dirs if _job(d)[:2] == ("shapes", 0)], axis=0)
+    expected = np.mean(
+        [
+            np.load(d / "eval" / "interp.npz")["slerp_adjacent"].mean(axis=0)
+            for d in dirs
+            if _job(d)[:2] == ("shapes", 0)
+        ],
+        axis=0,
+    )
     np.testing.assert_allclose(curve.lines[0].get_ydata(), expected)
 
     texts = _texts(fig)
-    assert any(t.startswith("shapes: slerp between the same x_T pairs 0-2 (evaluation seed 0)")
-               for t in texts)
-    assert any(t.startswith("mnist: WARNING: the arms' evaluation seeds differ (0, 7)")
-               for t in texts)
+    assert any(
+        t.startswith("shapes: slerp between the same x_T pairs 0-2 (evaluation seed 0)")
+        for t in texts
+    )
+    assert any(
+        t.startswith("mnist: WARNING: the arms' evaluation seeds differ (0, 7)") for t in texts
+    )
 
 
 def test_interp_strips_and_figure_1_render_to_png(tmp_path: Path) -> None:
     _interp_runs(tmp_path / "runs")
-    written = figures.render_all(tmp_path / "runs", "quick", tmp_path / "results",
-                                 ["figure_5", "figure_1", "figure_6"])
-    assert sorted(p.name for p in written) == ["figure_1.pdf", "figure_1.png",
-                                               "figure_5.pdf", "figure_5.png"]  # no inversion
+    written = figures.render_all(
+        tmp_path / "runs", "quick", tmp_path / "results", ["figure_5", "figure_1", "figure_6"]
+    )
+    assert sorted(p.name for p in written) == [
+        "figure_1.pdf",
+        "figure_1.png",
+        "figure_5.pdf",
+        "figure_5.png",
+    ]  # no inversion
     with Image.open(tmp_path / "results/quick/figures/figure_5.png") as image:
         assert min(image.size) > 500
 
 
 def test_inversion_shows_sources_then_ours_then_the_control(tmp_path: Path) -> None:
     _inversion_runs(tmp_path / "runs")
-    fig = figures.inversion(collect_runs(tmp_path / "runs" / "quick"), load_spec("figure_6"),
-                            "quick")
+    fig = figures.inversion(
+        collect_runs(tmp_path / "runs" / "quick"), load_spec("figure_6"), "quick"
+    )
     shown = _pictures(fig)
-    rows = ["held-out sources (test split)", f"{OURS}: reconstructions, training seed 0",
-            f"{CONTROL}: reconstructions, training seed 0"]
+    rows = [
+        "held-out sources (test split)",
+        f"{OURS}: reconstructions, training seed 0",
+        f"{CONTROL}: reconstructions, training seed 0",
+    ]
     assert [title for title, _ in shown] == rows * 2  # shapes, then mnist
     pictures = [picture for _, picture in shown]
     sources = np.load(next((tmp_path / "runs/quick/shapes").glob("*/eval/inversion.npz")))
     for i in range(KEPT):
-        np.testing.assert_allclose(_cell(pictures[0], 0, i),
-                                   sources["sources"][i, :, PX // 2, PX // 2] / 255, atol=1e-6)
+        np.testing.assert_allclose(
+            _cell(pictures[0], 0, i), sources["sources"][i, :, PX // 2, PX // 2] / 255, atol=1e-6
+        )
         np.testing.assert_allclose(_cell(pictures[1], 0, i), _value(1, 0, i) / 255, atol=1e-6)
         np.testing.assert_allclose(_cell(pictures[2], 0, i), _value(0, 0, i) / 255, atol=1e-6)
     assert pictures[0].shape == (PX + 2, KEPT * (PX + 1) + 1, 3) and pictures[3].ndim == 2
     texts = _texts(fig)
-    assert any(t.startswith("shapes: DDIM inversion and regeneration of 8 held-out images, "
-                            "the same for every arm") for t in texts)
+    assert any(
+        t.startswith(
+            "shapes: DDIM inversion and regeneration of 8 held-out images, the same for every arm"
+        )
+        for t in texts
+    )
     assert f"mnist: WARNING: the arms' source images differ; shown: those of {OURS}" in texts
     written = figures.render_all(tmp_path / "runs", "quick", tmp_path / "results", ["figure_6"])
     assert [p.suffix for p in written] == [".png", ".pdf"]
@@ -180,35 +217,56 @@ def test_edit_pictures_show_each_arm_side_by_side_control_first(tmp_path: Path) 
     strengths = [-2.0, -1.0, 0.0, 1.0, 2.0]
     for d in dirs:
         dataset, arm, seed = _job(d)
-        images = np.stack([np.stack([np.full((_channels(dataset), PX, PX),
-                                             _value(arm, seed, r) + c, np.uint8)
-                                     for c in range(5)]) for r in range(4)])
+        images = np.stack(
+            [
+                np.stack(
+                    [
+                        np.full((_channels(dataset), PX, PX), _value(arm, seed, r) + c, np.uint8)
+                        for c in range(5)
+                    ]
+                )
+                for r in range(4)
+            ]
+        )
         (d / "eval").mkdir()
         np.savez(d / "eval" / "linearity.npz", strip_xT_svm=images, grid_xT_svm=images[:, :4])
         record = json.loads((d / "metrics.json").read_text())
-        record["metrics"]["linearity"] = {"values": {}, "protocol": {
-            "strengths": strengths, "grid_strengths": strengths[:4],
-            "targets_used": ["hue", "x"]}}
+        record["metrics"]["linearity"] = {
+            "values": {},
+            "protocol": {
+                "strengths": strengths,
+                "grid_strengths": strengths[:4],
+                "targets_used": ["hue", "x"],
+            },
+        }
         (d / "metrics.json").write_text(json.dumps(record))
     df = collect_runs(tmp_path / "runs" / "quick")
     fig = figures.edit_pictures(df, load_spec("figure_7"), "quick")
     shown = _pictures(fig)
-    assert [title for title, _ in shown] == [f"{CONTROL}, training seed 0",
-                                             f"{OURS}, training seed 0"] * 2
+    assert [title for title, _ in shown] == [
+        f"{CONTROL}, training seed 0",
+        f"{OURS}, training seed 0",
+    ] * 2
     for (_, picture), arm in zip(shown, [0, 1, 0, 1], strict=True):
         assert picture.shape[:2] == (4 * (PX + 1) + 1, 5 * (PX + 1) + 1)
         for r in range(4):
             for c in (0, 4):
-                np.testing.assert_allclose(_cell(picture, r, c),
-                                           (_value(arm, 0, r) + c) / 255, atol=1e-6)
+                np.testing.assert_allclose(
+                    _cell(picture, r, c), (_value(arm, 0, r) + c) / 255, atol=1e-6
+                )
     texts = _texts(fig)
     assert "shapes: a sample a row; v(hue), alpha = -2, -1, 0, 1, 2" in texts
     grid = figures.edit_pictures(df, load_spec("figure_8"), "quick")
     assert "mnist: a v(hue) down, b v(x) across, a, b = -2, -1, 0, 1" in _texts(grid)
-    written = figures.render_all(tmp_path / "runs", "quick", tmp_path / "results",
-                                 ["figure_7", "figure_8"])
-    assert sorted(p.name for p in written) == ["figure_7.pdf", "figure_7.png",
-                                               "figure_8.pdf", "figure_8.png"]
+    written = figures.render_all(
+        tmp_path / "runs", "quick", tmp_path / "results", ["figure_7", "figure_8"]
+    )
+    assert sorted(p.name for p in written) == [
+        "figure_7.pdf",
+        "figure_7.png",
+        "figure_8.pdf",
+        "figure_8.png",
+    ]
 
 
 def _links(page: str) -> list[str]:
@@ -243,8 +301,9 @@ def test_index_embeds_tables_figures_and_every_evaluated_runs_samples(tmp_path: 
         assert f"samples/{dataset}/{d.name}.png" in samples
         assert copy.read_bytes() == (d / "samples.png").read_bytes()
     missing = [line for line in page.splitlines() if "no samples.png" in line]
-    assert sorted(missing) == sorted(f"| `{d.name}` | no samples.png in the run folder |"
-                                     for d in dirs[5:-1])
+    assert sorted(missing) == sorted(
+        f"| `{d.name}` | no samples.png in the run folder |" for d in dirs[5:-1]
+    )
     assert dirs[-1].name not in page
 
 

@@ -40,14 +40,19 @@ def scheduler_batch(seed: int = 0, batch: int = 4):
 
 def test_interpolation_is_the_schedulers() -> None:
     scheduler, x0, noise, timesteps, sigmas = scheduler_batch()
-    torch.testing.assert_close(interpolate(x0, noise, sigmas),
-                               scheduler.scale_noise(x0, timesteps, noise))
+    torch.testing.assert_close(
+        interpolate(x0, noise, sigmas), scheduler.scale_noise(x0, timesteps, noise)
+    )
     torch.testing.assert_close(interpolate(x0, noise, 0.0), x0)
     torch.testing.assert_close(interpolate(x0, noise, 1.0), noise)
     # the target is d x_t / dt
     eps = 1e-3
-    torch.testing.assert_close((interpolate(x0, noise, 0.5 + eps) - interpolate(x0, noise, 0.5))
-                               / eps, velocity_target(x0, noise), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(
+        (interpolate(x0, noise, 0.5 + eps) - interpolate(x0, noise, 0.5)) / eps,
+        velocity_target(x0, noise),
+        rtol=1e-3,
+        atol=1e-3,
+    )
 
 
 def test_without_the_regulariser_the_loss_is_diffusers_velocity_mse() -> None:
@@ -55,48 +60,77 @@ def test_without_the_regulariser_the_loss_is_diffusers_velocity_mse() -> None:
     scheduler, x0, noise, timesteps, sigmas = scheduler_batch(1)
     labels = torch.tensor([0, 3, 5, 9])
     with torch.no_grad():
-        pred = model(scheduler.scale_noise(x0, timesteps, noise), timestep=timesteps,
-                     class_labels=labels).sample
+        pred = model(
+            scheduler.scale_noise(x0, timesteps, noise), timestep=timesteps, class_labels=labels
+        ).sample
         plain = F.mse_loss(pred.float(), (noise - x0).float())
         for reg, lam in [(None, 1.0), (Regulariser("spherical"), 0.0)]:
-            out = flow_matching_loss(model, x0, noise, sigmas, lambda_iso=lam, regulariser=reg,
-                                     class_labels=labels)
+            out = flow_matching_loss(
+                model, x0, noise, sigmas, lambda_iso=lam, regulariser=reg, class_labels=labels
+            )
             torch.testing.assert_close(out["loss"], plain)
             assert "iso" not in out
 
 
 @pytest.mark.parametrize("metric", ["spherical", "euclidean"])
 @pytest.mark.parametrize("subset", [True, False], ids=["subset", "all_reusing_h"])
-def test_the_regulariser_term_is_the_regularisers_value_at_the_flow_x_t(metric: str,
-                                                                        subset: bool) -> None:
+def test_the_regulariser_term_is_the_regularisers_value_at_the_flow_x_t(
+    metric: str, subset: bool
+) -> None:
     """On a subset, L_iso from a separate encoder forward; on every sample, from the main
     forward's h (recorded): both the Regulariser's own value at x_t."""
     model = tiny("dit")
     _, x0, noise, _, t = scheduler_batch(2)
     labels = torch.tensor([1, 2, 3, 4])
     mask = torch.tensor([True, not subset, True, True])
-    out = flow_matching_loss(model, x0, noise, t, lambda_iso=0.5, iso_mask=mask,
-                             regulariser=Regulariser(metric), generator=gen(3),
-                             class_labels=labels)
+    out = flow_matching_loss(
+        model,
+        x0,
+        noise,
+        t,
+        lambda_iso=0.5,
+        iso_mask=mask,
+        regulariser=Regulariser(metric),
+        generator=gen(3),
+        class_labels=labels,
+    )
     x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
-    expected = Regulariser(metric)(h_encoder(model), x_t[mask], 1000 * t[mask], generator=gen(3),
-                                   class_labels=labels[mask])
+    expected = Regulariser(metric)(
+        h_encoder(model), x_t[mask], 1000 * t[mask], generator=gen(3), class_labels=labels[mask]
+    )
     torch.testing.assert_close(out["iso"], expected, rtol=1e-4, atol=0)  # attention kernels
     torch.testing.assert_close(out["loss"], out["mse"] + 0.5 * out["iso"])
     grads = torch.autograd.grad(out["iso"], list(model.parameters()), allow_unused=True)
     assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
     none = torch.zeros(4, dtype=torch.bool)
-    empty = flow_matching_loss(model, x0, noise, t, lambda_iso=0.5, iso_mask=none,
-                               regulariser=Regulariser(metric), class_labels=labels)
+    empty = flow_matching_loss(
+        model,
+        x0,
+        noise,
+        t,
+        lambda_iso=0.5,
+        iso_mask=none,
+        regulariser=Regulariser(metric),
+        class_labels=labels,
+    )
     assert "iso" not in empty
 
 
 def test_flux_takes_flow_time_and_shared_ids() -> None:
     model = tiny("flux")
     x, t, condition, shared = inputs("flux")
-    out = flow_matching_loss(model, x, torch.randn(x.shape, generator=gen(4)), t,
-                             lambda_iso=1.0, regulariser=Regulariser("spherical"),
-                             timestep_scale=1.0, shared=shared, generator=gen(5), **condition)
+    out = flow_matching_loss(
+        model,
+        x,
+        torch.randn(x.shape, generator=gen(4)),
+        t,
+        lambda_iso=1.0,
+        regulariser=Regulariser("spherical"),
+        timestep_scale=1.0,
+        shared=shared,
+        generator=gen(5),
+        **condition,
+    )
     assert torch.isfinite(out["loss"]) and out["iso"] > 0
 
 
@@ -106,8 +140,9 @@ def test_the_window_matches_ddpm_noise_levels_by_snr() -> None:
         t = flow_window(p)
         snr = abar[int(p * 1000)] / (1 - abar[int(p * 1000)])
         # diffusers builds the schedule in float32: agree to its rounding
-        torch.testing.assert_close(torch.tensor((1 - t) ** 2 / t**2, dtype=torch.float64), snr,
-                                   rtol=1e-3, atol=0)
+        torch.testing.assert_close(
+            torch.tensor((1 - t) ** 2 / t**2, dtype=torch.float64), snr, rtol=1e-3, atol=0
+        )
     assert abs(flow_window(0.5) - 0.775) < 1e-3
     assert flow_window(0.25) < flow_window(0.5) < flow_window(0.9) < 1
 
@@ -151,15 +186,18 @@ def test_the_dit_flow_example_trains_with_the_regulariser() -> None:
     args = ["--steps", "2", "--batch-size", "4", "--resolution", "8", "--window", "0"]
     with_iso = main([*args, "--lambda-iso", "1.0"])
     without = main([*args, "--lambda-iso", "0"])
-    assert any(not torch.equal(a, b) for a, b in zip(with_iso.parameters(),
-                                                     without.parameters(), strict=True))
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(with_iso.parameters(), without.parameters(), strict=True)
+    )
 
 
 def test_the_radius_measurement_runs_at_toy_size() -> None:
     """examples/flow_radius.py (the numbers in isodiff.flow's docstring) on 8 shapes."""
     from tests.test_library import _example
 
-    out = _example("flow_radius").main(["--data", "shapes", "--images", "8",
-                                        "--dit-images", "2"])["shapes"]
+    out = _example("flow_radius").main(["--data", "shapes", "--images", "8", "--dit-images", "2"])[
+        "shapes"
+    ]
     assert len(out["radius"]) == 7 and all(r["max_abs"] < 0.2 for r in out["radius"])
     assert all(r["spherical_at_x_t"] > 0 and r["euclidean"] > 0 for r in out["liso"])

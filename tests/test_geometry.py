@@ -104,7 +104,7 @@ def test_slerp_per_sample_weights_and_no_unit_normalisation():
     w = torch.tensor([0.0, 0.3, 0.6, 1.0])
     xw = geo.slerp(x0, x1, w)
     for i in range(4):
-        torch.testing.assert_close(xw[i], geo.slerp(x0[i:i + 1], x1[i:i + 1], float(w[i]))[0])
+        torch.testing.assert_close(xw[i], geo.slerp(x0[i : i + 1], x1[i : i + 1], float(w[i]))[0])
     torch.testing.assert_close(geo.sq_norm(xw), geo.sq_norm(x0))  # not the unit sphere
 
 
@@ -119,5 +119,6 @@ def test_slerp_tiny_angle_falls_back_to_lerp():
 def test_lerp():
     x0, x1 = torch.zeros(2, 3), torch.ones(2, 3)
     torch.testing.assert_close(geo.lerp(x0, x1, 0.25), torch.full((2, 3), 0.25))
-    torch.testing.assert_close(geo.lerp(x0, x1, torch.tensor([0.0, 1.0])),
-                               torch.tensor([[0.0] * 3, [1.0] * 3]))
+    torch.testing.assert_close(
+        geo.lerp(x0, x1, torch.tensor([0.0, 1.0])), torch.tensor([[0.0] * 3, [1.0] * 3])
+    )

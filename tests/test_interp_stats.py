@@ -98,8 +98,10 @@ def test_imports_numpy_and_stdlib_only() -> None:
     from isodiff.evaluate.metrics import interp_stats
 
     tree = ast.parse(Path(interp_stats.__file__).read_text())
-    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
-             for a in n.names}
-    names |= {n.module.split(".")[0] for n in ast.walk(tree)
-              if isinstance(n, ast.ImportFrom) and n.module}
+    names = {
+        a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+    }
+    names |= {
+        n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+    }
     assert names - set(sys.stdlib_module_names) == {"numpy"}

@@ -254,7 +254,8 @@ def test_isodiff_compat_equals_official_formula():
     one = point[:1].detach().requires_grad_()
     torch.testing.assert_close(
         isometry_loss_from_h(f(one), one, tangent[:1], metric="isodiff_compat"),
-        isometry_loss_from_h(f(one), one, tangent[:1], metric="spherical"))
+        isometry_loss_from_h(f(one), one, tangent[:1], metric="spherical"),
+    )
 
 
 def test_isodiff_compat_public_entry_evaluates_at_official_point():
@@ -264,8 +265,9 @@ def test_isodiff_compat_public_entry_evaluates_at_official_point():
     point = geo.onto_sphere(x, math.sqrt(n - 1)).requires_grad_()
     v = draw_probes(point, 1, "gaussian", gen(16))
     expected = isometry_loss_from_h(f(point), point, v, metric="isodiff_compat")
-    torch.testing.assert_close(isometry_loss(f, x, metric="isodiff_compat", generator=gen(16)),
-                               expected)
+    torch.testing.assert_close(
+        isometry_loss(f, x, metric="isodiff_compat", generator=gen(16)), expected
+    )
     with pytest.raises(ValueError, match="Gaussian"):
         isometry_loss(f, x, metric="isodiff_compat", probe="rademacher")
 
@@ -280,7 +282,8 @@ def test_spherical_radius_moves_the_evaluation_point(radius):
     v = draw_probes(point, 1, "gaussian", gen(35))
     torch.testing.assert_close(
         isometry_loss(f, x, metric="spherical", radius=radius, generator=gen(35)),
-        isometry_loss_from_h(f(point), point, v, metric="spherical"))
+        isometry_loss_from_h(f(point), point, v, metric="spherical"),
+    )
 
 
 # ---- gradients ---------------------------------------------------------------------------
@@ -331,8 +334,9 @@ def test_draw_probes():
     like = torch.zeros(3, 2, 4)
     u = draw_probes(like, 5, "rademacher", gen(22))
     assert u.shape == (5, 3, 2, 4) and set(u.unique().tolist()) == {-1.0, 1.0}
-    torch.testing.assert_close(draw_probes(like, 2, "gaussian", gen(23)),
-                               draw_probes(like, 2, "gaussian", gen(23)))
+    torch.testing.assert_close(
+        draw_probes(like, 2, "gaussian", gen(23)), draw_probes(like, 2, "gaussian", gen(23))
+    )
     with pytest.raises(ValueError, match="probe"):
         draw_probes(like, 1, "uniform")
 
@@ -345,8 +349,9 @@ def test_draw_probes():
 def test_sample_timesteps_window_and_uniform_marginal(schedule, window):
     T, B, draws = 10, 4, 5000
     g = gen(24)
-    ts, masks = zip(*(sample_timesteps(B, T, window, schedule, g) for _ in range(draws)),
-                    strict=True)
+    ts, masks = zip(
+        *(sample_timesteps(B, T, window, schedule, g) for _ in range(draws)), strict=True
+    )
     t, mask = torch.stack(ts), torch.stack(masks)
     k = math.floor(window * T)
     assert t.dtype == torch.long and mask.dtype == torch.bool

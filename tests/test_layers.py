@@ -16,14 +16,33 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "isodiff"
 LAYERS = ("core", "errors", "config", "runs", "model", "evaluate", "train", "sweep", "analysis")
-ENTRY_POINTS = ("isodiff.train.command", "isodiff.evaluate.command", "isodiff.sweep.command",
-                "isodiff.sweep.bases", "isodiff.model.paper_assets", "isodiff.analysis.toy",
-                "isodiff.analysis.tables", "isodiff.analysis.claims", "isodiff.analysis.figures",
-                "isodiff.analysis.index", "isodiff.analysis.collect")
+ENTRY_POINTS = (
+    "isodiff.train.command",
+    "isodiff.evaluate.command",
+    "isodiff.sweep.command",
+    "isodiff.sweep.bases",
+    "isodiff.model.paper_assets",
+    "isodiff.analysis.toy",
+    "isodiff.analysis.tables",
+    "isodiff.analysis.claims",
+    "isodiff.analysis.figures",
+    "isodiff.analysis.index",
+    "isodiff.analysis.collect",
+)
 # Each takes seconds to import (torch 4 s, sklearn 3 s on a laptop CPU); numpy, pandas and
 # matplotlib are left to the commands that draw tables and figures.
-HEAVY = ("torch", "torchvision", "diffusers", "accelerate", "transformers", "peft", "lpips",
-         "cleanfid", "sklearn", "scipy")
+HEAVY = (
+    "torch",
+    "torchvision",
+    "diffusers",
+    "accelerate",
+    "transformers",
+    "peft",
+    "lpips",
+    "cleanfid",
+    "sklearn",
+    "scipy",
+)
 STDLIB = sys.stdlib_module_names
 OPTIONAL_EXTRAS = ("peft",)
 
@@ -52,18 +71,24 @@ def imports(path: Path, top_level_only: bool) -> list[tuple[str, int]]:
 
     def visit(node: ast.AST) -> None:
         for child in ast.iter_child_nodes(node):
-            if top_level_only and isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef,
-                                                     ast.Lambda)):
+            if top_level_only and isinstance(
+                child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
+            ):
                 continue
-            if (top_level_only and isinstance(child, ast.If)
-                    and "TYPE_CHECKING" in ast.unparse(child.test)):
+            if (
+                top_level_only
+                and isinstance(child, ast.If)
+                and "TYPE_CHECKING" in ast.unparse(child.test)
+            ):
                 continue
             if isinstance(child, ast.Import):
                 found.extend((a.name, child.lineno) for a in child.names)
             elif isinstance(child, ast.ImportFrom) and child.module and not child.level:
                 base = child.module
-                found.extend((f"{base}.{a.name}" if f"{base}.{a.name}" in ALL else base,
-                              child.lineno) for a in child.names)
+                found.extend(
+                    (f"{base}.{a.name}" if f"{base}.{a.name}" in ALL else base, child.lineno)
+                    for a in child.names
+                )
             visit(child)
 
     visit(tree)
@@ -87,8 +112,10 @@ def test_a_layer_imports_only_layers_below_it() -> None:
         for name, line in imports(path, top_level_only=False):
             target = owner(name) if name.startswith("isodiff") else None
             if target and LAYERS.index(layer(target)) > mine:
-                wrong.append(f"{path.relative_to(PACKAGE.parent)}:{line} ({layer(module)}) "
-                             f"imports {target} ({layer(target)})")
+                wrong.append(
+                    f"{path.relative_to(PACKAGE.parent)}:{line} ({layer(module)}) "
+                    f"imports {target} ({layer(target)})"
+                )
     assert not wrong, "\n".join(wrong)
 
 
@@ -102,8 +129,9 @@ def test_the_core_imports_torch_alone() -> None:
         on_import = {name for name, _ in imports(path, top_level_only=True)}
         for name, line in imports(path, top_level_only=False):
             root = name.split(".")[0]
-            allowed = {"torch", "__future__", *STDLIB} | (set() if name in on_import
-                                                         else set(OPTIONAL_EXTRAS))
+            allowed = {"torch", "__future__", *STDLIB} | (
+                set() if name in on_import else set(OPTIONAL_EXTRAS)
+            )
             if root == "isodiff" and layer(owner(name) or name) == "core":
                 continue
             if root not in allowed:
@@ -138,16 +166,23 @@ def test_an_entry_point_loads_nothing_heavy_before_its_config_is_valid(entry: st
     loaded = loaded_on_import(entry)
     heavy = {name: by for name, by in loaded.items() if name in HEAVY}
     assert not heavy, f"importing {entry} loads " + ", ".join(
-        f"{name} (imported by {by})" for name, by in sorted(heavy.items()))
+        f"{name} (imported by {by})" for name, by in sorted(heavy.items())
+    )
 
 
 def test_the_rule_sees_a_violation(tmp_path: Path) -> None:
     """The reader itself: an upward and a heavy import in a planted module are found."""
     planted = tmp_path / "m.py"
-    planted.write_text("import os\nimport torch\ndef f():\n    from isodiff.sweep import plan\n"
-                       "if TYPE_CHECKING:\n    import diffusers\n")
+    planted.write_text(
+        "import os\nimport torch\ndef f():\n    from isodiff.sweep import plan\n"
+        "if TYPE_CHECKING:\n    import diffusers\n"
+    )
     assert [n for n, _ in imports(planted, top_level_only=True)] == ["os", "torch"]
     assert [n for n, _ in imports(planted, top_level_only=False)] == [
-        "os", "torch", "isodiff.sweep.plan", "diffusers"]
+        "os",
+        "torch",
+        "isodiff.sweep.plan",
+        "diffusers",
+    ]
     assert layer("isodiff.isometry") == "core" and layer("isodiff.sweep.plan") == "sweep"
     assert layer("isodiff.cli") == "config" and layer("isodiff.errors") == "errors"

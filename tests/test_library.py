@@ -20,10 +20,13 @@ SUITE_ONLY = ("hydra", "omegaconf", "accelerate", "diffusers", "pandas", "lpips"
 
 
 def test_the_core_imports_torch_alone() -> None:
-    code = ("import sys\nfrom isodiff import Regulariser, h_encoder, isometry_loss, "
-            "sample_timesteps\nprint(sorted({m.split('.')[0] for m in sys.modules}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
+    code = (
+        "import sys\nfrom isodiff import Regulariser, h_encoder, isometry_loss, "
+        "sample_timesteps\nprint(sorted({m.split('.')[0] for m in sys.modules}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     loaded = set(eval(out))  # the printed list of top-level modules
     assert "torch" in loaded and not loaded & set(SUITE_ONLY), loaded & set(SUITE_ONLY)
 
@@ -49,22 +52,31 @@ def test_the_library_loss_is_the_training_objectives(window: float) -> None:
     objective = DiffusionObjective(unet, scheduler, 0.1, Regulariser("spherical"))
     suite = objective(x0, noise, t, mask, generator=torch.Generator().manual_seed(3))["iso"]
     x_t = scheduler.add_noise(x0, noise, t)
-    library = Regulariser("spherical")(h_encoder(unet), x_t[mask], t[mask],
-                                       generator=torch.Generator().manual_seed(3))
+    library = Regulariser("spherical")(
+        h_encoder(unet), x_t[mask], t[mask], generator=torch.Generator().manual_seed(3)
+    )
     torch.testing.assert_close(library, suite)
     # and the functional form, with the same probes, is the same number
-    functional = isometry_loss(lambda x: h_encoder(unet)(x, t[mask]), x_t[mask],
-                               generator=torch.Generator().manual_seed(3))
+    functional = isometry_loss(
+        lambda x: h_encoder(unet)(x, t[mask]), x_t[mask], generator=torch.Generator().manual_seed(3)
+    )
     torch.testing.assert_close(functional, suite)
 
 
 def tiny_condition_unet() -> UNet2DConditionModel:
     torch.manual_seed(0)
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=12,
-        attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        norm_num_groups=8,
+        cross_attention_dim=12,
+        attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ).eval()
 
 
 def test_the_text_conditional_adapter_is_the_mid_block_output() -> None:
@@ -80,10 +92,16 @@ def test_the_text_conditional_adapter_is_the_mid_block_output() -> None:
     torch.testing.assert_close(h, seen[0], rtol=0, atol=0)
     # the text changes h, and L_iso of the conditional encoder trains the U-Net's weights
     assert not torch.allclose(h, h_encoder(unet)(x, t, encoder_hidden_states=-text))
-    loss = Regulariser("spherical")(h_encoder(unet), x, t, encoder_hidden_states=text,
-                                    generator=torch.Generator().manual_seed(5))
-    grads = torch.autograd.grad(loss, [p for p in unet.parameters() if p.requires_grad],
-                                allow_unused=True)
+    loss = Regulariser("spherical")(
+        h_encoder(unet),
+        x,
+        t,
+        encoder_hidden_states=text,
+        generator=torch.Generator().manual_seed(5),
+    )
+    grads = torch.autograd.grad(
+        loss, [p for p in unet.parameters() if p.requires_grad], allow_unused=True
+    )
     assert torch.isfinite(loss) and sum(g.abs().sum() for g in grads if g is not None) > 0
 
 
@@ -103,9 +121,13 @@ def _example(name: str):
     return module
 
 
-@pytest.mark.parametrize("name, extra", [
-    ("train_unconditional", ["--resolution", "16", "--batch-size", "4"]),
-    ("train_text_conditional", ["--batch-size", "4"])])
+@pytest.mark.parametrize(
+    "name, extra",
+    [
+        ("train_unconditional", ["--resolution", "16", "--batch-size", "4"]),
+        ("train_text_conditional", ["--batch-size", "4"]),
+    ],
+)
 def test_the_examples_train_with_the_regulariser(name: str, extra: list[str]) -> None:
     """Each example runs at toy size, and its L_iso term reaches the weights: the same
     seed with lambda_iso = 0 ends elsewhere."""
@@ -113,6 +135,8 @@ def test_the_examples_train_with_the_regulariser(name: str, extra: list[str]) ->
     args = ["--steps", "2", "--window", "0", *extra]
     with_iso = main([*args, "--lambda-iso", "1.0"])
     without = main([*args, "--lambda-iso", "0"])
-    moved = [not torch.equal(a, b) for a, b in zip(with_iso.parameters(), without.parameters(),
-                                                   strict=True)]
+    moved = [
+        not torch.equal(a, b)
+        for a, b in zip(with_iso.parameters(), without.parameters(), strict=True)
+    ]
     assert any(moved)

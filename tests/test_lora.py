@@ -26,8 +26,9 @@ def trained_adapter(model: torch.nn.Module) -> None:
                 p.normal_(0, 0.1, generator=gen(9))
 
 
-def check_only_adapters_get_gradient(model: torch.nn.Module, loss: torch.Tensor,
-                                     before_h: tuple[str, ...]) -> None:
+def check_only_adapters_get_gradient(
+    model: torch.nn.Module, loss: torch.Tensor, before_h: tuple[str, ...]
+) -> None:
     """After backward: no base weight has a gradient; every LoRA weight of the layers that
     run before h has a non-zero one, those after h (never run) have none."""
     loss.backward()
@@ -47,8 +48,9 @@ def test_lora_unet_trains_only_its_adapters() -> None:
     trained_adapter(unet)
     g = gen(1)
     x, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 12, generator=g)
-    loss = Regulariser("spherical")(h_encoder(unet), x, torch.tensor([600, 900]),
-                                    encoder_hidden_states=text, generator=gen(2))
+    loss = Regulariser("spherical")(
+        h_encoder(unet), x, torch.tensor([600, 900]), encoder_hidden_states=text, generator=gen(2)
+    )
     assert torch.isfinite(loss)
     check_only_adapters_get_gradient(unet, loss, ("down_blocks", "mid_block"))
 
@@ -59,8 +61,9 @@ def test_lora_dit_trains_only_its_adapters() -> None:
     trained_adapter(model)
     x, t, condition, _ = inputs("dit")
     loss = Regulariser("euclidean")(h_encoder(model), x, t, generator=gen(3), **condition)
-    check_only_adapters_get_gradient(model, loss, ("transformer_blocks.0.",
-                                                   "transformer_blocks.1."))
+    check_only_adapters_get_gradient(
+        model, loss, ("transformer_blocks.0.", "transformer_blocks.1.")
+    )
 
 
 def test_gradient_checkpointing_gives_the_same_gradient_under_higher_order_ad() -> None:
@@ -77,8 +80,9 @@ def test_gradient_checkpointing_gives_the_same_gradient_under_higher_order_ad() 
         trained_adapter(unet)
         if checkpointing:
             unet.enable_gradient_checkpointing()
-        loss = Regulariser("spherical")(h_encoder(unet), x, t, encoder_hidden_states=text,
-                                        generator=gen(8))
+        loss = Regulariser("spherical")(
+            h_encoder(unet), x, t, encoder_hidden_states=text, generator=gen(8)
+        )
         with higher_order_ad():
             grads.append(torch.autograd.grad(loss, params, allow_unused=True))
     for a, b in zip(*grads, strict=True):
@@ -112,14 +116,17 @@ def test_the_lora_example_fine_tunes_saves_and_reloads(tmp_path, monkeypatch) ->
     module = _example("train_lora")
     args = ["--steps", "2", "--batch-size", "2", "--window", "0", "--lr", "1e-2"]
     out = tmp_path / "lora"
-    with_iso = module.main([*args, "--lambda-iso", "1.0", "--output-dir", str(out),
-                            "--gradient-checkpointing"])
+    with_iso = module.main(
+        [*args, "--lambda-iso", "1.0", "--output-dir", str(out), "--gradient-checkpointing"]
+    )
     without = module.main([*args, "--lambda-iso", "0"])
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     base = module.base_unet(module.argparse.Namespace(pretrained=None, seed=0))
     frozen = {n: p for n, p in with_iso.named_parameters() if ".lora_" not in n}
-    assert all(torch.equal(p, dict(base.named_parameters())[n.replace(".base_layer", "")])
-               for n, p in frozen.items())
+    assert all(
+        torch.equal(p, dict(base.named_parameters())[n.replace(".base_layer", "")])
+        for n, p in frozen.items()
+    )
     lora_a, lora_b = lora_parameters(with_iso), lora_parameters(without)
     assert len(lora_a) and any(not torch.equal(lora_a[n], lora_b[n]) for n in lora_a)
     assert all(".lora_A." in n or ".lora_B." in n for n in lora_a)

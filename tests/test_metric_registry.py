@@ -14,23 +14,38 @@ from isodiff.evaluate import config
 from isodiff.evaluate.metrics import lower_is_better, registry
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "torchvision", "diffusers", "accelerate", "lpips", "cleanfid", "sklearn",
-         "scipy")
+HEAVY = ("torch", "torchvision", "diffusers", "accelerate", "lpips", "cleanfid", "sklearn", "scipy")
 
 
 def run_python(code: str) -> str:
     """stdout of `code` in a fresh interpreter (what a command sees at start-up)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout
 
 
 def test_the_registry_holds_every_metric_in_order() -> None:
-    assert list(registry()) == ["fid", "ppl", "rtl", "interp", "jacobian", "separability",
-                                "inversion", "quality", "liso", "linearity",
-                                "disentanglement"]
+    assert list(registry()) == [
+        "fid",
+        "ppl",
+        "rtl",
+        "interp",
+        "jacobian",
+        "separability",
+        "inversion",
+        "quality",
+        "liso",
+        "linearity",
+        "disentanglement",
+    ]
     fields = [f.name for f in dataclasses.fields(config.EvalConfig)]
     assert fields == ["name", *registry(), "grid_samples", "grid_steps"]
     for name, metric in registry().items():
@@ -38,15 +53,36 @@ def test_the_registry_holds_every_metric_in_order() -> None:
         assert all(config.metric_of(v) == name for v in metric.values)
     # versions as the modules set them (stored protocols carry them)
     assert {n: m.version for n, m in registry().items() if m.version > 1} == {
-        "ppl": 2, "interp": 3, "liso": 2}
+        "ppl": 2,
+        "interp": 3,
+        "liso": 2,
+    }
 
 
 def test_directions_come_from_the_declarations() -> None:
-    for value in ("fid", "ppl_stylegan", "ppl_stylegan_per_diversity", "mrtl", "mcn_t999",
-                  "ls_h", "mse", "lpips", "liso", "lin_h_mean_r2", "angle_h"):
+    for value in (
+        "fid",
+        "ppl_stylegan",
+        "ppl_stylegan_per_diversity",
+        "mrtl",
+        "mcn_t999",
+        "ls_h",
+        "mse",
+        "lpips",
+        "liso",
+        "lin_h_mean_r2",
+        "angle_h",
+    ):
         assert lower_is_better(value), value
-    for value in ("psnr", "confident_shape", "classes_shape", "dci_h_informativeness",
-                  "mig_h", "probe_lin_h", "ppl_stylegan_diversity"):
+    for value in (
+        "psnr",
+        "confident_shape",
+        "classes_shape",
+        "dci_h_informativeness",
+        "mig_h",
+        "probe_lin_h",
+        "ppl_stylegan_diversity",
+    ):
         assert not lower_is_better(value), value
 
 

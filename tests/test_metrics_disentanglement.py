@@ -77,19 +77,24 @@ def test_dci_from_importance_by_hand() -> None:
 
 def test_circular_factors_are_angles() -> None:
     turns = np.array([0.0, 0.25, 0.5, 0.75, 0.999])
-    np.testing.assert_allclose(encode_factor(turns, "circular"),
-                               [[1, 0], [0, 1], [-1, 0], [0, -1],
-                                [np.cos(2 * np.pi * 0.999), np.sin(2 * np.pi * 0.999)]],
-                               atol=1e-12)
-    np.testing.assert_allclose(angle_of(3.0 * encode_factor(turns, "circular")), turns,
-                               atol=1e-12)  # any length: only the direction is the angle
+    np.testing.assert_allclose(
+        encode_factor(turns, "circular"),
+        [[1, 0], [0, 1], [-1, 0], [0, -1], [np.cos(2 * np.pi * 0.999), np.sin(2 * np.pi * 0.999)]],
+        atol=1e-12,
+    )
+    np.testing.assert_allclose(
+        angle_of(3.0 * encode_factor(turns, "circular")), turns, atol=1e-12
+    )  # any length: only the direction is the angle
     # 0.95 and 0.05 are 0.1 turns apart across the wrap, and their mean is 0, not 0.5.
-    np.testing.assert_allclose(wrapped(np.array([0.05 - 0.95, 0.95 - 0.05, 0.5])),
-                               [0.1, -0.1, -0.5], atol=1e-12)
-    assert circular_mean(np.array([0.95, 0.05])) == pytest.approx(0.0, abs=1e-12) or \
-        circular_mean(np.array([0.95, 0.05])) == pytest.approx(1.0, abs=1e-12)
-    encodings, columns = encode(np.array([[2, 0.25, 0.7]]), ("categorical", "circular",
-                                                             "continuous"))
+    np.testing.assert_allclose(
+        wrapped(np.array([0.05 - 0.95, 0.95 - 0.05, 0.5])), [0.1, -0.1, -0.5], atol=1e-12
+    )
+    assert circular_mean(np.array([0.95, 0.05])) == pytest.approx(0.0, abs=1e-12) or circular_mean(
+        np.array([0.95, 0.05])
+    ) == pytest.approx(1.0, abs=1e-12)
+    encodings, columns = encode(
+        np.array([[2, 0.25, 0.7]]), ("categorical", "circular", "continuous")
+    )
     np.testing.assert_allclose(encodings, [[0, 0, 1, 0, 1, 0.7]], atol=1e-12)
     assert [(c.start, c.stop) for c in columns] == [(0, 3), (3, 5), (5, 6)]
     with pytest.raises(ValueError, match="kinds"):
@@ -101,8 +106,7 @@ def test_a_circular_factor_read_as_a_circle() -> None:
     scalar is capped. Read as (cos, sin), a code that holds hue's colour wheel is perfect."""
     rng = np.random.default_rng(0)
     hue = rng.uniform(size=N)
-    codes = np.concatenate([encode_factor(hue, "circular"), rng.normal(size=(N, 6)) * 0.1],
-                           axis=1)
+    codes = np.concatenate([encode_factor(hue, "circular"), rng.normal(size=(N, 6)) * 0.1], axis=1)
     circle = probes(codes, hue[:, None], ("circular",), ("hue",))
     line = probes(codes, hue[:, None], ("continuous",), ("hue",))
     assert circle["lin_hue"] > 0.95 and circle["lin_deg_hue"] < 5.0
@@ -112,8 +116,7 @@ def test_a_circular_factor_read_as_a_circle() -> None:
 def test_one_factor_has_no_disentanglement() -> None:
     rng = np.random.default_rng(0)
     digit = rng.integers(0, 10, N).astype(np.float64)
-    codes = np.concatenate([encode_factor(digit, "categorical"), rng.normal(size=(N, 20))],
-                           axis=1)
+    codes = np.concatenate([encode_factor(digit, "categorical"), rng.normal(size=(N, 20))], axis=1)
     result = dci(codes, digit[:, None], ("categorical",))
     assert "disentanglement" not in result
     assert result["informativeness"] == 1.0
@@ -135,10 +138,12 @@ def calibration() -> dict[str, dict[str, float]]:
         return readouts(codes, labels, KINDS, NAMES, "h", cfg)
 
     noise = planted_code(h, np.zeros((N, 0)), seed=2)  # the spectrum, no factor
-    return {"planted": readout(planted, factors),
-            "rotated": readout(random_rotation(planted, seed=3), factors),
-            "noise": readout(noise, factors),
-            "floor": permutation_floor(readout, noise, factors, permutations=3, seed=4)}
+    return {
+        "planted": readout(planted, factors),
+        "rotated": readout(random_rotation(planted, seed=3), factors),
+        "noise": readout(noise, factors),
+        "floor": permutation_floor(readout, noise, factors, permutations=3, seed=4),
+    }
 
 
 def test_the_planted_code_scores_at_the_ceiling(calibration: dict) -> None:
@@ -157,8 +162,9 @@ def test_the_planted_code_scores_at_the_ceiling(calibration: dict) -> None:
 def test_noise_scores_at_its_floor(calibration: dict) -> None:
     noise, floor = calibration["noise"], calibration["floor"]
     for key in ("dci_i_h", "mig_h", "probe_lin_h", "probe_knn_h", "probe_lin_h_size"):
-        assert within_floor(noise[key], floor[f"{key}_floor"],
-                            max(floor[f"{key}_floor_sd"], 0.02)), key
+        assert within_floor(
+            noise[key], floor[f"{key}_floor"], max(floor[f"{key}_floor_sd"], 0.02)
+        ), key
     assert noise["dci_i_h"] < 0.2 and noise["mig_h"] < 0.05 and noise["probe_lin_h"] < 0.2
     # ... and the ceiling is far outside that floor: each read-out separates the two.
     planted = calibration["planted"]
@@ -241,11 +247,18 @@ def test_mutual_information_matches_sklearn_and_is_fast() -> None:
 
 
 def test_config_checks() -> None:
-    for bad, key in [({"heldout_fraction": 1.0}, "heldout_fraction"), ({"n": 3}, "n=3"),
-                     ({"bins": 1}, "bins"), ({"h_pool": 0}, "h_pool"), ({"steps": 0}, "steps"),
-                     ({"cv_folds": 1}, "cv_folds"), ({"permutations": 0}, "permutations"),
-                     ({"swap_pairs": -1}, "swap_pairs"), ({"t_edit": 1001}, "t_edit"),
-                     ({"lasso_steps": 0}, "lasso_steps")]:
+    for bad, key in [
+        ({"heldout_fraction": 1.0}, "heldout_fraction"),
+        ({"n": 3}, "n=3"),
+        ({"bins": 1}, "bins"),
+        ({"h_pool": 0}, "h_pool"),
+        ({"steps": 0}, "steps"),
+        ({"cv_folds": 1}, "cv_folds"),
+        ({"permutations": 0}, "permutations"),
+        ({"swap_pairs": -1}, "swap_pairs"),
+        ({"t_edit": 1001}, "t_edit"),
+        ({"lasso_steps": 0}, "lasso_steps"),
+    ]:
         with pytest.raises(ConfigError, match=key):
             DisentanglementConfig(**bad)
 
@@ -253,13 +266,21 @@ def test_config_checks() -> None:
 def test_disentanglement_of_a_model(tmp_path: Path) -> None:
     ctx = tiny_context(tmp_path)
     result = evaluate(ctx, DisentanglementConfig(n=32, steps=2, permutations=2, swap_pairs=4))
-    readout = {f"{m}_{s}" for m in ("dci_d", "dci_c", "dci_i", "mig", "probe_lin", "probe_knn")
-               for s in ("h", "xT")}
-    readout |= {f"{m}_{s}_{name}" for m in ("mig", "probe_lin", "probe_knn", "probe_gap")
-                for s in ("h", "xT") for name in NAMES}
+    readout = {
+        f"{m}_{s}"
+        for m in ("dci_d", "dci_c", "dci_i", "mig", "probe_lin", "probe_knn")
+        for s in ("h", "xT")
+    }
+    readout |= {
+        f"{m}_{s}_{name}"
+        for m in ("mig", "probe_lin", "probe_knn", "probe_gap")
+        for s in ("h", "xT")
+        for name in NAMES
+    }
     readout |= {f"angle_{p}_{s}_hue" for p in ("lin", "knn") for s in ("h", "xT")}
-    companions = {f"{key}_{c}" for key in readout
-                  for c in ("floor", "floor_sd", "ceiling", "ceiling_rot")}
+    companions = {
+        f"{key}_{c}" for key in readout for c in ("floor", "floor_sd", "ceiling", "ceiling_rot")
+    }
     assert set(result.values) == readout | companions | {"pr_h", "pr_xT", "hswap_h"}
     assert all(np.isfinite(v) for v in result.values.values())
     assert all(0.0 <= v <= 1.0 for k, v in result.values.items() if k.startswith(("dci_", "mig_")))
@@ -274,8 +295,9 @@ def test_disentanglement_of_a_model(tmp_path: Path) -> None:
     test = ctx.dataset("test")
     images, factors = test.tensors
     ctx._datasets["test"] = FactorDataset(images, factors[:, :1], ("shape",), ("categorical",))
-    result = evaluate(ctx, DisentanglementConfig(n=16, steps=1, h_pool=2, permutations=1,
-                                                 swap_pairs=0))
+    result = evaluate(
+        ctx, DisentanglementConfig(n=16, steps=1, h_pool=2, permutations=1, swap_pairs=0)
+    )
     assert not any(k.startswith("dci_d") for k in result.values)
     assert {"dci_c_h", "dci_i_h", "probe_lin_h_shape", "probe_knn_xT"} <= set(result.values)
     assert "hswap_h" not in result.values

@@ -40,7 +40,8 @@ def test_frechet_distance_agrees_with_clean_fid() -> None:
     rng = np.random.default_rng(2)
     mu1, mu2, s1, s2 = rng.normal(size=32), rng.normal(size=32), _spd(rng, 32), _spd(rng, 32)
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(
-        cleanfid_frechet_distance(mu1, s1, mu2, s2), rel=1e-9)
+        cleanfid_frechet_distance(mu1, s1, mu2, s2), rel=1e-9
+    )
 
 
 def test_images_are_quantised_like_an_image_file() -> None:

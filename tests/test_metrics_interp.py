@@ -51,8 +51,9 @@ def test_uniform_motion_has_cv_0_at_any_speed() -> None:
     x0, x1 = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
     x1[1] *= 0.01  # a contracted path: slower, as uniform
     frames = path_points(x0, x1, 6, "lerp").reshape(2, 6, 1, 2, 2)
-    np.testing.assert_allclose(coefficient_of_variation(adjacent_distances(frames, _l2)), 0,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        coefficient_of_variation(adjacent_distances(frames, _l2)), 0, atol=1e-6
+    )
 
 
 def test_cv_is_scale_free_and_sees_a_jump() -> None:
@@ -69,9 +70,17 @@ def test_path_statistics_closed_form() -> None:
     d_lpips = np.array([[1.0, 2.0, 3.0], [3.0, 3.0, 3.0]])
     d_l2 = np.array([[0.0, 4.0], [1.0, 1.0]])
     got = path_statistics(d_lpips, d_l2)
-    want = {"istd": 1.0, "istd_std": math.sqrt(2), "istd_n": 2,
-            "pdv": 1 / 3, "pdv_std": (2 / 3) / math.sqrt(2), "pdv_n": 2,
-            "ppl": 7.5, "ppl_std": 3 / math.sqrt(2), "ppl_n": 2}
+    want = {
+        "istd": 1.0,
+        "istd_std": math.sqrt(2),
+        "istd_n": 2,
+        "pdv": 1 / 3,
+        "pdv_std": (2 / 3) / math.sqrt(2),
+        "pdv_n": 2,
+        "ppl": 7.5,
+        "ppl_std": 3 / math.sqrt(2),
+        "ppl_n": 2,
+    }
     assert got == pytest.approx(want)
 
 
@@ -99,20 +108,19 @@ def test_slerp_frames_keep_the_norm_and_lerp_frames_do_not() -> None:
 
 def test_interpolation_of_a_model(tmp_path: Path) -> None:
     ctx = tiny_context(tmp_path, batch_size=8)  # 8 // 5 frames: one pair a batch
-    result = evaluate(ctx, InterpConfig(pairs=5, frames=5, steps=2, net="alex",
-                                        keep_frames=4))
+    result = evaluate(ctx, InterpConfig(pairs=5, frames=5, steps=2, net="alex", keep_frames=4))
     for path in ("slerp", "lerp"):
         assert result.arrays[f"{path}_adjacent"].shape == (5, 4)
         assert result.values[f"{path}_max"] >= result.values[f"{path}_mean"] > 0
         d = result.arrays[f"{path}_adjacent"]
-        assert result.values[f"{path}_cv"] == pytest.approx(
-            np.mean(d.std(axis=1) / d.mean(axis=1)))
+        assert result.values[f"{path}_cv"] == pytest.approx(np.mean(d.std(axis=1) / d.mean(axis=1)))
         frames = result.arrays[f"{path}_frames"]  # the first 4 pairs, from 4 batches
         assert frames.shape == (4, 5, 3, 16, 16) and frames.dtype == np.uint8
         x0, x1, _ = ctx.endpoints([3])  # pair 3, sampled on its own
         again = ctx.ddim(2).sample(path_points(x0, x1, 5, path)).x
-        np.testing.assert_allclose(frames[3].astype(int), quantise(again).numpy().astype(int),
-                                   atol=1)
+        np.testing.assert_allclose(
+            frames[3].astype(int), quantise(again).numpy().astype(int), atol=1
+        )
     assert result.provenance["weights"] == "lpips-v0.1-alex/random-trunk"
     for path in ("slerp", "lerp"):  # the peers' statistics of the very frames measured
         d, d_l2 = result.arrays[f"{path}_adjacent"], result.arrays[f"{path}_adjacent_l2"]
@@ -121,14 +129,15 @@ def test_interpolation_of_a_model(tmp_path: Path) -> None:
         assert result.values[f"{path}_pdv"] == pytest.approx(d.var(axis=1).mean())
         assert result.values[f"{path}_ppl"] == pytest.approx(d.sum(axis=1).mean())
         assert result.values[f"{path}_ppl_n"] == 5
-        assert result.values[f"{path}_istd_std"] == pytest.approx(
-            d_l2.std(axis=1).std(ddof=1))
+        assert result.values[f"{path}_istd_std"] == pytest.approx(d_l2.std(axis=1).std(ddof=1))
     # frames in [-1, 1]: ISTD measures them in [0, 1] (recorded in the protocol)
     assert ISTD_PIXEL_SCALE == 0.5 and "[0, 1]" in result.protocol["path_statistics"]["istd"]
     assert result.protocol["path_statistics"] == PATH_STATISTICS
 
 
 def test_frames_kept_are_capped_by_the_pairs(tmp_path: Path) -> None:
-    result = evaluate(tiny_context(tmp_path, batch_size=8),
-                      InterpConfig(pairs=2, frames=3, steps=1, net="alex", paths=["slerp"]))
+    result = evaluate(
+        tiny_context(tmp_path, batch_size=8),
+        InterpConfig(pairs=2, frames=3, steps=1, net="alex", paths=["slerp"]),
+    )
     assert result.arrays["slerp_frames"].shape == (2, 3, 3, 16, 16)  # min(pairs, 4)

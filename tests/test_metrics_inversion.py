@@ -47,10 +47,12 @@ def test_inversion_reconstructs_where_inversion_is_exact(tmp_path: Path) -> None
 
 
 def test_inversion_of_a_random_model_is_lossy(tmp_path: Path) -> None:
-    result = evaluate(tiny_context(tmp_path, batch_size=2), InversionConfig(n=5, steps=4,
-                                                                           keep_images=3))
+    result = evaluate(
+        tiny_context(tmp_path, batch_size=2), InversionConfig(n=5, steps=4, keep_images=3)
+    )
     assert result.values["mse"] > 1e-4
     # the first 3 of 5 images, kept across batches of 2
-    assert result.arrays["sources"].shape == result.arrays["reconstructions"].shape == \
-        (3, 3, 16, 16)
+    assert (
+        result.arrays["sources"].shape == result.arrays["reconstructions"].shape == (3, 3, 16, 16)
+    )
     assert result.arrays["mse"].shape == (5,)

@@ -97,18 +97,24 @@ def test_ppl_of_a_model_does_not_depend_on_batch_size(tmp_path: Path) -> None:
     cfg = PPLConfig(n=8, steps=2, compat_batch=4)
     small = evaluate(tiny_context(tmp_path, batch_size=4), cfg)
     large = evaluate(tiny_context(tmp_path, batch_size=16), cfg)
-    assert set(small.values) == {f"ppl_{v}{suffix}" for v in ("stylegan", "isodiff_compat")
-                                 for suffix in ("", "_diversity", "_per_diversity")}
+    assert set(small.values) == {
+        f"ppl_{v}{suffix}"
+        for v in ("stylegan", "isodiff_compat")
+        for suffix in ("", "_diversity", "_per_diversity")
+    }
     assert small.arrays["d_stylegan"].shape == (8,)
     for v in ("stylegan", "isodiff_compat"):
         assert small.arrays[f"pairs_{v}"].shape == (4,)  # samples (0, 1), (2, 3), ...
         assert small.values[f"ppl_{v}_diversity"] == pytest.approx(
-            small.arrays[f"pairs_{v}"].mean())
+            small.arrays[f"pairs_{v}"].mean()
+        )
         assert small.values[f"ppl_{v}_per_diversity"] == pytest.approx(
-            small.values[f"ppl_{v}"] / small.values[f"ppl_{v}_diversity"])
+            small.values[f"ppl_{v}"] / small.values[f"ppl_{v}_diversity"]
+        )
         # the same pairs at every batch size (chunks start at even samples)
-        np.testing.assert_allclose(small.arrays[f"pairs_{v}"], large.arrays[f"pairs_{v}"],
-                                   rtol=1e-4)
+        np.testing.assert_allclose(
+            small.arrays[f"pairs_{v}"], large.arrays[f"pairs_{v}"], rtol=1e-4
+        )
     np.testing.assert_array_equal(small.arrays["w"], large.arrays["w"])
     # Inputs are bitwise equal (per-sample seeds); the CPU conv kernels oneDNN picks depend
     # on batch size and thread count (~1e-5 in the images), which 1/eps^2 amplifies.

@@ -48,7 +48,8 @@ def test_mrtl_of_a_model_and_batch_size_invariance(tmp_path: Path) -> None:
     large = evaluate(tiny_context(tmp_path, batch_size=16), cfg)
     assert small.arrays["rtl"].shape == (3, 3) and (small.arrays["rtl"] >= 1).all()
     assert small.values == pytest.approx(large.values, rel=1e-6)
-    only_T = evaluate(tiny_context(tmp_path), RTLConfig(pairs=3, segments=4, steps=3,
-                                                        timesteps="T"))
+    only_T = evaluate(
+        tiny_context(tmp_path), RTLConfig(pairs=3, segments=4, steps=3, timesteps="T")
+    )
     assert only_T.arrays["rtl"].shape == (3, 1)
     assert only_T.values["mrtl"] == pytest.approx(small.values["rtl_T"], rel=1e-5)

@@ -31,7 +31,8 @@ def test_conditional_entropy() -> None:
     assert conditional_entropy(y, y) == 0.0
     assert conditional_entropy(np.array([0, 1, 0, 1]), np.zeros(4)) == pytest.approx(math.log(2))
     assert conditional_entropy(np.array([0, 1, 0, 1]), np.array([0, 0, 1, 1])) == pytest.approx(
-        math.log(2))
+        math.log(2)
+    )
 
 
 def _halves(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -49,8 +50,9 @@ def test_linearly_separable_data_is_perfect() -> None:
 
 def test_unrelated_labels_are_not_separable() -> None:
     rng = np.random.default_rng(1)
-    result = linear_separability(rng.normal(size=(2000, 5)), rng.integers(0, 2, 2000),
-                                 _halves(2000))
+    result = linear_separability(
+        rng.normal(size=(2000, 5)), rng.integers(0, 2, 2000), _halves(2000)
+    )
     assert result["error"] > 0.4 and result["entropy"] > 0.6
 
 
@@ -87,14 +89,19 @@ def test_companions_are_the_mean_its_standard_error_and_the_floor() -> None:
     per_split = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
     null = np.array([[1.0, 3.0], [5.0, 7.0]])  # 2 permutations x 2 splits: statistics 2, 6
     values = with_companions("x", per_split, null)
-    assert values == pytest.approx({"x": 3.0, "x_se": math.sqrt(2.5 / 5),
-                                    "x_floor": 4.0, "x_floor_sd": math.sqrt(8.0)})
+    assert values == pytest.approx(
+        {"x": 3.0, "x_se": math.sqrt(2.5 / 5), "x_floor": 4.0, "x_floor_sd": math.sqrt(8.0)}
+    )
 
 
 def test_statistics_per_split() -> None:
     # 2 attributes x 3 splits of (error, entropy)
-    scores = np.stack([np.array([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]]),
-                       np.array([[0.3, 0.0], [0.1, 1.0], [0.2, 0.2]])])
+    scores = np.stack(
+        [
+            np.array([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]]),
+            np.array([[0.3, 0.0], [0.1, 1.0], [0.2, 0.2]]),
+        ]
+    )
     stats = per_split_statistics(scores, ["a", "b"], "h")
     np.testing.assert_allclose(stats["error_h_a"], [0.1, 0.3, 0.5])
     np.testing.assert_allclose(stats["error_h"], [0.2, 0.2, 0.35])
@@ -104,12 +111,17 @@ def test_statistics_per_split() -> None:
     assert stacked["ls_h"].shape == (2, 3)
 
 
-def _value_and_floor(features: np.ndarray, labels: np.ndarray, permutations: int = 10
-                     ) -> dict[str, float]:
+def _value_and_floor(
+    features: np.ndarray, labels: np.ndarray, permutations: int = 10
+) -> dict[str, float]:
     splits = random_splits(len(labels), 0.5, resamples=5, seed=0)
     scores = split_scores(features, labels, splits)[None]  # one attribute
-    null = np.stack([split_scores(features, y, splits)[None]
-                     for y in permuted_labels(labels, permutations, seed=0)])
+    null = np.stack(
+        [
+            split_scores(features, y, splits)[None]
+            for y in permuted_labels(labels, permutations, seed=0)
+        ]
+    )
     observed, permuted = (per_split_statistics(s, ["a"], "h") for s in (scores, null))
     return with_companions("error_h", observed["error_h"], permuted["error_h"])
 
@@ -186,8 +198,9 @@ def test_config_needs_two_resamples_and_permutations() -> None:
 
 def test_separability_of_a_model(tmp_path: Path) -> None:
     ctx = tiny_context(tmp_path)
-    cfg = SeparabilityConfig(n=24, steps=2, resamples=3, permutations=2,
-                             classifier=AttributeConfig(epochs=1, width=8))
+    cfg = SeparabilityConfig(
+        n=24, steps=2, resamples=3, permutations=2, classifier=AttributeConfig(epochs=1, width=8)
+    )
     result = evaluate(ctx, cfg)
     names = {"ls_h", "ls_x_T", "error_h", "error_x_T", "error_h_shape", "error_x_T_hue"}
     assert names <= set(result.values)
@@ -197,8 +210,9 @@ def test_separability_of_a_model(tmp_path: Path) -> None:
     assert result.values["ls_h"] >= 1.0 and result.values["ls_h_floor"] >= 1.0
     assert result.arrays["scores_h"].shape == (5, 3, 2)  # attributes x splits
     assert result.arrays["null_h"].shape == (2, 5, 3, 2)
-    np.testing.assert_allclose(result.values["error_h_shape"],
-                               result.arrays["scores_h"][0, :, 0].mean())
+    np.testing.assert_allclose(
+        result.values["error_h_shape"], result.arrays["scores_h"][0, :, 0].mean()
+    )
     assert evaluate(ctx, cfg).values == result.values  # seeded splits and permutations
     assert set(result.provenance["classifier_heldout"]) == {"shape", "hue", "size", "x", "y"}
     assert len(list(tmp_path.glob("attributes-shapes-*.pt"))) == 1

@@ -98,8 +98,7 @@ def test_ddpm_256_matches_the_paper_architecture(tmp_path) -> None:
     from isodiff.config import to_train_config
     from tests.conftest import compose_train
 
-    cfg = to_train_config(compose_train(
-        ["tier=paper", "init_from=/x", "data.root=/x"], tmp_path))
+    cfg = to_train_config(compose_train(["tier=paper", "init_from=/x", "data.root=/x"], tmp_path))
     unet = build_unet(cfg.model)
     assert sum(p.numel() for p in unet.parameters()) == 113_673_219
     with torch.no_grad():

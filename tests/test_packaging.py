@@ -33,17 +33,29 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheel, built from a copy of the checkout: setuptools writes build/ beside the
     sources, and a stale build/ there could put deleted files into the wheel."""
     source, out = tmp_path_factory.mktemp("src") / "isodiff", tmp_path_factory.mktemp("dist")
-    anywhere = shutil.ignore_patterns("*.egg-info", "__pycache__", ".pytest_cache",
-                                      ".ruff_cache")
+    anywhere = shutil.ignore_patterns("*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache")
     top = {".git", ".venv", "build", "dist", "runs", "results", "outputs", "multirun"}
 
     def ignore(folder: str, names: list[str]) -> set[str]:  # isodiff/runs/ is a package
         return set(anywhere(folder, names)) | (top & set(names) if Path(folder) == ROOT else set())
 
     shutil.copytree(ROOT, source, ignore=ignore)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", str(out), str(source)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(out),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return next(out.glob("isodiff-*.whl"))
 
 
@@ -55,8 +67,7 @@ def _closure(requirements: list[str], extras: tuple[str, ...] = ()) -> dict[str,
         text, active = todo.pop()
         req = Requirement(text)
         env = default_environment()
-        if req.marker and not any(req.marker.evaluate({**env, "extra": e})
-                                  for e in (*active, "")):
+        if req.marker and not any(req.marker.evaluate({**env, "extra": e}) for e in (*active, "")):
             continue
         name = re.sub(r"[-_.]+", "-", req.name).lower()
         if name in found:
@@ -80,14 +91,28 @@ def fresh_env(root: Path, dists: dict[str, md.Distribution]) -> Path:
 
 
 def install(python: Path, wheel: Path, spec: str = "") -> None:
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
-                    "--no-deps", "--no-index", f"{wheel}{spec}"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            f"{wheel}{spec}",
+        ],
+        check=True,
+        capture_output=True,
+    )
 
 
 def run(python: Path, code: str, cwd: Path) -> str:
-    return subprocess.run([str(python), "-c", code], cwd=cwd, capture_output=True, text=True,
-                          check=True).stdout
+    return subprocess.run(
+        [str(python), "-c", code], cwd=cwd, capture_output=True, text=True, check=True
+    ).stdout
 
 
 def declared(wheel: Path) -> list[str]:
@@ -97,8 +122,11 @@ def declared(wheel: Path) -> list[str]:
     with zipfile.ZipFile(wheel) as zf:
         meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
         text = zf.read(meta).decode()
-    return [line.split(":", 1)[1].strip() for line in text.splitlines()
-            if line.startswith("Requires-Dist:")]
+    return [
+        line.split(":", 1)[1].strip()
+        for line in text.splitlines()
+        if line.startswith("Requires-Dist:")
+    ]
 
 
 def test_the_core_wheel_needs_torch_alone(wheel: Path, tmp_path: Path) -> None:
@@ -106,7 +134,9 @@ def test_the_core_wheel_needs_torch_alone(wheel: Path, tmp_path: Path) -> None:
     assert [Requirement(r).name for r in core] == ["torch"]
     python = fresh_env(tmp_path / "env", _closure(core))
     install(python, wheel)
-    out = run(python, """
+    out = run(
+        python,
+        """
 import math, sys, torch
 from isodiff import Regulariser, isometry_loss
 torch.manual_seed(0)
@@ -119,32 +149,47 @@ try:
 except ModuleNotFoundError as err:
     print("suite absent:", err.name)
 print(sorted({m.split('.')[0] for m in sys.modules} & set(SUITE_ONLY)))
-""".replace("SUITE_ONLY", repr(SUITE_ONLY)), tmp_path)
+""".replace("SUITE_ONLY", repr(SUITE_ONLY)),
+        tmp_path,
+    )
     lines = out.split("\n")
     assert lines[0] == "True"  # the loss runs (a one-probe estimate: no bound holds per draw)
     assert lines[1].startswith("suite absent:")
     assert lines[-2] == "[]"
 
 
-def test_the_suite_wheel_trains_from_outside_the_repository(wheel: Path, tmp_path: Path
-                                                            ) -> None:
+def test_the_suite_wheel_trains_from_outside_the_repository(wheel: Path, tmp_path: Path) -> None:
     python = fresh_env(tmp_path / "env", _closure(declared(wheel), ("suite",)))
     install(python, wheel, "[suite]")
     bin_dir = python.parent
-    where = run(python, "import isodiff.config as c, isodiff.sweep.specs as s; print(c.CONF); "
-                        "print(s.EXPERIMENTS)", tmp_path).split()
+    where = run(
+        python,
+        "import isodiff.config as c, isodiff.sweep.specs as s; print(c.CONF); print(s.EXPERIMENTS)",
+        tmp_path,
+    ).split()
     assert all(Path(p).is_relative_to(tmp_path / "env") for p in where), where
-    train = subprocess.run([str(bin_dir / "isodiff-train"), "tier=smoke",
-                            f"run_root={tmp_path / 'runs'}", "train.progress=false"],
-                           cwd=tmp_path, capture_output=True, text=True)
+    train = subprocess.run(
+        [
+            str(bin_dir / "isodiff-train"),
+            "tier=smoke",
+            f"run_root={tmp_path / 'runs'}",
+            "train.progress=false",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert train.returncode == 0, train.stderr[-2000:]
     statuses = list((tmp_path / "runs" / "smoke").glob("*/*/status.json"))
     assert len(statuses) == 1 and '"done"' in statuses[0].read_text()
     # each console command answers --help: Hydra's lists the groups of the shipped conf/
-    expected = {"isodiff-evaluate": "eval: base, paper, quick, smoke",
-                "isodiff-sweep": "python -m isodiff.sweep",
-                "isodiff-tables": "python -m isodiff.analysis.tables"}
+    expected = {
+        "isodiff-evaluate": "eval: base, paper, quick, smoke",
+        "isodiff-sweep": "python -m isodiff.sweep",
+        "isodiff-tables": "python -m isodiff.analysis.tables",
+    }
     for command, text in expected.items():
-        done = subprocess.run([str(bin_dir / command), "--help"], cwd=tmp_path,
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [str(bin_dir / command), "--help"], cwd=tmp_path, capture_output=True, text=True
+        )
         assert done.returncode == 0 and text in done.stdout, (command, done.stderr[-500:])

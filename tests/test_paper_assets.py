@@ -38,8 +38,11 @@ def _command(name: str, root: Path) -> str:
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
-            if p.is_file() and p.name not in ("MANIFEST.json", ".verified.json")}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in folder.rglob("*")
+        if p.is_file() and p.name not in ("MANIFEST.json", ".verified.json")
+    }
 
 
 def _age(folder: Path, seconds: float = 3600) -> None:
@@ -57,9 +60,13 @@ def hub(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     def fake(repo_id: str, local_dir: str) -> str:
         calls.append(repo_id)
         torch.manual_seed(0)
-        UNet2DModel(sample_size=8, block_out_channels=(8, 16), norm_num_groups=8,
-                    down_block_types=("DownBlock2D", "DownBlock2D"),
-                    up_block_types=("UpBlock2D", "UpBlock2D")).save_pretrained(local_dir)
+        UNet2DModel(
+            sample_size=8,
+            block_out_channels=(8, 16),
+            norm_num_groups=8,
+            down_block_types=("DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D"),
+        ).save_pretrained(local_dir)
         return local_dir
 
     monkeypatch.setattr(pa, "snapshot_download", fake)
@@ -79,9 +86,13 @@ def test_checkpoint_is_fetched_with_a_manifest_and_loads(tmp_path: Path, hub: li
     pa.require([CKPT], tmp_path)
     unet = load_unet(str(path))
     torch.manual_seed(0)
-    expected = UNet2DModel(sample_size=8, block_out_channels=(8, 16), norm_num_groups=8,
-                           down_block_types=("DownBlock2D", "DownBlock2D"),
-                           up_block_types=("UpBlock2D", "UpBlock2D")).state_dict()
+    expected = UNet2DModel(
+        sample_size=8,
+        block_out_channels=(8, 16),
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    ).state_dict()
     for key, value in unet.state_dict().items():
         assert torch.equal(value, expected[key]), key
     pa.fetch(CKPT, tmp_path)  # verifies: nothing is downloaded again
@@ -89,7 +100,8 @@ def test_checkpoint_is_fetched_with_a_manifest_and_loads(tmp_path: Path, hub: li
 
 
 def test_a_corrupt_byte_is_caught_even_after_a_cached_verification(
-        tmp_path: Path, hub: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, hub: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = pa.fetch(CKPT, tmp_path)
     weights = path / "diffusion_pytorch_model.safetensors"
     pa.verify(CKPT, tmp_path)  # files this young are hashed but not stamped:
@@ -140,8 +152,9 @@ def test_missing_file_and_missing_manifest_are_named(tmp_path: Path, hub: list[s
     assert isinstance(err.value, UserError)
 
 
-def test_a_failed_download_leaves_no_manifest(tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_download_leaves_no_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def broken(repo_id: str, local_dir: str) -> str:
         (Path(local_dir) / "config.json").write_text("{}")
         raise ConnectionError("network down")
@@ -166,8 +179,14 @@ def cifar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[np.ndarray, 
     batches.mkdir(parents=True)
     for b in range(5):
         with open(batches / f"data_batch_{b + 1}", "wb") as f:
-            pickle.dump({b"data": data[3 * b:3 * b + 3], b"labels": [b] * 3,
-                         b"batch_label": b"training batch"}, f)
+            pickle.dump(
+                {
+                    b"data": data[3 * b : 3 * b + 3],
+                    b"labels": [b] * 3,
+                    b"batch_label": b"training batch",
+                },
+                f,
+            )
     calls: list[Path] = []
     monkeypatch.setattr(pa, "download_cifar10", lambda cache: calls.append(cache) or batches)
     return data, calls
@@ -185,8 +204,7 @@ def test_cifar10_pngs_hold_the_pickle_pixels(tmp_path: Path, cifar) -> None:
         assert image.mode == "RGB" and np.array_equal(np.asarray(image), expected)
 
 
-def test_fetch_is_idempotent_and_redoes_a_folder_without_manifest(tmp_path: Path,
-                                                                  cifar) -> None:
+def test_fetch_is_idempotent_and_redoes_a_folder_without_manifest(tmp_path: Path, cifar) -> None:
     _, calls = cifar
     folder = pa.fetch("cifar10", tmp_path)
     before = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
@@ -228,8 +246,10 @@ def lsun_db(tmp_path: Path) -> tuple[Path, list[bytes]]:
     """An lmdb like LSUN's: hex keys, encoded images as values (webp and jpeg)."""
     db = tmp_path / "src" / "church_outdoor_train_lmdb"
     db.mkdir(parents=True)
-    items = {hashlib.sha1(bytes([i])).hexdigest().encode(): _encoded(i, "WEBP" if i % 2 else
-                                                                      "JPEG") for i in range(5)}
+    items = {
+        hashlib.sha1(bytes([i])).hexdigest().encode(): _encoded(i, "WEBP" if i % 2 else "JPEG")
+        for i in range(5)
+    }
     env = lmdb.open(str(db), map_size=1 << 24)
     with env.begin(write=True) as txn:
         for key, value in items.items():
@@ -243,8 +263,9 @@ def _expected_lsun(values: list[bytes], per_folder: int) -> dict[str, bytes]:
     return {f"{i // per_folder:03d}/{i:07d}{suffix[v[:4]]}": v for i, v in enumerate(values)}
 
 
-def test_lsun_export_is_byte_identical(tmp_path: Path, lsun_db,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lsun_export_is_byte_identical(
+    tmp_path: Path, lsun_db, monkeypatch: pytest.MonkeyPatch
+) -> None:
     db, values = lsun_db
     monkeypatch.setattr(pa, "PER_FOLDER", 2)
     folder = pa.fetch("lsun_church256", tmp_path / "assets", lsun_source=db)
@@ -253,8 +274,9 @@ def test_lsun_export_is_byte_identical(tmp_path: Path, lsun_db,
     pa.verify("lsun_church256", tmp_path / "assets", full=True)
 
 
-def test_lsun_download_zip_and_limit(tmp_path: Path, lsun_db,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lsun_download_zip_and_limit(
+    tmp_path: Path, lsun_db, monkeypatch: pytest.MonkeyPatch
+) -> None:
     db, values = lsun_db
     archive = tmp_path / "bedroom_train_lmdb.zip"
     with zipfile.ZipFile(archive, "w") as z:
@@ -284,9 +306,10 @@ def test_lsun_download_zip_and_limit(tmp_path: Path, lsun_db,
 
 def test_celebahq_from_a_zip_is_256_in_name_order(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
-    sources = {name: rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
-               for name, side in [("10.png", 512), ("2.png", 64), ("0.png", 512),
-                                  ("1.png", 300)]}
+    sources = {
+        name: rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+        for name, side in [("10.png", 512), ("2.png", 64), ("0.png", 512), ("1.png", 300)]
+    }
     archive = tmp_path / "celeba-hq.zip"
     with zipfile.ZipFile(archive, "w") as z:
         for name, pixels in sources.items():  # stored out of order
@@ -317,8 +340,9 @@ def test_celebahq_from_a_folder(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- CLI
 
 
-def test_cli_verify_exit_codes(tmp_path: Path, hub: list[str],
-                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_verify_exit_codes(
+    tmp_path: Path, hub: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
     pa.fetch(CKPT, tmp_path)
     assert pa.main(["verify", CKPT, "--root", str(tmp_path)]) == 0
     assert capsys.readouterr().out.split()[:2] == ["ok", CKPT]
@@ -333,9 +357,20 @@ def test_cli_verify_exit_codes(tmp_path: Path, hub: list[str],
 
 
 def test_cli_celebahq_without_source_is_one_line_exit_2(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "isodiff.model.paper_assets", "fetch",
-                           "celebahq256", "--root", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "isodiff.model.paper_assets",
+            "fetch",
+            "celebahq256",
+            "--root",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "--celebahq-source" in done.stderr and "CelebAMask-HQ" in done.stderr
@@ -343,7 +378,8 @@ def test_cli_celebahq_without_source_is_one_line_exit_2(tmp_path: Path) -> None:
 
 
 def test_cli_fetch_all_stops_at_celebahq_before_any_download(
-        tmp_path: Path, hub: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, hub: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exit_:
         pa.main(["fetch", "--root", str(tmp_path)])
     assert exit_.value.code == 2 and hub == []

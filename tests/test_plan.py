@@ -44,8 +44,9 @@ def _spec(tmp_path: Path, key: str = "lambda_iso", values: str = "[0, 0.1]") -> 
 
 
 def test_folders_are_named_by_the_keys_the_spec_varies(tmp_path: Path) -> None:
-    plans, bases, root = sweep.compile_plans([load_spec("table_1")], "quick",
-                                             [f"run_root={tmp_path}"])
+    plans, bases, root = sweep.compile_plans(
+        [load_spec("table_1")], "quick", [f"run_root={tmp_path}"]
+    )
     (table_1,) = plans
     folders = [job.folder for job in table_1.finetunes()]
     assert len(folders) == 20 and len(set(folders)) == 20
@@ -61,19 +62,24 @@ def test_folders_are_named_by_the_keys_the_spec_varies(tmp_path: Path) -> None:
 
 def test_a_job_shared_by_two_tables_has_one_folder(tmp_path: Path) -> None:
     """Table 1's lambda_iso = 0.1 spherical job is also Table 4's: one folder, trained once."""
-    plans, _, _ = sweep.compile_plans([load_spec("table_1"), load_spec("table_4")], "quick",
-                                      [f"run_root={tmp_path}"])
+    plans, _, _ = sweep.compile_plans(
+        [load_spec("table_1"), load_spec("table_4")], "quick", [f"run_root={tmp_path}"]
+    )
     table_1, table_4 = ({j.folder for j in p.finetunes()} for p in plans)
-    shared = {f for f in table_1 if "lambda_iso=0.1,seed=0,train.steps=600-" in f
-              and f.startswith("shapes/")}
+    shared = {
+        f
+        for f in table_1
+        if "lambda_iso=0.1,seed=0,train.steps=600-" in f and f.startswith("shapes/")
+    }
     assert len(shared) == 1 and shared <= table_4
 
 
 def test_a_sweep_launches_only_the_datasets_it_names(tmp_path: Path) -> None:
     """`make reproduce` sweeps shapes only: the plan keeps mnist's jobs (the tables list them
     as not run); a dataset the specs do not have is refused by name."""
-    plans, _, _ = sweep.compile_plans([load_spec("table_1"), load_spec("table_5")], "quick",
-                                      [f"run_root={tmp_path}"])
+    plans, _, _ = sweep.compile_plans(
+        [load_spec("table_1"), load_spec("table_5")], "quick", [f"run_root={tmp_path}"]
+    )
     assert {j.dataset for p in plans for j in p.finetunes()} == {"shapes", "mnist"}
     assert sweep.launched_datasets(plans, None) == ["shapes", "mnist"]
     assert sweep.launched_datasets(plans, ["shapes"]) == ["shapes"]
@@ -82,22 +88,29 @@ def test_a_sweep_launches_only_the_datasets_it_names(tmp_path: Path) -> None:
 
 
 def test_plan_prints_and_launches_nothing(tmp_path: Path) -> None:
-    result = run_cli("isodiff.sweep", str(_spec(tmp_path)), "tier=smoke",
-                     f"run_root={tmp_path}/runs", "--plan")
+    result = run_cli(
+        "isodiff.sweep", str(_spec(tmp_path)), "tier=smoke", f"run_root={tmp_path}/runs", "--plan"
+    )
     assert result.returncode == 0, result.stderr
     assert "base     base/data.name=shapes-" in result.stdout
-    assert "finetune shapes/iso.metric=spherical,iso.window=0.5,lambda_iso=0.1,seed=0," \
+    assert (
+        "finetune shapes/iso.metric=spherical,iso.window=0.5,lambda_iso=0.1,seed=0,"
         in result.stdout
+    )
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize(("key", "values", "named"), [
-    ("iso.windw", "[0.5]", "iso.windw"),  # a misspelt key
-    ("optim.lr_schedule", "[cosin]", "optim.lr_schedule"),  # a bad enum value
-    ("lambda_iso", "[-1]", "lambda_iso"),  # out of range
-])
-def test_a_bad_spec_stops_before_anything_runs(key: str, values: str, named: str,
-                                               tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("key", "values", "named"),
+    [
+        ("iso.windw", "[0.5]", "iso.windw"),  # a misspelt key
+        ("optim.lr_schedule", "[cosin]", "optim.lr_schedule"),  # a bad enum value
+        ("lambda_iso", "[-1]", "lambda_iso"),  # out of range
+    ],
+)
+def test_a_bad_spec_stops_before_anything_runs(
+    key: str, values: str, named: str, tmp_path: Path
+) -> None:
     spec = _spec(tmp_path, key, values)
     with pytest.raises(ConfigError, match=named):
         sweep.compile_plans([load_spec(spec)], "smoke", [f"run_root={tmp_path}/runs"])
@@ -204,8 +217,9 @@ def test_rank_counts_slurm_tasks_before_torch_knows_of_them() -> None:
 def test_the_length_curve_reuses_table_1s_runs_at_the_recipes_length(tmp_path: Path) -> None:
     """finetune_length varies train.steps; its jobs at the recipe's 600 steps are Table 1's
     seed-0 jobs (one folder each), so the curve costs only its other lengths."""
-    plans, _, _ = sweep.compile_plans([load_spec("table_1"), load_spec("finetune_length")],
-                                      "quick", [f"run_root={tmp_path}"])
+    plans, _, _ = sweep.compile_plans(
+        [load_spec("table_1"), load_spec("finetune_length")], "quick", [f"run_root={tmp_path}"]
+    )
     table_1, curve = ({j.folder for j in p.finetunes()} for p in plans)
     assert len(curve) == 16
     assert sorted(f.split("/")[0] for f in table_1 & curve) == ["mnist"] * 2 + ["shapes"] * 2

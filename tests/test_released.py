@@ -29,18 +29,38 @@ register_schemas()
 def save_model(folder: Path, seed: int = 0) -> Path:
     """A tiny diffusers UNet2DModel (16 px RGB), saved as a release would be."""
     torch.manual_seed(seed)
-    UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32),
-                down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                up_block_types=("AttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
-                norm_num_groups=8, attention_head_dim=8).save_pretrained(folder)
+    UNet2DModel(
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+        attention_head_dim=8,
+    ).save_pretrained(folder)
     return folder
 
 
 def released_config(model: Path | str, run_root: Path, *extra: str) -> EvaluateConfig:
-    return to_evaluate_config(compose("evaluate", [
-        f"released={model}", "data=shapes", "data.resolution=16", "data.size=64",
-        "eval=smoke", f"run_root={run_root}", "progress=false", "device=cpu",
-        "batch_size=16", *extra]))
+    return to_evaluate_config(
+        compose(
+            "evaluate",
+            [
+                f"released={model}",
+                "data=shapes",
+                "data.resolution=16",
+                "data.size=64",
+                "eval=smoke",
+                f"run_root={run_root}",
+                "progress=false",
+                "device=cpu",
+                "batch_size=16",
+                *extra,
+            ],
+        )
+    )
 
 
 def evaluate_released(cfg: EvaluateConfig) -> tuple[Path, dict]:
@@ -51,7 +71,8 @@ def evaluate_released(cfg: EvaluateConfig) -> tuple[Path, dict]:
 
 @pytest.mark.slow
 def test_a_released_model_is_evaluated_once_wherever_it_lies(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     model, runs = save_model(tmp_path / "elsewhere" / "my-ddpm"), tmp_path / "runs"
     folder, record = evaluate_released(released_config(model, runs))
     assert folder.parent == runs / "smoke" / EXPERIMENT
@@ -59,8 +80,10 @@ def test_a_released_model_is_evaluated_once_wherever_it_lies(
     assert not list(folder.rglob("*.safetensors"))  # the weights were not copied
     status = read_status(folder)
     assert status["state"] == "done" and status["released"]["source"] == str(model.resolve())
-    assert set(status["weights"]) == {"unet/config.json",
-                                      "unet/diffusion_pytorch_model.safetensors"}
+    assert set(status["weights"]) == {
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+    }
     assert status["released"]["schedule"].startswith("conf/diffusion/ddpm.yaml")
     values = {k: v for entry in record["metrics"].values() for k, v in entry["values"].items()}
     assert len(record["metrics"]) >= 8 and not record.get("failed")
@@ -110,14 +133,18 @@ def test_identity_is_the_files_not_the_path(tmp_path: Path) -> None:
     assert len(digests) == 2
 
     # the same folder measured from files that no longer match its record
-    shutil.copy(changed / "diffusion_pytorch_model.safetensors",
-                tmp_path / "copy" / "diffusion_pytorch_model.safetensors")
+    shutil.copy(
+        changed / "diffusion_pytorch_model.safetensors",
+        tmp_path / "copy" / "diffusion_pytorch_model.safetensors",
+    )
     cfg = released_config(tmp_path / "copy", runs, "metrics=[liso]")
     cfg.run = str(first)  # (prepare would give the changed model its own folder)
     with pytest.raises(ConfigError, match="sha256 differs"):
         evaluate_run(cfg)
-    assert not (first / "metrics.json").exists() or \
-        "liso" not in json.loads((first / "metrics.json").read_text())["metrics"]
+    assert (
+        not (first / "metrics.json").exists()
+        or "liso" not in json.loads((first / "metrics.json").read_text())["metrics"]
+    )
 
 
 def test_a_pipeline_folder_and_its_schedule(tmp_path: Path) -> None:
@@ -126,12 +153,15 @@ def test_a_pipeline_folder_and_its_schedule(tmp_path: Path) -> None:
     pipeline = tmp_path / "pipe"
     save_model(pipeline / "unet")
     DDPMScheduler(beta_start=2e-4, beta_end=0.03, clip_sample=False).save_pretrained(
-        pipeline / "scheduler")
+        pipeline / "scheduler"
+    )
     folder = prepare(released_config(pipeline, tmp_path / "runs"))
     assert folder.name.startswith("pipe-")
     status = read_status(folder)
-    assert set(status["weights"]) == {"unet/config.json",
-                                      "unet/diffusion_pytorch_model.safetensors"}
+    assert set(status["weights"]) == {
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+    }
     assert status["released"]["schedule"] == "scheduler/scheduler_config.json"
     config = (folder / "config.yaml").read_text()
     assert "beta_end: 0.03" in config and "clip_sample: false" in config
@@ -153,20 +183,36 @@ def test_released_user_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no diffusers U-Net"):
         prepare(released_config(tmp_path, tmp_path / "runs"))
     with pytest.raises(ConfigError, match="pass released_tier="):
-        to_evaluate_config(compose("evaluate", [f"released={tmp_path}", "data=shapes",
-                                                "eval=base"]))
-    cfg = to_evaluate_config(compose("evaluate", [f"released={tmp_path}", "data=shapes",
-                                                  "eval=base", "released_tier=quick",
-                                                  "released_name=mine"]))
+        to_evaluate_config(
+            compose("evaluate", [f"released={tmp_path}", "data=shapes", "eval=base"])
+        )
+    cfg = to_evaluate_config(
+        compose(
+            "evaluate",
+            [
+                f"released={tmp_path}",
+                "data=shapes",
+                "eval=base",
+                "released_tier=quick",
+                "released_name=mine",
+            ],
+        )
+    )
     assert (cfg.released_tier, cfg.released_name) == ("quick", "mine")
     with pytest.raises(ConfigError, match="released_name"):
-        to_evaluate_config(compose("evaluate", [f"released={tmp_path}", "data=shapes",
-                                                "released_name=a/b"]))
+        to_evaluate_config(
+            compose("evaluate", [f"released={tmp_path}", "data=shapes", "released_name=a/b"])
+        )
 
 
 def test_the_command_says_what_to_fix(tmp_path: Path) -> None:
-    result = run_cli("isodiff.evaluate", f"released={tmp_path / 'absent'}", "data=shapes",
-                     "eval=smoke", f"run_root={tmp_path / 'runs'}")
+    result = run_cli(
+        "isodiff.evaluate",
+        f"released={tmp_path / 'absent'}",
+        "data=shapes",
+        "eval=smoke",
+        f"run_root={tmp_path / 'runs'}",
+    )
     assert result.returncode == 2, result.stderr
     assert "no such folder" in result.stderr + result.stdout
     assert not (tmp_path / "runs").exists()
@@ -196,14 +242,25 @@ def _measured(model: Path, runs: Path, tier: str, fid: float) -> Path:
     """The released model's folder at `tier` with a stored fid (as an evaluation leaves)."""
     folder = prepare(released_config(model, runs, f"released_tier={tier}"))
     digest = read_status(folder)["released"]["sha256"]
-    (folder / "metrics.json").write_text(json.dumps({"run": str(folder), "metrics": {
-        "fid": {"values": {"fid": fid}, "protocol": {"weights": "unet",
-                                                     "weights_sha256": digest}}}}))
+    (folder / "metrics.json").write_text(
+        json.dumps(
+            {
+                "run": str(folder),
+                "metrics": {
+                    "fid": {
+                        "values": {"fid": fid},
+                        "protocol": {"weights": "unet", "weights_sha256": digest},
+                    }
+                },
+            }
+        )
+    )
     return folder
 
 
-def test_a_spec_lists_released_models_as_rows(tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_spec_lists_released_models_as_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A spec's `released:` rows: the table shows an evaluated one beside the runs (found by
     its files' sha256), and says what is missing of the others (the command to evaluate
     it, or the model not found); the sweep evaluates them with released=."""
@@ -215,14 +272,17 @@ def test_a_spec_lists_released_models_as_rows(tmp_path: Path,
     model, later = save_model(tmp_path / "ddpm"), save_model(tmp_path / "later", seed=1)
     text = (Path(__file__).parents[1] / "experiments" / "table_1.yaml").read_text()
     spec_file = tmp_path / "table_1.yaml"
-    spec_file.write_text(text + f"""
+    spec_file.write_text(
+        text
+        + f"""
 released:
   - {{label: released DDPM, model: {model}, dataset: shapes,
      data: [data=shapes, data.resolution=16, data.size=64]}}
   - {{label: not yet, model: {later}, dataset: shapes}}
-  - {{label: gone, model: {tmp_path / 'gone'}, dataset: shapes}}
+  - {{label: gone, model: {tmp_path / "gone"}, dataset: shapes}}
   - {{label: other data, model: {model}, dataset: cifar}}
-""")
+"""
+    )
     spec = load_spec(spec_file)
     assert [r.label for r in spec.released_for("quick")] == ["released DDPM", "not yet", "gone"]
     write_runs(tmp_path, spec, "quick")
@@ -243,6 +303,11 @@ released:
     monkeypatch.setattr(sweep, "_multirun", lambda module, args: calls.append([module, *args]))
     states = sweep.released_stage(spec, "quick", tmp_path / "quick", ["shapes"], "quick", [])
     assert states == ["done", "not evaluated", "not evaluated"]
-    assert calls[0][:5] == ["isodiff.evaluate", f"released='{model}'", "data=shapes",
-                            "data.resolution=16", "data.size=64"]
+    assert calls[0][:5] == [
+        "isodiff.evaluate",
+        f"released='{model}'",
+        "data=shapes",
+        "data.resolution=16",
+        "data.size=64",
+    ]
     assert "released_tier=quick" in calls[0] and calls[1][2] == "data=shapes"

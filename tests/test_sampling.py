@@ -49,13 +49,17 @@ def test_ddim_step_matches_diffusers_schedulers(steps: int, clip: bool) -> None:
     x, eps = 3 * torch.randn(2, *SHAPE, generator=g), torch.randn(2, *SHAPE, generator=g)
     for k, t in enumerate(schedule.timesteps):
         a, a_prev = float(schedule.alpha_bar[k]), float(schedule.alpha_bar_prev[k])
-        x0 = (x - (1 - a) ** 0.5 * eps) / a ** 0.5
+        x0 = (x - (1 - a) ** 0.5 * eps) / a**0.5
         assert x0.abs().max() > 1.5  # the clip acts on this case
-        torch.testing.assert_close(ddim_step(x, eps, a, a_prev, clip=clip),
-                                   forward.step(eps, t, x, eta=0.0).prev_sample,
-                                   atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(ddim_step(x, eps, a_prev, a),
-                                   inverse.step(eps, t, x).prev_sample, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            ddim_step(x, eps, a, a_prev, clip=clip),
+            forward.step(eps, t, x, eta=0.0).prev_sample,
+            atol=1e-5,
+            rtol=1e-5,
+        )
+        torch.testing.assert_close(
+            ddim_step(x, eps, a_prev, a), inverse.step(eps, t, x).prev_sample, atol=1e-5, rtol=1e-5
+        )
 
 
 def test_sample_and_invert_match_diffusers_loops(unet: HUNet) -> None:
@@ -65,11 +69,13 @@ def test_sample_and_invert_match_diffusers_loops(unet: HUNet) -> None:
     forward, inverse = build_ddim(CFG), _inverse(CFG)
     forward.set_timesteps(5)
     inverse.set_timesteps(5)
-    torch.testing.assert_close(ddim.sample(x_T).x, _diffusers_loop(unet, forward, x_T),
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        ddim.sample(x_T).x, _diffusers_loop(unet, forward, x_T), atol=1e-4, rtol=1e-4
+    )
     x_0 = torch.rand(3, *SHAPE, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    torch.testing.assert_close(ddim.invert(x_0).x, _diffusers_loop(unet, inverse, x_0),
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        ddim.invert(x_0).x, _diffusers_loop(unet, inverse, x_0), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_inversion_is_exact_when_eps_does_not_depend_on_x() -> None:
@@ -117,10 +123,12 @@ def test_h_edit_follows_asyrps_asymmetric_process(unet: HUNet) -> None:
     plain = ddim.sample(x_T, return_h=True)
     # Replacing h by the run's own h, or offsetting by 0, changes nothing (up to rounding:
     # the replaced h is a copy with another memory layout).
-    torch.testing.assert_close(ddim.sample(x_T, edit=HEdit(replace=plain.h)).x, plain.x,
-                               atol=1e-4, rtol=1e-4)
-    assert torch.equal(ddim.sample(x_T, edit=HEdit(offset=torch.zeros(1, plain.h.shape[2]))).x,
-                       plain.x)
+    torch.testing.assert_close(
+        ddim.sample(x_T, edit=HEdit(replace=plain.h)).x, plain.x, atol=1e-4, rtol=1e-4
+    )
+    assert torch.equal(
+        ddim.sample(x_T, edit=HEdit(offset=torch.zeros(1, plain.h.shape[2]))).x, plain.x
+    )
     offset = torch.randn(1, plain.h.shape[2], generator=torch.Generator().manual_seed(2))
     # An edit window past the first timestep leaves the sample unedited.
     assert torch.equal(ddim.sample(x_T, edit=HEdit(offset=offset, t_edit=1000)).x, plain.x)
@@ -132,8 +140,8 @@ def test_h_edit_follows_asyrps_asymmetric_process(unet: HUNet) -> None:
         eps = unet.decode(h, skips, emb, ts)
         eps_edit = unet.decode(h + offset.reshape(1, *h.shape[1:]), skips, emb, ts)
     a, a_prev = float(one.schedule.alpha_bar[0]), float(one.schedule.alpha_bar_prev[0])
-    x0_edit = ((x_T - (1 - a) ** 0.5 * eps_edit) / a ** 0.5).clamp(-1, 1)  # clip_sample
-    expected = a_prev ** 0.5 * x0_edit + (1 - a_prev) ** 0.5 * eps
+    x0_edit = ((x_T - (1 - a) ** 0.5 * eps_edit) / a**0.5).clamp(-1, 1)  # clip_sample
+    expected = a_prev**0.5 * x0_edit + (1 - a_prev) ** 0.5 * eps
     torch.testing.assert_close(one.sample(x_T, edit=HEdit(offset=offset)).x, expected)
     assert not torch.allclose(one.sample(x_T, edit=HEdit(offset=offset)).x, one.sample(x_T).x)
 
@@ -154,8 +162,14 @@ def test_generated_samples_are_shared_between_metrics(tmp_path) -> None:
     assert ctx.ddim(3).trajectories == ran + 6
     assert torch.equal(ctx.generated(3, range(1, 5)), direct[1:5])
     assert ctx.ddim(3).trajectories == ran + 6  # all from the cache
-    small = EvalContext(tiny_unet(), ctx.diffusion, ctx.data, refs_dir=tmp_path,
-                        batch_size=4, cache_bytes=direct[0].nbytes)  # room for one image
+    small = EvalContext(
+        tiny_unet(),
+        ctx.diffusion,
+        ctx.data,
+        refs_dir=tmp_path,
+        batch_size=4,
+        cache_bytes=direct[0].nbytes,
+    )  # room for one image
     assert torch.equal(small.generated(3, range(6)), direct)  # same batches as `direct`
     # batches of other sizes: oneDNN's kernels may differ in the last bits
     torch.testing.assert_close(small.generated(3, range(6)), direct, rtol=0, atol=1e-4)

@@ -60,13 +60,17 @@ def slurm() -> dict[str, int]:
         _skip(f"no SLURM cluster answers (sinfo: {last}): {hint}")
     rows = [line.split() for line in out.stdout.splitlines() if line.strip()]
     if not rows:
-        _skip(f"no partition {PARTITION!r} on this cluster: these tests need the "
-              "cluster of tools/slurm-local.sh")
+        _skip(
+            f"no partition {PARTITION!r} on this cluster: these tests need the "
+            "cluster of tools/slurm-local.sh"
+        )
     # submitit learns job states only from sacct: without accounting it would hang.
     acct = _cmd("sacct", "-n", "-X", "-S", "now")
     if acct.returncode != 0:
-        pytest.fail(f"SLURM answers but sacct fails ({acct.stderr.strip()}): submitit needs "
-                    "accounting (slurmdbd); tools/slurm-local.sh sets it up")
+        pytest.fail(
+            f"SLURM answers but sacct fails ({acct.stderr.strip()}): submitit needs "
+            "accounting (slurmdbd); tools/slurm-local.sh sets it up"
+        )
     return {"cpus": max(int(r[2]) for r in rows)}
 
 
@@ -96,8 +100,9 @@ def _cancel_leftovers(folder: Path, grace: float = 15) -> None:
 def executor(slurm: dict[str, int], tmp_path: Path) -> Iterator[submitit.AutoExecutor]:
     folder = tmp_path / "submitit"
     ex = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
-    ex.update_parameters(slurm_partition=PARTITION, tasks_per_node=1, cpus_per_task=1,
-                         mem_gb=1, timeout_min=5)
+    ex.update_parameters(
+        slurm_partition=PARTITION, tasks_per_node=1, cpus_per_task=1, mem_gb=1, timeout_min=5
+    )
     yield ex
     _cancel_leftovers(folder)
 
@@ -113,6 +118,7 @@ def _wait_for(what: str, get: Callable[[], T | None], timeout: float, every: flo
 
 
 # -- submitit on its own --------------------------------------------------------------------
+
 
 def test_submitit_job_returns_its_result(executor: submitit.AutoExecutor) -> None:
     job = executor.submit(distributed.first_host, "gpu[003-004]")
@@ -135,17 +141,20 @@ def test_job_that_raises_is_reported(executor: submitit.AutoExecutor) -> None:
         job.result()
 
 
-def test_impossible_request_fails_at_submission(executor: submitit.AutoExecutor,
-                                                slurm: dict[str, int]) -> None:
+def test_impossible_request_fails_at_submission(
+    executor: submitit.AutoExecutor, slurm: dict[str, int]
+) -> None:
     executor.update_parameters(cpus_per_task=slurm["cpus"] * 32)
     tic = time.monotonic()
-    with pytest.raises(submitit.core.utils.FailedJobError,
-                       match="More processors requested than permitted"):
+    with pytest.raises(
+        submitit.core.utils.FailedJobError, match="More processors requested than permitted"
+    ):
         executor.submit(distributed.first_host, "vm")
     assert time.monotonic() - tic < 10
 
 
 # -- python -m isodiff.train -m ... cluster=slurm_local -----------------------------------
+
 
 def _sweep_dir(run_root: Path) -> Path:
     return run_root / "smoke" / "default"
@@ -174,20 +183,25 @@ def _statuses(run_root: Path) -> dict[float, dict]:
 
 def _snapshot(run_root: Path) -> dict[str, tuple[int, int]]:
     """(mtime, size) of every file in every job folder."""
-    return {str(p.relative_to(run_root)): (p.stat().st_mtime_ns, p.stat().st_size)
-            for status in _sweep_dir(run_root).glob("*/status.json")
-            for p in status.parent.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(run_root)): (p.stat().st_mtime_ns, p.stat().st_size)
+        for status in _sweep_dir(run_root).glob("*/status.json")
+        for p in status.parent.rglob("*")
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
-def smoke_sweep(slurm: dict[str, int], tmp_path_factory: pytest.TempPathFactory
-                ) -> tuple[Path, subprocess.CompletedProcess]:
+def smoke_sweep(
+    slurm: dict[str, int], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, subprocess.CompletedProcess]:
     run_root = tmp_path_factory.mktemp("sweep") / "runs"
     return run_root, _sweep(run_root, "lambda_iso=0,1e-4")
 
 
 def test_sweep_is_one_job_array_and_both_jobs_end_done(
-        smoke_sweep: tuple[Path, subprocess.CompletedProcess]) -> None:
+    smoke_sweep: tuple[Path, subprocess.CompletedProcess],
+) -> None:
     run_root, proc = smoke_sweep
     assert proc.returncode == 0, proc.stderr[-3000:]
     statuses = _statuses(run_root)
@@ -201,8 +215,7 @@ def test_sweep_is_one_job_array_and_both_jobs_end_done(
     assert set(states.values()) == {"COMPLETED"} and len(states) == 2, acct.stdout
 
 
-def test_sweep_again_trains_nothing(
-        smoke_sweep: tuple[Path, subprocess.CompletedProcess]) -> None:
+def test_sweep_again_trains_nothing(smoke_sweep: tuple[Path, subprocess.CompletedProcess]) -> None:
     run_root, _ = smoke_sweep
     before = _snapshot(run_root)
     assert any(k.endswith("status.json") for k in before)
@@ -212,8 +225,9 @@ def test_sweep_again_trains_nothing(
     assert all(s["attempts"] == 1 for s in _statuses(run_root).values())
 
 
-def test_job_that_raises_ends_failed_while_the_other_finishes(slurm: dict[str, int],
-                                                              tmp_path: Path) -> None:
+def test_job_that_raises_ends_failed_while_the_other_finishes(
+    slurm: dict[str, int], tmp_path: Path
+) -> None:
     # lambda_iso=inf passes validation and makes the loss non-finite at run time.
     _sweep(tmp_path, "lambda_iso=0,inf")
     statuses = _statuses(tmp_path)
@@ -226,8 +240,13 @@ def test_job_that_raises_ends_failed_while_the_other_finishes(slurm: dict[str, i
 
 def test_two_task_job_trains_as_one_group(slurm: dict[str, int], tmp_path: Path) -> None:
     """tasks_per_node=2 (the multi-GPU layout, on CPU): one job, two ranks, one gloo group."""
-    proc = _sweep(tmp_path, "lambda_iso=0", "hydra.launcher.tasks_per_node=2", "train.steps=4",
-                  "train.checkpoint_every=2")
+    proc = _sweep(
+        tmp_path,
+        "lambda_iso=0",
+        "hydra.launcher.tasks_per_node=2",
+        "train.steps=4",
+        "train.checkpoint_every=2",
+    )
     run_dirs = [p.parent for p in _sweep_dir(tmp_path).glob("*/status.json")]
     assert len(run_dirs) == 1, (run_dirs, proc.stderr[-3000:])
     run_dir = run_dirs[0]
@@ -238,12 +257,13 @@ def test_two_task_job_trains_as_one_group(slurm: dict[str, int], tmp_path: Path)
     ckpts = sorted((run_dir / "checkpoints").glob("*/meta.json"))
     assert len(ckpts) == 1, ckpts
     assert sorted(p.name for p in ckpts[0].parent.glob("random_states_*.pkl")) == [
-        "random_states_0.pkl", "random_states_1.pkl"]
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))  # no rank wrote after the rename
 
 
-def test_sweep_with_an_impossible_request_fails_fast(slurm: dict[str, int],
-                                                     tmp_path: Path) -> None:
+def test_sweep_with_an_impossible_request_fails_fast(slurm: dict[str, int], tmp_path: Path) -> None:
     tic = time.monotonic()
     proc = _sweep(tmp_path, "lambda_iso=0", f"hydra.launcher.cpus_per_task={slurm['cpus'] * 32}")
     assert proc.returncode != 0
@@ -262,7 +282,8 @@ def _squeue_state(job_id: str) -> str:
 
 
 def test_requeued_job_resumes_from_its_checkpoint_with_the_same_weights(
-        slurm: dict[str, int], tmp_path: Path) -> None:
+    slurm: dict[str, int], tmp_path: Path
+) -> None:
     # SLURM kills a requeued job a few seconds after its SIGTERM (KillWait=2, which
     # submitit ignores), and it trains on meanwhile: up to ~50 steps at the 16 steps/s
     # measured here on an idle machine (100 steps were once all done before the kill). From
@@ -270,15 +291,20 @@ def test_requeued_job_resumes_from_its_checkpoint_with_the_same_weights(
     steps = 300
     overrides = (f"train.steps={steps}", "train.checkpoint_every=5")
     roots = {"requeued": tmp_path / "requeued", "reference": tmp_path / "reference"}
-    procs = {key: subprocess.Popen([sys.executable, "-m", "isodiff.train",
-                                    *_sweep_args(root, *overrides)], cwd=ROOT,
-                                   stdout=(tmp_path / f"{key}.log").open("w"),
-                                   stderr=subprocess.STDOUT)
-             for key, root in roots.items()}
+    procs = {
+        key: subprocess.Popen(
+            [sys.executable, "-m", "isodiff.train", *_sweep_args(root, *overrides)],
+            cwd=ROOT,
+            stdout=(tmp_path / f"{key}.log").open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        for key, root in roots.items()
+    }
     sweep_dir = _sweep_dir(roots["requeued"])
     try:
-        run_dir = _wait_for("the job's status.json",
-                            lambda: next(iter(sweep_dir.glob("*/status.json")), None), 240).parent
+        run_dir = _wait_for(
+            "the job's status.json", lambda: next(iter(sweep_dir.glob("*/status.json")), None), 240
+        ).parent
         _wait_for("a first checkpoint", lambda: _complete_checkpoint(run_dir), 240, every=0.1)
         (job_id,) = _job_ids(sweep_dir / ".submitit")
         requeue = _cmd("scontrol", "requeue", job_id)
@@ -301,7 +327,8 @@ def test_requeued_job_resumes_from_its_checkpoint_with_the_same_weights(
     resumed = re.findall(r"resuming .* from step (\d+)", (run_dir / "train.log").read_text())
     assert len(resumed) == 1 and 0 < int(resumed[0]) < steps, (
         f"resumed from {resumed}: a job that ends before SLURM kills it resumes nothing; "
-        "raise `steps` if this machine trains that fast")
+        "raise `steps` if this machine trains that fast"
+    )
 
     from safetensors.torch import load_file
 
@@ -318,8 +345,14 @@ def test_requeued_job_resumes_from_its_checkpoint_with_the_same_weights(
 def test_two_task_evaluation_equals_one_task(slurm: dict[str, int], tmp_path: Path) -> None:
     """isodiff.evaluate under a 2-task SLURM job (the multi-GPU layout, on CPU): the tasks
     share every metric's chunks and give the metrics of a 1-task job, bit for bit."""
-    proc = run_cli("isodiff.train", "tier=smoke", "train.steps=2", "train.grid_samples=0",
-                   f"run_root={tmp_path / 'runs'}", OMP_NUM_THREADS="1")
+    proc = run_cli(
+        "isodiff.train",
+        "tier=smoke",
+        "train.steps=2",
+        "train.grid_samples=0",
+        f"run_root={tmp_path / 'runs'}",
+        OMP_NUM_THREADS="1",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = (tmp_path / "runs" / "smoke" / "default").iterdir()
     records = {}
@@ -327,11 +360,22 @@ def test_two_task_evaluation_equals_one_task(slurm: dict[str, int], tmp_path: Pa
         copy, sweep = tmp_path / f"run{tasks}", tmp_path / f"sweep{tasks}"
         shutil.copytree(run, copy)
         try:
-            proc = run_cli("isodiff.evaluate", "-m", f"run={copy}", "eval=smoke",
-                           "metrics=[fid,rtl,liso]", "batch_size=2", "eval.fid.n=8",
-                           "eval.fid.ref_n=8", "progress=false", f"refs_dir={tmp_path / 'refs'}",
-                           "cluster=slurm_local", f"hydra.launcher.tasks_per_node={tasks}",
-                           f"hydra.sweep.dir={sweep}", timeout=400)
+            proc = run_cli(
+                "isodiff.evaluate",
+                "-m",
+                f"run={copy}",
+                "eval=smoke",
+                "metrics=[fid,rtl,liso]",
+                "batch_size=2",
+                "eval.fid.n=8",
+                "eval.fid.ref_n=8",
+                "progress=false",
+                f"refs_dir={tmp_path / 'refs'}",
+                "cluster=slurm_local",
+                f"hydra.launcher.tasks_per_node={tasks}",
+                f"hydra.sweep.dir={sweep}",
+                timeout=400,
+            )
         finally:
             _cancel_leftovers(sweep / ".submitit")
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -339,5 +383,7 @@ def test_two_task_evaluation_equals_one_task(slurm: dict[str, int], tmp_path: Pa
     assert "failed" not in records[2] and sorted(records[2]["metrics"]) == ["fid", "liso", "rtl"]
     for name, entry in records[1]["metrics"].items():
         assert records[2]["metrics"][name]["values"] == entry["values"], name
-        assert (entry["provenance"]["processes"],
-                records[2]["metrics"][name]["provenance"]["processes"]) == (1, 2)
+        assert (
+            entry["provenance"]["processes"],
+            records[2]["metrics"][name]["provenance"]["processes"],
+        ) == (1, 2)

@@ -127,8 +127,7 @@ def test_zero_gradient_at_scaled_isometry_at_running_mean(decay: float) -> None:
     assert float(value.detach()) < 1e-20
     assert float(gm.abs().max()) < 1e-10
     assert float(reg.pl_mean) == pytest.approx(a, rel=1e-12)
-    skew = Linear(eps_for(c * q @ torch.diag(torch.linspace(0.5, 1.5, d,
-                                                            dtype=torch.float64)), ab))
+    skew = Linear(eps_for(c * q @ torch.diag(torch.linspace(0.5, 1.5, d, dtype=torch.float64)), ab))
     reg.pl_mean.fill_(a)
     (gs,) = torch.autograd.grad(reg(skew, x, tt, y=y), skew.m)
     assert float(gs.abs().max()) > 1e-4
@@ -199,10 +198,16 @@ def test_tiny_diffusers_unet() -> None:
     from diffusers import UNet2DModel
 
     torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
-                       block_out_channels=(8, 16), norm_num_groups=4,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    )
     reg = StepVariationRegulariser(torch.linspace(0.99, 0.05, 1000)).train()
     x = torch.randn(2, 3, 8, 8)
     value = reg(unet, x, torch.tensor([10, 900]), generator=torch.Generator().manual_seed(0))
@@ -220,10 +225,13 @@ def test_imports_torch_alone() -> None:
     import subprocess
     import sys
 
-    code = ("import sys\nimport isodiff.smoothness\n"
-            "print(sorted({m.split('.')[0] for m in sys.modules}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
+    code = (
+        "import sys\nimport isodiff.smoothness\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     loaded = set(eval(out))
     suite = {"hydra", "omegaconf", "diffusers", "transformers", "lpips", "scipy", "PIL"}
     assert "torch" in loaded and not loaded & suite, loaded & suite

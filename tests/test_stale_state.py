@@ -50,8 +50,12 @@ from isodiff.train.loop import environment_change
 from tests.conftest import ROOT, run_cli, run_train_job
 from tests.test_evaluate import compose_evaluate
 
-RESUMABLE = ["train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=2",
-             "train.grid_samples=0"]
+RESUMABLE = [
+    "train.steps=6",
+    "train.checkpoint_every=2",
+    "train.keep_checkpoints=2",
+    "train.grid_samples=0",
+]
 WEIGHTS = Path("final") / "unet_ema" / "diffusion_pytorch_model.safetensors"
 # a job folder name as the sweep writes them: '=' and ',' in it
 JOB_NAME = "iso.metric=spherical,lambda_iso=0.1,seed=0-0123abcd"
@@ -72,8 +76,15 @@ def _copy(finished: Path, tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _evaluate(run_dir: Path, metrics: str = "[rtl]") -> dict:
-    cfg = compose_evaluate([f"run='{run_dir}'", "eval=smoke", f"metrics={metrics}",
-                            "progress=false", "eval.grid_samples=0"])
+    cfg = compose_evaluate(
+        [
+            f"run='{run_dir}'",
+            "eval=smoke",
+            f"metrics={metrics}",
+            "progress=false",
+            "eval.grid_samples=0",
+        ]
+    )
     return evaluate_run(cfg)
 
 
@@ -87,12 +98,13 @@ def _perturb(run_dir: Path) -> None:
 
 # --- metrics tied to the weights they measured ------------------------------------------------
 
-def test_a_metric_of_other_weights_is_stale_and_computed_again(finished: Path,
-                                                               tmp_path: Path) -> None:
+
+def test_a_metric_of_other_weights_is_stale_and_computed_again(
+    finished: Path, tmp_path: Path
+) -> None:
     _, run_dir = _copy(finished, tmp_path)
     first = _evaluate(run_dir)["metrics"]["rtl"]
-    assert first["protocol"]["weights_sha256"] == weights_digest(
-        read_status(run_dir), "unet_ema")
+    assert first["protocol"]["weights_sha256"] == weights_digest(read_status(run_dir), "unet_ema")
     _perturb(run_dir)  # retrained: new weights, recorded as the job's own
     write_status(run_dir, DONE, weights=weights_record(run_dir))
     record = read_json(run_dir / "metrics.json")
@@ -103,8 +115,7 @@ def test_a_metric_of_other_weights_is_stale_and_computed_again(finished: Path,
     second = _evaluate(run_dir)["metrics"]["rtl"]  # not "up to date": computed again
     assert second["provenance"]["evaluated"] >= first["provenance"]["evaluated"]
     assert second["protocol"]["weights_sha256"] != first["protocol"]["weights_sha256"]
-    assert stale_metrics(read_json(run_dir / "metrics.json"),
-                              read_status(run_dir)) == []
+    assert stale_metrics(read_json(run_dir / "metrics.json"), read_status(run_dir)) == []
     assert sweep._state(run_dir) == "done"
 
 
@@ -132,8 +143,9 @@ def _swap_keeping_size_and_mtime(path: Path) -> None:
     assert (path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
 
 
-def test_swapped_weights_of_the_same_size_and_mtime_are_not_trusted(finished: Path,
-                                                                    tmp_path: Path) -> None:
+def test_swapped_weights_of_the_same_size_and_mtime_are_not_trusted(
+    finished: Path, tmp_path: Path
+) -> None:
     """A skip and an evaluation hash the weights they rely on (listings keep the cheap
     size and mtime check): evaluation refuses in one line, exit 2, measuring nothing, and
     the job trains again rather than saying "done already"."""
@@ -141,12 +153,15 @@ def test_swapped_weights_of_the_same_size_and_mtime_are_not_trusted(finished: Pa
     _swap_keeping_size_and_mtime(run_dir / WEIGHTS)
     assert job_state(run_dir)[0] == DONE  # the listing's shortcut
     assert job_state(run_dir, full=True) == (
-        WEIGHTS_CHANGED, f"{WEIGHTS} is not the file the job wrote (its sha256 differs)")
+        WEIGHTS_CHANGED,
+        f"{WEIGHTS} is not the file the job wrote (its sha256 differs)",
+    )
     result = run_cli("isodiff.evaluate", f"run={run_dir}", "eval=smoke", "metrics=[rtl]")
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1, result.stderr
-    assert f"{WEIGHTS} is not the file the job wrote" in lines[0] and "nothing is measured" \
-        in lines[0]
+    assert (
+        f"{WEIGHTS} is not the file the job wrote" in lines[0] and "nothing is measured" in lines[0]
+    )
     record = read_json(run_dir / "metrics.json") or {"metrics": {}}
     assert "values" not in record["metrics"].get("rtl", {})
     status, _ = run_train_job(RESUMABLE, run_root)  # not skipped: trained again
@@ -159,8 +174,14 @@ def test_a_named_folder_that_holds_another_config_is_refused(run_root: Path) -> 
     """name=myrun lambda_iso=0, then name=myrun lambda_iso=0.1: the second used to print
     "done already: skipped" for a model that never existed. It is refused, naming the key;
     a key outside the job's identity (train.log_every) does not count."""
-    args = ["tier=smoke", f"run_root={run_root}", "train.progress=false", "name=myrun",
-            "train.steps=2", "train.grid_samples=0"]
+    args = [
+        "tier=smoke",
+        f"run_root={run_root}",
+        "train.progress=false",
+        "name=myrun",
+        "train.steps=2",
+        "train.grid_samples=0",
+    ]
     first = run_cli("isodiff.train", *args, "lambda_iso=0")
     assert first.returncode == 0, first.stderr
     run_dir = run_root / "smoke" / "default" / "myrun"
@@ -193,6 +214,7 @@ def test_deleted_weights_are_noticed_everywhere(finished: Path, tmp_path: Path) 
 
 # --- one writer per file ------------------------------------------------------------------------
 
+
 def _many_updates(run_dir: str, worker: int) -> None:
     for i in range(25):
         update_record(Path(run_dir), f"m{worker}_{i}", {"values": {"v": worker * 100 + i}})
@@ -216,10 +238,24 @@ def test_concurrent_metric_writes_are_all_kept(tmp_path: Path) -> None:
 def test_two_evaluations_of_one_run_at_once_keep_both(finished: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / JOB_NAME
     shutil.copytree(finished, run_dir)
-    args = [sys.executable, "-m", "isodiff.evaluate", f"run={run_dir}", "eval=smoke",
-            "progress=false"]
-    procs = [subprocess.Popen([*args, f"metrics={m}"], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for m in ("[rtl]", "[liso]")]
+    args = [
+        sys.executable,
+        "-m",
+        "isodiff.evaluate",
+        f"run={run_dir}",
+        "eval=smoke",
+        "progress=false",
+    ]
+    procs = [
+        subprocess.Popen(
+            [*args, f"metrics={m}"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for m in ("[rtl]", "[liso]")
+    ]
     outputs = [proc.communicate(timeout=300)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], outputs
     assert set(read_json(run_dir / "metrics.json")["metrics"]) == {"rtl", "liso"}
@@ -234,8 +270,9 @@ def _wait_for(path: Path, text: str, timeout: float) -> str:
     raise AssertionError(f"{text!r} not in {path} after {timeout} s")
 
 
-def test_a_second_process_waits_for_the_job_and_then_skips_it(finished: Path,
-                                                              tmp_path: Path) -> None:
+def test_a_second_process_waits_for_the_job_and_then_skips_it(
+    finished: Path, tmp_path: Path
+) -> None:
     run_root, run_dir = _copy(finished, tmp_path)
     out = tmp_path / "second.out"
     lock = FileLock(str(run_dir / ".lock"))
@@ -243,9 +280,19 @@ def test_a_second_process_waits_for_the_job_and_then_skips_it(finished: Path,
     try:
         with out.open("w") as sink:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "isodiff.train", "tier=smoke", f"run_root={run_root}",
-                 "train.progress=false", *RESUMABLE], cwd=ROOT, stdout=sink,
-                stderr=subprocess.STDOUT)
+                [
+                    sys.executable,
+                    "-m",
+                    "isodiff.train",
+                    "tier=smoke",
+                    f"run_root={run_root}",
+                    "train.progress=false",
+                    *RESUMABLE,
+                ],
+                cwd=ROOT,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+            )
         _wait_for(out, "waiting for the process that holds", timeout=120)
         assert proc.poll() is None and "status.json: done" in out.read_text()
     finally:
@@ -260,10 +307,21 @@ def test_two_trainings_of_one_job_at_once_train_it_once(run_root: Path) -> None:
     """Two sweeps sharing a job on one fresh runs folder: one trains, the other waits and
     skips; the job ends done after one attempt (it used to collide on the checkpoint
     rename and end failed)."""
-    args = [sys.executable, "-m", "isodiff.train", "tier=smoke", f"run_root={run_root}",
-            "train.progress=false", *RESUMABLE]
-    procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for _ in range(2)]
+    args = [
+        sys.executable,
+        "-m",
+        "isodiff.train",
+        "tier=smoke",
+        f"run_root={run_root}",
+        "train.progress=false",
+        *RESUMABLE,
+    ]
+    procs = [
+        subprocess.Popen(
+            args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
     outputs = [proc.communicate(timeout=300)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], outputs
     (run_dir,) = run_root.glob("*/*/*")
@@ -274,9 +332,10 @@ def test_two_trainings_of_one_job_at_once_train_it_once(run_root: Path) -> None:
 
 # --- failures are recorded, and the rest goes on --------------------------------------------
 
-def test_a_failing_metric_is_recorded_and_the_others_computed(finished: Path, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch
-                                                              ) -> None:
+
+def test_a_failing_metric_is_recorded_and_the_others_computed(
+    finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _, run_dir = _copy(finished, tmp_path)
     real = measure.METRICS["rtl"]
 
@@ -309,8 +368,15 @@ def test_an_evaluation_multirun_evaluates_every_run(finished: Path, tmp_path: Pa
     weights[first] = torch.full_like(weights[first], float("nan"))
     save_file(weights, bad / WEIGHTS)
     write_status(bad, DONE, weights=weights_record(bad))
-    result = run_cli("isodiff.evaluate", "-m", f"run={bad},{good}", "eval=smoke",
-                     "metrics=[liso]", "progress=false", f"hydra.sweep.dir={tmp_path}/multirun")
+    result = run_cli(
+        "isodiff.evaluate",
+        "-m",
+        f"run={bad},{good}",
+        "eval=smoke",
+        "metrics=[liso]",
+        "progress=false",
+        f"hydra.sweep.dir={tmp_path}/multirun",
+    )
     assert result.returncode != 0
     assert set(read_json(good / "metrics.json")["metrics"]) == {"liso"}
     record = read_json(bad / "metrics.json")
@@ -320,15 +386,22 @@ def test_an_evaluation_multirun_evaluates_every_run(finished: Path, tmp_path: Pa
 
 # --- inputs that went wrong silently --------------------------------------------------------
 
+
 @pytest.mark.parametrize("state", [FAILED, RUNNING])
-def test_init_from_a_run_that_is_not_done_is_refused(state: str, finished: Path,
-                                                     tmp_path: Path) -> None:
+def test_init_from_a_run_that_is_not_done_is_refused(
+    state: str, finished: Path, tmp_path: Path
+) -> None:
     _, run_dir = _copy(finished, tmp_path)
     write_status(run_dir, state, error="boom" if state == FAILED else None)
     with pytest.raises(ConfigError, match=f"not done \\(state: {state}"):
         resolve_checkpoint(str(run_dir))
-    result = run_cli("isodiff.train", "tier=smoke", f"run_root={tmp_path}/ft",
-                     f"init_from={run_dir}", "optim=finetune")
+    result = run_cli(
+        "isodiff.train",
+        "tier=smoke",
+        f"run_root={tmp_path}/ft",
+        f"init_from={run_dir}",
+        "optim=finetune",
+    )
     assert result.returncode == 2 and "init_from=" in result.stderr, result.stderr
     assert not (tmp_path / "ft").exists()
 
@@ -340,8 +413,9 @@ def test_16_bit_images_load_with_their_values(tmp_path: Path) -> None:
     Image.fromarray(wide).save(root / "a.png")
     with Image.open(root / "a.png") as img:
         assert img.mode.startswith("I")  # what PIL's convert("L") turned white
-    ds = build_dataset(DataConfig(name=DatasetName.folder, root=str(root), resolution=8,
-                                  flip=False))
+    ds = build_dataset(
+        DataConfig(name=DatasetName.folder, root=str(root), resolution=8, flip=False)
+    )
     image, _ = ds[0]
     want = np.round(wide / 65535 * 255) / 127.5 - 1
     np.testing.assert_allclose(image[0].numpy(), want, atol=1e-6)
@@ -367,12 +441,12 @@ def test_unquoted_job_folders_are_quoted_for_hydra(tmp_path: Path) -> None:
     assert quote_paths(untouched) == untouched
 
 
-def test_an_unquoted_job_folder_works_on_the_command_line(finished: Path, tmp_path: Path
-                                                          ) -> None:
+def test_an_unquoted_job_folder_works_on_the_command_line(finished: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / JOB_NAME
     shutil.copytree(finished, run_dir)
-    result = run_cli("isodiff.evaluate", f"run={run_dir}", "eval=smoke", "metrics=[liso]",
-                     "progress=false")
+    result = run_cli(
+        "isodiff.evaluate", f"run={run_dir}", "eval=smoke", "metrics=[liso]", "progress=false"
+    )
     assert result.returncode == 0, result.stderr
     assert "liso" in read_json(run_dir / "metrics.json")["metrics"]
     missing = run_cli("isodiff.evaluate", f"run={tmp_path}/a=1,b=2", "eval=smoke")
@@ -381,6 +455,7 @@ def test_an_unquoted_job_folder_works_on_the_command_line(finished: Path, tmp_pa
 
 # --- what bitwise resume depends on -----------------------------------------------------------
 
+
 def test_environment_change_names_what_differs() -> None:
     saved = {"torch": "2.14.1", "device": "cpu", "threads": 1, "processes": 1}
     assert environment_change(saved, dict(saved)) is None
@@ -388,8 +463,9 @@ def test_environment_change_names_what_differs() -> None:
     assert environment_change(saved, {**saved, "threads": 2}) == "threads=2 (checkpoint: 1)"
 
 
-def test_a_resume_under_other_threads_is_warned_and_recorded(finished: Path,
-                                                             tmp_path: Path) -> None:
+def test_a_resume_under_other_threads_is_warned_and_recorded(
+    finished: Path, tmp_path: Path
+) -> None:
     run_root, run_dir = _copy(finished, tmp_path)
     shutil.rmtree(run_dir / "final")
     write_status(run_dir, RUNNING)

@@ -32,19 +32,29 @@ def _spec(tmp_path: Path, name: str, lambdas: str) -> Path:
 
 def _snapshot(run_root: Path) -> dict[str, tuple[int, int]]:
     """(mtime, size) of every file of every job, by path."""
-    return {str(p.relative_to(run_root)): (p.stat().st_mtime_ns, p.stat().st_size)
-            for p in run_root.rglob("*") if p.is_file() and "multirun.yaml" not in p.name}
+    return {
+        str(p.relative_to(run_root)): (p.stat().st_mtime_ns, p.stat().st_size)
+        for p in run_root.rglob("*")
+        if p.is_file() and "multirun.yaml" not in p.name
+    }
 
 
 def _sweep(spec: Path, run_root: Path):
     # the launcher of `make reproduce`: a local pool, for training and evaluation alike
-    return run_cli("isodiff.sweep", str(spec), "tier=smoke", f"run_root={run_root}",
-                   "cluster=local_pool", timeout=600)
+    return run_cli(
+        "isodiff.sweep",
+        str(spec),
+        "tier=smoke",
+        f"run_root={run_root}",
+        "cluster=local_pool",
+        timeout=600,
+    )
 
 
 def _table(spec: Path, run_root: Path, out: Path) -> str:
-    proc = run_cli("isodiff.analysis.tables", str(spec), "tier=smoke", f"run_root={run_root}",
-                   f"out={out}")
+    proc = run_cli(
+        "isodiff.analysis.tables", str(spec), "tier=smoke", f"run_root={run_root}", f"out={out}"
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return (out / "smoke" / "tables" / f"{spec.stem}.md").read_text()
 
@@ -64,7 +74,10 @@ def test_sweep_trains_evaluates_is_idempotent_and_reports_failures(tmp_path: Pat
     # no figures); four smoke steps do not make a model that generates, and the row says so
     for job in jobs:
         assert set(json.loads((job / "metrics.json").read_text())["metrics"]) == {
-            "fid", "rtl", "quality"}
+            "fid",
+            "rtl",
+            "quality",
+        }
     assert all("**fails** (1/1): FID" in row for row in rows), table
 
     before = _snapshot(run_root)
@@ -74,8 +87,7 @@ def test_sweep_trains_evaluates_is_idempotent_and_reports_failures(tmp_path: Pat
     (jobs[1] / "status.json").unlink()
     assert _sweep(spec, run_root).returncode == 0
     after = _snapshot(run_root)
-    changed = {Path(k).parts[2] for k in set(after) | set(before)
-               if after.get(k) != before.get(k)}
+    changed = {Path(k).parts[2] for k in set(after) | set(before) if after.get(k) != before.get(k)}
     assert changed == {jobs[1].name}, changed
 
     failing = _spec(tmp_path, "check_fail", "[0, 0.1, .inf]")  # a non-finite loss
@@ -83,6 +95,7 @@ def test_sweep_trains_evaluates_is_idempotent_and_reports_failures(tmp_path: Pat
     assert proc.returncode == 1
     table = _table(failing, run_root, out)
     assert "missing: " in table and "NonFiniteLossError" in table
-    filled = [line for line in table.splitlines()
-              if line.startswith("| shapes") and "–" not in line]
+    filled = [
+        line for line in table.splitlines() if line.startswith("| shapes") and "–" not in line
+    ]
     assert len(filled) == 2, table

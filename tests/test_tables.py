@@ -18,8 +18,15 @@ from isodiff.sweep.specs import all_specs, expand, load_spec
 @pytest.mark.parametrize("tier", ["smoke", "quick", "paper"])
 def test_every_spec_loads_and_expands(tier: str) -> None:
     specs = all_specs()
-    assert {s.name for s in specs} >= {"table_1", "table_2", "table_3", "table_4", "figure_1",
-                                       "figure_4", "figure_spectra"}
+    assert {s.name for s in specs} >= {
+        "table_1",
+        "table_2",
+        "table_3",
+        "table_4",
+        "figure_1",
+        "figure_4",
+        "figure_spectra",
+    }
     assert all(load_spec(s.source).kind == "table" for s in specs if s.kind == "figure")
     for spec in (s for s in specs if s.kind == "table"):
         jobs = expand(spec, tier)
@@ -42,13 +49,22 @@ def test_table_has_one_row_per_setting_and_mean_std_over_seeds(tmp_path: Path) -
     dirs = write_runs(tmp_path, spec, "quick")
     table = build_table(collect_runs(tmp_path / "quick"), spec, "quick")
     assert list(table.display.index) == [
-        "shapes: DDPM fine-tuned (lambda_iso = 0)", "shapes: Isometric Diffusion",
-        "mnist: DDPM fine-tuned (lambda_iso = 0)", "mnist: Isometric Diffusion"]
-    assert list(table.display.columns[:4]) == ["liso_scaled", "liso_scaled (paper)", "fid",
-                                               "fid (paper)"]
+        "shapes: DDPM fine-tuned (lambda_iso = 0)",
+        "shapes: Isometric Diffusion",
+        "mnist: DDPM fine-tuned (lambda_iso = 0)",
+        "mnist: Isometric Diffusion",
+    ]
+    assert list(table.display.columns[:4]) == [
+        "liso_scaled",
+        "liso_scaled (paper)",
+        "fid",
+        "fid (paper)",
+    ]
     # Independent check of one cell: the five seeds of shapes / lambda 0.
-    values = [json.loads((d / "metrics.json").read_text())["metrics"]["fid"]["values"]["fid"]
-              for d in dirs[:5]]
+    values = [
+        json.loads((d / "metrics.json").read_text())["metrics"]["fid"]["values"]["fid"]
+        for d in dirs[:5]
+    ]
     row = table.numbers.loc["shapes: DDPM fine-tuned (lambda_iso = 0)"]
     assert row["fid_mean"] == pytest.approx(np.mean(values))
     assert row["fid_std"] == pytest.approx(np.std(values, ddof=1))
@@ -70,18 +86,25 @@ def test_every_row_carries_the_quality_check_of_its_runs(tmp_path: Path) -> None
         # fall in 9 of 10 classes
         heldout = 50.0 if i == 2 else 15.0
         record["metrics"]["fid"]["values"].update(fid_heldout=heldout, fid_floor=10.0)
-        record["metrics"]["quality"] = {"values": {
-            "confident_digit": 0.9, "confident_digit_real": 0.95,
-            "classes_digit": 9.0 if d.parent.name == "mnist" else 10.0,
-            "classes_digit_real": 10.0}}
+        record["metrics"]["quality"] = {
+            "values": {
+                "confident_digit": 0.9,
+                "confident_digit_real": 0.95,
+                "classes_digit": 9.0 if d.parent.name == "mnist" else 10.0,
+                "classes_digit_real": 10.0,
+            }
+        }
         (d / "metrics.json").write_text(json.dumps(record))
     table = build_table(collect_runs(tmp_path / "quick"), spec, "quick")
     quality = table.display["quality"]
-    assert quality["shapes: DDPM fine-tuned (lambda_iso = 0)"] == \
-        "**fails** (1/5): FID 50 > 3x the real-vs-real floor 10"
+    assert (
+        quality["shapes: DDPM fine-tuned (lambda_iso = 0)"]
+        == "**fails** (1/5): FID 50 > 3x the real-vs-real floor 10"
+    )
     assert quality["shapes: Isometric Diffusion"] == "ok"
-    assert quality["mnist: Isometric Diffusion"] == \
-        "**fails** (5/5): digit: 9 of 10 classes generated"
+    assert (
+        quality["mnist: Isometric Diffusion"] == "**fails** (5/5): digit: 9 of 10 classes generated"
+    )
     assert table.floors == {"shapes": 10.0, "mnist": 10.0}
     assert "Real-vs-real FID floor at this n: shapes 10, mnist 10." in to_markdown(table, "quick")
 
@@ -90,6 +113,7 @@ def test_failed_and_missing_jobs_are_listed_with_their_reason(tmp_path: Path) ->
     spec = load_spec("table_2")  # one seed a row at the smoke tier
     dirs = write_runs(tmp_path, spec, "smoke", fail={1})
     import shutil
+
     shutil.rmtree(dirs[2])
     table = build_table(collect_runs(tmp_path / "smoke"), spec, "smoke")
     assert len(table.problems) == 2
@@ -104,10 +128,10 @@ def test_failed_and_missing_jobs_are_listed_with_their_reason(tmp_path: Path) ->
 def test_render_all_writes_markdown_latex_csv(tmp_path: Path) -> None:
     for name in ("table_1", "table_3"):
         write_runs(tmp_path / "runs", load_spec(name), "smoke", rng_seed=len(name))
-    written = render_all(tmp_path / "runs", "smoke", tmp_path / "results",
-                         ["table_1", "table_3"])
+    written = render_all(tmp_path / "runs", "smoke", tmp_path / "results", ["table_1", "table_3"])
     assert sorted(p.name for p in written) == sorted(
-        f"table_{i}.{ext}" for i in (1, 3) for ext in ("md", "tex", "csv"))
+        f"table_{i}.{ext}" for i in (1, 3) for ext in ("md", "tex", "csv")
+    )
     assert "\\textbf" in (tmp_path / "results/smoke/tables/table_1.tex").read_text()
 
 
@@ -119,8 +143,9 @@ def test_figures_draw_one_curve_per_setting(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     for d in dirs:
         (d / "eval").mkdir()
-        np.savez(d / "eval" / "rtl.npz", rtl=1 + rng.random((4, 3)),
-                 timesteps=np.array([999, 666, 333]))
+        np.savez(
+            d / "eval" / "rtl.npz", rtl=1 + rng.random((4, 3)), timesteps=np.array([999, 666, 333])
+        )
     df = collect_runs(tmp_path / "runs" / "smoke")
     found = curves(df, load_spec("figure_4"), "smoke", "rtl", "rtl")
     assert len(found) == 6 and all(len(v) == 1 for v in found.values())
@@ -133,8 +158,7 @@ def test_paired_differences_from_the_control_by_seed(tmp_path: Path) -> None:
     spec = load_spec("table_1")  # control: lambda_iso = 0; 5 seeds per dataset
     dirs = write_runs(tmp_path, spec, "quick", fail={11})  # mnist, lambda 0, seed 1
     table = build_table(collect_runs(tmp_path / "quick"), spec, "quick")
-    assert list(table.paired.index) == ["shapes: Isometric Diffusion",
-                                        "mnist: Isometric Diffusion"]
+    assert list(table.paired.index) == ["shapes: Isometric Diffusion", "mnist: Isometric Diffusion"]
 
     def fid(d: Path) -> float:
         return json.loads((d / "metrics.json").read_text())["metrics"]["fid"]["values"]["fid"]
@@ -142,8 +166,7 @@ def test_paired_differences_from_the_control_by_seed(tmp_path: Path) -> None:
     # expand order: shapes (lambda 0: seeds 0-4, lambda 0.1: seeds 0-4), then mnist
     diffs = [fid(dirs[5 + s]) - fid(dirs[s]) for s in range(5)]
     mean, se = np.mean(diffs), np.std(diffs, ddof=1) / np.sqrt(5)
-    assert table.paired.loc["shapes: Isometric Diffusion", "fid"] == \
-        f"{mean:+.3g} ± {se:.2g} (n=5)"
+    assert table.paired.loc["shapes: Isometric Diffusion", "fid"] == f"{mean:+.3g} ± {se:.2g} (n=5)"
     # the mnist pair of seed 1 has no control: four pairs remain
     assert table.paired.loc["mnist: Isometric Diffusion", "fid"].endswith("(n=4)")
     assert "Paired difference from the control (lambda_iso = 0)" in to_markdown(table, "quick")
@@ -158,8 +181,14 @@ def test_floors_and_ceilings_stand_beside_their_values(tmp_path: Path) -> None:
         values = record["metrics"]["probe_lin_h"]["values"]
         control = "lambda_iso: 0\n" in (d / "config.yaml").read_text()
         floor = values["probe_lin_h"] - (0.0 if control else 0.5)
-        values.update({"probe_lin_h_floor": floor, "probe_lin_h_floor_sd": 0.05,
-                       "probe_lin_h_ceiling": 3.0, "probe_lin_h_ceiling_rot": 2.5})
+        values.update(
+            {
+                "probe_lin_h_floor": floor,
+                "probe_lin_h_floor_sd": 0.05,
+                "probe_lin_h_ceiling": 3.0,
+                "probe_lin_h_ceiling_rot": 2.5,
+            }
+        )
         floors.setdefault(control, []).append(floor)
         (d / "metrics.json").write_text(json.dumps(record))
     table = build_table(collect_runs(tmp_path / "quick"), spec, "quick")

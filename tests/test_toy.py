@@ -37,12 +37,14 @@ def test_sphere_samples_and_rings():
     torch.testing.assert_close(x.norm(dim=1), torch.ones(500))
     assert (x[:, 2] <= 1e-6).all()
     rings = latitude_rings(4, 8, 90.0)
-    torch.testing.assert_close(rings[:, :, 2], -torch.cos(torch.tensor(
-        [1, 2, 3, 4]) * math.pi / 8)[:, None].expand(4, 8))
+    torch.testing.assert_close(
+        rings[:, :, 2], -torch.cos(torch.tensor([1, 2, 3, 4]) * math.pi / 8)[:, None].expand(4, 8)
+    )
     u = tangent_basis(x)
     torch.testing.assert_close(u.transpose(1, 2) @ u, torch.eye(2).expand(500, 2, 2))
-    torch.testing.assert_close(torch.einsum("ni,nij->nj", x, u), torch.zeros(500, 2),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        torch.einsum("ni,nij->nj", x, u), torch.zeros(500, 2), atol=1e-6, rtol=0
+    )
 
 
 def test_scores_on_closed_form_maps():

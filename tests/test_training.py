@@ -38,13 +38,20 @@ def test_smoke_job_completes_and_is_not_redone(run_root: Path) -> None:
     status, run_dir = run_train_job([], run_root)
     assert status["state"] == "done" and status["step"] == 6
     assert len(status["git"]["commit"]) == 40  # the code that trained it
-    for name in ("config.yaml", "metrics.csv", "train.log", "final/unet/config.json",
-                 "final/unet_ema/diffusion_pytorch_model.safetensors"):
+    for name in (
+        "config.yaml",
+        "metrics.csv",
+        "train.log",
+        "final/unet/config.json",
+        "final/unet_ema/diffusion_pytorch_model.safetensors",
+    ):
         assert (run_dir / name).exists(), name
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000003"]
     # A sample grid at each checkpoint and at the end (EMA weights, fixed x_T)
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
-        "step_00000003.png", "step_00000006.png"]
+        "step_00000003.png",
+        "step_00000006.png",
+    ]
     mtime = (run_dir / "final").stat().st_mtime_ns
     again, _ = run_train_job([], run_root)
     assert again["attempts"] == 1 and (run_dir / "final").stat().st_mtime_ns == mtime
@@ -73,8 +80,9 @@ def test_held_out_liso_is_logged_and_leaves_training_as_it_was(tmp_path: Path) -
     from isodiff.train.loop import HeldoutCurve
 
     _, plain = run_train_job(["train.steps=4"], tmp_path / "a")
-    status, logged = run_train_job(["train.steps=4", "train.heldout_every=2",
-                                    "train.heldout_n=4"], tmp_path / "b")
+    status, logged = run_train_job(
+        ["train.steps=4", "train.heldout_every=2", "train.heldout_n=4"], tmp_path / "b"
+    )
     assert status["state"] == "done"
     _assert_same_weights(plain, logged)
     rows = pd.read_csv(logged / "metrics.csv").dropna(subset=["liso_heldout"])
@@ -84,7 +92,8 @@ def test_held_out_liso_is_logged_and_leaves_training_as_it_was(tmp_path: Path) -
     curve = HeldoutCurve(cfg, build_codec(cfg.latent, torch.device("cpu")), torch.device("cpu"))
     assert len(curve.x_0) == 4 and curve.timesteps == [500, 750, 999]
     assert rows["liso_heldout"].iloc[-1] == pytest.approx(
-        curve(load_unet(str(logged), ema=False)), rel=1e-4)
+        curve(load_unet(str(logged), ema=False)), rel=1e-4
+    )
 
 
 def test_batches_depend_only_on_position() -> None:
@@ -98,8 +107,9 @@ def test_batches_depend_only_on_position() -> None:
     rank1 = iter(StepBatches(10, 4, seed=0, start=0, rank=1, world=2))
     epoch0 = first[0] + next(rank1) + first[1][:2]
     assert sorted(epoch0) == list(range(10))
-    alone = [i for batch in itertools.islice(iter(StepBatches(10, 5, seed=0, start=0)), 2)
-             for i in batch]
+    alone = [
+        i for batch in itertools.islice(iter(StepBatches(10, 5, seed=0, start=0)), 2) for i in batch
+    ]
     assert sorted(alone) == list(range(10)) and alone != list(range(10))  # shuffled
 
 
@@ -110,9 +120,13 @@ def test_kill_then_rerun_equals_uninterrupted(tmp_path: Path) -> None:
     ref = run_cli("isodiff.train", *args, f"run_root={tmp_path / 'ref'}", OMP_NUM_THREADS="2")
     assert ref.returncode == 0, ref.stderr
     killed_root = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "isodiff.train", *args,
-                             f"run_root={killed_root}"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "isodiff.train", *args, f"run_root={killed_root}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not list(killed_root.glob("*/*/*/checkpoints/step_00000008")):
         assert proc.poll() is None and time.time() < deadline, "no checkpoint before exit"
@@ -146,15 +160,21 @@ def _corrupt_folder(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["lambda_iso=-1"], "lambda_iso=-1.0 is invalid"),
-    (["iso.window=1.5"], "iso.window=1.5 is invalid"),
-    (["iso.metric=cosine"], "iso.metric"),
-    (["data=celeba"], "data=celeba: no such option"),
-    (["data=folder", "data.root=/no/such/folder"], "data.root='/no/such/folder' is not a folder"),
-    (["data=folder", "data.root=CORRUPT", "data.resolution=16"], "cannot read image"),
-    (["init_from=/no/such/run"], "init_from='/no/such/run' was not found"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["lambda_iso=-1"], "lambda_iso=-1.0 is invalid"),
+        (["iso.window=1.5"], "iso.window=1.5 is invalid"),
+        (["iso.metric=cosine"], "iso.metric"),
+        (["data=celeba"], "data=celeba: no such option"),
+        (
+            ["data=folder", "data.root=/no/such/folder"],
+            "data.root='/no/such/folder' is not a folder",
+        ),
+        (["data=folder", "data.root=CORRUPT", "data.resolution=16"], "cannot read image"),
+        (["init_from=/no/such/run"], "init_from='/no/such/run' was not found"),
+    ],
+)
 def test_bad_input_exits_non_zero_naming_the_key(overrides, message, tmp_path: Path) -> None:
     if "data.root=CORRUPT" in overrides:
         folder = _corrupt_folder(tmp_path)
@@ -173,10 +193,20 @@ def test_config_error_leaves_no_run_folder(run_root: Path) -> None:
 
 
 def test_multirun_writes_one_folder_per_lambda(run_root: Path) -> None:
-    result = run_cli("isodiff.train", "-m", "lambda_iso=0,1e-4,1e-3", "tier=smoke",
-                     "train.steps=2", "train.progress=false", f"run_root={run_root}")
+    result = run_cli(
+        "isodiff.train",
+        "-m",
+        "lambda_iso=0,1e-4,1e-3",
+        "tier=smoke",
+        "train.steps=2",
+        "train.progress=false",
+        f"run_root={run_root}",
+    )
     assert result.returncode == 0, result.stderr
     jobs = sorted(p.name for p in (run_root / "smoke" / "default").iterdir() if p.is_dir())
-    assert [j.split(",")[0] for j in jobs] == ["lambda_iso=0", "lambda_iso=0.0001",
-                                                "lambda_iso=0.001"]
+    assert [j.split(",")[0] for j in jobs] == [
+        "lambda_iso=0",
+        "lambda_iso=0.0001",
+        "lambda_iso=0.001",
+    ]
     assert all(is_done(run_root / "smoke" / "default" / j) for j in jobs)

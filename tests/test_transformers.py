@@ -36,43 +36,77 @@ def tiny(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     torch.manual_seed(0)
     common = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4)
     if name == "dit":
-        model = DiTTransformer2DModel(**common, num_layers=4, norm_num_groups=4, sample_size=8,
-                                      patch_size=2, num_embeds_ada_norm=10)
+        model = DiTTransformer2DModel(
+            **common,
+            num_layers=4,
+            norm_num_groups=4,
+            sample_size=8,
+            patch_size=2,
+            num_embeds_ada_norm=10,
+        )
     elif name == "pixart":
-        model = PixArtTransformer2DModel(**common, num_layers=3, norm_num_groups=4,
-                                         cross_attention_dim=WIDTH, sample_size=8, patch_size=2,
-                                         caption_channels=12)
+        model = PixArtTransformer2DModel(
+            **common,
+            num_layers=3,
+            norm_num_groups=4,
+            cross_attention_dim=WIDTH,
+            sample_size=8,
+            patch_size=2,
+            caption_channels=12,
+        )
     elif name == "sd3":
-        model = SD3Transformer2DModel(**common, num_layers=3, sample_size=8, patch_size=2,
-                                      joint_attention_dim=12, caption_projection_dim=WIDTH,
-                                      pooled_projection_dim=6, pos_embed_max_size=8)
+        model = SD3Transformer2DModel(
+            **common,
+            num_layers=3,
+            sample_size=8,
+            patch_size=2,
+            joint_attention_dim=12,
+            caption_projection_dim=WIDTH,
+            pooled_projection_dim=6,
+            pos_embed_max_size=8,
+        )
     elif name == "flux":  # 1 double-stream + 4 single-stream blocks: the middle is single[1]
-        model = FluxTransformer2DModel(**common, patch_size=1, num_layers=1, num_single_layers=4,
-                                       joint_attention_dim=12, pooled_projection_dim=6,
-                                       axes_dims_rope=(2, 2, 4))
+        model = FluxTransformer2DModel(
+            **common,
+            patch_size=1,
+            num_layers=1,
+            num_single_layers=4,
+            joint_attention_dim=12,
+            pooled_projection_dim=6,
+            axes_dims_rope=(2, 2, 4),
+        )
     else:
         raise ValueError(name)
     return (model if dtype == torch.float32 else model.to(dtype)).eval()
 
 
-def inputs(name: str, dtype: torch.dtype = torch.float32
-           ) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
+def inputs(
+    name: str, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
     """(x_t, t, condition sliced with the batch, shared condition) for each model."""
     g = gen(1)
     text = torch.randn(B, TEXT, 12, generator=g, dtype=dtype)
     pooled = torch.randn(B, 6, generator=g, dtype=dtype)
     if name == "flux":  # packed latents (B, 16 tokens, 4) and flow time in [0, 1]
-        ids = {"img_ids": torch.zeros(16, 3, dtype=dtype), "txt_ids": torch.zeros(TEXT, 3,
-                                                                                   dtype=dtype)}
+        ids = {
+            "img_ids": torch.zeros(16, 3, dtype=dtype),
+            "txt_ids": torch.zeros(TEXT, 3, dtype=dtype),
+        }
         ids["img_ids"][:, 1] = torch.arange(16, dtype=dtype) // 4
         ids["img_ids"][:, 2] = torch.arange(16, dtype=dtype) % 4
-        return (torch.randn(B, 16, 4, generator=g, dtype=dtype), torch.tensor([0.3, 0.9]),
-                {"encoder_hidden_states": text, "pooled_projections": pooled}, ids)
+        return (
+            torch.randn(B, 16, 4, generator=g, dtype=dtype),
+            torch.tensor([0.3, 0.9]),
+            {"encoder_hidden_states": text, "pooled_projections": pooled},
+            ids,
+        )
     x = torch.randn(B, 4, 8, 8, generator=g, dtype=dtype)
     t = torch.tensor([300.0, 900.0])
-    condition = {"dit": {"class_labels": torch.tensor([1, 7])},
-                 "pixart": {"encoder_hidden_states": text},
-                 "sd3": {"encoder_hidden_states": text, "pooled_projections": pooled}}[name]
+    condition = {
+        "dit": {"class_labels": torch.tensor([1, 7])},
+        "pixart": {"encoder_hidden_states": text},
+        "sd3": {"encoder_hidden_states": text, "pooled_projections": pooled},
+    }[name]
     return x, t, condition, {}
 
 
@@ -94,7 +128,8 @@ def test_h_is_the_middle_blocks_image_tokens_and_the_forward_stops_there(name: s
     for i, block in enumerate(blocks):
         block.register_forward_hook(lambda m, a, out, i=i: calls.__setitem__(i, calls[i] + 1))
     blocks[middle].register_forward_hook(
-        lambda m, a, out: seen.append(out if isinstance(out, torch.Tensor) else out[-1]))
+        lambda m, a, out: seen.append(out if isinstance(out, torch.Tensor) else out[-1])
+    )
     with torch.no_grad():
         model(x, timestep=t, **condition, **shared)  # the full forward, for reference
         assert calls == [1] * len(blocks)
@@ -116,12 +151,16 @@ def test_h_is_the_middle_blocks_image_tokens_and_the_forward_stops_there(name: s
 def test_the_regulariser_trains_each_transformer(name: str) -> None:
     model = tiny(name)
     x, t, condition, shared = inputs(name)
-    loss = Regulariser("spherical")(h_encoder(model, shared=shared), x, t, generator=gen(2),
-                                    **condition)
+    loss = Regulariser("spherical")(
+        h_encoder(model, shared=shared), x, t, generator=gen(2), **condition
+    )
     assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0
     params = dict(model.named_parameters())
-    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True),
-                     strict=True))
+    grads = dict(
+        zip(
+            params, torch.autograd.grad(loss, list(params.values()), allow_unused=True), strict=True
+        )
+    )
     assert sum(float(g.abs().sum()) for g in grads.values() if g is not None) > 0
     # only what runs before h is trained: the output head gets no gradient
     head = [n for n in params if n.startswith("proj_out")]
@@ -161,10 +200,17 @@ def test_the_estimator_is_exact_against_the_full_jacobian() -> None:
     n = x[0].numel()
     basis = torch.eye(n, dtype=torch.float64).reshape(n, 1, *x.shape[1:]) * n**0.5
     probes = basis.expand(n, *x.shape).clone()
-    jac = torch.stack([
-        jacobian(lambda xi, i=i: encode(xi[None], t[i:i + 1],
-                                        class_labels=condition["class_labels"][i:i + 1])[0],
-                 x[i]).reshape(-1, n) for i in range(B)])
+    jac = torch.stack(
+        [
+            jacobian(
+                lambda xi, i=i: encode(
+                    xi[None], t[i : i + 1], class_labels=condition["class_labels"][i : i + 1]
+                )[0],
+                x[i],
+            ).reshape(-1, n)
+            for i in range(B)
+        ]
+    )
     for metric in ("euclidean", "spherical"):
         m = jac.transpose(1, 2) @ jac
         if metric == "spherical":
@@ -176,8 +222,9 @@ def test_the_estimator_is_exact_against_the_full_jacobian() -> None:
         exact = tr2.mean() / tr.mean() ** 2
         point = x.clone().requires_grad_()
         with higher_order_ad():  # attention differentiated twice
-            estimate = isometry_loss_from_h(encode(point, t, **condition), point, probes,
-                                            metric=metric)
+            estimate = isometry_loss_from_h(
+                encode(point, t, **condition), point, probes, metric=metric
+            )
         torch.testing.assert_close(estimate, exact, rtol=1e-9, atol=0)
         assert exact > 1 / n  # a random DiT is no isometry
 
@@ -187,19 +234,34 @@ def test_pixart_alpha_added_conditions_are_sliced_with_the_batch() -> None:
     (added_cond_kwargs); the Regulariser slices its tensors with the batch."""
     torch.manual_seed(0)
     # width 24: the size embedding splits the width in three
-    model = PixArtTransformer2DModel(num_attention_heads=3, attention_head_dim=8, in_channels=4,
-                                     out_channels=4, num_layers=3, cross_attention_dim=24,
-                                     sample_size=8, patch_size=2, caption_channels=12,
-                                     use_additional_conditions=True).eval()
+    model = PixArtTransformer2DModel(
+        num_attention_heads=3,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        num_layers=3,
+        cross_attention_dim=24,
+        sample_size=8,
+        patch_size=2,
+        caption_channels=12,
+        use_additional_conditions=True,
+    ).eval()
     x, t, condition, _ = inputs("pixart")
-    added = {"resolution": torch.tensor([[64.0, 64.0], [64.0, 96.0]]),
-             "aspect_ratio": torch.tensor([[1.0], [1.5]])}
+    added = {
+        "resolution": torch.tensor([[64.0, 64.0], [64.0, 96.0]]),
+        "aspect_ratio": torch.tensor([[1.0], [1.5]]),
+    }
     reg = Regulariser("spherical", batch_fraction=0.5)  # the first sample only
     loss = reg(h_encoder(model), x, t, generator=gen(3), added_cond_kwargs=added, **condition)
     first = {k: v[:1] for k, v in added.items()}
-    alone = Regulariser("spherical")(h_encoder(model), x[:1], t[:1], generator=gen(3),
-                                     added_cond_kwargs=first,
-                                     **{k: v[:1] for k, v in condition.items()})
+    alone = Regulariser("spherical")(
+        h_encoder(model),
+        x[:1],
+        t[:1],
+        generator=gen(3),
+        added_cond_kwargs=first,
+        **{k: v[:1] for k, v in condition.items()},
+    )
     torch.testing.assert_close(loss, alone)
     assert torch.isfinite(loss)
 

@@ -42,27 +42,40 @@ def _bad_attributes(tmp: Path) -> Path:
 FOLDER = ["data=folder", "data.resolution=16", "data.num_workers=0"]
 
 
-@pytest.mark.parametrize(("args", "names"), [
-    (["data.seed=-3"], ["data.seed=-3", ">= 0"]),
-    (["data.resolution=9"], ["data.resolution=9", "multiple of 2"]),
-    (["iso.metric=isodiff_compat", "iso.probe=rademacher", "lambda_iso=0.1"],
-     ["iso.probe='rademacher'", "iso.probe=gaussian"]),
-    (["data.size=100000000"], ["data.size=100000000", "lower data.size"]),
-    ([*FOLDER], ["data.root=None", "data.root=/path"]),
-    ([*FOLDER, "data.root={tmp}/missing"], ["data.root=", "is not a folder"]),
-    ([*FOLDER, "data.root={tmp}"], ["data.root=", "holds no images"]),
-    ([*FOLDER, "data.root={images}", "data.attributes={attributes}"],
-     ["data.attributes=", "line 4", "CelebA"]),
-])
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (["data.seed=-3"], ["data.seed=-3", ">= 0"]),
+        (["data.resolution=9"], ["data.resolution=9", "multiple of 2"]),
+        (
+            ["iso.metric=isodiff_compat", "iso.probe=rademacher", "lambda_iso=0.1"],
+            ["iso.probe='rademacher'", "iso.probe=gaussian"],
+        ),
+        (["data.size=100000000"], ["data.size=100000000", "lower data.size"]),
+        ([*FOLDER], ["data.root=None", "data.root=/path"]),
+        ([*FOLDER, "data.root={tmp}/missing"], ["data.root=", "is not a folder"]),
+        ([*FOLDER, "data.root={tmp}"], ["data.root=", "holds no images"]),
+        (
+            [*FOLDER, "data.root={images}", "data.attributes={attributes}"],
+            ["data.attributes=", "line 4", "CelebA"],
+        ),
+    ],
+)
 def test_a_bad_value_is_one_line_naming_the_key_exit_2_and_no_folder(
-        args: list[str], names: list[str], tmp_path: Path) -> None:
+    args: list[str], names: list[str], tmp_path: Path
+) -> None:
     images, attributes = _images(tmp_path), _bad_attributes(tmp_path)
     empty = tmp_path / "empty"
     empty.mkdir()
     values = {"tmp": empty, "images": images, "attributes": attributes}
     run_root = tmp_path / "runs"
-    result = run_cli("isodiff.train", "tier=smoke", f"run_root={run_root}",
-                     *(a.format(**values) for a in args), HYDRA_FULL_ERROR="")
+    result = run_cli(
+        "isodiff.train",
+        "tier=smoke",
+        f"run_root={run_root}",
+        *(a.format(**values) for a in args),
+        HYDRA_FULL_ERROR="",
+    )
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
@@ -70,20 +83,28 @@ def test_a_bad_value_is_one_line_naming_the_key_exit_2_and_no_folder(
     assert not run_root.exists()
 
 
-@pytest.mark.parametrize(("arg", "names"), [
-    ("run={job}/status.json", ["is a file, not a run folder", "run={job}"]),
-    ("device=cuda", ["device='cuda'", "device=cpu"]),
-])
-def test_evaluate_refuses_a_file_as_run_and_a_missing_device(arg: str, names: list[str],
-                                                            tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("arg", "names"),
+    [
+        ("run={job}/status.json", ["is a file, not a run folder", "run={job}"]),
+        ("device=cuda", ["device='cuda'", "device=cpu"]),
+    ],
+)
+def test_evaluate_refuses_a_file_as_run_and_a_missing_device(
+    arg: str, names: list[str], tmp_path: Path
+) -> None:
     if arg.startswith("device") and torch.cuda.is_available():
         pytest.skip("a GPU is here")
     job = tmp_path / "job"
     job.mkdir()
     (job / "status.json").write_text('{"state": "done"}')
-    result = run_cli("isodiff.evaluate", arg.format(job=job) if "{" in arg else arg,
-                     *([] if arg.startswith("run") else [f"run={job}"]), "eval=smoke",
-                     HYDRA_FULL_ERROR="")
+    result = run_cli(
+        "isodiff.evaluate",
+        arg.format(job=job) if "{" in arg else arg,
+        *([] if arg.startswith("run") else [f"run={job}"]),
+        "eval=smoke",
+        HYDRA_FULL_ERROR="",
+    )
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
@@ -91,8 +112,9 @@ def test_evaluate_refuses_a_file_as_run_and_a_missing_device(arg: str, names: li
     assert sorted(p.name for p in job.iterdir()) == ["status.json"]  # nothing recorded
 
 
-def test_a_folder_that_cannot_be_listed_names_it(tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_folder_that_cannot_be_listed_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """rglob skipped unreadable folders without a word (part of the data); as root, chmod
     cannot make one, so listing it fails here as it would for another user."""
     root = _images(tmp_path)
@@ -118,8 +140,7 @@ def test_memory_check_names_data_size_and_its_limit() -> None:
     check_memory(DataConfig(name=DatasetName.folder, root="x", size=10**9), available=1)
 
 
-def test_an_error_inside_a_job_is_recorded_with_its_traceback_in_train_log(
-        tmp_path: Path) -> None:
+def test_an_error_inside_a_job_is_recorded_with_its_traceback_in_train_log(tmp_path: Path) -> None:
     cfg = compose_train(["tier=smoke"], tmp_path / "runs")
     run_dir = job_dir(cfg)
     run_dir.mkdir(parents=True)
@@ -139,16 +160,26 @@ def test_an_error_inside_a_job_is_recorded_with_its_traceback_in_train_log(
     assert "boom" in line and str(run_dir / "train.log") in line
 
 
-RUN = [sys.executable, "-m", "isodiff.train", "tier=smoke", "train.progress=false",
-       "train.steps=30", "train.checkpoint_every=3", "train.grid_samples=0"]
+RUN = [
+    sys.executable,
+    "-m",
+    "isodiff.train",
+    "tier=smoke",
+    "train.progress=false",
+    "train.steps=30",
+    "train.checkpoint_every=3",
+    "train.grid_samples=0",
+]
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_marks_the_job_interrupted_and_the_same_command_resumes_it(
-        signum: int, code: int, tmp_path: Path) -> None:
+    signum: int, code: int, tmp_path: Path
+) -> None:
     command = [*RUN, f"run_root={tmp_path / 'runs'}"]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 240
     while not list(tmp_path.glob("runs/*/*/*/checkpoints/step_*")):
         assert process.poll() is None and time.monotonic() < deadline, "no checkpoint"

@@ -52,12 +52,12 @@ def paired_gains(baseline: np.ndarray, treatment: np.ndarray, direction: str) ->
 def standard_error(gains: np.ndarray) -> float:
     """sd / sqrt(k), ddof 1 (nan below two pairs)."""
     gains = np.asarray(gains, float)
-    return float(np.std(gains, ddof=1) / math.sqrt(len(gains))) if len(gains) > 1 \
-        else math.nan
+    return float(np.std(gains, ddof=1) / math.sqrt(len(gains))) if len(gains) > 1 else math.nan
 
 
-def bootstrap_interval(gains: np.ndarray, resamples: int = RESAMPLES, seed: int = 0,
-                       level: float = LEVEL) -> tuple[float, float]:
+def bootstrap_interval(
+    gains: np.ndarray, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL
+) -> tuple[float, float]:
     """The percentile bootstrap interval of the mean: the k pairs resampled with replacement
     `resamples` times (numpy default_rng(seed)), the central `level` of the resampled means.
     Clipped to [min, max] of the gains, where every resampled mean lies (rounding aside)."""
@@ -68,8 +68,10 @@ def bootstrap_interval(gains: np.ndarray, resamples: int = RESAMPLES, seed: int 
     means = gains[rng.integers(0, len(gains), size=(resamples, len(gains)))].mean(axis=1)
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(means, [tail, 100 - tail])
-    return (float(np.clip(low, gains.min(), gains.max())),
-            float(np.clip(high, gains.min(), gains.max())))
+    return (
+        float(np.clip(low, gains.min(), gains.max())),
+        float(np.clip(high, gains.min(), gains.max())),
+    )
 
 
 def smallest_effect(smallest: dict[str, float], baseline_mean: float) -> float:
@@ -80,8 +82,9 @@ def smallest_effect(smallest: dict[str, float], baseline_mean: float) -> float:
     return float(smallest["relative"]) * abs(baseline_mean)
 
 
-def verdict(direction: str, mean: float, low: float, high: float, smallest: float,
-            pairs: int) -> str:
+def verdict(
+    direction: str, mean: float, low: float, high: float, smallest: float, pairs: int
+) -> str:
     """The spec's rule. Gains (lower/higher): reproduced when the interval excludes zero on
     the claimed side (low > 0) and the mean gain >= smallest; not reproduced when the
     interval's upper end is below the smallest (the runs could have detected it); else
@@ -90,8 +93,7 @@ def verdict(direction: str, mean: float, low: float, high: float, smallest: floa
     if pairs < MIN_PAIRS or not all(map(math.isfinite, (mean, low, high, smallest))):
         return INCONCLUSIVE
     if direction == "at_most":
-        return REPRODUCED if high < smallest else NOT_REPRODUCED if low > smallest \
-            else INCONCLUSIVE
+        return REPRODUCED if high < smallest else NOT_REPRODUCED if low > smallest else INCONCLUSIVE
     if low > 0 and mean >= smallest:
         return REPRODUCED
     return NOT_REPRODUCED if high < smallest else INCONCLUSIVE
@@ -114,8 +116,9 @@ class Effect:
     verdict: str
 
 
-def effect(baseline: np.ndarray, treatment: np.ndarray, direction: str,
-           smallest: dict[str, float]) -> Effect:
+def effect(
+    baseline: np.ndarray, treatment: np.ndarray, direction: str, smallest: dict[str, float]
+) -> Effect:
     """Paired baseline/treatment values (same seed at each index) -> the effect and verdict."""
     baseline, treatment = np.asarray(baseline, float), np.asarray(treatment, float)
     gains = paired_gains(baseline, treatment, direction)
@@ -125,10 +128,19 @@ def effect(baseline: np.ndarray, treatment: np.ndarray, direction: str,
     low, high = bootstrap_interval(gains)
     base_mean = float(baseline.mean()) if k else math.nan
     margin = smallest_effect(smallest, base_mean)
-    return Effect(k, base_mean, float(treatment.mean()) if k else math.nan, mean, se, low,
-                  high, margin, DETECTABLE_SES * se,
-                  float(np.std(baseline, ddof=1)) if k > 1 else math.nan,
-                  verdict(direction, mean, low, high, margin, k))
+    return Effect(
+        k,
+        base_mean,
+        float(treatment.mean()) if k else math.nan,
+        mean,
+        se,
+        low,
+        high,
+        margin,
+        DETECTABLE_SES * se,
+        float(np.std(baseline, ddof=1)) if k > 1 else math.nan,
+        verdict(direction, mean, low, high, margin, k),
+    )
 
 
 # ---- runs -> pairs ----------------------------------------------------------------------
@@ -180,9 +192,13 @@ def floor_of(rows: pd.DataFrame, metric: str) -> tuple[float, float] | None:
     """The metric's floor over the runs: the mean permutation floor and the mean of its s.d.
     where the runs store <metric>_floor and <metric>_floor_sd; FID's real-vs-real floor
     (fid_floor; s.d. nan); None otherwise."""
+
     def mean(column: str) -> float:
-        return float(pd.to_numeric(rows[column], errors="coerce").mean()) \
-            if column in rows else math.nan
+        return (
+            float(pd.to_numeric(rows[column], errors="coerce").mean())
+            if column in rows
+            else math.nan
+        )
 
     floor, spread = mean(f"{metric}_floor"), mean(f"{metric}_floor_sd")
     if math.isfinite(floor) and (math.isfinite(spread) or metric == "fid"):
@@ -197,8 +213,16 @@ def judge(merged: pd.DataFrame, claim: Claim, source: Spec, tier: str) -> list[R
     name = source.name
     base_sel = claim.baseline or source.control
     if not base_sel:
-        return [Result(claim, name, "–", "–", _selector(claim.treatment or {}) or "–",
-                       reason=f"{name} has no control and the claim names no baseline")]
+        return [
+            Result(
+                claim,
+                name,
+                "–",
+                "–",
+                _selector(claim.treatment or {}) or "–",
+                reason=f"{name} has no control and the claim names no baseline",
+            )
+        ]
     keys = set(base_sel) | set(claim.treatment or {})
     groups: dict[tuple[str, str], list[tuple[pd.Series, pd.Series | None]]] = {}
     base_rows: dict[tuple, pd.Series] = {}
@@ -215,51 +239,75 @@ def judge(merged: pd.DataFrame, claim: Claim, source: Spec, tier: str) -> list[R
         groups.setdefault(group, []).append((base_rows.get(pair_key), row))
     if not groups:
         planned = len(merged)
-        what = f"{planned} planned runs, none a treatment arm" if planned \
+        what = (
+            f"{planned} planned runs, none a treatment arm"
+            if planned
             else f"no planned runs at the {tier} tier"
-        return [Result(claim, name, "–", _selector(base_sel),
-                       _selector(claim.treatment or {}) or "–", reason=f"{name}: {what}")]
+        )
+        return [
+            Result(
+                claim,
+                name,
+                "–",
+                _selector(base_sel),
+                _selector(claim.treatment or {}) or "–",
+                reason=f"{name}: {what}",
+            )
+        ]
     results = []
     for (dataset, arm), members in groups.items():
         result = Result(claim, name, dataset, _selector(base_sel), arm)
         paired = [(b, t) for b, t in members if b is not None]
-        missing = [f"{r['_name']}: {why}" for pair in paired for r in pair
-                   if (why := _why_not(r, claim.metric))]
-        ok = [(b, t) for b, t in paired
-              if _why_not(b, claim.metric) is None and _why_not(t, claim.metric) is None]
+        missing = [
+            f"{r['_name']}: {why}"
+            for pair in paired
+            for r in pair
+            if (why := _why_not(r, claim.metric))
+        ]
+        ok = [
+            (b, t)
+            for b, t in paired
+            if _why_not(b, claim.metric) is None and _why_not(t, claim.metric) is None
+        ]
         if not paired:
             result.reason = f"{name}: no baseline run ({_selector(base_sel)}) pairs with {arm}"
         elif not ok and all(m.endswith(f": no {claim.metric}") for m in missing):
-            result.reason = (f"{name}: no planned run stores {claim.metric} "
-                             f"({len(paired)} pairs planned)")
+            result.reason = (
+                f"{name}: no planned run stores {claim.metric} ({len(paired)} pairs planned)"
+            )
         elif not ok and all(m.endswith(": not run") for m in missing):
-            result.reason = (f"{name}: not run ({len(paired)} pairs planned): "
-                             f"`python -m isodiff.sweep {name} tier={tier}`")
+            result.reason = (
+                f"{name}: not run ({len(paired)} pairs planned): "
+                f"`python -m isodiff.sweep {name} tier={tier}`"
+            )
         elif missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            result.reason = (f"{name}: {len(ok)} of {len(paired)} pairs measured; "
-                             f"{missing[0]}{more}")
+            result.reason = f"{name}: {len(ok)} of {len(paired)} pairs measured; {missing[0]}{more}"
         if ok:
             base = np.array([float(b[claim.metric]) for b, _ in ok])
             treat = np.array([float(t[claim.metric]) for _, t in ok])
             result.effect = effect(base, treat, claim.direction, claim.smallest)
-            result.floor = floor_of(pd.DataFrame([r for pair in ok for r in pair]),
-                                    claim.metric)
-            result.cited = [(str(t["_point"].get("seed", "–")), f"{tier}/{b['_job']}",
-                             f"{tier}/{t['_job']}") for b, t in ok]
+            result.floor = floor_of(pd.DataFrame([r for pair in ok for r in pair]), claim.metric)
+            result.cited = [
+                (str(t["_point"].get("seed", "–")), f"{tier}/{b['_job']}", f"{tier}/{t['_job']}")
+                for b, t in ok
+            ]
         results.append(result)
     return results
 
 
-def judge_all(df: pd.DataFrame, spec: Spec, tier: str, ids: list[str] | None = None
-              ) -> list[Result]:
+def judge_all(
+    df: pd.DataFrame, spec: Spec, tier: str, ids: list[str] | None = None
+) -> list[Result]:
     """Every claim of the spec (or those named) on the collected runs (collect_runs of
     <run_root>/<tier>), each source's planned runs joined once (analysis.tables.spec_rows:
     the plan its sweep wrote, else the one it would compile)."""
     claims = [c for c in spec.claims if not ids or c.id in ids]
     if ids and (unknown := sorted(set(ids) - {c.id for c in claims})):
-        raise UserError(f"no claim {unknown[0]!r} in {spec.name}; the claims are "
-                        f"{', '.join(c.id for c in spec.claims)}")
+        raise UserError(
+            f"no claim {unknown[0]!r} in {spec.name}; the claims are "
+            f"{', '.join(c.id for c in spec.claims)}"
+        )
     sources: dict[str, tuple[Spec, pd.DataFrame]] = {}
     results = []
     for claim in claims:
@@ -282,8 +330,11 @@ def _floor_text(floor: tuple[float, float] | None) -> str:
     if floor is None:
         return ""
     mean, spread = floor
-    return f"{_g(mean)} ± {_g(spread, '.2g')}" if math.isfinite(spread) \
+    return (
+        f"{_g(mean)} ± {_g(spread, '.2g')}"
+        if math.isfinite(spread)
         else f"{_g(mean)} (real vs real)"
+    )
 
 
 def _cell(text: str) -> str:
@@ -297,18 +348,28 @@ FOOTNOTE = (
     "shrinks by sqrt((k-1)/k)) and uses normal rather than t quantiles, so for Gaussian "
     "gains its nominal 95 % covers the true mean only about 75 % of the time at k = 3, 85 % "
     "at k = 5 and 90 % at k = 10. A verdict from 3-5 pairs is provisional; the detectable "
-    "effect (2.8 SE) says how large an effect these runs could have found.")
+    "effect (2.8 SE) says how large an effect these runs could have found."
+)
 
 
 def to_markdown(results: list[Result], spec: Spec, tier: str) -> str:
-    lines = [f"# {spec.title}", "", f"Tier: `{tier}`. Source of the claims: "
-             f"`experiments/{spec.name}.yaml`; each claim judged on the runs of its source "
-             f"table (default {DEFAULT_SOURCE}).", "", f"**Rule.** {spec.rule}", "",
-             "Effect: the mean over seed pairs of the gain in the claimed direction (a cost, "
-             "treatment minus baseline, for `at_most`), ± its standard error.", "",
-             "| claim | dataset | metric (direction) | baseline → treatment | effect ± SE | "
-             "95 % interval¹ | smallest | detectable (2.8 SE) | floor | seed spread | pairs | "
-             "verdict |", "|" + "---|" * 12]
+    lines = [
+        f"# {spec.title}",
+        "",
+        f"Tier: `{tier}`. Source of the claims: "
+        f"`experiments/{spec.name}.yaml`; each claim judged on the runs of its source "
+        f"table (default {DEFAULT_SOURCE}).",
+        "",
+        f"**Rule.** {spec.rule}",
+        "",
+        "Effect: the mean over seed pairs of the gain in the claimed direction (a cost, "
+        "treatment minus baseline, for `at_most`), ± its standard error.",
+        "",
+        "| claim | dataset | metric (direction) | baseline → treatment | effect ± SE | "
+        "95 % interval¹ | smallest | detectable (2.8 SE) | floor | seed spread | pairs | "
+        "verdict |",
+        "|" + "---|" * 12,
+    ]
     for r in results:
         c, e = r.claim, r.effect
         comparison = f" ({r.baseline} → {r.arm})" if r.arm != "–" else ""
@@ -316,44 +377,80 @@ def to_markdown(results: list[Result], spec: Spec, tier: str) -> str:
         if e is None:
             numbers = ["–"] * 7 + ["0"]
         else:
-            numbers = [f"{_g(e.baseline_mean, '.4g')} → {_g(e.treatment_mean, '.4g')}",
-                       f"{_g(e.mean, '+.3g')} ± {_g(e.se, '.2g')}",
-                       f"[{_g(e.low, '+.3g')}, {_g(e.high, '+.3g')}]",
-                       _g(e.smallest), _g(e.detectable), _floor_text(r.floor),
-                       _g(e.seed_spread, ".2g"), str(e.pairs)]
-        cells = [f"`{c.id}`: {c.text}{comparison}", r.dataset, f"`{c.metric}` ({c.direction})",
-                 *numbers, verdict_cell]
+            numbers = [
+                f"{_g(e.baseline_mean, '.4g')} → {_g(e.treatment_mean, '.4g')}",
+                f"{_g(e.mean, '+.3g')} ± {_g(e.se, '.2g')}",
+                f"[{_g(e.low, '+.3g')}, {_g(e.high, '+.3g')}]",
+                _g(e.smallest),
+                _g(e.detectable),
+                _floor_text(r.floor),
+                _g(e.seed_spread, ".2g"),
+                str(e.pairs),
+            ]
+        cells = [
+            f"`{c.id}`: {c.text}{comparison}",
+            r.dataset,
+            f"`{c.metric}` ({c.direction})",
+            *numbers,
+            verdict_cell,
+        ]
         lines.append("| " + " | ".join(_cell(x) for x in cells) + " |")
-    lines += ["", "## Runs cited", "", "Each pair: seed, baseline run, treatment run (folders "
-              "relative to the run root).", ""]
+    lines += [
+        "",
+        "## Runs cited",
+        "",
+        "Each pair: seed, baseline run, treatment run (folders relative to the run root).",
+        "",
+    ]
     for r in results:
         if r.cited:
             lines += [f"- `{r.claim.id}`, {r.dataset} ({r.source}, {r.baseline} → {r.arm}):"]
-            lines += [f"  - seed {seed}: `{base}` vs `{treated}`" for seed, base, treated
-                      in r.cited]
+            lines += [
+                f"  - seed {seed}: `{base}` vs `{treated}`" for seed, base, treated in r.cited
+            ]
     lines += ["", f"¹ {FOOTNOTE}", ""]
     return "\n".join(lines)
 
 
 def to_frame(results: list[Result]) -> pd.DataFrame:
     """The register's numbers, one row per result (nan where not measured)."""
-    numbers = ["baseline_mean", "treatment_mean", "mean", "se", "low", "high",
-               "smallest", "detectable", "seed_spread"]
+    numbers = [
+        "baseline_mean",
+        "treatment_mean",
+        "mean",
+        "se",
+        "low",
+        "high",
+        "smallest",
+        "detectable",
+        "seed_spread",
+    ]
     records = []
     for r in results:
         floor = r.floor or (math.nan, math.nan)
-        records.append({"claim": r.claim.id, "source": r.source, "dataset": r.dataset,
-                        "metric": r.claim.metric, "direction": r.claim.direction,
-                        "baseline": r.baseline, "treatment": r.arm,
-                        **{k: getattr(r.effect, k) if r.effect else math.nan for k in numbers},
-                        "pairs": r.effect.pairs if r.effect else 0,
-                        "floor": floor[0], "floor_sd": floor[1], "verdict": r.verdict,
-                        "reason": r.reason})
+        records.append(
+            {
+                "claim": r.claim.id,
+                "source": r.source,
+                "dataset": r.dataset,
+                "metric": r.claim.metric,
+                "direction": r.claim.direction,
+                "baseline": r.baseline,
+                "treatment": r.arm,
+                **{k: getattr(r.effect, k) if r.effect else math.nan for k in numbers},
+                "pairs": r.effect.pairs if r.effect else 0,
+                "floor": floor[0],
+                "floor_sd": floor[1],
+                "verdict": r.verdict,
+                "reason": r.reason,
+            }
+        )
     return pd.DataFrame(records)
 
 
-def write_claims(run_root: Path, tier: str, out: Path, ids: list[str] | None = None,
-                 spec_name: str = "claims") -> list[Path]:
+def write_claims(
+    run_root: Path, tier: str, out: Path, ids: list[str] | None = None, spec_name: str = "claims"
+) -> list[Path]:
     """Judge every claim on <run_root>/<tier> and write out/<tier>/claims.{md,csv}."""
     spec = load_spec(spec_name)
     results = judge_all(collect_runs(run_root / tier), spec, tier, ids)

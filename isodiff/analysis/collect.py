@@ -43,8 +43,11 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def metric_values(metrics_json: dict[str, Any]) -> dict[str, float]:
     """metrics.json {"metrics": {metric: {"values": {name: number}, ...}}} -> {name: number}
     (see isodiff.evaluate.measure)."""
-    return {name: value for entry in metrics_json.get("metrics", {}).values()
-            for name, value in entry.get("values", {}).items()}
+    return {
+        name: value
+        for entry in metrics_json.get("metrics", {}).values()
+        for name, value in entry.get("values", {}).items()
+    }
 
 
 def job_row(run_dir: Path) -> dict[str, Any]:
@@ -59,8 +62,9 @@ def job_row(run_dir: Path) -> dict[str, Any]:
     try:
         loaded = yaml.load(config.read_text(), Loader=_Loader) if config.exists() else {}
         if not isinstance(loaded or {}, dict):  # a hand edit: the row keeps no config
-            problems.append(f"{config} is unreadable (a YAML {type(loaded).__name__}, not a "
-                            "mapping)")
+            problems.append(
+                f"{config} is unreadable (a YAML {type(loaded).__name__}, not a mapping)"
+            )
         else:
             cfg = flatten(loaded or {})
     except yaml.YAMLError as err:
@@ -72,29 +76,45 @@ def job_row(run_dir: Path) -> dict[str, Any]:
         problems.append(str(err))
     if stale := stale_metrics(record, status):  # never shown as numbers of these weights
         problems.append(f"{', '.join(stale)} measured other weights (evaluate the run again)")
-        record = {**record, "metrics": {k: v for k, v in record["metrics"].items()
-                                        if k not in stale}}
+        record = {
+            **record,
+            "metrics": {k: v for k, v in record["metrics"].items() if k not in stale},
+        }
     # A failure of the environment (device, memory) is not the run's problem: listed apart,
     # and not at all once a metric of the same weights and protocol supersedes it.
     failures = open_failures(record)
-    problems += [f"{name} failed: {failure['error']}" for name, failure in failures.items()
-                 if cause_of(failure) != "environment"]
-    environment = [f"{name} failed outside the run: {failure['error']} (evaluate it again "
-                   "where the device and memory are there)" for name, failure in failures.items()
-                   if cause_of(failure) == "environment"]
-    return {"path": str(run_dir), "job": run_dir.name,
-            **{k: status.get(k) for k in STATUS_COLUMNS}, "state": state,  # weights checked
-            "problem": "; ".join(problems) or None,
-            "environment": "; ".join(environment) or None,
-            **{f"cfg.{k}": v for k, v in cfg.items()}, **metric_values(record)}
+    problems += [
+        f"{name} failed: {failure['error']}"
+        for name, failure in failures.items()
+        if cause_of(failure) != "environment"
+    ]
+    environment = [
+        f"{name} failed outside the run: {failure['error']} (evaluate it again "
+        "where the device and memory are there)"
+        for name, failure in failures.items()
+        if cause_of(failure) == "environment"
+    ]
+    return {
+        "path": str(run_dir),
+        "job": run_dir.name,
+        **{k: status.get(k) for k in STATUS_COLUMNS},
+        "state": state,  # weights checked
+        "problem": "; ".join(problems) or None,
+        "environment": "; ".join(environment) or None,
+        **{f"cfg.{k}": v for k, v in cfg.items()},
+        **metric_values(record),
+    }
 
 
 def collect_runs(root: str | Path) -> pd.DataFrame:
     """One row per job folder (a folder holding status.json) under root (a tier's folder:
     <run_root>/<tier>, whose plans/ say which runs belong to which table)."""
     rows = [job_row(marker.parent) for marker in sorted(Path(root).rglob("status.json"))]
-    df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=["path", "job", *STATUS_COLUMNS,
-                                                               "problem", "environment"])
+    df = (
+        pd.DataFrame(rows)
+        if rows
+        else pd.DataFrame(columns=["path", "job", *STATUS_COLUMNS, "problem", "environment"])
+    )
     df.attrs["root"] = str(root)  # where tables find the plans of these runs
     return df
 
@@ -118,8 +138,10 @@ def main(argv: list[str]) -> int:
         print(f"PROBLEM {job.path}: {job.problem}")
     for _, job in jobs[jobs.environment.notna()].iterrows():
         print(f"ENVIRONMENT {job.path}: {job.environment}")
-    print(f"{(jobs.state == 'done').sum()} done, {len(failed)} failed, "
-          f"{(~jobs.state.isin(['done', 'failed'])).sum()} running or not started, under {root}")
+    print(
+        f"{(jobs.state == 'done').sum()} done, {len(failed)} failed, "
+        f"{(~jobs.state.isin(['done', 'failed'])).sum()} running or not started, under {root}"
+    )
     return 0
 
 

@@ -48,8 +48,9 @@ def _array(run_dir: Path, metric: str, key: str) -> np.ndarray | None:
         return arrays.get(key)
 
 
-def curves(df: pd.DataFrame, spec: Spec, tier: str, metric: str, key: str
-           ) -> dict[str, list[np.ndarray]]:
+def curves(
+    df: pd.DataFrame, spec: Spec, tier: str, metric: str, key: str
+) -> dict[str, list[np.ndarray]]:
     """label -> the array `key` of eval/<metric>.npz of every finished job of that setting."""
     source, done = _done(df, spec, tier)
     found: dict[str, list[np.ndarray]] = {}
@@ -72,8 +73,10 @@ def _band(ax: plt.Axes, x: np.ndarray, per_run: list[np.ndarray], label: str) ->
 
 def rtl_vs_t(df: pd.DataFrame, spec: Spec, tier: str, ax: plt.Axes) -> bool:
     """Figure 4: RTL at each DDIM timestep (1 = a straight path in h)."""
-    rtl, timesteps = curves(df, spec, tier, "rtl", "rtl"), curves(df, spec, tier, "rtl",
-                                                                 "timesteps")
+    rtl, timesteps = (
+        curves(df, spec, tier, "rtl", "rtl"),
+        curves(df, spec, tier, "rtl", "timesteps"),
+    )
     for label, runs in rtl.items():
         _band(ax, timesteps[label][0], runs, label)
     ax.set(xlabel="DDIM timestep t", ylabel="relative trajectory length", xlim=(1000, 0))
@@ -94,14 +97,19 @@ def jacobian_spectra(df: pd.DataFrame, spec: Spec, tier: str, ax: plt.Axes) -> b
     spectra = curves(df, spec, tier, "jacobian", "singular_values_t999")
     for label, runs in spectra.items():
         _band(ax, np.arange(1, runs[0].shape[-1] + 1), runs, label)
-    ax.set(xlabel="index, decreasing (all of them when exact; Lanczos: top-k, bottom-k)",
-           ylabel="singular value of dh/dx_T", yscale="log")
+    ax.set(
+        xlabel="index, decreasing (all of them when exact; Lanczos: top-k, bottom-k)",
+        ylabel="singular value of dh/dx_T",
+        yscale="log",
+    )
     return bool(spectra)
 
 
 PLOTS: dict[str, Callable[[pd.DataFrame, Spec, str, plt.Axes], bool]] = {
-    "rtl_vs_t": rtl_vs_t, "interp_smoothness": interp_smoothness,
-    "jacobian_spectra": jacobian_spectra}
+    "rtl_vs_t": rtl_vs_t,
+    "interp_smoothness": interp_smoothness,
+    "jacobian_spectra": jacobian_spectra,
+}
 
 
 @dataclass
@@ -115,8 +123,9 @@ class Arm:
 
 def _is_control(source: Spec, pairs: list[tuple[str, object]]) -> bool:
     given = {k: canonical(v) for k, v in pairs}
-    return bool(source.control) and all(given.get(k) == canonical(v)
-                                        for k, v in source.control.items())
+    return bool(source.control) and all(
+        given.get(k) == canonical(v) for k, v in source.control.items()
+    )
 
 
 def _arm_label(source: Spec, pairs: list[tuple[str, object]]) -> str:
@@ -134,7 +143,8 @@ def arms(df: pd.DataFrame, spec: Spec, tier: str) -> dict[str, list[Arm]]:
         pairs = [p for p in row["_row"] if p[0] in spec.rows and p[0] != "data.name"]
         label = _arm_label(source, pairs)
         arm = found.setdefault(dict(row["_row"])["data.name"], {}).setdefault(
-            label, Arm(label, _is_control(source, pairs)))
+            label, Arm(label, _is_control(source, pairs))
+        )
         arm.runs.append((int(row["cfg.seed"]), Path(row["path"])))
     for by_label in found.values():
         for arm in by_label.values():
@@ -178,16 +188,24 @@ def _picture(ax: plt.Axes, picture: np.ndarray | None, title: str) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
     if picture is None:
-        ax.text(0.5, 0.5, "not stored: evaluate the run again", ha="center", va="center",
-                fontsize=8, transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "not stored: evaluate the run again",
+            ha="center",
+            va="center",
+            fontsize=8,
+            transform=ax.transAxes,
+        )
     elif picture.ndim == 2:
         ax.imshow(picture, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     else:
         ax.imshow(picture, interpolation="nearest")
 
 
-def _panels(spec: Spec, tier: str, heights: list[float], width: float
-            ) -> tuple[Figure, list[SubFigure]]:
+def _panels(
+    spec: Spec, tier: str, heights: list[float], width: float
+) -> tuple[Figure, list[SubFigure]]:
     """A figure titled by the spec with one subfigure a dataset (heights in inches)."""
     fig = plt.figure(figsize=(width, sum(heights) + 0.4), layout="constrained")
     fig.suptitle(f"{spec.title} ({tier})", fontsize=10)
@@ -201,18 +219,25 @@ def _same_pairs_title(dataset: str, shown: list[tuple[int, Path, np.ndarray]]) -
     seeds = sorted({str(_eval_seed(run_dir, "interp")) for _, run_dir, _ in shown})
     pairs = max(len(frames) for _, _, frames in shown)
     if len(seeds) > 1:
-        return (f"{dataset}: WARNING: the arms' evaluation seeds differ ({', '.join(seeds)}), "
-                "so their x_T pairs are not the same")
-    return f"{dataset}: slerp between the same x_T pairs 0-{pairs - 1} (evaluation seed " \
-           f"{seeds[0]}), a pair a row, w = 0 to 1 left to right"
+        return (
+            f"{dataset}: WARNING: the arms' evaluation seeds differ ({', '.join(seeds)}), "
+            "so their x_T pairs are not the same"
+        )
+    return (
+        f"{dataset}: slerp between the same x_T pairs 0-{pairs - 1} (evaluation seed "
+        f"{seeds[0]}), a pair a row, w = 0 to 1 left to right"
+    )
 
 
 def interp_strips(df: pd.DataFrame, spec: Spec, tier: str) -> Figure | None:
     """Figure 5: per dataset, slerp frames between the same x_T pairs for each arm (its
     lowest training seed) beside the LPIPS between adjacent frames (mean ± std over all
     the arm's seeds)."""
-    by_dataset = {d: a for d, a in arms(df, spec, tier).items()
-                  if any(_shown(arm, "interp", "slerp_frames") for arm in a)}
+    by_dataset = {
+        d: a
+        for d, a in arms(df, spec, tier).items()
+        if any(_shown(arm, "interp", "slerp_frames") for arm in a)
+    }
     if not by_dataset:
         return None
     fig, subfigs = _panels(spec, tier, [2.4 * len(a) + 0.4 for a in by_dataset.values()], 12)
@@ -223,10 +248,16 @@ def interp_strips(df: pd.DataFrame, spec: Spec, tier: str) -> Figure | None:
         for i, arm in enumerate(dataset_arms):
             found = _shown(arm, "interp", "slerp_frames")
             shown += [found] if found else []
-            _picture(subfig.add_subplot(grid[i, 0]), _strip(found[2]) if found else None,
-                     f"{arm.label}, training seed {found[0] if found else '-'}")
-            adjacent = [a for _, run_dir in arm.runs
-                        if (a := _array(run_dir, "interp", "slerp_adjacent")) is not None]
+            _picture(
+                subfig.add_subplot(grid[i, 0]),
+                _strip(found[2]) if found else None,
+                f"{arm.label}, training seed {found[0] if found else '-'}",
+            )
+            adjacent = [
+                a
+                for _, run_dir in arm.runs
+                if (a := _array(run_dir, "interp", "slerp_adjacent")) is not None
+            ]
             if adjacent:
                 _band(curve, np.arange(1, adjacent[0].shape[-1] + 1), adjacent, arm.label)
         curve.set(xlabel="frame pair (k, k+1)", ylabel="LPIPS between adjacent frames")
@@ -238,8 +269,10 @@ def interp_strips(df: pd.DataFrame, spec: Spec, tier: str) -> Figure | None:
 def _sources_title(dataset: str, sources: list[np.ndarray], first: str) -> str:
     """What the sources row shows, and a warning when the arms inverted other images."""
     if all(np.array_equal(sources[0], s) for s in sources[1:]):
-        return f"{dataset}: DDIM inversion and regeneration of {len(sources[0])} held-out " \
-               "images, the same for every arm"
+        return (
+            f"{dataset}: DDIM inversion and regeneration of {len(sources[0])} held-out "
+            "images, the same for every arm"
+        )
     return f"{dataset}: WARNING: the arms' source images differ; shown: those of {first}"
 
 
@@ -248,21 +281,26 @@ def inversion(df: pd.DataFrame, spec: Spec, tier: str) -> Figure | None:
     (its lowest training seed), the control last."""
     by_dataset = {}
     for dataset, dataset_arms in arms(df, spec, tier).items():
-        shown = [(arm, found) for arm in sorted(dataset_arms, key=lambda a: a.control)
-                 if (found := _shown(arm, "inversion", "reconstructions"))]
+        shown = [
+            (arm, found)
+            for arm in sorted(dataset_arms, key=lambda a: a.control)
+            if (found := _shown(arm, "inversion", "reconstructions"))
+        ]
         if shown:
             by_dataset[dataset] = shown
     if not by_dataset:
         return None
-    fig, subfigs = _panels(spec, tier, [1.1 * (len(s) + 1) + 0.4 for s in by_dataset.values()],
-                           8)
+    fig, subfigs = _panels(spec, tier, [1.1 * (len(s) + 1) + 0.4 for s in by_dataset.values()], 8)
     for subfig, (dataset, shown) in zip(subfigs, by_dataset.items(), strict=True):
         sources = [_array(run_dir, "inversion", "sources") for _, (_, run_dir, _) in shown]
         axes = subfig.subplots(len(shown) + 1, 1, squeeze=False)[:, 0]
         _picture(axes[0], _strip(sources[0][None]), "held-out sources (test split)")
         for ax, (arm, (seed, _, reconstructions)) in zip(axes[1:], shown, strict=True):
-            _picture(ax, _strip(reconstructions[None]),
-                     f"{arm.label}: reconstructions, training seed {seed}")
+            _picture(
+                ax,
+                _strip(reconstructions[None]),
+                f"{arm.label}: reconstructions, training seed {seed}",
+            )
         subfig.suptitle(_sources_title(dataset, sources, shown[0][0].label), fontsize=9)
     return fig
 
@@ -276,8 +314,10 @@ def _edit_caption(run_dir: Path, array: str) -> str:
     targets = protocol.get("targets_used", [])
     if array.startswith("grid"):
         alphas = ", ".join(f"{a:g}" for a in protocol.get("grid_strengths", []))
-        return (f"a v({targets[0] if targets else '1st'}) down, b v("
-                f"{targets[1] if len(targets) > 1 else '2nd'}) across, a, b = {alphas}")
+        return (
+            f"a v({targets[0] if targets else '1st'}) down, b v("
+            f"{targets[1] if len(targets) > 1 else '2nd'}) across, a, b = {alphas}"
+        )
     alphas = ", ".join(f"{a:g}" for a in protocol.get("strengths", []))
     return f"a sample a row; v({targets[0] if targets else '1st'}), alpha = {alphas}"
 
@@ -290,15 +330,22 @@ def edit_pictures(df: pd.DataFrame, spec: Spec, tier: str) -> Figure | None:
         raise ValueError(f"{spec.name}: figure=edit_pictures needs `array` (e.g. strip_xT_svm)")
     by_dataset = {}
     for dataset, dataset_arms in arms(df, spec, tier).items():
-        shown = [(arm, found) for arm in sorted(dataset_arms, key=lambda a: not a.control)
-                 if (found := _shown(arm, "linearity", spec.array))]
+        shown = [
+            (arm, found)
+            for arm in sorted(dataset_arms, key=lambda a: not a.control)
+            if (found := _shown(arm, "linearity", spec.array))
+        ]
         if shown:
             by_dataset[dataset] = shown
     if not by_dataset:
         return None
     rows = max(found[2].shape[0] for shown in by_dataset.values() for _, found in shown)
-    fig, subfigs = _panels(spec, tier, [0.5 * rows + 0.8] * len(by_dataset),
-                           4.2 * max(len(s) for s in by_dataset.values()))
+    fig, subfigs = _panels(
+        spec,
+        tier,
+        [0.5 * rows + 0.8] * len(by_dataset),
+        4.2 * max(len(s) for s in by_dataset.values()),
+    )
     for subfig, (dataset, shown) in zip(subfigs, by_dataset.items(), strict=True):
         axes = subfig.subplots(1, len(shown), squeeze=False)[0]
         for ax, (arm, (seed, _, images)) in zip(axes, shown, strict=True):
@@ -337,8 +384,12 @@ def training_curve(df: pd.DataFrame, spec: Spec, tier: str) -> Figure | None:
             mean, std = runs.mean(axis=1), runs.std(axis=1).fillna(0)
             ax.plot(mean.index, mean, marker="o", ms=2, label=f"{label} (n={len(curves_)})")
             ax.fill_between(mean.index, mean - std, mean + std, alpha=0.2)
-        ax.set(title=dataset, xlabel="fine-tune step", yscale="log",
-               ylabel="held-out L_iso x min(n-1, m) (1 = best)")
+        ax.set(
+            title=dataset,
+            xlabel="fine-tune step",
+            yscale="log",
+            ylabel="held-out L_iso x min(n-1, m) (1 = best)",
+        )
         ax.legend(fontsize=6)
     fig.suptitle(f"{spec.title} ({tier})", fontsize=10)
     fig.tight_layout()
@@ -353,12 +404,17 @@ def steps_curve(df: pd.DataFrame, spec: Spec, tier: str) -> Figure | None:
     if done.empty or "cfg.train.steps" not in done:
         return None
     datasets = list(dict.fromkeys(done["cfg.data.name"]))
-    fig, axes = plt.subplots(len(spec.metrics), len(datasets), squeeze=False,
-                             figsize=(3.4 * len(datasets), 2.2 * len(spec.metrics)))
+    fig, axes = plt.subplots(
+        len(spec.metrics),
+        len(datasets),
+        squeeze=False,
+        figsize=(3.4 * len(datasets), 2.2 * len(spec.metrics)),
+    )
     for col, dataset in enumerate(datasets):
         runs = done[done["cfg.data.name"] == dataset]
-        labels = [_arm_label(source, [p for p in pairs if p[0] in spec.rows])
-                  for pairs in runs["_row"]]
+        labels = [
+            _arm_label(source, [p for p in pairs if p[0] in spec.rows]) for pairs in runs["_row"]
+        ]
         for row, metric in enumerate(spec.metrics):
             ax = axes[row, col]
             for label, arm in runs.groupby(labels, sort=False):
@@ -366,11 +422,21 @@ def steps_curve(df: pd.DataFrame, spec: Spec, tier: str) -> Figure | None:
                 for column, style in ((metric, "-o"), (f"{metric}_floor", ":")):
                     if column not in arm:
                         continue
-                    stats = pd.to_numeric(arm[column], errors="coerce").groupby(
-                        steps).agg(["mean", "std"]).dropna(subset=["mean"])
-                    ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0),
-                                fmt=style, ms=3, capsize=2, label=label if style == "-o"
-                                else f"{label}: floor")
+                    stats = (
+                        pd.to_numeric(arm[column], errors="coerce")
+                        .groupby(steps)
+                        .agg(["mean", "std"])
+                        .dropna(subset=["mean"])
+                    )
+                    ax.errorbar(
+                        stats.index,
+                        stats["mean"],
+                        yerr=stats["std"].fillna(0),
+                        fmt=style,
+                        ms=3,
+                        capsize=2,
+                        label=label if style == "-o" else f"{label}: floor",
+                    )
             ax.set_xscale("log")
             ax.set_ylabel(metric, fontsize=8)
             if row == 0:
@@ -385,8 +451,12 @@ def steps_curve(df: pd.DataFrame, spec: Spec, tier: str) -> Figure | None:
 
 # Picture figures lay out their own panels (a subfigure a dataset); None: nothing to draw.
 PANELS: dict[str, Callable[[pd.DataFrame, Spec, str], Figure | None]] = {
-    "interp_strips": interp_strips, "inversion": inversion, "edit_pictures": edit_pictures,
-    "steps_curve": steps_curve, "training_curve": training_curve}
+    "interp_strips": interp_strips,
+    "inversion": inversion,
+    "edit_pictures": edit_pictures,
+    "steps_curve": steps_curve,
+    "training_curve": training_curve,
+}
 
 
 def _plot(df: pd.DataFrame, spec: Spec, tier: str) -> Figure | None:
@@ -407,8 +477,9 @@ def render_figure(df: pd.DataFrame, spec: Spec, tier: str, out_dir: Path) -> lis
     elif spec.figure in PLOTS:
         fig = _plot(df, spec, tier)
     else:
-        raise ValueError(f"{spec.name}: figure={spec.figure!r}; known: "
-                         f"{', '.join([*PLOTS, *PANELS])}")
+        raise ValueError(
+            f"{spec.name}: figure={spec.figure!r}; known: {', '.join([*PLOTS, *PANELS])}"
+        )
     if fig is None:
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -419,8 +490,7 @@ def render_figure(df: pd.DataFrame, spec: Spec, tier: str, out_dir: Path) -> lis
     return paths
 
 
-def render_all(run_root: Path, tier: str, out: Path, names: list[str] | None = None
-               ) -> list[Path]:
+def render_all(run_root: Path, tier: str, out: Path, names: list[str] | None = None) -> list[Path]:
     df = collect_runs(run_root / tier)
     specs = [load_spec(n) for n in names] if names else all_specs()
     written = []

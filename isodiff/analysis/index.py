@@ -27,8 +27,9 @@ def _link(path: Path, page_dir: Path) -> str:
 
 def _demote(markdown: str) -> str:
     """Headings two levels down: a table's '# name: title' goes under the page's Tables."""
-    return "\n".join(f"##{line}" if line.startswith("#") else line
-                     for line in markdown.strip().splitlines())
+    return "\n".join(
+        f"##{line}" if line.startswith("#") else line for line in markdown.strip().splitlines()
+    )
 
 
 def claims_link(page_dir: Path) -> list[str]:
@@ -37,8 +38,11 @@ def claims_link(page_dir: Path) -> list[str]:
     if not (page_dir / "claims.md").is_file():
         return []
     link = _link(page_dir / "claims.md", page_dir)
-    return [f"**The paper's claims, tested:** [claims.md]({link}) (each claim's paired effect "
-            "over seeds, its interval and verdict).", ""]
+    return [
+        f"**The paper's claims, tested:** [claims.md]({link}) (each claim's paired effect "
+        "over seeds, its interval and verdict).",
+        "",
+    ]
 
 
 def tables_section(page_dir: Path) -> list[str]:
@@ -48,8 +52,11 @@ def tables_section(page_dir: Path) -> list[str]:
     if not tables:
         return [*lines, "No tables yet: run `python -m isodiff.analysis.tables`.", ""]
     for path in tables:
-        others = [f"[{suffix[1:]}]({_link(path.with_suffix(suffix), page_dir)})"
-                  for suffix in (".tex", ".csv") if path.with_suffix(suffix).is_file()]
+        others = [
+            f"[{suffix[1:]}]({_link(path.with_suffix(suffix), page_dir)})"
+            for suffix in (".tex", ".csv")
+            if path.with_suffix(suffix).is_file()
+        ]
         lines += [_demote(path.read_text()), ""]
         lines += [f"Also as {', '.join(others)}.", ""] if others else []
     return lines
@@ -64,8 +71,12 @@ def figures_section(page_dir: Path) -> list[str]:
     titles = {spec.name: spec.title for spec in all_specs()}
     for path in figures:
         title = titles.get(path.stem, path.stem)
-        lines += [f"### {path.stem}: {title}" if path.stem in titles else f"### {title}", "",
-                  f"![{title}]({_link(path, page_dir)})", ""]
+        lines += [
+            f"### {path.stem}: {title}" if path.stem in titles else f"### {title}",
+            "",
+            f"![{title}]({_link(path, page_dir)})",
+            "",
+        ]
     return lines
 
 
@@ -80,8 +91,12 @@ def _copy_samples(run_dir: Path, copy: Path) -> bool:
 
 def samples_section(run_root: Path, tier: str, page_dir: Path) -> list[str]:
     """A table per dataset: every evaluated run (one with metrics.json) and its samples."""
-    lines = ["## Samples", "", "DDIM samples of each evaluated run's weights, from the same "
-             "x_T in every run.", ""]
+    lines = [
+        "## Samples",
+        "",
+        "DDIM samples of each evaluated run's weights, from the same x_T in every run.",
+        "",
+    ]
     by_dataset: dict[str, list[Path]] = {}
     for _, row in collect_runs(run_root / tier).iterrows():
         if (Path(row["path"]) / "metrics.json").is_file():
@@ -92,8 +107,11 @@ def samples_section(run_root: Path, tier: str, page_dir: Path) -> list[str]:
         lines += [f"### {dataset}", "", "| run | samples |", "|---|---|"]
         for run_dir in run_dirs:
             copy = page_dir / "samples" / dataset / f"{run_dir.name}.png"
-            shown = f"![samples]({_link(copy, page_dir)})" \
-                if _copy_samples(run_dir, copy) else "no samples.png in the run folder"
+            shown = (
+                f"![samples]({_link(copy, page_dir)})"
+                if _copy_samples(run_dir, copy)
+                else "no samples.png in the run folder"
+            )
             lines.append(f"| `{run_dir.name}` | {shown} |")
         lines.append("")
     return lines
@@ -103,12 +121,17 @@ def write_index(run_root: Path, tier: str, out: Path) -> Path:
     """Write out/<tier>/index.md from what out/<tier>/ and run_root/<tier>/ hold now."""
     page_dir = out / tier
     page_dir.mkdir(parents=True, exist_ok=True)
-    lines = [f"# isodiff results: the `{tier}` tier", "",
-             "Written by `python -m isodiff.analysis.index` from the tables, figures and runs that "
-             "had finished.", "",
-             *claims_link(page_dir),
-             *tables_section(page_dir), *figures_section(page_dir),
-             *samples_section(run_root, tier, page_dir)]
+    lines = [
+        f"# isodiff results: the `{tier}` tier",
+        "",
+        "Written by `python -m isodiff.analysis.index` from the tables, figures and runs that "
+        "had finished.",
+        "",
+        *claims_link(page_dir),
+        *tables_section(page_dir),
+        *figures_section(page_dir),
+        *samples_section(run_root, tier, page_dir),
+    ]
     path = page_dir / "index.md"
     path.write_text("\n".join(lines))
     return path

@@ -52,8 +52,13 @@ def tangent_basis(x: Tensor) -> Tensor:
 
 def mlp(d_in: int, d_out: int, hidden: int) -> nn.Sequential:
     # Smooth activations: L_iso differentiates the encoder's Jacobian.
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.SiLU(), nn.Linear(hidden, hidden),
-                         nn.SiLU(), nn.Linear(hidden, d_out))
+    return nn.Sequential(
+        nn.Linear(d_in, hidden),
+        nn.SiLU(),
+        nn.Linear(hidden, hidden),
+        nn.SiLU(),
+        nn.Linear(hidden, d_out),
+    )
 
 
 def train_setting(cfg: ToyConfig, metric: str | None) -> tuple[nn.Module, float]:
@@ -69,7 +74,8 @@ def train_setting(cfg: ToyConfig, metric: str | None) -> tuple[nn.Module, float]
         loss = (decoder(encoder(x)) - x).pow(2).sum(1).mean()
         if metric is not None:
             loss = loss + cfg.lambda_iso * isometry_loss(
-                encoder, x, metric=metric, n_probes=cfg.n_probes, generator=probes)
+                encoder, x, metric=metric, n_probes=cfg.n_probes, generator=probes
+            )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -96,13 +102,16 @@ def scores(encoder: nn.Module, cfg: ToyConfig) -> dict[str, float]:
         l_iso = (eig.pow(2).sum(1).mean() / tr.mean() ** 2).item()
         rings = encoder(latitude_rings(cfg.n_rings, 72, cfg.cap_deg))  # (K, P, 2)
         spacing = (rings[1:] - rings[:-1]).norm(dim=2)
-    return {"kappa": (eig[:, 1] / eig[:, 0]).mean().item(),
-            "ring_spacing_cv": (spacing.std() / spacing.mean()).item(),
-            "l_iso": l_iso}
+    return {
+        "kappa": (eig[:, 1] / eig[:, 0]).mean().item(),
+        "ring_spacing_cv": (spacing.std() / spacing.mean()).item(),
+        "l_iso": l_iso,
+    }
 
 
-def plot(encoders: dict[str, nn.Module], numbers: dict[str, dict], cfg: ToyConfig,
-         out_dir: Path) -> list[Path]:
+def plot(
+    encoders: dict[str, nn.Module], numbers: dict[str, dict], cfg: ToyConfig, out_dir: Path
+) -> list[Path]:
     """Three panels (the paper's layout): each latent, latitude rings coloured by height."""
     import matplotlib
 
@@ -121,13 +130,20 @@ def plot(encoders: dict[str, nn.Module], numbers: dict[str, dict], cfg: ToyConfi
             closed = torch.cat([z[k], z[k, :1]])
             ax.plot(closed[:, 0], closed[:, 1], color=cmap(norm(float(heights[k]))), lw=1.6)
         n = numbers[name]
-        ax.set_title(f"{TITLES[name]}\nkappa {n['kappa']:.2f}, ring CV {n['ring_spacing_cv']:.2f}"
-                     f", L_iso {n['l_iso']:.3f}", fontsize=10)
+        ax.set_title(
+            f"{TITLES[name]}\nkappa {n['kappa']:.2f}, ring CV {n['ring_spacing_cv']:.2f}"
+            f", L_iso {n['l_iso']:.3f}",
+            fontsize=10,
+        )
         ax.set_aspect("equal", adjustable="box")
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.8,
-                 label="height z of the latitude ring")
+    fig.colorbar(
+        matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap),
+        ax=axes,
+        shrink=0.8,
+        label="height z of the latitude ring",
+    )
     paths = [out_dir / "toy_fig3.png", out_dir / "toy_fig3.pdf"]
     for path in paths:
         fig.savefig(path, dpi=150, bbox_inches="tight")
@@ -158,8 +174,12 @@ def run_toy(cfg: ToyConfig) -> dict:
             encoders[name], mse = train_setting(cfg, metric)
             numbers[name] = {**scores(encoders[name], cfg), "reconstruction_mse": mse}
     paths = plot(encoders, numbers, cfg, out_dir)
-    result = {"settings": numbers, "config": asdict(cfg), "seconds": time.perf_counter() - tic,
-              "figure": [str(p) for p in paths],
-              "closest_to_scaled_isometry": min(numbers, key=lambda k: numbers[k]["kappa"])}
+    result = {
+        "settings": numbers,
+        "config": asdict(cfg),
+        "seconds": time.perf_counter() - tic,
+        "figure": [str(p) for p in paths],
+        "closest_to_scaled_isometry": min(numbers, key=lambda k: numbers[k]["kappa"]),
+    }
     atomic_write_text(out_dir / "toy_fig3.json", json.dumps(result, indent=2))  # fsynced
     return result

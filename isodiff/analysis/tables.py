@@ -59,8 +59,9 @@ def _label(spec: Spec, pairs: list[tuple[str, object]]) -> str:
     return f"{dataset}: {_key(rest)}" if dataset else _key(rest)
 
 
-def spec_rows(df: pd.DataFrame, spec: Spec, tier: str, released: bool = True
-              ) -> tuple[pd.DataFrame, list[str]]:
+def spec_rows(
+    df: pd.DataFrame, spec: Spec, tier: str, released: bool = True
+) -> tuple[pd.DataFrame, list[str]]:
     """The collected jobs of a spec, one row per job of its plan (the folder the plan names,
     never a folder that merely holds the same values; `_dataset` and `_point` its dataset and
     grid values as planned), and the problems: planned jobs that failed, are missing, or
@@ -68,14 +69,20 @@ def spec_rows(df: pd.DataFrame, spec: Spec, tier: str, released: bool = True
     outside the run (said so). released: with the spec's released models (`released_rows`;
     `_given_label` their label), which claims leave out (they pair runs by grid point)."""
     planned = plan_for(spec, tier, Path(df.attrs["root"])).finetunes()
-    expected = [{"_job": job.folder, "_dataset": job.dataset, "_point": job.point,
-                 "_name": ",".join([f"data={job.dataset}",
-                                    *(f"{k}={v}" for k, v in job.point.items())]),
-                 "_row": [("data.name", job.dataset),
-                          *((k, job.point[k]) for k in spec.rows if k != "data.name")]}
-                for job in planned]
-    models, problems = released_rows(spec, tier, Path(df.attrs["root"])) if released \
-        else ([], [])
+    expected = [
+        {
+            "_job": job.folder,
+            "_dataset": job.dataset,
+            "_point": job.point,
+            "_name": ",".join([f"data={job.dataset}", *(f"{k}={v}" for k, v in job.point.items())]),
+            "_row": [
+                ("data.name", job.dataset),
+                *((k, job.point[k]) for k in spec.rows if k != "data.name"),
+            ],
+        }
+        for job in planned
+    ]
+    models, problems = released_rows(spec, tier, Path(df.attrs["root"])) if released else ([], [])
     expected += models
     found = pd.DataFrame(columns=["_job"])
     if not df.empty:
@@ -112,37 +119,55 @@ def released_rows(spec: Spec, tier: str, root: Path) -> tuple[list[dict], list[s
             problems.append(f"{name}: {err}")
             continue
         if folder is None:
-            problems.append(f"{name}: not evaluated (python -m isodiff.evaluate released="
-                            f"{row.model} {' '.join(row.data_overrides())} "
-                            f"released_tier={tier} run_root={root.parent})")
+            problems.append(
+                f"{name}: not evaluated (python -m isodiff.evaluate released="
+                f"{row.model} {' '.join(row.data_overrides())} "
+                f"released_tier={tier} run_root={root.parent})"
+            )
             continue
-        rows.append({"_job": f"{EXPERIMENT}/{folder.name}", "_dataset": row.dataset,
-                     "_point": {}, "_name": name, "_row": [("data.name", row.dataset)],
-                     "_given_label": f"{row.dataset}: {row.label}"})
+        rows.append(
+            {
+                "_job": f"{EXPERIMENT}/{folder.name}",
+                "_dataset": row.dataset,
+                "_point": {},
+                "_name": name,
+                "_row": [("data.name", row.dataset)],
+                "_given_label": f"{row.dataset}: {row.label}",
+            }
+        )
     return rows, problems
 
 
 def build_table(df: pd.DataFrame, spec: Spec, tier: str) -> Table:
     merged, problems = spec_rows(df, spec, tier)
-    merged["_label"] = [given if isinstance(given, str) else _label(spec, pairs)
-                        for given, pairs in zip(merged["_given_label"], merged["_row"],
-                                                strict=True)]
+    merged["_label"] = [
+        given if isinstance(given, str) else _label(spec, pairs)
+        for given, pairs in zip(merged["_given_label"], merged["_row"], strict=True)
+    ]
     order = list(dict.fromkeys(merged["_label"]))
     numbers = pd.DataFrame(index=pd.Index(order, name="row"))
     display = pd.DataFrame(index=pd.Index(order, name="row"))
     per_row = merged.groupby("_label", sort=False).size()
-    dataset = merged.groupby("_label", sort=False)["_row"].first().map(
-        lambda pairs: dict(pairs)["data.name"])
+    dataset = (
+        merged.groupby("_label", sort=False)["_row"]
+        .first()
+        .map(lambda pairs: dict(pairs)["data.name"])
+    )
     for metric in spec.metrics_for(tier):
-        values = merged[["_label"]].assign(v=pd.to_numeric(
-            merged.get(metric, pd.Series(np.nan, index=merged.index)), errors="coerce"))
+        values = merged[["_label"]].assign(
+            v=pd.to_numeric(
+                merged.get(metric, pd.Series(np.nan, index=merged.index)), errors="coerce"
+            )
+        )
         stats = values.groupby("_label", sort=False)["v"].agg(["mean", "std", "count"])
         numbers[[f"{metric}_mean", f"{metric}_std", f"{metric}_n"]] = stats.to_numpy()
         means = stats["mean"].groupby(dataset)
         lower = spec.lower_is_better.get(metric, lower_is_better(metric))
         best = means.transform("min" if lower else "max")  # within each dataset
-        display[metric] = [_cell(m, s, int(n), int(per_row[label]), m == best[label])
-                           for label, (m, s, n) in stats.iterrows()]
+        display[metric] = [
+            _cell(m, s, int(n), int(per_row[label]), m == best[label])
+            for label, (m, s, n) in stats.iterrows()
+        ]
         for companion in ("floor", "floor_sd", "ceiling", "ceiling_rot"):
             if f"{metric}_floor_sd" in merged and f"{metric}_{companion}" in merged:
                 numbers[f"{metric}_{companion}"] = _row_means(merged, f"{metric}_{companion}")
@@ -153,21 +178,28 @@ def build_table(df: pd.DataFrame, spec: Spec, tier: str) -> Table:
         if spec.paper or spec.paper_source:
             display[f"{metric} (paper)"] = ["n/a¹" if v is None else f"{v:g}" for v in paper]
     display["quality"] = quality_cells(merged, order)
-    floor = pd.to_numeric(merged.get("fid_floor", pd.Series(np.nan, index=merged.index)),
-                          errors="coerce")
+    floor = pd.to_numeric(
+        merged.get("fid_floor", pd.Series(np.nan, index=merged.index)), errors="coerce"
+    )
     floors = floor.groupby(merged["_label"].map(dataset), sort=False).mean()
-    return Table(spec, numbers, display, problems, paired_differences(merged, spec, tier),
-                 floors.dropna().to_dict())
+    return Table(
+        spec,
+        numbers,
+        display,
+        problems,
+        paired_differences(merged, spec, tier),
+        floors.dropna().to_dict(),
+    )
 
 
 def _row_means(merged: pd.DataFrame, column: str) -> pd.Series:
-    values = pd.to_numeric(merged.get(column, pd.Series(np.nan, index=merged.index)),
-                           errors="coerce")
+    values = pd.to_numeric(
+        merged.get(column, pd.Series(np.nan, index=merged.index)), errors="coerce"
+    )
     return values.groupby(merged["_label"], sort=False).mean()
 
 
-def reference_columns(merged: pd.DataFrame, metric: str, means: pd.Series
-                      ) -> dict[str, list[str]]:
+def reference_columns(merged: pd.DataFrame, metric: str, means: pd.Series) -> dict[str, list[str]]:
     """The references a metric stored beside its value (isodiff.evaluate.metrics.calibration), as
     display columns: "<metric> floor" (the permutation floor, mean ± its s.d., averaged over
     the row's runs) and "<metric> ceiling" (planted code / it rotated). A row whose mean lies
@@ -188,8 +220,10 @@ def reference_columns(merged: pd.DataFrame, metric: str, means: pd.Series
     ceiling = _row_means(merged, f"{metric}_ceiling")
     rotated = _row_means(merged, f"{metric}_ceiling_rot")
     if ceiling.notna().any():
-        columns[f"{metric} ceiling"] = ["–" if pd.isna(c) else f"{c:.3g} / {r:.3g}"
-                                        for c, r in zip(ceiling, rotated, strict=True)]
+        columns[f"{metric} ceiling"] = [
+            "–" if pd.isna(c) else f"{c:.3g} / {r:.3g}"
+            for c, r in zip(ceiling, rotated, strict=True)
+        ]
     return columns
 
 
@@ -261,39 +295,57 @@ def _cell(mean: float, std: float, n: int, expected: int, best: bool) -> str:
 
 def to_markdown(table: Table, tier: str) -> str:
     spec, frame = table.spec, table.display.reset_index()
-    lines = [f"# {spec.name}: {spec.title}", "", f"Tier: `{tier}`. Mean ± std over seeds.", "",
-             "| " + " | ".join(frame.columns) + " |",
-             "|" + "---|" * len(frame.columns)]
+    lines = [
+        f"# {spec.name}: {spec.title}",
+        "",
+        f"Tier: `{tier}`. Mean ± std over seeds.",
+        "",
+        "| " + " | ".join(frame.columns) + " |",
+        "|" + "---|" * len(frame.columns),
+    ]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.to_numpy()]
     if table.paired is not None:
         control = ", ".join(f"{k} = {v}" for k, v in spec.control.items())
         paired = table.paired.reset_index().rename(columns={"index": "row"})
-        lines += ["", f"Paired difference from the control ({control}) of the same seed: "
-                  "mean ± standard error over the pairs.", "",
-                  "| " + " | ".join(paired.columns) + " |", "|" + "---|" * len(paired.columns)]
+        lines += [
+            "",
+            f"Paired difference from the control ({control}) of the same seed: "
+            "mean ± standard error over the pairs.",
+            "",
+            "| " + " | ".join(paired.columns) + " |",
+            "|" + "---|" * len(paired.columns),
+        ]
         lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in paired.to_numpy()]
     notes = []
     if table.floors:
         floors = ", ".join(f"{d} {v:.3g}" for d, v in table.floors.items())
-        notes.append("quality: does the model generate? FID of the samples against held-out "
-                     "images within 3x the real-vs-real floor, the dataset classifier "
-                     "confident (>= 0.9) on >= 0.8x as many samples as on real images, every "
-                     f"class generated. Real-vs-real FID floor at this n: {floors}.")
+        notes.append(
+            "quality: does the model generate? FID of the samples against held-out "
+            "images within 3x the real-vs-real floor, the dataset classifier "
+            "confident (>= 0.9) on >= 0.8x as many samples as on real images, every "
+            f"class generated. Real-vs-real FID floor at this n: {floors}."
+        )
     if any("n/a¹" in str(v) for v in frame.to_numpy().ravel()):
         notes.append(f"¹ paper value not transcribed yet ({spec.paper_source or 'paper'}).")
     if any(str(v).endswith("³") for v in frame.to_numpy().ravel()):
-        notes.append(f"³ within {FLOOR_SDS:g} s.d. of its permutation floor: not told apart "
-                     "from a code that knows nothing of the factors.")
+        notes.append(
+            f"³ within {FLOOR_SDS:g} s.d. of its permutation floor: not told apart "
+            "from a code that knows nothing of the factors."
+        )
     if any(str(c).endswith((" floor", " ceiling")) for c in frame.columns):
-        notes.append("floor: the metric with the factors (or labels) permuted across samples, "
-                     "mean ± s.d. over permutations; ceiling: the metric on a planted code of "
-                     "the same size and spectrum (the factors as axes) / that code randomly "
-                     "rotated (a rotation-invariant read-out keeps its ceiling; D, C and MIG "
-                     "do not). Both computed in the same run, averaged over the row's runs.")
+        notes.append(
+            "floor: the metric with the factors (or labels) permuted across samples, "
+            "mean ± s.d. over permutations; ceiling: the metric on a planted code of "
+            "the same size and spectrum (the factors as axes) / that code randomly "
+            "rotated (a rotation-invariant read-out keeps its ceiling; D, C and MIG "
+            "do not). Both computed in the same run, averaged over the row's runs."
+        )
     if any("–²" in str(v) for v in frame.to_numpy().ravel()):
-        notes.append("² no value: no finished run of the row has this metric (not yet run or "
-                     "failed: see below), or the metric is not defined for the dataset "
-                     "(e.g. leakage and interaction need two attributes; mnist has one).")
+        notes.append(
+            "² no value: no finished run of the row has this metric (not yet run or "
+            "failed: see below), or the metric is not defined for the dataset "
+            "(e.g. leakage and interaction need two attributes; mnist has one)."
+        )
     notes += [f"- missing: {p}" for p in table.problems]
     notes += [f"- {n}" for n in spec.notes]
     return "\n".join([*lines, "", *notes, ""])
@@ -305,22 +357,28 @@ def write_table(table: Table, tier: str, out_dir: Path) -> list[Path]:
     paths = [stem.with_suffix(".md"), stem.with_suffix(".tex"), stem.with_suffix(".csv")]
     paths[0].write_text(to_markdown(table, tier))
     latex = table.display.replace(r"\*\*(.*)\*\*", r"\\textbf{\1}", regex=True)
-    latex.style.to_latex(paths[1], caption=f"{table.spec.title} ({tier} tier)",
-                         label=f"tab:{table.spec.name}", hrules=True)
+    latex.style.to_latex(
+        paths[1],
+        caption=f"{table.spec.title} ({tier} tier)",
+        label=f"tab:{table.spec.name}",
+        hrules=True,
+    )
     table.numbers.to_csv(paths[2])
     return paths
 
 
-def render_all(run_root: Path, tier: str, out: Path, names: list[str] | None = None
-               ) -> list[Path]:
+def render_all(run_root: Path, tier: str, out: Path, names: list[str] | None = None) -> list[Path]:
     df = collect_runs(run_root / tier)
     specs = [load_spec(n) for n in names] if names else all_specs()
     written = []
     for spec in specs:
         if spec.kind != "table":
             continue
-        if spec.on_demand and not names and spec_rows(df, spec, tier)[0].get(
-                "state", pd.Series(dtype=object)).isna().all():
+        if (
+            spec.on_demand
+            and not names
+            and spec_rows(df, spec, tier)[0].get("state", pd.Series(dtype=object)).isna().all()
+        ):
             continue  # an on-demand spec nobody has swept: no page of "not run" rows
         written += write_table(build_table(df, spec, tier), tier, out / tier / "tables")
     return written

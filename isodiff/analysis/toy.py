@@ -31,8 +31,11 @@ from isodiff.cli import hydra_main
 from isodiff.config import CONF
 
 SETTINGS = {"reconstruction": None, "euclidean": "euclidean", "spherical": "spherical"}
-TITLES = {"reconstruction": "reconstruction only", "euclidean": r"+ $L_{iso}$, $G = I$",
-          "spherical": r"+ $L_{iso}$, spherical $G$"}
+TITLES = {
+    "reconstruction": "reconstruction only",
+    "euclidean": r"+ $L_{iso}$, $G = I$",
+    "spherical": r"+ $L_{iso}$, spherical $G$",
+}
 
 
 @dataclass

@@ -29,6 +29,7 @@ def main(cfg: DictConfig) -> dict:
             check_run_folder(config.run)
         else:  # its folder found by its files' sha256, or made (loads torch: config valid)
             from isodiff.evaluate.released import prepare
+
             config.run = str(prepare(config))
     except UserError as err:
         _stop(err, USAGE)

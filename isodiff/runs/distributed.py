@@ -33,8 +33,7 @@ import re
 from collections.abc import Mapping, MutableMapping
 
 PORT_BASE, PORT_SPAN = 20000, 20000
-TORCH_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-              "MASTER_PORT")
+TORCH_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def first_host(nodelist: str) -> str:
@@ -82,7 +81,9 @@ def torch_distributed_env(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 def export_torch_distributed_env(
-    environ: MutableMapping[str, str] | None = None, *, cuda: bool | None = None,
+    environ: MutableMapping[str, str] | None = None,
+    *,
+    cuda: bool | None = None,
 ) -> dict[str, str]:
     """Set torch's distributed variables from SLURM's in `environ` (default: os.environ).
 

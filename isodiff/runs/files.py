@@ -45,8 +45,9 @@ def atomic_save(path: Path, save: Callable[[str], None]) -> None:
     entry reaches the disk). The temp name keeps path's suffix,
     so savers that append one (numpy) leave it alone."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                               suffix=f".tmp{path.suffix}")
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}"
+    )
     os.close(fd)
     try:
         save(tmp)
@@ -108,13 +109,15 @@ def _is(value: Any, kind: str) -> bool:
     if kind == "int":
         return isinstance(value, int) and not isinstance(value, bool)
     if kind == "number":  # finite: nan/inf are never stored as values (evaluation)
-        return isinstance(value, (int, float)) and not isinstance(value, bool) \
-            and math.isfinite(value)
+        return (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        )
     return _kind(value) == kind
 
 
-def field_problem(record: dict[str, Any], key: str, kind: str, required: bool = False,
-                  where: str = "") -> str | None:
+def field_problem(
+    record: dict[str, Any], key: str, kind: str, required: bool = False, where: str = ""
+) -> str | None:
     """What is wrong with record[key] for a reader that expects `kind` (object, list,
     string, int, number, boolean); null or absent is fine unless required."""
     value = record.get(key)
@@ -127,8 +130,7 @@ def _a(word: str) -> str:
     return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
 
 
-def mapping_problem(value: Any, where: str, item: Callable[[str, Any], str | None]
-                    ) -> str | None:
+def mapping_problem(value: Any, where: str, item: Callable[[str, Any], str | None]) -> str | None:
     """The first problem of an object's entries (item(name, entry)), or of the object."""
     if value is None:
         return f"{where} is missing"
@@ -138,8 +140,9 @@ def mapping_problem(value: Any, where: str, item: Callable[[str, Any], str | Non
 
 
 @contextlib.contextmanager
-def exclusive(lock_path: Path, what: str, holder: Callable[[], str] = lambda: "",
-              announce_every: float = 60.0) -> Iterator[None]:
+def exclusive(
+    lock_path: Path, what: str, holder: Callable[[], str] = lambda: "", announce_every: float = 60.0
+) -> Iterator[None]:
     """Hold an exclusive lock on lock_path (fcntl, released when the process dies); while
     another process holds it, wait, saying so every `announce_every` seconds."""
     lock = FileLock(str(lock_path))
@@ -147,8 +150,7 @@ def exclusive(lock_path: Path, what: str, holder: Callable[[], str] = lambda: ""
         lock.acquire(timeout=0)
     except Timeout:
         while True:
-            log.warning("%s: waiting for the process that holds %s%s", what, lock_path,
-                        holder())
+            log.warning("%s: waiting for the process that holds %s%s", what, lock_path, holder())
             try:
                 lock.acquire(timeout=announce_every)
                 break
@@ -170,5 +172,8 @@ def sha256(path: Path) -> str:
 
 def file_hashes(folder: Path, skip: str = "") -> dict[str, str]:
     """sha256 of every file under folder, by path relative to it (skip: one left out)."""
-    return {str(p.relative_to(folder)): sha256(p) for p in sorted(folder.rglob("*"))
-            if p.is_file() and str(p.relative_to(folder)) != skip}
+    return {
+        str(p.relative_to(folder)): sha256(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and str(p.relative_to(folder)) != skip
+    }

@@ -25,27 +25,61 @@ from isodiff.runs.status import MANIFEST
 log = logging.getLogger(__name__)
 
 
-PACKAGES = ("isodiff", "torch", "diffusers", "accelerate", "clean-fid", "lpips", "numpy", "scipy",
-            "scikit-learn")
+PACKAGES = (
+    "isodiff",
+    "torch",
+    "diffusers",
+    "accelerate",
+    "clean-fid",
+    "lpips",
+    "numpy",
+    "scipy",
+    "scikit-learn",
+)
 
 
-NON_IDENTITY_KEYS = ("run_root", "name", "name_keys", "experiment", "tier", "train.progress",
-                     "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.cpu_threads", "train.grid_samples", "train.grid_steps",
-                     "train.heldout_every", "train.heldout_n", "diffusion.clip_sample",
-                     "data.num_workers", "data.attributes", "data.attribute_names", "cluster",
-                     "hydra", "assets")
+NON_IDENTITY_KEYS = (
+    "run_root",
+    "name",
+    "name_keys",
+    "experiment",
+    "tier",
+    "train.progress",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.cpu_threads",
+    "train.grid_samples",
+    "train.grid_steps",
+    "train.heldout_every",
+    "train.heldout_n",
+    "diffusion.clip_sample",
+    "data.num_workers",
+    "data.attributes",
+    "data.attribute_names",
+    "cluster",
+    "hydra",
+    "assets",
+)
 # Keys left out of a job folder's name: those that do not change what it computes, and the
 # paths, which enter its signature by identity instead (conf/train.yaml reads this list
 # through the `folder_name_excludes` resolver, so the two cannot drift apart).
-FOLDER_NAME_EXCLUDES = (*(k for k in NON_IDENTITY_KEYS if k not in ("name", "hydra", "assets")),
-                        "init_from", "latent.autoencoder", "assets.root", "hydra/launcher")
+FOLDER_NAME_EXCLUDES = (
+    *(k for k in NON_IDENTITY_KEYS if k not in ("name", "hydra", "assets")),
+    "init_from",
+    "latent.autoencoder",
+    "assets.root",
+    "hydra/launcher",
+)
 
 
 def config_hash(cfg: DictConfig | dict, exclude: tuple[str, ...] = NON_IDENTITY_KEYS) -> str:
     """Short stable hash of what a job computes (dora-style signature)."""
-    container = (OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig)
-                 else copy.deepcopy(cfg))
+    container = (
+        OmegaConf.to_container(cfg, resolve=True)
+        if isinstance(cfg, DictConfig)
+        else copy.deepcopy(cfg)
+    )
     for key in exclude:
         *parents, leaf = key.split(".")
         node = container
@@ -70,8 +104,11 @@ NAME_LENGTH = 120
 
 
 def _tree_digest(folder: Path) -> str:
-    files = tuple((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
-                  for p in sorted(folder.rglob("*")) if p.is_file())
+    files = tuple(
+        (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    )
     return _cached_digest(str(folder), files)
 
 
@@ -116,8 +153,7 @@ def _manifest_identity(path: str, size: int, mtime_ns: int) -> str | None:
         files = json.loads(Path(path).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return "manifest:" + hashlib.sha256(json.dumps(files, sort_keys=True).encode()
-                                        ).hexdigest()[:16]
+    return "manifest:" + hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _readable(value: Any) -> str:
@@ -144,8 +180,13 @@ def job_name(override_dirname: str, *, _root_: DictConfig) -> str:
     if keys := _root_.get("name_keys"):
         pairs = [f"{k}={_readable(OmegaConf.select(_root_, k))}" for k in keys]
     else:  # numbers in one spelling: a multirun writes 1.0e-4 as 0.0001, a single run keeps it
-        pairs = _PAIR.split(_NUMBER.sub(lambda m: "=" + format(float(m.group(1)), "g"),
-                                        override_dirname)) if override_dirname else []
+        pairs = (
+            _PAIR.split(
+                _NUMBER.sub(lambda m: "=" + format(float(m.group(1)), "g"), override_dirname)
+            )
+            if override_dirname
+            else []
+        )
     kept = []
     for pair in pairs:
         if len(",".join([*kept, pair])) > NAME_LENGTH:
@@ -159,8 +200,9 @@ def identity(cfg: DictConfig | dict) -> dict[str, Any]:
     """What a job computes, as its signature hashes it (config_hash then drops
     NON_IDENTITY_KEYS): its base and data folder by identity, never by path."""
     if isinstance(cfg, DictConfig):
-        cfg = OmegaConf.to_container(OmegaConf.masked_copy(
-            cfg, [k for k in cfg if k not in ("hydra", "name")]), resolve=True)
+        cfg = OmegaConf.to_container(
+            OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("hydra", "name")]), resolve=True
+        )
     cfg = {k: copy.deepcopy(v) for k, v in cfg.items() if k not in ("hydra", "name")}
     if cfg.get("init_from"):
         cfg["init_from"] = base_identity(str(cfg["init_from"]))
@@ -185,8 +227,9 @@ def identity(cfg: DictConfig | dict) -> dict[str, Any]:
 def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
     """A nested config as {dotted key: value}."""
     if isinstance(node, dict) and node:
-        return {k: v for key, value in node.items()
-                for k, v in _flat(value, f"{prefix}{key}.").items()}
+        return {
+            k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()
+        }
     return {prefix.removesuffix("."): node}
 
 
@@ -204,12 +247,17 @@ def identity_difference(run_dir: Path, cfg: DictConfig) -> dict[str, tuple[Any, 
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         problem = f"{type(err).__name__}: {str(err).splitlines()[0]}"
     if problem:
-        raise RunFileError(f"{recorded_path} is unreadable ({problem}): the job it records is "
-                           "unknown; restore it or remove the folder")
+        raise RunFileError(
+            f"{recorded_path} is unreadable ({problem}): the job it records is "
+            "unknown; restore it or remove the folder"
+        )
     recorded, asked = _flat(identity(recorded)), _flat(asked)
     ignored = tuple(f"{key}." for key in NON_IDENTITY_KEYS)
-    return {key: (recorded.get(key), asked.get(key)) for key in sorted({*recorded, *asked})
-            if recorded.get(key) != asked.get(key) and not f"{key}.".startswith(ignored)}
+    return {
+        key: (recorded.get(key), asked.get(key))
+        for key in sorted({*recorded, *asked})
+        if recorded.get(key) != asked.get(key) and not f"{key}.".startswith(ignored)
+    }
 
 
 def folder_part(key: str, value: Any) -> str:
@@ -218,11 +266,12 @@ def folder_part(key: str, value: Any) -> str:
     unprintable value would write outside run_root or into a folder above the job's.
     Registered as the `folder` resolver; conf/train.yaml builds hydra's run dirs with it."""
     text = str(value)
-    if not text or text in (".", "..") or "/" in text or os.sep in text \
-            or not text.isprintable():
-        raise ConfigError(f"{key}={text!r} is invalid: it names one folder under run_root: "
-                          "use a non-empty value of printable characters without '/' and "
-                          "other than '.' or '..'")
+    if not text or text in (".", "..") or "/" in text or os.sep in text or not text.isprintable():
+        raise ConfigError(
+            f"{key}={text!r} is invalid: it names one folder under run_root: "
+            "use a non-empty value of printable characters without '/' and "
+            "other than '.' or '..'"
+        )
     return text
 
 
@@ -231,8 +280,10 @@ def require_inside(run_dir: Path, run_root: str | os.PathLike) -> None:
     resolved as written, symlinks kept: a runs/ whose tier folder links elsewhere is fine)."""
     root, job = (Path(os.path.abspath(Path(p).expanduser())) for p in (run_root, run_dir))
     if root not in job.parents:
-        raise ConfigError(f"the job folder {run_dir} is not inside run_root={run_root}: "
-                          "check name=, experiment= and tier= (one folder name each)")
+        raise ConfigError(
+            f"the job folder {run_dir} is not inside run_root={run_root}: "
+            "check name=, experiment= and tier= (one folder name each)"
+        )
 
 
 def signature(run_dir: str | os.PathLike) -> str:
@@ -252,10 +303,18 @@ def provenance() -> dict[str, Any]:
     here = Path(__file__).resolve().parents[2]  # the checkout that holds isodiff/
     git = None
     try:
-        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], check=True,
-                                capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--", "."],
-                               check=True, capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--", "."],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         git = {"commit": commit, "dirty": bool(dirty)}
     except (OSError, subprocess.CalledProcessError):
         pass  # not a git checkout, or no commit yet

@@ -59,17 +59,21 @@ def _weights_entry(name: str, entry: Any) -> str | None:
     where = f"weights[{name!r}]"
     if not isinstance(entry, dict):
         return f"{where} is {_a(_kind(entry))}, not an object"
-    return (field_problem(entry, "sha256", "string", True, f"{where}.")
-            or field_problem(entry, "size", "int", True, f"{where}.")
-            or field_problem(entry, "mtime_ns", "int", True, f"{where}."))
+    return (
+        field_problem(entry, "sha256", "string", True, f"{where}.")
+        or field_problem(entry, "size", "int", True, f"{where}.")
+        or field_problem(entry, "mtime_ns", "int", True, f"{where}.")
+    )
 
 
 def status_problem(status: dict[str, Any]) -> str | None:
     """status.json's shape as the job, the sweep and collect read it (None: fine)."""
-    problem = (field_problem(status, "state", "string", required=True)
-               or field_problem(status, "attempts", "int")
-               or field_problem(status, "error", "string")
-               or field_problem(status, "not_bitwise", "list"))
+    problem = (
+        field_problem(status, "state", "string", required=True)
+        or field_problem(status, "attempts", "int")
+        or field_problem(status, "error", "string")
+        or field_problem(status, "not_bitwise", "list")
+    )
     if problem:
         return problem
     if any(not isinstance(item, str) for item in status.get("not_bitwise") or []):
@@ -88,7 +92,9 @@ ENVIRONMENT_MESSAGE = re.compile(
     r"out of memory|cannot allocate memory|no space left on device|NVIDIA driver|"
     r"no CUDA GPUs are available|not compiled with CUDA|CUDA driver|CUDA-capable device|"
     r"invalid device ordinal|no kernel image is available|"
-    r"\bdevice\b[^.;]*\b(?:not available|unavailable|not there|not found)", re.IGNORECASE)
+    r"\bdevice\b[^.;]*\b(?:not available|unavailable|not there|not found)",
+    re.IGNORECASE,
+)
 
 
 def cause_of(failure: dict[str, Any]) -> str:
@@ -96,21 +102,33 @@ def cause_of(failure: dict[str, Any]) -> str:
     if cause := failure.get("cause"):
         return cause
     error = str(failure.get("error", ""))
-    return "environment" if error.startswith(("MemoryError", "OutOfMemoryError")) \
-        or ENVIRONMENT_MESSAGE.search(error) else "run"
+    return (
+        "environment"
+        if error.startswith(("MemoryError", "OutOfMemoryError"))
+        or ENVIRONMENT_MESSAGE.search(error)
+        else "run"
+    )
 
 
 def _metric_entry(name: str, entry: Any) -> str | None:
     where = f"metrics[{name!r}]"
     if not isinstance(entry, dict):
         return f"{where} is {_a(_kind(entry))}, not an object"
-    problem = (field_problem(entry, "values", "object", True, f"{where}.")
-               or field_problem(entry, "protocol", "object", False, f"{where}.")
-               or field_problem(entry, "provenance", "object", False, f"{where}.")
-               or field_problem(entry, "nonfinite", "list", False, f"{where}.")
-               or field_problem(entry, "arrays", "string", False, f"{where}."))
-    return problem or next((f"{where}.values[{k!r}] is {_a(_kind(v))}, not a finite number"
-                            for k, v in entry["values"].items() if not _is(v, "number")), None)
+    problem = (
+        field_problem(entry, "values", "object", True, f"{where}.")
+        or field_problem(entry, "protocol", "object", False, f"{where}.")
+        or field_problem(entry, "provenance", "object", False, f"{where}.")
+        or field_problem(entry, "nonfinite", "list", False, f"{where}.")
+        or field_problem(entry, "arrays", "string", False, f"{where}.")
+    )
+    return problem or next(
+        (
+            f"{where}.values[{k!r}] is {_a(_kind(v))}, not a finite number"
+            for k, v in entry["values"].items()
+            if not _is(v, "number")
+        ),
+        None,
+    )
 
 
 def _failure_entry(name: str, entry: Any) -> str | None:
@@ -119,18 +137,22 @@ def _failure_entry(name: str, entry: Any) -> str | None:
         return f"{where} is {_a(_kind(entry))}, not an object"
     if entry.get("cause", "run") not in CAUSES:
         return f"{where}.cause is {entry.get('cause')!r}, not one of {', '.join(CAUSES)}"
-    return (field_problem(entry, "error", "string", True, f"{where}.")
-            or field_problem(entry, "protocol", "object", False, f"{where}.")
-            or field_problem(entry, "when", "string", False, f"{where}."))
+    return (
+        field_problem(entry, "error", "string", True, f"{where}.")
+        or field_problem(entry, "protocol", "object", False, f"{where}.")
+        or field_problem(entry, "when", "string", False, f"{where}.")
+    )
 
 
 def metrics_problem(record: dict[str, Any]) -> str | None:
     """metrics.json's shape as evaluation, collect, tables and the sweep read it."""
     if "metrics" not in record:
         return "metrics is missing"
-    return (mapping_problem(record["metrics"], "metrics", _metric_entry)
-            or (None if record.get("failed") is None
-                else mapping_problem(record["failed"], "failed", _failure_entry)))
+    return mapping_problem(record["metrics"], "metrics", _metric_entry) or (
+        None
+        if record.get("failed") is None
+        else mapping_problem(record["failed"], "failed", _failure_entry)
+    )
 
 
 def read_metrics(run_dir: str | os.PathLike, default: Any = None) -> Any:
@@ -150,15 +172,19 @@ def superseded(failure: dict[str, Any], entry: dict[str, Any] | None) -> bool:
         return False
     if cause_of(failure) == "environment":
         return True
-    return str((entry.get("provenance") or {}).get("evaluated", "")) >= \
-        str(failure.get("when", "~"))
+    return str((entry.get("provenance") or {}).get("evaluated", "")) >= str(
+        failure.get("when", "~")
+    )
 
 
 def open_failures(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The failed attempts of metrics.json that no stored metric supersedes."""
     metrics = record.get("metrics") or {}
-    return {name: failure for name, failure in (record.get("failed") or {}).items()
-            if not superseded(failure, metrics.get(name))}
+    return {
+        name: failure
+        for name, failure in (record.get("failed") or {}).items()
+        if not superseded(failure, metrics.get(name))
+    }
 
 
 def read_status(run_dir: str | os.PathLike) -> dict | None:
@@ -173,10 +199,12 @@ def read_status(run_dir: str | os.PathLike) -> dict | None:
 
 def write_status(run_dir: str | os.PathLike, state: str, **fields: Any) -> None:
     """Replace status.json, keeping earlier fields that `fields` does not override."""
-    status = {k: v for k, v in (read_status(run_dir) or {}).items()
-              if k not in ("error", "traceback")}
-    status.update(fields, state=state,
-                  updated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    status = {
+        k: v for k, v in (read_status(run_dir) or {}).items() if k not in ("error", "traceback")
+    }
+    status.update(
+        fields, state=state, updated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    )
     atomic_write_json(Path(run_dir) / "status.json", status)
 
 
@@ -197,13 +225,17 @@ def files_record(folder: str | os.PathLike, prefix: str = "") -> dict[str, dict[
         if any(part.startswith(".") for part in name.parts):
             continue
         stat = path.stat()  # through a hub cache's symlink: the blob's
-        record[f"{prefix}{name.as_posix()}"] = {"sha256": sha256(path), "size": stat.st_size,
-                                                "mtime_ns": stat.st_mtime_ns}
+        record[f"{prefix}{name.as_posix()}"] = {
+            "sha256": sha256(path),
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+        }
     return record
 
 
-def weights_problem(run_dir: str | os.PathLike, status: dict[str, Any],
-                    full: bool = False) -> str | None:
+def weights_problem(
+    run_dir: str | os.PathLike, status: dict[str, Any], full: bool = False
+) -> str | None:
     """Why final/ is not the weights status.json recorded when the job ended (None: it is).
     full: every file is hashed (what a skip or an evaluation relies on: a same-size file
     with its mtime restored, by `cp -p` or `touch -r`, is caught); else only a file whose
@@ -212,13 +244,13 @@ def weights_problem(run_dir: str | os.PathLike, status: dict[str, Any],
     if not record:
         return "status.json records no weights (the job ended before weights were recorded)"
     if status.get("released"):  # no weights in the folder: evaluation hashes the model's
-        return None             # files against the record each time (released_problem)
-    return files_problem(Path(run_dir) / "final", record, full, "final/",
-                         "the file the job wrote")
+        return None  # files against the record each time (released_problem)
+    return files_problem(Path(run_dir) / "final", record, full, "final/", "the file the job wrote")
 
 
-def files_problem(folder: Path, record: dict[str, Any], full: bool, label: str,
-                  what: str) -> str | None:
+def files_problem(
+    folder: Path, record: dict[str, Any], full: bool, label: str, what: str
+) -> str | None:
     """Why the files under folder are not those of `record` (files_record; None: they
     are); label + name names a file in the message. full: every file hashed."""
     for name, want in record.items():
@@ -227,16 +259,20 @@ def files_problem(folder: Path, record: dict[str, Any], full: bool, label: str,
             stat = path.stat()
         except FileNotFoundError:
             return f"{label}{name} is missing"
-        if stat.st_size != want["size"] or ((full or stat.st_mtime_ns != want["mtime_ns"])
-                                            and sha256(path) != want["sha256"]):
+        if stat.st_size != want["size"] or (
+            (full or stat.st_mtime_ns != want["mtime_ns"]) and sha256(path) != want["sha256"]
+        ):
             return f"{label}{name} is not {what} (its sha256 differs)"
     return None
 
 
 def weights_digest(status: dict[str, Any], subfolder: str) -> str:
     """One sha256 for the weights of final/<subfolder> as status.json records them."""
-    files = {name: want["sha256"] for name, want in sorted(status["weights"].items())
-             if name.startswith(f"{subfolder}/")}
+    files = {
+        name: want["sha256"]
+        for name, want in sorted(status["weights"].items())
+        if name.startswith(f"{subfolder}/")
+    }
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
@@ -248,8 +284,9 @@ def stale_metrics(record: dict[str, Any], status: dict[str, Any]) -> list[str]:
         protocol = entry.get("protocol", {})
         if "weights_sha256" in protocol:
             subfolder = str(protocol.get("weights", "")).removeprefix("final/")
-            if not status.get("weights") or \
-                    protocol["weights_sha256"] != weights_digest(status, subfolder):
+            if not status.get("weights") or protocol["weights_sha256"] != weights_digest(
+                status, subfolder
+            ):
                 stale.append(name)
     return stale
 
@@ -274,18 +311,25 @@ def is_done(run_dir: str | os.PathLike) -> bool:
 def _base_entry(name: str, entry: Any) -> str | None:
     if not isinstance(entry, dict):
         return f"bases[{name!r}] is {_a(_kind(entry))}, not an object"
-    return mapping_problem(entry.get("files"), f"bases[{name!r}].files",
-                           lambda file, digest: None if isinstance(digest, str) else
-                           f"bases[{name!r}].files[{file!r}] is {_a(_kind(digest))}, not a "
-                           "sha256 string")
+    return mapping_problem(
+        entry.get("files"),
+        f"bases[{name!r}].files",
+        lambda file, digest: (
+            None
+            if isinstance(digest, str)
+            else f"bases[{name!r}].files[{file!r}] is {_a(_kind(digest))}, not a sha256 string"
+        ),
+    )
 
 
 def bases_manifest_problem(manifest: dict[str, Any]) -> str | None:
     """manifest.json's shape (isodiff.sweep.bases), as verify_base and `bases verify=` read it."""
-    return (field_problem(manifest, "device", "string", required=True)
-            or field_problem(manifest, "packages", "object", required=True)
-            or field_problem(manifest["packages"], "torch", "string", True, "packages.")
-            or mapping_problem(manifest.get("bases"), "bases", _base_entry))
+    return (
+        field_problem(manifest, "device", "string", required=True)
+        or field_problem(manifest, "packages", "object", required=True)
+        or field_problem(manifest["packages"], "torch", "string", True, "packages.")
+        or mapping_problem(manifest.get("bases"), "bases", _base_entry)
+    )
 
 
 def verify_base(folder: Path) -> None:
@@ -298,9 +342,14 @@ def verify_base(folder: Path) -> None:
     entry = (read_json(manifest, {}, bases_manifest_problem).get("bases") or {}).get(folder.name)
     if entry is None:
         return
-    differ = [name for name, digest in sorted(entry["files"].items())
-              if not (folder / name).is_file() or sha256(folder / name) != digest]
+    differ = [
+        name
+        for name, digest in sorted(entry["files"].items())
+        if not (folder / name).is_file() or sha256(folder / name) != digest
+    ]
     if differ:
-        raise ConfigError(f"{folder}: {', '.join(differ)} differ from their sha256 in "
-                          f"{manifest}: nothing is computed; restore them (git checkout -- "
-                          f"{folder}) or remake the bases (make bases)")
+        raise ConfigError(
+            f"{folder}: {', '.join(differ)} differ from their sha256 in "
+            f"{manifest}: nothing is computed; restore them (git checkout -- "
+            f"{folder}) or remake the bases (make bases)"
+        )

@@ -71,8 +71,9 @@ def export(run_dir: Path, dest: Path) -> None:
 
     unet = load_unet(str(run_dir), ema=True)
     # the diffusers class HUNet (HDiT) extends: UNet2DModel (DiTTransformer2DModel)
-    plain = next(c for c in type(unet).__mro__ if c.__module__.startswith("diffusers.")
-                 ).from_config(unet.config)
+    plain = next(
+        c for c in type(unet).__mro__ if c.__module__.startswith("diffusers.")
+    ).from_config(unet.config)
     plain.load_state_dict(unet.state_dict())
     shutil.rmtree(dest, ignore_errors=True)
     plain.save_pretrained(dest)
@@ -95,12 +96,23 @@ def quality_of(run_dir: Path) -> dict[str, Any]:
         with np.load(arrays) as a:
             histograms = {k: a[k].tolist() for k in a.files}
     reasons = check(values)
-    return {"values": values, "histograms": histograms, "passed": not reasons,
-            "reasons": reasons, "protocol": protocol}
+    return {
+        "values": values,
+        "histograms": histograms,
+        "passed": not reasons,
+        "reasons": reasons,
+        "protocol": protocol,
+    }
 
 
-def describe(tier: str, datasets: list[str], bases: dict[str, Path],
-             overrides: dict[str, list[str]], out: Path, command: list[str]) -> dict[str, Any]:
+def describe(
+    tier: str,
+    datasets: list[str],
+    bases: dict[str, Path],
+    overrides: dict[str, list[str]],
+    out: Path,
+    command: list[str],
+) -> dict[str, Any]:
     """manifest.json: how the bases were made, what they are, how good they are."""
     import torch  # the device and version that made them
 
@@ -109,45 +121,61 @@ def describe(tier: str, datasets: list[str], bases: dict[str, Path],
         run_dir = bases[dataset]
         status = read_status(run_dir) or {}
         entries[dataset] = {
-            "job": run_dir.name, "config_hash": signature(run_dir),
-            "trained_at_commit": status.get("git"), "train_overrides": overrides[dataset],
-            "steps": status.get("step"), "final_mse": status.get("final_mse"),
+            "job": run_dir.name,
+            "config_hash": signature(run_dir),
+            "trained_at_commit": status.get("git"),
+            "train_overrides": overrides[dataset],
+            "steps": status.get("step"),
+            "final_mse": status.get("final_mse"),
             "training_seconds": round(training_seconds(run_dir), 1),
-            "files": file_hashes(out / dataset), "quality": quality_of(run_dir)}
+            "files": file_hashes(out / dataset),
+            "quality": quality_of(run_dir),
+        }
     made_by = provenance()
-    return {"tier": tier, "command": command, "git": made_by["git"],
-            "device": "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available()
-            else f"cpu ({platform.processor() or platform.machine()})",
-            # torch's own version names its build (+cu130, +cpu): bitwise needs the same
-            "packages": {**made_by["packages"], "torch": torch.__version__},
-            "bases": entries}
+    return {
+        "tier": tier,
+        "command": command,
+        "git": made_by["git"],
+        "device": "cuda:" + torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"cpu ({platform.processor() or platform.machine()})",
+        # torch's own version names its build (+cu130, +cpu): bitwise needs the same
+        "packages": {**made_by["packages"], "torch": torch.__version__},
+        "bases": entries,
+    }
 
 
 def compare(made: dict[str, Any], reference: dict[str, Any]) -> list[str]:
     """Differences of a retrained manifest from the shipped one: sha256 where device and
     torch agree (bitwise reproducibility), the quality check otherwise."""
-    same_platform = (made["device"] == reference["device"]
-                     and made["packages"]["torch"] == reference["packages"]["torch"])
+    same_platform = (
+        made["device"] == reference["device"]
+        and made["packages"]["torch"] == reference["packages"]["torch"]
+    )
     problems = []
     for dataset, entry in reference["bases"].items():
         ours = made["bases"].get(dataset)
         if ours is None:
             problems.append(f"{dataset}: not retrained")
         elif same_platform:
-            if differ := sorted(k for k in entry["files"]
-                                if ours["files"].get(k) != entry["files"][k]):
-                problems.append(f"{dataset}: not bitwise equal to the shipped base "
-                                f"({', '.join(differ)})")
+            if differ := sorted(
+                k for k in entry["files"] if ours["files"].get(k) != entry["files"][k]
+            ):
+                problems.append(
+                    f"{dataset}: not bitwise equal to the shipped base ({', '.join(differ)})"
+                )
         elif not ours["quality"]["passed"]:
-            problems.append(f"{dataset}: fails the quality check: "
-                            + "; ".join(ours["quality"]["reasons"]))
+            problems.append(
+                f"{dataset}: fails the quality check: " + "; ".join(ours["quality"]["reasons"])
+            )
     return problems
 
 
 def datasets_of(tier: str) -> list[str]:
     """Every dataset a table spec uses at this tier."""
-    return list(dict.fromkeys(d for s in all_specs() if s.kind == "table"
-                              for d in s.datasets_for(tier)))
+    return list(
+        dict.fromkeys(d for s in all_specs() if s.kind == "table" for d in s.datasets_for(tier))
+    )
 
 
 def make_bases(tier: str, out: Path, extra: list[str], command: list[str]) -> dict[str, Any]:
@@ -155,16 +183,21 @@ def make_bases(tier: str, out: Path, extra: list[str], command: list[str]) -> di
     tier; returns the manifest written to out/manifest.json."""
     settings = tier_config(tier)
     if settings.bases == BaseSource.given:
-        raise ConfigError(f"tier={tier} pretrains no base (tier.bases: given in "
-                          f"conf/tier/{tier}.yaml): bring a checkpoint with init_from=")
+        raise ConfigError(
+            f"tier={tier} pretrains no base (tier.bases: given in "
+            f"conf/tier/{tier}.yaml): bring a checkpoint with init_from="
+        )
     datasets = datasets_of(tier)
     bases = sweep.base_stage(datasets, tier, extra)
     if failed := [d for d, path in bases.items() if not is_done(path)]:
-        raise UserError(f"base training failed for {failed}: see status.json in "
-                        + ", ".join(str(bases[d]) for d in failed))
+        raise UserError(
+            f"base training failed for {failed}: see status.json in "
+            + ", ".join(str(bases[d]) for d in failed)
+        )
     launch = [a for a in extra if a.startswith(sweep.LAUNCHER_KEYS)]
-    sweep.evaluate_stage({path: set(QUALITY_METRICS) for path in bases.values()},
-                         settings.base_eval, launch)
+    sweep.evaluate_stage(
+        {path: set(QUALITY_METRICS) for path in bases.values()}, settings.base_eval, launch
+    )
     for dataset, run_dir in bases.items():
         export(run_dir, out / dataset)
     overrides = {d: plan.base_overrides(d, tier, extra) for d in datasets}
@@ -184,18 +217,21 @@ def _bases(argv: list[str]) -> int:
     out = Path(got.values.get("out", f"runs/{tier}/bases"))
     verify = got.values.get("verify")
     # the reference first: a damaged one stops the command before any training
-    reference = read_json(Path(verify) / MANIFEST, shape=bases_manifest_problem
-                          ) if verify else None
+    reference = read_json(Path(verify) / MANIFEST, shape=bases_manifest_problem) if verify else None
     if verify and reference is None:
         raise ConfigError(f"verify={verify}: no {MANIFEST} there")
-    manifest = make_bases(tier, out, got.overrides,
-                          ["python", "-m", "isodiff.sweep.bases", *argv])
+    manifest = make_bases(tier, out, got.overrides, ["python", "-m", "isodiff.sweep.bases", *argv])
     status = 0
     for dataset, entry in manifest["bases"].items():
         q = entry["quality"]
-        log.info("%s: %s (%s)", dataset, "passes the quality check" if q["passed"] else
-                 "FAILS the quality check: " + "; ".join(q["reasons"]),
-                 json.dumps({k: round(v, 4) for k, v in q["values"].items()}))
+        log.info(
+            "%s: %s (%s)",
+            dataset,
+            "passes the quality check"
+            if q["passed"]
+            else "FAILS the quality check: " + "; ".join(q["reasons"]),
+            json.dumps({k: round(v, 4) for k, v in q["values"].items()}),
+        )
         status |= not q["passed"]
     if reference is not None:
         problems = compare(manifest, reference)

@@ -52,9 +52,11 @@ def shipped_base(tier: str, dataset: str) -> Path:
     """The base isodiff ships for a dataset at this tier (isodiff/pretrained/<tier>/)."""
     path = PRETRAINED / tier / dataset
     if not (path / "config.json").is_file():
-        raise UserError(f"no shipped {tier}-tier base for data={dataset} in {path}: train "
-                        f"it with `make bases TIER={tier}`, or set `tier.bases: trained` in "
-                        f"conf/tier/{tier}.yaml to pretrain bases in the sweep")
+        raise UserError(
+            f"no shipped {tier}-tier base for data={dataset} in {path}: train "
+            f"it with `make bases TIER={tier}`, or set `tier.bases: trained` in "
+            f"conf/tier/{tier}.yaml to pretrain bases in the sweep"
+        )
     verify_base(path)  # before any plan is made from it
     return path
 
@@ -74,8 +76,14 @@ def base_stage(datasets: list[str], tier: str, extra: list[str]) -> dict[str, Pa
     return bases
 
 
-def train_stage(spec: Spec, compiled: plan.Plan, root: Path, bases: dict[str, Path],
-                extra: list[str], datasets: list[str]) -> None:
+def train_stage(
+    spec: Spec,
+    compiled: plan.Plan,
+    root: Path,
+    bases: dict[str, Path],
+    extra: list[str],
+    datasets: list[str],
+) -> None:
     """Train the plan's fine-tunes of the spec on those datasets, one multirun per dataset."""
     tier = compiled.tier
     for dataset in (d for d in spec.datasets_for(tier) if d in datasets):
@@ -83,21 +91,34 @@ def train_stage(spec: Spec, compiled: plan.Plan, root: Path, bases: dict[str, Pa
         if all(is_done(d) for d in dirs):
             continue
         base_dir = bases.get(dataset)
-        if base_dir is not None and (base_dir / "status.json").is_file() \
-                and not is_done(base_dir):  # a base trained by the sweep
-            log.error("base model %s is not done (%s): skipping %d jobs of %s", base_dir,
-                      job_state(base_dir)[1], len(dirs), dataset)
+        if (
+            base_dir is not None and (base_dir / "status.json").is_file() and not is_done(base_dir)
+        ):  # a base trained by the sweep
+            log.error(
+                "base model %s is not done (%s): skipping %d jobs of %s",
+                base_dir,
+                job_state(base_dir)[1],
+                len(dirs),
+                dataset,
+            )
             continue
-        _multirun("isodiff.train", plan.multirun_overrides(
-            spec, tier, dataset, None if base_dir is None else str(base_dir), extra))
+        _multirun(
+            "isodiff.train",
+            plan.multirun_overrides(
+                spec, tier, dataset, None if base_dir is None else str(base_dir), extra
+            ),
+        )
 
 
 def evaluation_metrics(table: Spec, tier: str) -> set[str]:
     """The isodiff.evaluate metrics a table's jobs need at this tier: those of its values,
     of every figure drawn from its runs, and the quality check every table shows."""
     figures = [s for s in all_specs() if s.kind == "figure" and s.source == table.name]
-    return {"fid", "quality", *(metric_of(value) for spec in (table, *figures)
-                                for value in spec.metrics_for(tier))}
+    return {
+        "fid",
+        "quality",
+        *(metric_of(value) for spec in (table, *figures) for value in spec.metrics_for(tier)),
+    }
 
 
 def _interleaved(dirs: list[Path]) -> list[Path]:
@@ -119,21 +140,29 @@ def evaluate_stage(jobs: dict[Path, set[str]], preset: str, extra: list[str]) ->
             groups.setdefault(tuple(m for m in registry() if m in metrics), []).append(run_dir)
     for metrics, dirs in groups.items():
         quoted = ",".join(f"'{d}'" for d in _interleaved(dirs))  # folders hold '=' and ','
-        _multirun("isodiff.evaluate", [f"run={quoted}", f"eval={preset}",
-                                       f"metrics=[{','.join(metrics)}]", *extra])
+        _multirun(
+            "isodiff.evaluate",
+            [f"run={quoted}", f"eval={preset}", f"metrics=[{','.join(metrics)}]", *extra],
+        )
 
 
-def compile_plans(specs: list[Spec], tier: str, extra: list[str]
-                  ) -> tuple[list[plan.Plan], dict[str, Path], Path]:
+def compile_plans(
+    specs: list[Spec], tier: str, extra: list[str]
+) -> tuple[list[plan.Plan], dict[str, Path], Path]:
     """Every job of the specs' tables, composed and validated before anything runs:
     (one plan per table, dataset -> base, the tier's folder)."""
     for spec in specs:
         if spec.kind not in ("table", "figure"):  # kind=claims: judged on other specs' runs
-            raise UserError(f"spec {spec.name} (kind: {spec.kind}) has no jobs: sweep the "
-                            "tables it cites, then `python -m isodiff.analysis.claims`")
+            raise UserError(
+                f"spec {spec.name} (kind: {spec.kind}) has no jobs: sweep the "
+                "tables it cites, then `python -m isodiff.analysis.claims`"
+            )
     settings = tier_config(tier)
-    tables = list({s.name: s for s in (load_spec(s.source) if s.kind == "figure" else s
-                                       for s in specs)}.values())
+    tables = list(
+        {
+            s.name: s for s in (load_spec(s.source) if s.kind == "figure" else s for s in specs)
+        }.values()
+    )
     datasets = list(dict.fromkeys(d for s in tables for d in s.datasets_for(tier)))
     trained = settings.bases == BaseSource.trained
     if settings.bases == BaseSource.shipped:
@@ -142,8 +171,10 @@ def compile_plans(specs: list[Spec], tier: str, extra: list[str]
         bases = {d: plan.job_dir(plan.base_overrides(d, tier, extra)) for d in datasets}
     else:
         bases = {}  # given: init_from= among the overrides
-    plans = [plan.compile_plan(t, tier, bases, trained, sorted(evaluation_metrics(t, tier)),
-                               extra) for t in tables]
+    plans = [
+        plan.compile_plan(t, tier, bases, trained, sorted(evaluation_metrics(t, tier)), extra)
+        for t in tables
+    ]
     root = plan.tier_dir(plan.compose_job([f"tier={tier}", *extra], validate=False))
     return plans, bases, root
 
@@ -151,8 +182,10 @@ def compile_plans(specs: list[Spec], tier: str, extra: list[str]
 def plan_for(spec: Spec, tier: str, root: Path) -> plan.Plan:
     """The plan of a table spec's runs under a tier's folder: the one its last sweep wrote,
     or else the one a sweep without extra overrides would compile."""
-    return plan.read_plan(root, spec.name) or compile_plans(
-        [spec], tier, [f"run_root={root.parent}"])[0][0]
+    return (
+        plan.read_plan(root, spec.name)
+        or compile_plans([spec], tier, [f"run_root={root.parent}"])[0][0]
+    )
 
 
 def launched_datasets(plans: list[plan.Plan], only: list[str] | None) -> list[str]:
@@ -161,13 +194,16 @@ def launched_datasets(plans: list[plan.Plan], only: list[str] | None) -> list[st
     if only is None:
         return planned
     if unknown := [d for d in only if d not in planned]:
-        raise UserError(f"datasets={','.join(only)}: {unknown[0]!r} has no job in these "
-                        f"specs at this tier; use some of {', '.join(planned) or '(none)'}")
+        raise UserError(
+            f"datasets={','.join(only)}: {unknown[0]!r} has no job in these "
+            f"specs at this tier; use some of {', '.join(planned) or '(none)'}"
+        )
     return only
 
 
-def run_specs(specs: list[Spec], tier: str, extra: list[str],
-              only: list[str] | None = None) -> dict[str, dict[str, int]]:
+def run_specs(
+    specs: list[Spec], tier: str, extra: list[str], only: list[str] | None = None
+) -> dict[str, dict[str, int]]:
     """The plans (written beside the runs), then the bases, every spec's training, and one
     evaluation of all their jobs (of the datasets `only` names, default all); returns the
     states of the launched jobs per spec (from status files)."""
@@ -175,8 +211,9 @@ def run_specs(specs: list[Spec], tier: str, extra: list[str],
     datasets = launched_datasets(plans, only)
     for dataset in datasets:
         # every preset's assets, before anything is launched (its jobs validated above)
-        assets = plan.compose_job([f"tier={tier}", dataset_override(tier, dataset), *extra],
-                                  validate=False).assets
+        assets = plan.compose_job(
+            [f"tier={tier}", dataset_override(tier, dataset), *extra], validate=False
+        ).assets
         paper_assets.require(assets.required, assets.root)
     for compiled in plans:
         log.info("plan: %s", plan.write_plan(compiled, root))
@@ -185,8 +222,9 @@ def run_specs(specs: list[Spec], tier: str, extra: list[str],
         base_stage([d for d in bases if d in datasets], tier, extra)
     for compiled in plans:
         train_stage(compiled.source, compiled, root, bases, extra, datasets)
-    launched = [(compiled, [j for j in compiled.finetunes() if j.dataset in datasets])
-                for compiled in plans]
+    launched = [
+        (compiled, [j for j in compiled.finetunes() if j.dataset in datasets]) for compiled in plans
+    ]
     needs: dict[Path, set[str]] = {}
     for _, jobs in launched:
         for job in jobs:
@@ -202,23 +240,33 @@ def run_specs(specs: list[Spec], tier: str, extra: list[str],
     return counts
 
 
-def released_stage(table: Spec | None, tier: str, root: Path, datasets: list[str],
-                   preset: str, launch: list[str]) -> list[str]:
+def released_stage(
+    table: Spec | None, tier: str, root: Path, datasets: list[str], preset: str, launch: list[str]
+) -> list[str]:
     """isodiff.evaluate of the table's released models (spec `released:` rows) of these
     datasets, each read where it lies and measured in its folder under <root>/released/
     (found by its files' sha256: one evaluated before is up to date); their states."""
-    if table is None or not (rows := [r for r in table.released_for(tier)
-                                      if r.dataset in datasets]):
+    if table is None or not (
+        rows := [r for r in table.released_for(tier) if r.dataset in datasets]
+    ):
         return []
     from isodiff.evaluate.released import folder_of  # (loads torch)
 
     metrics = sorted(evaluation_metrics(table, tier), key=list(registry()).index)
     states = []
     for row in rows:
-        _multirun("isodiff.evaluate", [f"released='{row.model}'", *row.data_overrides(),
-                                       f"eval={preset}", f"released_tier={tier}",
-                                       f"run_root='{root.parent}'",
-                                       f"metrics=[{','.join(metrics)}]", *launch])
+        _multirun(
+            "isodiff.evaluate",
+            [
+                f"released='{row.model}'",
+                *row.data_overrides(),
+                f"eval={preset}",
+                f"released_tier={tier}",
+                f"run_root='{root.parent}'",
+                f"metrics=[{','.join(metrics)}]",
+                *launch,
+            ],
+        )
         try:
             folder = folder_of(row.model, root)
         except UserError as err:
@@ -245,9 +293,13 @@ def _state(run_dir: Path) -> str:
         return "not evaluated"
     if failed := open_failures(record):  # a failure a later success superseded is gone
         for name, failure in failed.items():
-            log.error("%s: evaluation of %s failed%s: %s", run_dir, name,
-                      " outside the run" if cause_of(failure) == "environment" else "",
-                      failure["error"])
+            log.error(
+                "%s: evaluation of %s failed%s: %s",
+                run_dir,
+                name,
+                " outside the run" if cause_of(failure) == "environment" else "",
+                failure["error"],
+            )
         return "evaluation failed"
     if stale := stale_metrics(record, read_status(run_dir)):
         log.error("%s: %s measured other weights: evaluate it again", run_dir, ", ".join(stale))
@@ -271,8 +323,10 @@ def _sweep(argv: list[str]) -> int:
     if "--plan" in got.flags:
         plans, _, root = compile_plans(specs, tier, got.overrides)
         launched = launched_datasets(plans, only)
-        print(f"# under {root}; nothing is launched (a sweep would launch the jobs of "
-              f"{', '.join(launched)})")
+        print(
+            f"# under {root}; nothing is launched (a sweep would launch the jobs of "
+            f"{', '.join(launched)})"
+        )
         print("\n".join(p.describe() for p in plans))
         return 0
     counts = run_specs(specs, tier, got.overrides, only)

@@ -50,9 +50,11 @@ class Plan:
 
     def describe(self) -> str:
         lines = [f"{self.spec} (tier {self.tier}): {len(self.jobs)} jobs"]
-        lines += [f"  {job.stage:8s} {job.folder}" + (f"  metrics {','.join(job.metrics)}"
-                                                      if job.metrics else "")
-                  for job in self.jobs]
+        lines += [
+            f"  {job.stage:8s} {job.folder}"
+            + (f"  metrics {','.join(job.metrics)}" if job.metrics else "")
+            for job in self.jobs
+        ]
         return "\n".join(lines)
 
 
@@ -87,8 +89,14 @@ def job_dir(overrides: list[str]) -> Path:
 def base_overrides(data: str, tier: str, extra: list[str]) -> list[str]:
     """The isodiff.train overrides of a tier's base model of `data` (a multirun when `data`
     lists several): the tier's base recipe (conf/recipe/<tier>_base.yaml)."""
-    return [f"tier={tier}", "stage=base", "experiment=base", f"data={data}",
-            "name_keys=[data.name]", *extra]
+    return [
+        f"tier={tier}",
+        "stage=base",
+        "experiment=base",
+        f"data={data}",
+        "name_keys=[data.name]",
+        *extra,
+    ]
 
 
 def name_keys(spec: Spec, tier: str) -> list[str]:
@@ -99,13 +107,19 @@ def name_keys(spec: Spec, tier: str) -> list[str]:
     return sorted({k for s in specs for k in s.grid_for(tier)}) or ["data.name"]
 
 
-def finetune_common(spec: Spec, tier: str, dataset: str, base: str | None,
-                    extra: list[str]) -> list[str]:
+def finetune_common(
+    spec: Spec, tier: str, dataset: str, base: str | None, extra: list[str]
+) -> list[str]:
     """The overrides every fine-tune of a spec's dataset shares (the tier's fine-tune
     recipe, conf/recipe/<tier>_finetune.yaml); the folder is named by name_keys."""
     keys = name_keys(spec, tier)
-    common = [f"tier={tier}", "stage=finetune", *extra, f"experiment={dataset}",
-              f"name_keys=[{','.join(keys)}]"]
+    common = [
+        f"tier={tier}",
+        "stage=finetune",
+        *extra,
+        f"experiment={dataset}",
+        f"name_keys=[{','.join(keys)}]",
+    ]
     if base is not None:
         common.append(f"init_from='{base}'")  # quoted: job folders hold '=' and ','
     return common
@@ -115,8 +129,14 @@ def _relative(path: Path, cfg: DictConfig) -> str:
     return str(path.relative_to(tier_dir(cfg)))
 
 
-def compile_plan(spec: Spec, tier: str, bases: dict[str, Path], trained: bool,
-                 metrics: list[str], extra: list[str]) -> Plan:
+def compile_plan(
+    spec: Spec,
+    tier: str,
+    bases: dict[str, Path],
+    trained: bool,
+    metrics: list[str],
+    extra: list[str],
+) -> Plan:
     """Every job of the spec at this tier (its bases first when the sweep trains them),
     each composed and validated. `bases`: dataset -> the base its fine-tunes start from."""
     jobs: list[PlannedJob] = []
@@ -126,20 +146,28 @@ def compile_plan(spec: Spec, tier: str, bases: dict[str, Path], trained: bool,
         if base is not None and trained:  # base: <tier folder>/base/<name>
             base_ref = "/".join(base.parts[-2:])
             jobs.append(PlannedJob(base_ref, BASE, dataset))
-        common = finetune_common(spec, tier, dataset, None if base is None else str(base),
-                                 extra)
+        common = finetune_common(spec, tier, dataset, None if base is None else str(base), extra)
         for job in expand(spec, tier):
             if job.dataset != dataset:
                 continue
             try:
                 cfg = compose_job([*common, *job.overrides])
             except ConfigError as err:
-                raise ConfigError(f"spec {spec.name}, job {' '.join(job.overrides)}: {err}"
-                                  ) from err
+                raise ConfigError(
+                    f"spec {spec.name}, job {' '.join(job.overrides)}: {err}"
+                ) from err
             folder = _relative(Path(cfg.hydra.run.dir).resolve(), cfg)
             point = dict(o.split("=", 1) for o in job.overrides[1:])  # after the dataset
-            jobs.append(PlannedJob(folder, FINETUNE, dataset, point, sorted(metrics), base_ref
-                                   or (None if base is None else base_identity(str(base)))))
+            jobs.append(
+                PlannedJob(
+                    folder,
+                    FINETUNE,
+                    dataset,
+                    point,
+                    sorted(metrics),
+                    base_ref or (None if base is None else base_identity(str(base))),
+                )
+            )
     return Plan(spec.name, tier, jobs, spec)
 
 
@@ -166,11 +194,13 @@ def _job_problem(index: int, job: Any) -> str | None:
         return f"{where} is not an object"
     if unknown := sorted(set(job) - {f.name for f in fields(PlannedJob)}):
         return f"{where} has the unknown key {unknown[0]!r}"
-    problem = (field_problem(job, "folder", "string", True, f"{where}.")
-               or field_problem(job, "dataset", "string", True, f"{where}.")
-               or field_problem(job, "point", "object", False, f"{where}.")
-               or field_problem(job, "metrics", "list", False, f"{where}.")
-               or field_problem(job, "base", "string", False, f"{where}."))
+    problem = (
+        field_problem(job, "folder", "string", True, f"{where}.")
+        or field_problem(job, "dataset", "string", True, f"{where}.")
+        or field_problem(job, "point", "object", False, f"{where}.")
+        or field_problem(job, "metrics", "list", False, f"{where}.")
+        or field_problem(job, "base", "string", False, f"{where}.")
+    )
     if problem:
         return problem
     if job.get("stage") not in (BASE, FINETUNE):
@@ -183,11 +213,14 @@ def _job_problem(index: int, job: Any) -> str | None:
 
 def plan_problem(record: dict[str, Any]) -> str | None:
     """A plan's shape as read_plan, tables and figures read it (None: fine)."""
-    problem = (field_problem(record, "spec", "string", required=True)
-               or field_problem(record, "tier", "string", required=True)
-               or field_problem(record, "jobs", "list", required=True))
-    return problem or next((p for i, job in enumerate(record["jobs"])
-                            if (p := _job_problem(i, job))), None)
+    problem = (
+        field_problem(record, "spec", "string", required=True)
+        or field_problem(record, "tier", "string", required=True)
+        or field_problem(record, "jobs", "list", required=True)
+    )
+    return problem or next(
+        (p for i, job in enumerate(record["jobs"]) if (p := _job_problem(i, job))), None
+    )
 
 
 def read_plan(tier_root: Path, spec: str) -> Plan | None:
@@ -199,13 +232,17 @@ def read_plan(tier_root: Path, spec: str) -> Plan | None:
     if record is None:
         return None
     if record["spec"] != spec:
-        raise RunFileError(f"{path} is unreadable (wrong shape: the plan of spec "
-                                f"{record['spec']!r}, not {spec!r})")
+        raise RunFileError(
+            f"{path} is unreadable (wrong shape: the plan of spec {record['spec']!r}, not {spec!r})"
+        )
     return Plan(record["spec"], record["tier"], [PlannedJob(**job) for job in record["jobs"]])
 
 
-def multirun_overrides(spec: Spec, tier: str, dataset: str, base: str | None,
-                       extra: list[str]) -> list[str]:
+def multirun_overrides(
+    spec: Spec, tier: str, dataset: str, base: str | None, extra: list[str]
+) -> list[str]:
     """The isodiff.train multirun whose jobs are the plan's fine-tunes of `dataset`."""
-    return [*finetune_common(spec, tier, dataset, base, extra),
-            *grid_overrides(spec, tier, dataset)]
+    return [
+        *finetune_common(spec, tier, dataset, base, extra),
+        *grid_overrides(spec, tier, dataset),
+    ]

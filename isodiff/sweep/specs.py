@@ -103,8 +103,7 @@ class Spec:
     def datasets_for(self, tier: str) -> list[str]:
         """The spec's datasets at a tier ([]: the spec has no jobs at that tier)."""
         override = self.tiers.get(tier)
-        return override.datasets if override and override.datasets is not None \
-            else self.datasets
+        return override.datasets if override and override.datasets is not None else self.datasets
 
     def released_for(self, tier: str) -> list[ReleasedRow]:
         """The released models among the spec's rows at a tier (of its datasets there)."""
@@ -155,11 +154,14 @@ def _check_claim(claim: Claim, where: str) -> None:
     ConfigError naming the key (`where` is the file and the claim's index)."""
     which = f"(claim {claim.id!r})"
     if claim.direction not in DIRECTIONS:
-        raise ConfigError(f"{where}.direction: {claim.direction!r} is not one of "
-                          f"{', '.join(DIRECTIONS)} {which}")
+        raise ConfigError(
+            f"{where}.direction: {claim.direction!r} is not one of {', '.join(DIRECTIONS)} {which}"
+        )
     if len(claim.smallest) != 1 or next(iter(claim.smallest)) not in SMALLEST_KINDS:
-        raise ConfigError(f"{where}.smallest: give exactly one of {{relative: x}} or "
-                          f"{{absolute: x}}, not {dict(claim.smallest)} {which}")
+        raise ConfigError(
+            f"{where}.smallest: give exactly one of {{relative: x}} or "
+            f"{{absolute: x}}, not {dict(claim.smallest)} {which}"
+        )
     if not next(iter(claim.smallest.values())) > 0:
         raise ConfigError(f"{where}.smallest: the smallest effect must be > 0 {which}")
 
@@ -191,9 +193,14 @@ def dataset_override(tier: str, dataset: str) -> str:
 
 def grid_overrides(spec: Spec, tier: str, dataset: str) -> list[str]:
     """The Hydra multirun arguments whose cartesian product is the dataset's jobs."""
-    return [dataset_override(tier, dataset), *spec.overrides,
-            *(f"{k}={','.join(format_value(v) for v in values)}"
-              for k, values in spec.grid_for(tier).items())]
+    return [
+        dataset_override(tier, dataset),
+        *spec.overrides,
+        *(
+            f"{k}={','.join(format_value(v) for v in values)}"
+            for k, values in spec.grid_for(tier).items()
+        ),
+    ]
 
 
 def expand(spec: Spec, tier: str) -> list[Job]:
@@ -204,7 +211,10 @@ def expand(spec: Spec, tier: str) -> list[Job]:
     for dataset in spec.datasets_for(tier):
         for values in itertools.product(*(grid[k] for k in keys)):
             point = tuple(zip(keys, values, strict=True))
-            overrides = (dataset_override(tier, dataset), *spec.overrides,
-                         *(f"{k}={format_value(v)}" for k, v in point))
+            overrides = (
+                dataset_override(tier, dataset),
+                *spec.overrides,
+                *(f"{k}={format_value(v)}" for k, v in point),
+            )
             jobs.append(Job(dataset, overrides, point))
     return jobs

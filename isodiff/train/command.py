@@ -20,8 +20,9 @@ from isodiff.train.job import run_job
 register_schemas()
 OmegaConf.register_new_resolver("job_name", job_name, replace=True)
 OmegaConf.register_new_resolver("folder", folder_part, replace=True)
-OmegaConf.register_new_resolver("folder_name_excludes", lambda: list(FOLDER_NAME_EXCLUDES),
-                                replace=True)
+OmegaConf.register_new_resolver(
+    "folder_name_excludes", lambda: list(FOLDER_NAME_EXCLUDES), replace=True
+)
 log = logging.getLogger("isodiff.train")
 logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
 

@@ -62,9 +62,11 @@ def require_same_job(run_dir: Path, cfg: DictConfig) -> None:
     if differ := identity_difference(run_dir, cfg):
         raise ConfigError(
             f"name={run_dir.name!r}: {run_dir} holds a job with other "
-            + ", ".join(f"{k} (recorded {old!r}, asked {new!r})" for k, (old, new)
-                        in differ.items())
-            + ": nothing is run; choose another name= or remove that folder")
+            + ", ".join(
+                f"{k} (recorded {old!r}, asked {new!r})" for k, (old, new) in differ.items()
+            )
+            + ": nothing is run; choose another name= or remove that folder"
+        )
 
 
 def run_job(cfg: DictConfig, run_dir: Path, work: Callable[[TrainConfig, Path], dict]) -> dict:
@@ -99,13 +101,16 @@ def run_job(cfg: DictConfig, run_dir: Path, work: Callable[[TrainConfig, Path], 
             return read_status(run_dir)
         with interruptible():
             return work(typed, run_dir)
-    with interruptible(), exclusive(run_dir / ".lock", f"job {run_dir.name}",
-                                         lambda: _holder(run_dir)):
+    with (
+        interruptible(),
+        exclusive(run_dir / ".lock", f"job {run_dir.name}", lambda: _holder(run_dir)),
+    ):
         return _run_locked(cfg, typed, run_dir, work)
 
 
-def _run_locked(cfg: DictConfig, typed: TrainConfig, run_dir: Path,
-                work: Callable[[TrainConfig, Path], dict]) -> dict:
+def _run_locked(
+    cfg: DictConfig, typed: TrainConfig, run_dir: Path, work: Callable[[TrainConfig, Path], dict]
+) -> dict:
     require_same_job(run_dir, cfg)
     state, problem = job_state(run_dir, full=True)  # a skip relies on the weights' bits
     status = read_status(run_dir) or {}
@@ -115,34 +120,49 @@ def _run_locked(cfg: DictConfig, typed: TrainConfig, run_dir: Path,
     if state == UNREADABLE:
         log.warning("%s: the job runs again (from its newest checkpoint that loads)", problem)
     if state == WEIGHTS_CHANGED:
-        log.warning("%s: %s: the job trains again (from its newest checkpoint that loads), and "
-                    "its metrics are computed again", run_dir, problem)
-    resolved = OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
-                                 resolve=True)
+        log.warning(
+            "%s: %s: the job trains again (from its newest checkpoint that loads), and "
+            "its metrics are computed again",
+            run_dir,
+            problem,
+        )
+    resolved = OmegaConf.to_yaml(
+        OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True
+    )
     atomic_write_text(run_dir / "config.yaml", resolved)
     file_log = logging.FileHandler(run_dir / "train.log")
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(file_log)
     try:  # from `running` to `done`: a signal anywhere between leaves `interrupted`
-        write_status(run_dir, RUNNING, host=socket.gethostname(), pid=os.getpid(),
-                          attempts=status.get("attempts", 0) + 1, weights=None,
-                          slurm_job_id=os.environ.get("SLURM_JOB_ID"),
-                          git=provenance()["git"])
+        write_status(
+            run_dir,
+            RUNNING,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            attempts=status.get("attempts", 0) + 1,
+            weights=None,
+            slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+            git=provenance()["git"],
+        )
         summary = work(typed, run_dir)
         write_status(run_dir, DONE, **summary, weights=weights_record(run_dir))
     except SystemExit:
         raise  # submitit's preemption/timeout requeue: the job stays `running` and resumes
     except Interrupted as err:
         write_status(run_dir, INTERRUPTED, error=err.message)  # cleared by the rerun
-        err.message = (f"{err.message}: {run_dir} is marked {INTERRUPTED}; the same command "
-                       f"resumes it from its newest checkpoint: {command_line()}")
+        err.message = (
+            f"{err.message}: {run_dir} is marked {INTERRUPTED}; the same command "
+            f"resumes it from its newest checkpoint: {command_line()}"
+        )
         raise
     except BaseException as err:
         # The traceback goes to train.log alone; the command prints one line (cli.hydra_main)
-        file_log.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "job failed", (),
-                                       sys.exc_info()))
-        write_status(run_dir, FAILED, error=f"{type(err).__name__}: {err}",
-                          traceback=traceback.format_exc())
+        file_log.handle(
+            log.makeRecord(log.name, logging.ERROR, __file__, 0, "job failed", (), sys.exc_info())
+        )
+        write_status(
+            run_dir, FAILED, error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc()
+        )
         # an exception type that refuses attributes keeps its traceback on the terminal
         with contextlib.suppress(AttributeError):
             err.logged_to = run_dir / "train.log"  # type: ignore[attr-defined]

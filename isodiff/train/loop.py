@@ -67,8 +67,9 @@ class StepBatches:
     """Batch sampler: micro-batch m of process r holds the dataset positions
     [m*B*W + r*B, m*B*W + (r+1)*B) of an endless stream of per-epoch permutations."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, start: int, rank: int = 0,
-                 world: int = 1) -> None:
+    def __init__(
+        self, n: int, batch_size: int, seed: int, start: int, rank: int = 0, world: int = 1
+    ) -> None:
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.start, self.rank, self.world = start, rank, world
         self._perms: dict[int, torch.Tensor] = {}
@@ -76,8 +77,9 @@ class StepBatches:
     def _index(self, position: int) -> int:
         epoch = position // self.n
         if epoch not in self._perms:
-            self._perms = {epoch: torch.randperm(self.n, generator=seeding.generator(
-                self.seed, "data", epoch))}
+            self._perms = {
+                epoch: torch.randperm(self.n, generator=seeding.generator(self.seed, "data", epoch))
+            }
         return int(self._perms[epoch][position % self.n])
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -109,75 +111,113 @@ def build_state(cfg: TrainConfig, accelerator: Accelerator) -> TrainState:
     if lora.rank:  # the base frozen: only the adapter's weights train (after init's draws)
         add_lora(unet, lora.rank, lora.alpha, lora.targets)
     regulariser = build_regulariser(cfg.iso) if cfg.regularised else None
-    objective = DiffusionObjective(unet, build_scheduler(cfg.diffusion), cfg.lambda_iso,
-                                   regulariser)
+    objective = DiffusionObjective(
+        unet, build_scheduler(cfg.diffusion), cfg.lambda_iso, regulariser
+    )
     o = cfg.optim
     # the trainable parameters: all of them, or the adapter's (the same list without LoRA)
     trainable = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=tuple(o.betas),
-                                  weight_decay=o.weight_decay, eps=o.eps)
+    optimizer = torch.optim.AdamW(
+        trainable, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps
+    )
     # Stepped by us once per optimizer step (accelerate's wrapper would step it per process).
-    lr_scheduler = get_scheduler(o.lr_schedule.value, optimizer, num_warmup_steps=o.warmup_steps,
-                                 num_training_steps=cfg.train.steps)
-    ema = EMAModel(unet.parameters(), decay=o.ema_decay, use_ema_warmup=o.ema_warmup,
-                   power=o.ema_power, model_cls=type(unet), model_config=unet.config)
+    lr_scheduler = get_scheduler(
+        o.lr_schedule.value,
+        optimizer,
+        num_warmup_steps=o.warmup_steps,
+        num_training_steps=cfg.train.steps,
+    )
+    ema = EMAModel(
+        unet.parameters(),
+        decay=o.ema_decay,
+        use_ema_warmup=o.ema_warmup,
+        power=o.ema_power,
+        model_cls=type(unet),
+        model_config=unet.config,
+    )
     objective, optimizer = accelerator.prepare(objective, optimizer)
     ema.to(accelerator.device)
     accelerator.register_for_checkpointing(ema, lr_scheduler)
-    return TrainState(accelerator, objective, accelerator.unwrap_model(objective).unet, ema,
-                      optimizer, lr_scheduler, build_codec(cfg.latent, accelerator.device))
+    return TrainState(
+        accelerator,
+        objective,
+        accelerator.unwrap_model(objective).unet,
+        ema,
+        optimizer,
+        lr_scheduler,
+        build_codec(cfg.latent, accelerator.device),
+    )
 
 
 def check_weights(state: TrainState, cfg: TrainConfig) -> None:
     """Raises DivergedWeightsError naming the diverged tensors of the weights or of their
     EMA, and the settings to lower."""
     names = [n for n, _ in state.unet.named_parameters()]
-    bad = {"weights": diverged(state.unet.named_parameters()),
-           "EMA weights": diverged(zip(names, state.ema.shadow_params, strict=True))}
+    bad = {
+        "weights": diverged(state.unet.named_parameters()),
+        "EMA weights": diverged(zip(names, state.ema.shadow_params, strict=True)),
+    }
     if any(bad.values()):
-        detail = "; ".join(f"{kind}: {len(found)} tensors, e.g. {found[0]}"
-                           for kind, found in bad.items() if found)
+        detail = "; ".join(
+            f"{kind}: {len(found)} tensors, e.g. {found[0]}" for kind, found in bad.items() if found
+        )
         raise DivergedWeightsError(
             f"training ended with diverged weights (nan, inf or |w| > {MAX_ABS_WEIGHT:g}; "
             f"{detail}); nothing was saved as final: "
-            f"lower optim.lr={cfg.optim.lr:g} or lambda_iso={cfg.lambda_iso:g}")
+            f"lower optim.lr={cfg.optim.lr:g} or lambda_iso={cfg.lambda_iso:g}"
+        )
 
 
 def environment(acc: Accelerator) -> dict[str, Any]:
     """What decides the bits of a step besides the config. It is recorded, not part of the
     job's identity (the same job gets the same folder on any machine); a resume under
     another one is warned about and recorded in status.json as `not_bitwise`."""
-    return {"torch": torch.__version__, "device": str(acc.device),
-            "cuda": torch.version.cuda if acc.device.type == "cuda" else None,
-            "threads": torch.get_num_threads() if acc.device.type == "cpu" else None,
-            "processes": acc.num_processes}
+    return {
+        "torch": torch.__version__,
+        "device": str(acc.device),
+        "cuda": torch.version.cuda if acc.device.type == "cuda" else None,
+        "threads": torch.get_num_threads() if acc.device.type == "cpu" else None,
+        "processes": acc.num_processes,
+    }
 
 
 def environment_change(saved: dict[str, Any] | None, now: dict[str, Any]) -> str | None:
     """How `now` differs from the environment a checkpoint was written under (None: same)."""
     if saved is None:
         return None  # a checkpoint of an older isodiff: nothing to compare
-    changed = [f"{k}={now.get(k)} (checkpoint: {saved.get(k)})" for k in sorted({*saved, *now})
-               if saved.get(k) != now.get(k)]
+    changed = [
+        f"{k}={now.get(k)} (checkpoint: {saved.get(k)})"
+        for k in sorted({*saved, *now})
+        if saved.get(k) != now.get(k)
+    ]
     return ", ".join(changed) or None
 
 
 def checkpoint_meta_problem(meta: dict[str, Any]) -> str | None:
     """A checkpoint's meta.json shape as resume reads it (None: fine): without the sha256
     of its files a checkpoint could not be checked before it is loaded."""
-    return (field_problem(meta, "step", "int", required=True)
-            or mapping_problem(meta.get("files"), "files", lambda name, digest: None
-                                    if isinstance(digest, str) else f"files[{name!r}] is not "
-                                    "a sha256 string")
-            or field_problem(meta, "environment", "object"))
+    return (
+        field_problem(meta, "step", "int", required=True)
+        or mapping_problem(
+            meta.get("files"),
+            "files",
+            lambda name, digest: (
+                None if isinstance(digest, str) else f"files[{name!r}] is not a sha256 string"
+            ),
+        )
+        or field_problem(meta, "environment", "object")
+    )
 
 
 def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """Checkpoints renamed into place (named exactly as save_checkpoint names them, holding
     meta.json), newest first. Anything else in checkpoints/ (a user's `step_00000003.bak`)
     is neither resumed from nor rotated away."""
-    found = [(int(match[1]), p) for p in (run_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*")
-             if (match := CHECKPOINT_NAME.fullmatch(p.name)) and (p / "meta.json").is_file()]
+    found = [
+        (int(match[1]), p)
+        for p in (run_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*")
+        if (match := CHECKPOINT_NAME.fullmatch(p.name)) and (p / "meta.json").is_file()
+    ]
     return sorted(found, reverse=True)
 
 
@@ -197,8 +237,9 @@ def resume(state: TrainState, run_dir: Path) -> tuple[int, str | None]:
             if meta["step"] != step:  # a folder renamed by hand: its state is of another step
                 raise ValueError(f"meta.json records step {meta['step']}, its name {step}")
             if (found := file_hashes(path, skip="meta.json")) != meta["files"]:
-                changed = sorted(k for k in {*found, *meta["files"]}
-                                 if found.get(k) != meta["files"].get(k))
+                changed = sorted(
+                    k for k in {*found, *meta["files"]} if found.get(k) != meta["files"].get(k)
+                )
                 raise ValueError(f"{', '.join(changed)} differ from their sha256 in meta.json")
             acc.load_state(str(path))
         except Exception as err:  # any damaged file: safetensors, torch pickles, JSON
@@ -211,16 +252,26 @@ def resume(state: TrainState, run_dir: Path) -> tuple[int, str | None]:
             shutil.rmtree(aside, ignore_errors=True)
             bad.rename(aside)
         if skipped:
-            log.warning("resuming from %s, the newest checkpoint that loads; the damaged "
-                        "ones are kept as checkpoints/.corrupt-*", path.name)
+            log.warning(
+                "resuming from %s, the newest checkpoint that loads; the damaged "
+                "ones are kept as checkpoints/.corrupt-*",
+                path.name,
+            )
         if change := environment_change(meta.get("environment"), environment(acc)):
-            log.warning("resuming %s at step %d with %s: the weights will not be bitwise "
-                        "those of an uninterrupted run", run_dir.name, step, change)
+            log.warning(
+                "resuming %s at step %d with %s: the weights will not be bitwise "
+                "those of an uninterrupted run",
+                run_dir.name,
+                step,
+                change,
+            )
         return step, change
     if skipped:
-        raise UserError(f"no checkpoint of {run_dir} loads: "
-                        + "; ".join(f"{p.name} ({why})" for p, why in skipped)
-                        + ": delete its checkpoints/ folder to train it from step 0")
+        raise UserError(
+            f"no checkpoint of {run_dir} loads: "
+            + "; ".join(f"{p.name} ({why})" for p, why in skipped)
+            + ": delete its checkpoints/ folder to train it from step 0"
+        )
     return 0, None
 
 
@@ -237,16 +288,18 @@ def save_checkpoint(state: TrainState, run_dir: Path, step: int, keep: int) -> N
     acc.wait_for_everyone()  # every rank's files are in tmp before it is renamed
     if acc.is_main_process:
         # written last: the sha256 of every file, checked before a resume loads them
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "files": file_hashes(tmp),
-                                                   "environment": environment(acc)}))
+        (tmp / "meta.json").write_text(
+            json.dumps({"step": step, "files": file_hashes(tmp), "environment": environment(acc)})
+        )
         replace_durably(tmp, ckpt_dir / f"{CHECKPOINT_PREFIX}{step:08d}")
         for _, old in complete_checkpoints(run_dir)[keep:]:
             shutil.rmtree(old)
     acc.wait_for_everyone()
 
 
-def write_grid(state: TrainState, cfg: TrainConfig, run_dir: Path, step: int,
-               tb: SummaryWriter | None) -> None:
+def write_grid(
+    state: TrainState, cfg: TrainConfig, run_dir: Path, step: int, tb: SummaryWriter | None
+) -> None:
     """samples/step_<step>.png (and TensorBoard's samples image): the EMA weights' DDIM
     samples from fixed x_T. Sampling draws from its own generators and leaves the
     weights as they were, so a run with grids trains bitwise as one without."""
@@ -257,13 +310,15 @@ def write_grid(state: TrainState, cfg: TrainConfig, run_dir: Path, step: int,
     state.ema.store(params)
     state.ema.copy_to(params)
     try:
-        grid = pictures.sample_grid(state.unet, cfg.diffusion, loop.grid_samples,
-                                    loop.grid_steps, codec=state.codec)
+        grid = pictures.sample_grid(
+            state.unet, cfg.diffusion, loop.grid_samples, loop.grid_steps, codec=state.codec
+        )
     finally:
         state.ema.restore(params)
         state.unet.train(mode)
-    pictures.save_png(grid, run_dir / "samples" / f"step_{step:08d}.png",
-                      scale=max(1, 64 // cfg.data.resolution))
+    pictures.save_png(
+        grid, run_dir / "samples" / f"step_{step:08d}.png", scale=max(1, 64 // cfg.data.resolution)
+    )
     if tb is not None:
         tb.add_image("samples", grid, step)
 
@@ -330,8 +385,9 @@ class MetricLog:
             self.tb.close()
 
 
-def draw_timesteps(cfg: TrainConfig, batch_size: int, g: torch.Generator
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_timesteps(
+    cfg: TrainConfig, batch_size: int, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """t for one micro-batch and the mask of samples that get the iso loss."""
     T = cfg.diffusion.num_train_timesteps
     if not cfg.regularised:
@@ -344,8 +400,11 @@ def step_mean(acc: Accelerator, totals: dict[str, float]) -> dict[str, float]:
     whose micro-batches had no iso term has none ("iso" absent) and counts it as 0, as one
     process accumulating all the micro-batches would."""
     keys = ("loss", "mse", "iso")
-    values = torch.tensor([totals.get(k, 0.0) for k in keys] + [float("iso" in totals)],
-                          dtype=torch.float64, device=acc.device)
+    values = torch.tensor(
+        [totals.get(k, 0.0) for k in keys] + [float("iso" in totals)],
+        dtype=torch.float64,
+        device=acc.device,
+    )
     *means, any_iso = acc.reduce(values, "sum").tolist()
     out = {k: v / acc.num_processes for k, v in zip(keys, means, strict=True)}
     if not any_iso:
@@ -362,16 +421,20 @@ class HeldoutCurve:
         test = build_dataset(cfg.data, "test")
         n = min(cfg.train.heldout_n, len(test))
         self.x_0 = codec.encode(torch.stack([test[i][0] for i in range(n)]).to(device)).cpu()
-        T, start = cfg.diffusion.num_train_timesteps, int(cfg.iso.window * cfg.diffusion
-                                                          .num_train_timesteps)
+        T, start = (
+            cfg.diffusion.num_train_timesteps,
+            int(cfg.iso.window * cfg.diffusion.num_train_timesteps),
+        )
         self.timesteps = sorted({start, (start + T) // 2, T - 1})
         self.alphas = build_scheduler(cfg.diffusion).alphas_cumprod.double()
         self.device = device
 
     def __call__(self, unet: Denoiser) -> float:
         from isodiff.evaluate.metrics.liso import heldout_liso  # the metric's quantity, one batch
-        return heldout_liso(unet.encode_h, self.x_0, 0, self.timesteps, self.alphas,
-                            device=self.device)
+
+        return heldout_liso(
+            unet.encode_h, self.x_0, 0, self.timesteps, self.alphas, device=self.device
+        )
 
 
 def record_resume(run_dir: Path, start_step: int, change: str | None) -> None:
@@ -380,14 +443,17 @@ def record_resume(run_dir: Path, start_step: int, change: str | None) -> None:
     if (status := read_status(run_dir)) is None:
         return
     before = status.get("not_bitwise") or []
-    record = [*(before if start_step else []),
-              *([f"resumed at step {start_step} with {change}"] if change else [])]
+    record = [
+        *(before if start_step else []),
+        *([f"resumed at step {start_step} with {change}"] if change else []),
+    ]
     if record != before:
         write_status(run_dir, status["state"], not_bitwise=record or None)
 
 
-def accumulate(state: TrainState, cfg: TrainConfig, acc: Accelerator, batches: Iterator,
-               step: int) -> dict[str, float]:
+def accumulate(
+    state: TrainState, cfg: TrainConfig, acc: Accelerator, batches: Iterator, step: int
+) -> dict[str, float]:
     """Forward and backward of the step's micro-batches; their mean loss terms."""
     loop, totals = cfg.train, {}
     for micro in range(loop.grad_accum):
@@ -395,21 +461,25 @@ def accumulate(state: TrainState, cfg: TrainConfig, acc: Accelerator, batches: I
         # keyed by the micro-batch's place in the step over all processes (its data's place
         # too, StepBatches): W processes draw what one process accumulating W times as often
         # draws, and a single process draws what it always drew
-        g = seeding.generator(cfg.seed, "train", step,
-                              micro * acc.num_processes + acc.process_index, 0)
+        g = seeding.generator(
+            cfg.seed, "train", step, micro * acc.num_processes + acc.process_index, 0
+        )
         t, iso_mask = draw_timesteps(cfg, x0.shape[0], g)
         noise = torch.randn(x0.shape, generator=g).to(acc.device)
-        sync = (contextlib.nullcontext() if micro == loop.grad_accum - 1
-                else acc.no_sync(state.objective))
+        sync = (
+            contextlib.nullcontext()
+            if micro == loop.grad_accum - 1
+            else acc.no_sync(state.objective)
+        )
         with sync, acc.autocast():
-            out = state.objective(x0, noise, t.to(acc.device), iso_mask.to(acc.device),
-                                  generator=g)
+            out = state.objective(x0, noise, t.to(acc.device), iso_mask.to(acc.device), generator=g)
         loss = out["loss"]
         if not torch.isfinite(loss):
             values = {k: float(v.detach()) for k, v in out.items()}
             raise NonFiniteLossError(
                 f"non-finite loss at step {step} ({values}); lower optim.lr or lambda_iso, "
-                "or train with train.mixed_precision=no")
+                "or train with train.mixed_precision=no"
+            )
         acc.backward(loss / loop.grad_accum)
         for key, value in out.items():
             totals[key] = totals.get(key, 0.0) + float(value.detach()) / loop.grad_accum
@@ -444,14 +514,33 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
         record_resume(run_dir, start_step, change)
 
     # 2. The data stream from that step on; the logs and the held-out L_iso curve
-    batches = iter(DataLoader(dataset, num_workers=cfg.data.num_workers, batch_sampler=StepBatches(
-        len(dataset), loop.batch_size, cfg.seed, start_step * loop.grad_accum,
-        acc.process_index, acc.num_processes)))
+    batches = iter(
+        DataLoader(
+            dataset,
+            num_workers=cfg.data.num_workers,
+            batch_sampler=StepBatches(
+                len(dataset),
+                loop.batch_size,
+                cfg.seed,
+                start_step * loop.grad_accum,
+                acc.process_index,
+                acc.num_processes,
+            ),
+        )
+    )
     metric_log = MetricLog(run_dir, start_step, acc.is_main_process)
-    progress = tqdm(total=loop.steps, initial=start_step, desc=f"train {run_dir.name}",
-                    disable=not (acc.is_main_process and loop.progress), dynamic_ncols=True)
-    curve = HeldoutCurve(cfg, state.codec, acc.device) \
-        if loop.heldout_every and acc.is_main_process else None
+    progress = tqdm(
+        total=loop.steps,
+        initial=start_step,
+        desc=f"train {run_dir.name}",
+        disable=not (acc.is_main_process and loop.progress),
+        dynamic_ncols=True,
+    )
+    curve = (
+        HeldoutCurve(cfg, state.codec, acc.device)
+        if loop.heldout_every and acc.is_main_process
+        else None
+    )
     if curve is not None and start_step == 0:
         metric_log.write({"step": 0, "liso_heldout": curve(state.unet)})
 
@@ -464,16 +553,27 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
         progress.update(1)
         progress.set_postfix(loss=f"{totals['loss']:.4f}")
         # every process takes the same branch (step_mean is collective); the main one measures
-        heldout = bool(loop.heldout_every) and (done % loop.heldout_every == 0
-                                                or done == loop.steps)
+        heldout = bool(loop.heldout_every) and (
+            done % loop.heldout_every == 0 or done == loop.steps
+        )
         if done % loop.log_every == 0 or done == loop.steps or heldout:
             elapsed = time.perf_counter() - tic
             if acc.num_processes > 1:
                 totals = step_mean(acc, totals)
-            last = {"step": done, **totals, "lr": state.lr_scheduler.get_last_lr()[0],
-                    "steps_per_s": (done - last_logged) / max(elapsed, 1e-9)}
-            metric_log.write({**last, **({"liso_heldout": curve(state.unet)}
-                                         if heldout and curve is not None else {})})
+            last = {
+                "step": done,
+                **totals,
+                "lr": state.lr_scheduler.get_last_lr()[0],
+                "steps_per_s": (done - last_logged) / max(elapsed, 1e-9),
+            }
+            metric_log.write(
+                {
+                    **last,
+                    **(
+                        {"liso_heldout": curve(state.unet)} if heldout and curve is not None else {}
+                    ),
+                }
+            )
             tic, last_logged = time.perf_counter(), done
         if done % loop.checkpoint_every == 0 and done < loop.steps:
             save_checkpoint(state, run_dir, done, loop.keep_checkpoints)
@@ -486,6 +586,11 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
     write_grid(state, cfg, run_dir, loop.steps, metric_log.tb)
     metric_log.close()
     acc.wait_for_everyone()
-    return {"step": loop.steps, "grad_accum": loop.grad_accum, "environment": environment(acc),
-            "final_loss": last.get("loss", math.nan),
-            "final_mse": last.get("mse", math.nan), "steps_per_s": last.get("steps_per_s")}
+    return {
+        "step": loop.steps,
+        "grad_accum": loop.grad_accum,
+        "environment": environment(acc),
+        "final_loss": last.get("loss", math.nan),
+        "final_mse": last.get("mse", math.nan),
+        "steps_per_s": last.get("steps_per_s"),
+    }

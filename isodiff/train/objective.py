@@ -18,15 +18,25 @@ class DiffusionObjective(nn.Module):
     """One module for everything a training step differentiates, so that accelerate/DDP wrap
     a single forward (custom methods called on an unwrapped model would bypass DDP)."""
 
-    def __init__(self, unet: Denoiser, scheduler: DDPMScheduler, lambda_iso: float,
-                 regulariser: Regulariser | None = None) -> None:
+    def __init__(
+        self,
+        unet: Denoiser,
+        scheduler: DDPMScheduler,
+        lambda_iso: float,
+        regulariser: Regulariser | None = None,
+    ) -> None:
         super().__init__()
         self.unet, self.scheduler = unet, scheduler
         self.lambda_iso, self.regulariser = lambda_iso, regulariser
 
-    def forward(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-                iso_mask: torch.Tensor, generator: torch.Generator | None = None
-                ) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        x0: torch.Tensor,
+        noise: torch.Tensor,
+        t: torch.Tensor,
+        iso_mask: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
         x_t = self.scheduler.add_noise(x0, noise, t)
         reg = self.regulariser
         active = reg is not None and bool(iso_mask.any())
@@ -52,5 +62,11 @@ def build_regulariser(cfg: IsoConfig) -> Regulariser | None:
     """The regulariser named by `iso.metric` (None for metric=none)."""
     if cfg.metric == IsoMetric.none:
         return None
-    return Regulariser(cfg.metric.value, cfg.radius.value, cfg.n_probes, cfg.probe.value,
-                       cfg.batch_fraction, cfg.path_length_decay)
+    return Regulariser(
+        cfg.metric.value,
+        cfg.radius.value,
+        cfg.n_probes,
+        cfg.probe.value,
+        cfg.batch_fraction,
+        cfg.path_length_decay,
+    )

@@ -46,8 +46,10 @@ class AttributeConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.width % 8:
-            raise ConfigError("eval.separability.classifier needs epochs, batch_size >= 1, "
-                              "lr > 0 and width a multiple of 8 (GroupNorm)")
+            raise ConfigError(
+                "eval.separability.classifier needs epochs, batch_size >= 1, "
+                "lr > 0 and width a multiple of 8 (GroupNorm)"
+            )
 
 
 def attribute_net(channels: int, outputs: int, width: int) -> nn.Module:
@@ -91,11 +93,12 @@ class AttributeModel:
 
         device = next(self.net.parameters()).device
         with torch.no_grad():
-            out = torch.cat([self.net(images[i: i + 256].to(device)).cpu()
-                             for i in range(0, len(images), 256)]).double()
+            out = torch.cat(
+                [self.net(images[i : i + 256].to(device)).cpu() for i in range(0, len(images), 256)]
+            ).double()
         result, col = {}, 0
         for a in self.attributes:
-            part = out[:, col: col + a.classes]
+            part = out[:, col : col + a.classes]
             result[a.name] = (part[:, 0] if a.kind == "continuous" else part).numpy()
             col += a.classes
         return result
@@ -125,11 +128,11 @@ def _loss(out: torch.Tensor, y: torch.Tensor, attributes: list[Attribute]) -> to
     loss, col = out.new_zeros(()), 0
     for i, a in enumerate(attributes):
         if a.kind == "categorical":
-            loss = loss + F.cross_entropy(out[:, col: col + a.classes], y[:, i].long())
+            loss = loss + F.cross_entropy(out[:, col : col + a.classes], y[:, i].long())
         elif a.kind == "circular":
             angle = 2 * torch.pi * y[:, i]
             target = torch.stack([angle.cos(), angle.sin()], dim=1)
-            loss = loss + F.mse_loss(out[:, col: col + 2], target) * 2  # per angle, not per axis
+            loss = loss + F.mse_loss(out[:, col : col + 2], target) * 2  # per angle, not per axis
         else:
             loss = loss + F.mse_loss(out[:, col], (y[:, i] - a.mean) / a.std)
         col += a.classes
@@ -184,8 +187,11 @@ def _train(ctx: EvalContext, cfg: AttributeConfig) -> AttributeModel:
                 optim.step()
     test = ctx.dataset("test")
     model = AttributeModel(net, attributes, {})
-    model.report = _score(model, torch.stack([test[i][0] for i in range(len(test))]),
-                          torch.stack([test[i][1] for i in range(len(test))]))
+    model.report = _score(
+        model,
+        torch.stack([test[i][0] for i in range(len(test))]),
+        torch.stack([test[i][1] for i in range(len(test))]),
+    )
     return model
 
 
@@ -196,9 +202,11 @@ def attribute_model(ctx: EvalContext, cfg: AttributeConfig) -> AttributeModel:
     from isodiff.runs.files import atomic_save
 
     if not ctx.dataset("train").factor_names:
-        raise ConfigError(f"data={ctx.data.name.value} has no factors to predict: attribute "
-                          "metrics need data=shapes, data=mnist, or data=folder with "
-                          "data.attributes=<a CelebA-style attribute file>")
+        raise ConfigError(
+            f"data={ctx.data.name.value} has no factors to predict: attribute "
+            "metrics need data=shapes, data=mnist, or data=folder with "
+            "data.attributes=<a CelebA-style attribute file>"
+        )
     # The factors' kinds enter the key: a cache from before hue was circular has other heads.
     key = {**dataclasses.asdict(cfg), "kinds": list(ctx.dataset("train").factor_kinds)}
     stem = Path(ctx.refs_dir) / f"attributes-{ctx.data_key}-{config_hash(key)}"
@@ -207,14 +215,17 @@ def attribute_model(ctx: EvalContext, cfg: AttributeConfig) -> AttributeModel:
         if weights.is_file() and report.is_file():
             meta = json.loads(report.read_text())
             attributes = [Attribute(**a) for a in meta["attributes"]]
-            net = attribute_net(ctx.data.channels, sum(a.classes for a in attributes),
-                                cfg.width)
+            net = attribute_net(ctx.data.channels, sum(a.classes for a in attributes), cfg.width)
             net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
             return AttributeModel(net.to(ctx.device), attributes, meta["heldout"])
         model = _train(ctx, cfg)
         atomic_save(weights, lambda tmp: torch.save(model.net.state_dict(), tmp))
-        atomic_write_json(report, {"attributes": [dataclasses.asdict(a)
-                                                  for a in model.attributes],
-                                   "heldout": model.report})
+        atomic_write_json(
+            report,
+            {
+                "attributes": [dataclasses.asdict(a) for a in model.attributes],
+                "heldout": model.report,
+            },
+        )
     log.info("attribute predictor cached in %s (held-out: %s)", weights, model.report)
     return model

@@ -24,8 +24,9 @@ Readout = Callable[[np.ndarray, np.ndarray], dict[str, float]]  # (codes, labels
 FLOOR_SDS = 2.0  # ~95 % of a Gaussian null lies within 2 s.d. of its mean
 
 
-def permutation_floor(readout: Readout, codes: np.ndarray, labels: np.ndarray,
-                      permutations: int, seed: int) -> dict[str, float]:
+def permutation_floor(
+    readout: Readout, codes: np.ndarray, labels: np.ndarray, permutations: int, seed: int
+) -> dict[str, float]:
     """`X_floor` (mean) and `X_floor_sd` (s.d., ddof 1; 0 for one permutation) of every
     value X of readout(codes, labels[perm]) over `permutations` seeded row permutations, the
     labels' columns permuted together (their joint distribution is kept)."""
@@ -77,14 +78,17 @@ def random_rotation(codes: np.ndarray, seed: int, max_dims: int = 2048) -> np.nd
     return rotated
 
 
-def ceilings(readout: Readout, codes: np.ndarray, labels: np.ndarray, encodings: np.ndarray,
-             seed: int) -> dict[str, float]:
+def ceilings(
+    readout: Readout, codes: np.ndarray, labels: np.ndarray, encodings: np.ndarray, seed: int
+) -> dict[str, float]:
     """`X_ceiling` and `X_ceiling_rot` of every value X of readout on a planted code of the
     codes' shape (planted_code) and on that code randomly rotated."""
     planted = planted_code(codes, encodings, seed)
     plain, rotated = readout(planted, labels), readout(random_rotation(planted, seed + 1), labels)
-    return {**{f"{k}_ceiling": v for k, v in plain.items()},
-            **{f"{k}_ceiling_rot": v for k, v in rotated.items()}}
+    return {
+        **{f"{k}_ceiling": v for k, v in plain.items()},
+        **{f"{k}_ceiling_rot": v for k, v in rotated.items()},
+    }
 
 
 def within_floor(value: float, floor: float, floor_sd: float) -> bool:

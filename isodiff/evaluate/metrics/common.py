@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 PATHS = {"slerp": slerp, "lerp": lerp}
 
 
-def path_points(x0: torch.Tensor, x1: torch.Tensor, points: int, path: str = "slerp"
-                ) -> torch.Tensor:
+def path_points(
+    x0: torch.Tensor, x1: torch.Tensor, points: int, path: str = "slerp"
+) -> torch.Tensor:
     """(P, *x) endpoints -> (P * points, *x): path(x0, x1, w) at w = 0, 1/(points-1), .., 1,
     pair-major."""
     w = torch.linspace(0, 1, points, dtype=torch.float64).to(x0.dtype)
@@ -58,11 +59,21 @@ class EvalContext:
     ranks: the job's processes, which share the chunks of `map` (isodiff.evaluate.parallel).
     """
 
-    def __init__(self, unet: HUNet, diffusion: DiffusionConfig, data: DataConfig, *,
-                 seed: int = 0, batch_size: int = 64, refs_dir: Path | str = "refs",
-                 progress: bool = False, random_lpips: bool = False,
-                 cache_bytes: int = 2**30, codec: Codec | None = None,
-                 ranks: Ranks | None = None) -> None:
+    def __init__(
+        self,
+        unet: HUNet,
+        diffusion: DiffusionConfig,
+        data: DataConfig,
+        *,
+        seed: int = 0,
+        batch_size: int = 64,
+        refs_dir: Path | str = "refs",
+        progress: bool = False,
+        random_lpips: bool = False,
+        cache_bytes: int = 2**30,
+        codec: Codec | None = None,
+        ranks: Ranks | None = None,
+    ) -> None:
         self.unet, self.diffusion, self.data = unet.float().eval(), diffusion, data
         self.ranks = ranks or Ranks()
         self.seed, self.batch_size, self.progress = seed, batch_size, progress
@@ -134,8 +145,9 @@ class EvalContext:
     def lpips(self, net: str) -> tuple[Distance, str]:
         """LPIPS-<net> as a distance, and its weights' provenance."""
         if net not in self._lpips:
-            self._lpips[net] = networks.lpips_model(net, random_trunk=self.random_lpips,
-                                                  device=self.device)
+            self._lpips[net] = networks.lpips_model(
+                net, random_trunk=self.random_lpips, device=self.device
+            )
         loaded = self._lpips[net]
         return lpips_distance(loaded.module), loaded.weights
 
@@ -164,30 +176,34 @@ class EvalContext:
         with fewer than n (key: the config key that asked for n)."""
         dataset = self.dataset(split)
         if n > len(dataset):
-            raise ConfigError(f"{key}={n} asks for more images than the {split} split of "
-                              f"data={self.data.name.value} holds ({len(dataset)})")
+            raise ConfigError(
+                f"{key}={n} asks for more images than the {split} split of "
+                f"data={self.data.name.value} holds ({len(dataset)})"
+            )
         return torch.stack([dataset[i][0] for i in rows])
 
     def chunks(self, n: int, desc: str, size: int | None = None) -> Iterator[range]:
         """Index ranges covering range(n), one batch each, with a progress bar."""
         size = size or self.batch_size
         starts = range(0, n, size)
-        for lo in tqdm(starts, desc=desc, disable=not (self.progress and self.ranks.main),
-                       leave=False):
+        for lo in tqdm(
+            starts, desc=desc, disable=not (self.progress and self.ranks.main), leave=False
+        ):
             yield range(lo, min(lo + size, n))
 
-    def map(self, fn: Callable[[range], T], n: int, desc: str, size: int | None = None
-            ) -> list[T]:
+    def map(self, fn: Callable[[range], T], n: int, desc: str, size: int | None = None) -> list[T]:
         """fn of every chunk of `chunks`, in order. With several processes each computes
         the chunks that are its share and all receive every result (isodiff.evaluate.parallel), so
         fn must depend on its rows alone."""
         size = size or self.batch_size
-        mine = {k: fn(rows) for k, rows in enumerate(self.chunks(n, desc, size))
-                if self.ranks.mine(k)}
+        mine = {
+            k: fn(rows) for k, rows in enumerate(self.chunks(n, desc, size)) if self.ranks.mine(k)
+        }
         return self.ranks.gather(mine, -(-n // size))
 
-    def shared_cache(self, path: Path, build: Callable[[], dict[str, np.ndarray]]
-                     ) -> dict[str, np.ndarray]:
+    def shared_cache(
+        self, path: Path, build: Callable[[], dict[str, np.ndarray]]
+    ) -> dict[str, np.ndarray]:
         """A dataset-level .npz cache whose build may itself use `map`: rank 0 holds the
         lock and decides, every process builds when it is missing, rank 0 writes."""
         with self.building(path) if self.ranks.main else contextlib.nullcontext():

@@ -85,14 +85,23 @@ class DisentanglementConfig:
     def __post_init__(self) -> None:
         key = "eval.disentanglement"
         if not 0 < self.heldout_fraction < 1:
-            raise ConfigError(f"{key}.heldout_fraction={self.heldout_fraction}: use a value "
-                              "in (0, 1)")
+            raise ConfigError(
+                f"{key}.heldout_fraction={self.heldout_fraction}: use a value in (0, 1)"
+            )
         if self.n * min(self.heldout_fraction, 1 - self.heldout_fraction) < 2 * self.cv_folds:
-            raise ConfigError(f"{key}.n={self.n} leaves fewer than 2 images per fold "
-                              f"({key}.cv_folds={self.cv_folds}) to fit or to score")
-        checks = [("steps", self.steps, 1), ("bins", self.bins, 2), ("h_pool", self.h_pool, 1),
-                  ("cv_folds", self.cv_folds, 2), ("lasso_steps", self.lasso_steps, 1),
-                  ("permutations", self.permutations, 1), ("swap_pairs", self.swap_pairs, 0)]
+            raise ConfigError(
+                f"{key}.n={self.n} leaves fewer than 2 images per fold "
+                f"({key}.cv_folds={self.cv_folds}) to fit or to score"
+            )
+        checks = [
+            ("steps", self.steps, 1),
+            ("bins", self.bins, 2),
+            ("h_pool", self.h_pool, 1),
+            ("cv_folds", self.cv_folds, 2),
+            ("lasso_steps", self.lasso_steps, 1),
+            ("permutations", self.permutations, 1),
+            ("swap_pairs", self.swap_pairs, 0),
+        ]
         for name, value, least in checks:
             if value < least:
                 raise ConfigError(f"{key}.{name}={value}: use >= {least}")
@@ -100,14 +109,17 @@ class DisentanglementConfig:
             raise ConfigError(f"{key}.t_edit={self.t_edit} must be in [0, 1000]")
 
 
-def _check_inputs(codes: np.ndarray, factors: np.ndarray, kinds: Sequence[str]
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def _check_inputs(
+    codes: np.ndarray, factors: np.ndarray, kinds: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
     codes, factors = np.asarray(codes, dtype=np.float64), np.asarray(factors, dtype=np.float64)
     if factors.ndim == 1:
         factors = factors[:, None]
     if codes.ndim != 2 or factors.ndim != 2 or len(codes) != len(factors):
-        raise ValueError(f"codes (n, d) and factors (n, k) must have the same n, got "
-                         f"{codes.shape} and {factors.shape}")
+        raise ValueError(
+            f"codes (n, d) and factors (n, k) must have the same n, got "
+            f"{codes.shape} and {factors.shape}"
+        )
     check_kinds(kinds, factors.shape[1])
     return codes, factors
 
@@ -149,8 +161,9 @@ def dci_from_importance(importance: np.ndarray) -> tuple[float | None, float | N
     return disentanglement, completeness
 
 
-def lasso_importance(x: np.ndarray, y: np.ndarray, folds: int, steps: int
-                     ) -> tuple[np.ndarray, LassoLarsCV | None]:
+def lasso_importance(
+    x: np.ndarray, y: np.ndarray, folds: int, steps: int
+) -> tuple[np.ndarray, LassoLarsCV | None]:
     """|coefficients| (d,) of a Lasso of y on x, its penalty by cross-validation along the
     LARS path, and the model (None for a constant y: nothing to predict, no importance)."""
     from sklearn.exceptions import ConvergenceWarning
@@ -164,8 +177,14 @@ def lasso_importance(x: np.ndarray, y: np.ndarray, folds: int, steps: int
     return np.abs(model.coef_), model
 
 
-def dci(codes: np.ndarray, factors: np.ndarray, kinds: Sequence[str],
-        heldout_fraction: float = 0.5, folds: int = 3, steps: int = 128) -> dict:
+def dci(
+    codes: np.ndarray,
+    factors: np.ndarray,
+    kinds: Sequence[str],
+    heldout_fraction: float = 0.5,
+    folds: int = 3,
+    steps: int = 128,
+) -> dict:
     """DCI of codes (n, d) against factors (n, k) of kinds categorical | continuous |
     circular (module docstring). Returns disentanglement (left out when k = 1),
     completeness (left out when d = 1), informativeness, importance R (d, k), each column
@@ -194,11 +213,15 @@ def dci(codes: np.ndarray, factors: np.ndarray, kinds: Sequence[str],
     total = importance.sum(axis=0, keepdims=True)
     # A factor no dim predicts prefers no dim: uniform, so that it lowers D and C instead of
     # vanishing from them (a code of noise would otherwise score D = 1 on its few dims).
-    importance = np.where(total > 0, importance / np.where(total > 0, total, 1.0),
-                          1.0 / codes.shape[1])
+    importance = np.where(
+        total > 0, importance / np.where(total > 0, total, 1.0), 1.0 / codes.shape[1]
+    )
     disentanglement, completeness = dci_from_importance(importance)
-    result = {"informativeness": float(scores.mean()), "importance": importance,
-              "informativeness_per_factor": scores}
+    result = {
+        "informativeness": float(scores.mean()),
+        "importance": importance,
+        "informativeness_per_factor": scores,
+    }
     for key, value in (("disentanglement", disentanglement), ("completeness", completeness)):
         if value is not None:
             result[key] = value
@@ -245,7 +268,11 @@ def mig(codes: np.ndarray, factors: np.ndarray, kinds: Sequence[str], bins: int 
     discrete = discretise(codes, bins)
     gaps = np.full(factors.shape[1], np.nan)
     for j, kind in enumerate(kinds):
-        v = factors[:, j] if kind == "categorical" else discretise(factors[:, j:j + 1], bins)[:, 0]
+        v = (
+            factors[:, j]
+            if kind == "categorical"
+            else discretise(factors[:, j : j + 1], bins)[:, 0]
+        )
         _, counts = np.unique(v, return_counts=True)
         entropy = float(-xlogy(counts / len(v), counts / len(v)).sum())
         if entropy > 0:
@@ -256,9 +283,15 @@ def mig(codes: np.ndarray, factors: np.ndarray, kinds: Sequence[str], bins: int 
     return {"mig": float(np.nanmean(gaps)), "gaps": gaps}
 
 
-def readouts(codes: np.ndarray, factors: np.ndarray, kinds: Sequence[str],
-             names: Sequence[str], space: str, cfg: DisentanglementConfig,
-             arrays: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+def readouts(
+    codes: np.ndarray,
+    factors: np.ndarray,
+    kinds: Sequence[str],
+    names: Sequence[str],
+    space: str,
+    cfg: DisentanglementConfig,
+    arrays: dict[str, np.ndarray] | None = None,
+) -> dict[str, float]:
     """Every factor read-out of one code, keyed as metrics.json stores them: dci_{d,c,i}_<space>,
     mig_<space>(_<factor>), probe_{lin,knn}_<space>(_<factor>), probe_gap_<space>_<factor>,
     angle_{lin,knn}_<space>_<circular factor>. `arrays`, when given, receives DCI's
@@ -268,14 +301,14 @@ def readouts(codes: np.ndarray, factors: np.ndarray, kinds: Sequence[str],
     if arrays is not None:
         arrays[f"importance_{space}"] = scores["importance"]
         arrays[f"informativeness_{space}"] = scores["informativeness_per_factor"]
-    for key, name in (("disentanglement", "d"), ("completeness", "c"),
-                      ("informativeness", "i")):
+    for key, name in (("disentanglement", "d"), ("completeness", "c"), ("informativeness", "i")):
         if key in scores:
             values[f"dci_{name}_{space}"] = scores[key]
     gaps = mig(codes, factors, kinds, cfg.bins)
     values[f"mig_{space}"] = gaps["mig"]
-    values.update({f"mig_{space}_{name}": float(g) for name, g in zip(names, gaps["gaps"],
-                                                                      strict=True)})
+    values.update(
+        {f"mig_{space}_{name}": float(g) for name, g in zip(names, gaps["gaps"], strict=True)}
+    )
     read = probes(codes, factors, kinds, names, cfg.heldout_fraction, cfg.cv_folds)
     for probe in ("lin", "knn"):
         values[f"probe_{probe}_{space}"] = read[probe]
@@ -288,9 +321,16 @@ def readouts(codes: np.ndarray, factors: np.ndarray, kinds: Sequence[str],
     return values
 
 
-def calibrated(codes: np.ndarray, factors: np.ndarray, kinds: Sequence[str],
-               names: Sequence[str], space: str, cfg: DisentanglementConfig, seed: int,
-               arrays: dict[str, np.ndarray]) -> dict[str, float]:
+def calibrated(
+    codes: np.ndarray,
+    factors: np.ndarray,
+    kinds: Sequence[str],
+    names: Sequence[str],
+    space: str,
+    cfg: DisentanglementConfig,
+    seed: int,
+    arrays: dict[str, np.ndarray],
+) -> dict[str, float]:
     """readouts of the code (its DCI arrays into `arrays`), with every value's floor
     (factors permuted) and ceiling (planted code, and it rotated):
     isodiff.evaluate.metrics.calibration."""
@@ -299,9 +339,11 @@ def calibrated(codes: np.ndarray, factors: np.ndarray, kinds: Sequence[str],
         return readouts(x, y, kinds, names, space, cfg)
 
     encodings, _ = encode(factors, kinds)
-    return {**readouts(codes, factors, kinds, names, space, cfg, arrays),
-            **permutation_floor(readout, codes, factors, cfg.permutations, seed),
-            **ceilings(readout, codes, factors, encodings, seed + 1)}
+    return {
+        **readouts(codes, factors, kinds, names, space, cfg, arrays),
+        **permutation_floor(readout, codes, factors, cfg.permutations, seed),
+        **ceilings(readout, codes, factors, encodings, seed + 1),
+    }
 
 
 def codes_of(ctx: EvalContext, cfg: DisentanglementConfig) -> dict[str, np.ndarray]:
@@ -335,12 +377,16 @@ def evaluate(ctx: EvalContext, cfg: DisentanglementConfig) -> MetricResult:
     from isodiff.model.sampling import latents
 
     test = ctx.dataset("test")
-    names, kinds = tuple(getattr(test, "factor_names", ())), tuple(getattr(test, "factor_kinds",
-                                                                            ()))
+    names, kinds = (
+        tuple(getattr(test, "factor_names", ())),
+        tuple(getattr(test, "factor_kinds", ())),
+    )
     if not names:
-        raise ConfigError(f"data={ctx.data.name.value} has no ground-truth factors: "
-                          "eval.disentanglement needs data=shapes or data=mnist (or "
-                          "data=folder with data.attributes)")
+        raise ConfigError(
+            f"data={ctx.data.name.value} has no ground-truth factors: "
+            "eval.disentanglement needs data=shapes or data=mnist (or "
+            "data=folder with data.attributes)"
+        )
     codes = codes_of(ctx, cfg)
     factors = torch.stack([test[i][1] for i in range(cfg.n)]).double().numpy()
     values: dict[str, float] = {}
@@ -351,41 +397,53 @@ def evaluate(ctx: EvalContext, cfg: DisentanglementConfig) -> MetricResult:
         values[f"pr_{space}"] = participation_ratio(x)
     if cfg.swap_pairs:  # on sampling's own x_T: inverted ones can be far from N(0, I)
         x_T = latents(ctx.seed, range(2 * cfg.swap_pairs), ctx.x_shape)
-        influence = h_swap_influence(ctx.ddim(cfg.steps), x_T[:cfg.swap_pairs],
-                                     x_T[cfg.swap_pairs:], cfg.t_edit, ctx.codec.decode)
+        influence = h_swap_influence(
+            ctx.ddim(cfg.steps),
+            x_T[: cfg.swap_pairs],
+            x_T[cfg.swap_pairs :],
+            cfg.t_edit,
+            ctx.codec.decode,
+        )
         values["hswap_h"] = float(np.mean(influence))
         arrays["hswap_h"] = influence
-    protocol = {**protocol_of(cfg),
-                "codes": "h at t = T of the DDIM-inverted test image, and that x_T",
-                "factors": list(names), "kinds": list(kinds),
-                "encoding": "categorical one-hot, continuous as is, circular (cos, sin)",
-                "importance": "|coef| of a Lasso per target column (LassoLarsCV: penalty by "
-                              "cv_folds-fold CV along at most lasso_steps LARS steps) on codes "
-                              "standardised on the fit rows, summed over a factor's columns; "
-                              "columns normalised to sum 1, uniform where all zero",
-                "informativeness": "the Lasso's held-out accuracy (argmax of class "
-                                   "indicators), R^2 (continuous) or R^2 of (cos, sin) "
-                                   "(circular), clipped to [0, 1]",
-                "rotation": "dci_d, dci_c and mig reward axis alignment and are not "
-                            "rotation-invariant (their _ceiling_rot shows it); probe_*, "
-                            "angle_* and pr_* are",
-                "probes": "ridge (RidgeCV / RidgeClassifierCV, leave-one-out penalty) and kNN "
-                          "(k by cv_folds-fold CV) on codes centred and scaled by one scalar; "
-                          "held-out accuracy / R^2 unclipped; angle_*: mean |angle error| in "
-                          "degrees",
-                "floor": "X_floor, X_floor_sd: mean and s.d. over `permutations` permutations "
-                         "of the factors across images",
-                "ceiling": "X_ceiling: the factors' encodings as axes in noise with the "
-                           "code's spectrum (same n, d); X_ceiling_rot: that code randomly "
-                           "rotated",
-                "hswap_h": "mean over swap_pairs pairs of sampled x_T (latents 0 .. 2 "
-                           "swap_pairs - 1) of |img(a, h <- h(b) on t >= t_edit) - img(a)| / "
-                           "|img(b) - img(a)|",
-                "mig_discretisation": "equal-width bins per dim over all n rows",
-                "split": "test"}
+    protocol = {
+        **protocol_of(cfg),
+        "codes": "h at t = T of the DDIM-inverted test image, and that x_T",
+        "factors": list(names),
+        "kinds": list(kinds),
+        "encoding": "categorical one-hot, continuous as is, circular (cos, sin)",
+        "importance": "|coef| of a Lasso per target column (LassoLarsCV: penalty by "
+        "cv_folds-fold CV along at most lasso_steps LARS steps) on codes "
+        "standardised on the fit rows, summed over a factor's columns; "
+        "columns normalised to sum 1, uniform where all zero",
+        "informativeness": "the Lasso's held-out accuracy (argmax of class "
+        "indicators), R^2 (continuous) or R^2 of (cos, sin) "
+        "(circular), clipped to [0, 1]",
+        "rotation": "dci_d, dci_c and mig reward axis alignment and are not "
+        "rotation-invariant (their _ceiling_rot shows it); probe_*, "
+        "angle_* and pr_* are",
+        "probes": "ridge (RidgeCV / RidgeClassifierCV, leave-one-out penalty) and kNN "
+        "(k by cv_folds-fold CV) on codes centred and scaled by one scalar; "
+        "held-out accuracy / R^2 unclipped; angle_*: mean |angle error| in "
+        "degrees",
+        "floor": "X_floor, X_floor_sd: mean and s.d. over `permutations` permutations "
+        "of the factors across images",
+        "ceiling": "X_ceiling: the factors' encodings as axes in noise with the "
+        "code's spectrum (same n, d); X_ceiling_rot: that code randomly "
+        "rotated",
+        "hswap_h": "mean over swap_pairs pairs of sampled x_T (latents 0 .. 2 "
+        "swap_pairs - 1) of |img(a, h <- h(b) on t >= t_edit) - img(a)| / "
+        "|img(b) - img(a)|",
+        "mig_discretisation": "equal-width bins per dim over all n rows",
+        "split": "test",
+    }
     return MetricResult(values, protocol, {}, arrays)
 
 
-METRIC = Metric(name="disentanglement", config=DisentanglementConfig,
-                values=("dci_", "mig_", "probe_", "angle_", "pr_", "hswap_"),
-                higher_is_better=("dci_", "mig_", "probe_"), order=11)
+METRIC = Metric(
+    name="disentanglement",
+    config=DisentanglementConfig,
+    values=("dci_", "mig_", "probe_", "angle_", "pr_", "hswap_"),
+    higher_is_better=("dci_", "mig_", "probe_"),
+    order=11,
+)

@@ -50,8 +50,9 @@ class FIDConfig:
             raise ConfigError(f"eval.fid.ref_split={self.ref_split!r}: use train or test")
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
-                     sigma2: np.ndarray) -> float:
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
+) -> float:
     """d^2 = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two Gaussians.
 
     Tr (S1 S2)^(1/2) = sum_i sqrt(lambda_i) with lambda_i the eigenvalues of the symmetric
@@ -67,8 +68,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
     sqrt1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     lam = linalg.eigvalsh(sqrt1 @ sigma2 @ sqrt1)
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2)
-                 - 2 * np.sqrt(np.clip(lam, 0, None)).sum())
+    return float(
+        diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(np.clip(lam, 0, None)).sum()
+    )
 
 
 def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -103,16 +105,21 @@ def inception_features(images: torch.Tensor, model: torch.nn.Module, mode: str) 
         return model(torch.from_numpy(batch).to(device)).double().cpu().numpy()
 
 
-def reference_stats(ctx: EvalContext, split: str, n: int, mode: str, model: torch.nn.Module,
-                    key: str) -> tuple[np.ndarray, np.ndarray, str]:
+def reference_stats(
+    ctx: EvalContext, split: str, n: int, mode: str, model: torch.nn.Module, key: str
+) -> tuple[np.ndarray, np.ndarray, str]:
     """(mu, sigma) of the first n images of a split, cached by dataset (key: the config key
     that asked for n)."""
     path = ctx.refs_dir / f"fid-{ctx.data_key}-{split}-{n}-{mode}.npz"
 
     def build() -> dict[str, np.ndarray]:
-        features = np.concatenate(ctx.map(
-            lambda rows: inception_features(ctx.real_images(split, rows, n, key), model, mode),
-            n, f"{split} images"))
+        features = np.concatenate(
+            ctx.map(
+                lambda rows: inception_features(ctx.real_images(split, rows, n, key), model, mode),
+                n,
+                f"{split} images",
+            )
+        )
         mu, sigma = gaussian_stats(features)
         return {"mu": mu, "sigma": sigma}
 
@@ -126,26 +133,45 @@ def evaluate(ctx: EvalContext, cfg: FIDConfig) -> MetricResult:
     from isodiff.evaluate import networks
 
     inception = networks.inception(cfg.mode, device=ctx.device)
-    ref = reference_stats(ctx, cfg.ref_split, cfg.ref_n, cfg.mode, inception.module,
-                          "eval.fid.ref_n")
+    ref = reference_stats(
+        ctx, cfg.ref_split, cfg.ref_n, cfg.mode, inception.module, "eval.fid.ref_n"
+    )
     # a folder holding fewer images than samples (CelebA-HQ: 30k, against 50k) gives
     # fid_heldout and fid_floor at the images it has
     n_heldout = min(cfg.n, len(ctx.dataset("test")))
-    heldout = reference_stats(ctx, "test", n_heldout, cfg.mode, inception.module,
-                              "eval.fid.n")
-    features = np.concatenate(ctx.map(
-        lambda rows: inception_features(ctx.generated(cfg.steps, rows), inception.module,
-                                        cfg.mode), cfg.n, "FID samples"))
+    heldout = reference_stats(ctx, "test", n_heldout, cfg.mode, inception.module, "eval.fid.n")
+    features = np.concatenate(
+        ctx.map(
+            lambda rows: inception_features(
+                ctx.generated(cfg.steps, rows), inception.module, cfg.mode
+            ),
+            cfg.n,
+            "FID samples",
+        )
+    )
     mu, sigma = gaussian_stats(features)
-    values = {"fid": frechet_distance(mu, sigma, *ref[:2]),
-              "fid_heldout": frechet_distance(mu, sigma, *heldout[:2]),
-              "fid_floor": frechet_distance(*heldout[:2], *ref[:2])}
-    protocol = {**protocol_of(cfg), "backbone": "inception-2015-12-05/pool3",
-                "reference": {"data": ctx.data_key, "split": cfg.ref_split, "n": cfg.ref_n,
-                              "quantised": "uint8", "resize": cfg.mode},
-                "heldout": {"split": "test", "n": n_heldout}}
-    return MetricResult(values, protocol, {"weights": inception.weights,
-                                           "reference_stats": ref[2], "heldout_stats": heldout[2]})
+    values = {
+        "fid": frechet_distance(mu, sigma, *ref[:2]),
+        "fid_heldout": frechet_distance(mu, sigma, *heldout[:2]),
+        "fid_floor": frechet_distance(*heldout[:2], *ref[:2]),
+    }
+    protocol = {
+        **protocol_of(cfg),
+        "backbone": "inception-2015-12-05/pool3",
+        "reference": {
+            "data": ctx.data_key,
+            "split": cfg.ref_split,
+            "n": cfg.ref_n,
+            "quantised": "uint8",
+            "resize": cfg.mode,
+        },
+        "heldout": {"split": "test", "n": n_heldout},
+    }
+    return MetricResult(
+        values,
+        protocol,
+        {"weights": inception.weights, "reference_stats": ref[2], "heldout_stats": heldout[2]},
+    )
 
 
 METRIC = Metric(name="fid", config=FIDConfig, values=("fid",), order=1)

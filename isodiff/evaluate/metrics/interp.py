@@ -62,13 +62,12 @@ ISTD_PIXEL_SCALE = 0.5
 # leave these choices open, interp_stats' docstring).
 PATH_STATISTICS = {
     "istd": "Smooth Diffusion Sec. 4.1: per pair std (ddof 0) of the pixel-space L2 between "
-            "adjacent frames, images in [0, 1] at the data's resolution; mean over pairs",
+    "adjacent frames, images in [0, 1] at the data's resolution; mean over pairs",
     "pdv": "DiffMorpher Sec. 4.4: per pair variance (ddof 0) of the adjacent LPIPS "
-           "distances (this metric's backbone), unscaled; mean over pairs",
+    "distances (this metric's backbone), unscaled; mean over pairs",
     "ppl": "DiffMorpher Sec. 4.4: per pair sum of the adjacent LPIPS distances, unscaled; "
-           "mean over pairs",
-    "spread": "<stat>_std: std (ddof 1) of the per-pair values over the pairs; <stat>_n: "
-              "the pairs",
+    "mean over pairs",
+    "spread": "<stat>_std: std (ddof 1) of the per-pair values over the pairs; <stat>_n: the pairs",
 }
 
 
@@ -86,8 +85,9 @@ class InterpConfig:
 
     def __post_init__(self) -> None:
         if unknown := set(self.paths) - set(PATH_NAMES):
-            raise ConfigError(f"eval.interp.paths: unknown {sorted(unknown)}; "
-                              f"use {list(PATH_NAMES)}")
+            raise ConfigError(
+                f"eval.interp.paths: unknown {sorted(unknown)}; use {list(PATH_NAMES)}"
+            )
         if self.frames < 2 or self.pairs < 1 or self.keep_frames < 0:
             raise ConfigError("eval.interp needs frames >= 2, pairs >= 1 and keep_frames >= 0")
         if self.net not in ("vgg", "alex"):
@@ -112,8 +112,12 @@ def coefficient_of_variation(d: np.ndarray) -> np.ndarray:
 def smoothness(d: np.ndarray) -> dict[str, float]:
     """Per-pair mean, std, max and coefficient of variation of adjacent distances d (P, F-1),
     averaged over pairs."""
-    return {"mean": float(d.mean(axis=1).mean()), "std": float(d.std(axis=1).mean()),
-            "max": float(d.max(axis=1).mean()), "cv": float(coefficient_of_variation(d).mean())}
+    return {
+        "mean": float(d.mean(axis=1).mean()),
+        "std": float(d.std(axis=1).mean()),
+        "max": float(d.max(axis=1).mean()),
+        "cv": float(coefficient_of_variation(d).mean()),
+    }
 
 
 def path_statistics(d_lpips: np.ndarray, d_l2: np.ndarray) -> dict[str, float]:
@@ -121,8 +125,11 @@ def path_statistics(d_lpips: np.ndarray, d_l2: np.ndarray) -> dict[str, float]:
     d_lpips (both (P, F-1), one row a pair), each as its mean, std (ddof 1: "mean +- std
     over N"; nan for one pair) and N over the pairs."""
     values = {}
-    for name, per_path in (("istd", istd_per_path(d_l2)), ("pdv", pdv_per_path(d_lpips)),
-                           ("ppl", path_length_per_path(d_lpips))):
+    for name, per_path in (
+        ("istd", istd_per_path(d_l2)),
+        ("pdv", pdv_per_path(d_lpips)),
+        ("ppl", path_length_per_path(d_lpips)),
+    ):
         mean, std, n = mean_std_n(per_path)
         values.update({name: mean, f"{name}_std": std, f"{name}_n": float(n)})
     return values
@@ -138,16 +145,20 @@ def evaluate(ctx: EvalContext, cfg: InterpConfig) -> MetricResult:
     ddim = ctx.ddim(cfg.steps)
     values, arrays = {}, {}
     for path in cfg.paths:
+
         def chunk(rows: range, path: str = path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             x0, x1, _ = ctx.endpoints(rows)
             images = ctx.images(ddim.sample(path_points(x0, x1, cfg.frames, path)).x)
             frames = images.reshape(len(rows), cfg.frames, *images.shape[1:])
-            return (adjacent_distances(frames, distance),
-                    adjacent_l2(frames.double().numpy() * ISTD_PIXEL_SCALE),
-                    quantise(frames[:max(0, cfg.keep_frames - rows.start)]).numpy())
+            return (
+                adjacent_distances(frames, distance),
+                adjacent_l2(frames.double().numpy() * ISTD_PIXEL_SCALE),
+                quantise(frames[: max(0, cfg.keep_frames - rows.start)]).numpy(),
+            )
 
-        parts = ctx.map(chunk, cfg.pairs, f"interp {path}",
-                        size=max(1, ctx.batch_size // cfg.frames))
+        parts = ctx.map(
+            chunk, cfg.pairs, f"interp {path}", size=max(1, ctx.batch_size // cfg.frames)
+        )
         d = np.concatenate([curve for curve, _, _ in parts])
         d_l2 = np.concatenate([l2 for _, l2, _ in parts])
         kept = [frames for _, _, frames in parts]
@@ -156,10 +167,15 @@ def evaluate(ctx: EvalContext, cfg: InterpConfig) -> MetricResult:
         arrays[f"{path}_adjacent"] = d
         arrays[f"{path}_adjacent_l2"] = d_l2
         arrays[f"{path}_frames"] = np.concatenate(kept)
-    protocol = {**protocol_of(cfg), "backbone": f"lpips-v0.1-{cfg.net}",
-                "slerp": SLERP_CONVENTION, "path_statistics": PATH_STATISTICS}
+    protocol = {
+        **protocol_of(cfg),
+        "backbone": f"lpips-v0.1-{cfg.net}",
+        "slerp": SLERP_CONVENTION,
+        "path_statistics": PATH_STATISTICS,
+    }
     return MetricResult(values, protocol, {"weights": weights}, arrays)
 
 
-METRIC = Metric(name="interp", config=InterpConfig, values=("slerp_", "lerp_"),
-                version=VERSION, order=4)
+METRIC = Metric(
+    name="interp", config=InterpConfig, values=("slerp_", "lerp_"), version=VERSION, order=4
+)

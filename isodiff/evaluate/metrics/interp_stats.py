@@ -99,8 +99,9 @@ def path_length_per_path(d: np.ndarray, scale: float = 1.0) -> np.ndarray:
 def mean_std_n(values: np.ndarray | Iterable[float], ddof: int = 1) -> tuple[float, float, int]:
     """(mean, std, N) of per-path (or per-seed) values, the std with `ddof` (1: the sample
     std, what "mean +- std over N" reports); std is nan for N <= ddof."""
-    v = np.asarray(list(values) if not isinstance(values, np.ndarray) else values,
-                   dtype=np.float64).reshape(-1)
+    v = np.asarray(
+        list(values) if not isinstance(values, np.ndarray) else values, dtype=np.float64
+    ).reshape(-1)
     if v.size == 0:
         raise ValueError("mean_std_n: no values")
     if not np.isfinite(v).all():
@@ -109,8 +110,7 @@ def mean_std_n(values: np.ndarray | Iterable[float], ddof: int = 1) -> tuple[flo
     return float(v.mean()), std, int(v.size)
 
 
-def format_mean_std_n(values: np.ndarray | Iterable[float], digits: int = 2,
-                      ddof: int = 1) -> str:
-    """"mean ± std (N=n)" of the values, as a table cell."""
+def format_mean_std_n(values: np.ndarray | Iterable[float], digits: int = 2, ddof: int = 1) -> str:
+    """ "mean ± std (N=n)" of the values, as a table cell."""
     mean, std, n = mean_std_n(values, ddof)
     return f"{mean:.{digits}f} ± {std:.{digits}f} (N={n})"

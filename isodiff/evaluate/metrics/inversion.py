@@ -40,14 +40,18 @@ class InversionConfig:
             raise ConfigError(f"eval.inversion.net={self.net!r}: use vgg or alex")
 
 
-def reconstruction_errors(x: torch.Tensor, x_rec: torch.Tensor, distance: Distance
-                          ) -> dict[str, np.ndarray]:
+def reconstruction_errors(
+    x: torch.Tensor, x_rec: torch.Tensor, distance: Distance
+) -> dict[str, np.ndarray]:
     """Per-image MSE and PSNR (images in [-1, 1], measured on [0, 1]) and LPIPS."""
     import torch
 
     mse = ((x - x_rec) / 2).pow(2).flatten(1).mean(1).double()
-    return {"mse": mse.numpy(), "psnr": (-10 * torch.log10(mse)).numpy(),
-            "lpips": distance(x, x_rec).double().numpy()}
+    return {
+        "mse": mse.numpy(),
+        "psnr": (-10 * torch.log10(mse)).numpy(),
+        "lpips": distance(x, x_rec).double().numpy(),
+    }
 
 
 def evaluate(ctx: EvalContext, cfg: InversionConfig) -> MetricResult:
@@ -57,22 +61,33 @@ def evaluate(ctx: EvalContext, cfg: InversionConfig) -> MetricResult:
 
     distance, weights = ctx.lpips(cfg.net)
     ddim = ctx.ddim(cfg.steps)
+
     def chunk(rows: range) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
         x = ctx.real_images("test", rows, cfg.n, "eval.inversion.n")
         x_rec = ctx.images(ddim.sample(ddim.invert(ctx.codec.encode(x)).x).x)
         keep = max(0, cfg.keep_images - rows.start)
-        return (reconstruction_errors(x, x_rec, distance), quantise(x[:keep]).numpy(),
-                quantise(x_rec[:keep]).numpy())
+        return (
+            reconstruction_errors(x, x_rec, distance),
+            quantise(x[:keep]).numpy(),
+            quantise(x_rec[:keep]).numpy(),
+        )
 
     chunks = ctx.map(chunk, cfg.n, "test images")
     parts, sources, reconstructions = (list(column) for column in zip(*chunks, strict=True))
     errors = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     values = {k: float(v.mean()) for k, v in errors.items()}
-    images = {"sources": np.concatenate(sources),
-              "reconstructions": np.concatenate(reconstructions)}
+    images = {
+        "sources": np.concatenate(sources),
+        "reconstructions": np.concatenate(reconstructions),
+    }
     protocol = {**protocol_of(cfg), "backbone": f"lpips-v0.1-{cfg.net}", "split": "test"}
     return MetricResult(values, protocol, {"weights": weights}, {**errors, **images})
 
 
-METRIC = Metric(name="inversion", config=InversionConfig, values=("mse", "psnr", "lpips"),
-                higher_is_better=("psnr",), order=7)
+METRIC = Metric(
+    name="inversion",
+    config=InversionConfig,
+    values=("mse", "psnr", "lpips"),
+    higher_is_better=("psnr",),
+    order=7,
+)

@@ -52,8 +52,10 @@ class JacobianConfig:
         if self.n < 2 or self.k < 1 or self.h_pool < 1:
             raise ConfigError("eval.jacobian needs n >= 2, k >= 1 and h_pool >= 1")
         if self.vor_ddof not in (0, 1):
-            raise ConfigError(f"eval.jacobian.vor_ddof={self.vor_ddof}: use 1 (unbiased, the "
-                              "official code's) or 0 (population variance)")
+            raise ConfigError(
+                f"eval.jacobian.vor_ddof={self.vor_ddof}: use 1 (unbiased, the "
+                "official code's) or 0 (population variance)"
+            )
 
 
 def mean_condition_number(s: np.ndarray) -> float:
@@ -94,8 +96,9 @@ def jacobian(f: Map, x: torch.Tensor, chunk: int = 128) -> torch.Tensor:
     return torch.cat(parts) if rows else torch.cat(parts, dim=1)
 
 
-def singular_values_exact(f: Map, x: torch.Tensor, tangent: bool = False,
-                          chunk: int = 128) -> np.ndarray:
+def singular_values_exact(
+    f: Map, x: torch.Tensor, tangent: bool = False, chunk: int = 128
+) -> np.ndarray:
     """All min(m, n) singular values of J, decreasing; with `tangent`, those of J restricted
     to the tangent space of the sphere through x (min(m, n - 1) values)."""
     import torch
@@ -109,8 +112,9 @@ def singular_values_exact(f: Map, x: torch.Tensor, tangent: bool = False,
     return s[:-1] if tangent and J.shape[0] >= J.shape[1] else s
 
 
-def singular_values_lanczos(f: Map, x: torch.Tensor, k: int, tangent: bool = False,
-                            tol: float = 1e-5) -> np.ndarray:
+def singular_values_lanczos(
+    f: Map, x: torch.Tensor, k: int, tangent: bool = False, tol: float = 1e-5
+) -> np.ndarray:
     """Top-k then bottom-k singular values of J (decreasing), by Lanczos on the smaller of
     J^T J and J J^T (with `tangent`, of J P; the radial zero of P J^T J P is dropped)."""
     import torch
@@ -131,13 +135,17 @@ def singular_values_lanczos(f: Map, x: torch.Tensor, k: int, tangent: bool = Fal
         return torch.func.jvp(f, (x,), (v,))[1]
 
     if n <= m:  # P J^T J P on R^n
+
         def matvec(v: np.ndarray) -> np.ndarray:
             v = project(to_torch(v.ravel(), *shape))
             return project(vjp_fn(jvp(v))[0]).double().cpu().numpy().ravel()
+
         size, spurious_zero = n, tangent
     else:  # J P J^T on R^m
+
         def matvec(u: np.ndarray) -> np.ndarray:
             return jvp(project(vjp_fn(to_torch(u.ravel(), m))[0])).double().cpu().numpy().ravel()
+
         size, spurious_zero = m, False
     half = k + spurious_zero  # eigenvalues wanted from each end of the spectrum
     if 2 * half >= size:
@@ -145,8 +153,17 @@ def singular_values_lanczos(f: Map, x: torch.Tensor, k: int, tangent: bool = Fal
     op = LinearOperator((size, size), matvec=matvec, dtype=np.float64)
     v0 = np.random.default_rng(0).standard_normal(size)  # deterministic start vector
     # One Lanczos run for both ends of the spectrum ("BE": half from each end).
-    eig = np.sort(eigsh(op, 2 * half, which="BE", tol=tol, v0=v0,
-                        ncv=min(size, max(4 * half + 1, 40)), return_eigenvectors=False))
+    eig = np.sort(
+        eigsh(
+            op,
+            2 * half,
+            which="BE",
+            tol=tol,
+            v0=v0,
+            ncv=min(size, max(4 * half + 1, 40)),
+            return_eigenvectors=False,
+        )
+    )
     eig = np.concatenate([eig[-k:][::-1], eig[spurious_zero:half][::-1]])
     return np.sqrt(np.clip(eig, 0, None))
 
@@ -158,6 +175,7 @@ def h_map(ctx: EvalContext, t: int, pool: int) -> Map:
     def f(x: torch.Tensor) -> torch.Tensor:
         h = ctx.unet.encode_h(x, t)
         return (F.avg_pool2d(h, pool) if pool > 1 else h).flatten(1)
+
     return f
 
 
@@ -177,18 +195,23 @@ def evaluate(ctx: EvalContext, cfg: JacobianConfig) -> MetricResult:
         if not 0 <= t < ctx.diffusion.num_train_timesteps:
             raise ConfigError(f"eval.jacobian.timesteps: t={t} is outside [0, T)")
         a = float(alphas[t])
-        x_t = (a ** 0.5 * x_0 + (1 - a) ** 0.5 * noise).to(ctx.device)
+        x_t = (a**0.5 * x_0 + (1 - a) ** 0.5 * noise).to(ctx.device)
         f = h_map(ctx, t, cfg.h_pool)
         with torch.no_grad():
             m = f(x_t[:1]).shape[1]
-        exact = cfg.method == "exact" or (cfg.method == "auto" and m * x_t[0].numel()
-                                          <= cfg.max_exact)
+        exact = cfg.method == "exact" or (
+            cfg.method == "auto" and m * x_t[0].numel() <= cfg.max_exact
+        )
         methods[t] = "exact" if exact else f"lanczos-k{cfg.k}"
+
         def sample(i: range, f=f, x_t=x_t, exact=exact) -> np.ndarray:
             x = x_t[i.start]
             with higher_order_ad(), torch.no_grad():
-                return (singular_values_exact(f, x, cfg.tangent, ctx.batch_size) if exact
-                        else singular_values_lanczos(f, x, cfg.k, cfg.tangent))
+                return (
+                    singular_values_exact(f, x, cfg.tangent, ctx.batch_size)
+                    if exact
+                    else singular_values_lanczos(f, x, cfg.k, cfg.tangent)
+                )
 
         s = np.stack(ctx.map(sample, cfg.n, f"Jacobian t={t}", size=1))
         values[f"mcn_t{t}"] = mean_condition_number(s)

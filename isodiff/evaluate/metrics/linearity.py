@@ -106,19 +106,28 @@ class LinearityConfig:
 
     def __post_init__(self) -> None:
         if 0.0 not in self.strengths or len(set(self.strengths)) < 3:
-            raise ConfigError(f"eval.linearity.strengths={self.strengths}: give at least 3 "
-                              "strengths, 0 (the unedited sample) among them")
+            raise ConfigError(
+                f"eval.linearity.strengths={self.strengths}: give at least 3 "
+                "strengths, 0 (the unedited sample) among them"
+            )
         if 0.0 not in self.grid_strengths:
             raise ConfigError("eval.linearity.grid_strengths must hold 0")
         if bad := set(self.spaces) - set(SPACES):
             raise ConfigError(f"eval.linearity.spaces: {sorted(bad)}; use {SPACES}")
         if bad := set(self.sources) - set(SOURCES):
             raise ConfigError(f"eval.linearity.sources: {sorted(bad)}; use {SOURCES}")
-        if (self.fit_n < 4 or self.n < 1 or self.local_k < 1 or self.local_iters < 1
-                or self.swap_pairs < 1 or (self.h_swapfrac is not None
-                                           and self.h_swapfrac <= 0)):
-            raise ConfigError("eval.linearity needs fit_n >= 4, n >= 1, local_k >= 1, "
-                              "local_iters >= 1, swap_pairs >= 1 and h_swapfrac > 0 or null")
+        if (
+            self.fit_n < 4
+            or self.n < 1
+            or self.local_k < 1
+            or self.local_iters < 1
+            or self.swap_pairs < 1
+            or (self.h_swapfrac is not None and self.h_swapfrac <= 0)
+        ):
+            raise ConfigError(
+                "eval.linearity needs fit_n >= 4, n >= 1, local_k >= 1, "
+                "local_iters >= 1, swap_pairs >= 1 and h_swapfrac > 0 or null"
+            )
         if not 0 <= self.t_edit <= 1000:
             raise ConfigError(f"eval.linearity.t_edit={self.t_edit} must be in [0, 1000]")
         if self.net not in ("vgg", "alex"):
@@ -127,13 +136,14 @@ class LinearityConfig:
 
 # --- the maths: arrays in, numbers out ---------------------------------------------------
 
+
 def linear_fit(strengths: np.ndarray, responses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per sample, the least-squares line of responses (S, N) against strengths (S,):
     (slope (N,), R^2 (N,)); R^2 is nan where the response does not change."""
     a = np.asarray(strengths, dtype=np.float64) - np.mean(strengths)
     r = responses - responses.mean(axis=0)
     slope = a @ r / (a @ a)
-    total = (r ** 2).sum(axis=0)
+    total = (r**2).sum(axis=0)
     residual = ((r - np.outer(a, slope)) ** 2).sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         return slope, np.where(total > 0, 1 - residual / total, np.nan)
@@ -147,7 +157,7 @@ def image_r2(strengths: np.ndarray, images: np.ndarray) -> np.ndarray:
     a = np.asarray(strengths, dtype=np.float64) - np.mean(strengths)
     r = flat - flat.mean(axis=0)
     slope = np.einsum("s,snp->np", a, r) / (a @ a)
-    total = (r ** 2).sum(axis=(0, 2))
+    total = (r**2).sum(axis=(0, 2))
     residual = ((r - a[:, None, None] * slope[None]) ** 2).sum(axis=(0, 2))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(total > 0, 1 - residual / total, np.nan)
@@ -162,8 +172,9 @@ def interaction_error(grid: np.ndarray) -> np.ndarray:
     for a in (0, 2):
         for b in (0, 2):
             mixed = np.linalg.norm(grid[a, b] - grid[a, 1] - grid[1, b] + f00, axis=-1)
-            single = (np.linalg.norm(grid[a, 1] - f00, axis=-1)
-                      + np.linalg.norm(grid[1, b] - f00, axis=-1))
+            single = np.linalg.norm(grid[a, 1] - f00, axis=-1) + np.linalg.norm(
+                grid[1, b] - f00, axis=-1
+            )
             with np.errstate(invalid="ignore", divide="ignore"):
                 errors.append(np.where(single > 0, mixed / single, np.nan))
     return np.nanmean(np.stack(errors), axis=0)
@@ -197,6 +208,7 @@ def circular_labels(angles: np.ndarray) -> np.ndarray:
 
 # --- targets and responses ----------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Target:
     """A factor an edit aims at: continuous or circular (cls None), or class cls of a
@@ -214,23 +226,31 @@ class Target:
 def resolve_targets(predictor: AttributeModel, names: list[str] | None) -> list[Target]:
     kinds = {a.name: a for a in predictor.attributes}
     if names is None:
-        return [Target(a.name, 1 if a.kind == "categorical" else None, a.kind)
-                for a in predictor.attributes]
+        return [
+            Target(a.name, 1 if a.kind == "categorical" else None, a.kind)
+            for a in predictor.attributes
+        ]
     targets = []
     for name in names:
         attribute, _, cls = name.partition("=")
         a = kinds.get(attribute)
-        if a is None or (a.kind == "categorical") != (cls != "") or (
-                cls and not (cls.isdigit() and int(cls) < a.classes)):
-            raise ConfigError(f"eval.linearity.targets: {name!r} is not a factor of this "
-                              f"dataset ({', '.join(kinds)}); a categorical factor is named "
-                              "with its class, e.g. shape=1")
+        if (
+            a is None
+            or (a.kind == "categorical") != (cls != "")
+            or (cls and not (cls.isdigit() and int(cls) < a.classes))
+        ):
+            raise ConfigError(
+                f"eval.linearity.targets: {name!r} is not a factor of this "
+                f"dataset ({', '.join(kinds)}); a categorical factor is named "
+                "with its class, e.g. shape=1"
+            )
         targets.append(Target(attribute, int(cls) if cls else None, a.kind))
     return targets
 
 
-def response(raw: dict[str, np.ndarray], target: Target, base: np.ndarray | None = None,
-             spread: float = 1.0) -> np.ndarray:
+def response(
+    raw: dict[str, np.ndarray], target: Target, base: np.ndarray | None = None, spread: float = 1.0
+) -> np.ndarray:
     """The target's value in `AttributeModel.responses` output: the standardised prediction,
     the log-odds of class cls, or (circular) the signed angle from the unedited samples'
     (base: their raw (cos, sin), row for row), wrapped, over the angular spread."""
@@ -239,8 +259,10 @@ def response(raw: dict[str, np.ndarray], target: Target, base: np.ndarray | None
     out = raw[target.attribute]
     if target.kind == "circular":
         if base is None:
-            raise ValueError(f"{target.name} is circular: its response needs the unedited "
-                             "samples' outputs (base)")
+            raise ValueError(
+                f"{target.name} is circular: its response needs the unedited "
+                "samples' outputs (base)"
+            )
         return wrapped(angle_of(out) - angle_of(base)) / spread
     if target.cls is None:
         return out
@@ -277,11 +299,19 @@ class Readout:
     @property
     def others(self) -> list[Target]:
         """The attributes leak is read on: the continuous and the circular ones."""
-        return [Target(a.name, None, a.kind) for a in self.predictor.attributes
-                if a.kind != "categorical"]
+        return [
+            Target(a.name, None, a.kind)
+            for a in self.predictor.attributes
+            if a.kind != "categorical"
+        ]
 
-    def grid(self, raw: dict[str, np.ndarray], target: Target, shape: tuple[int, ...],
-             zero: tuple[int, ...]) -> np.ndarray:
+    def grid(
+        self,
+        raw: dict[str, np.ndarray],
+        target: Target,
+        shape: tuple[int, ...],
+        zero: tuple[int, ...],
+    ) -> np.ndarray:
         """The target's responses to images laid out as `shape` (..., N), flattened row-major
         in raw, the unedited sample of each column at index `zero` of the leading axes."""
         base = None
@@ -292,19 +322,26 @@ class Readout:
         return values.reshape(shape)
 
 
-def readout(predictor: AttributeModel, targets: list[Target], raw: dict[str, np.ndarray]
-            ) -> Readout:
+def readout(
+    predictor: AttributeModel, targets: list[Target], raw: dict[str, np.ndarray]
+) -> Readout:
     """The Readout of fit samples' raw outputs: spreads and units from their unedited
     responses (a circular response is already in spreads: unit 1)."""
-    spreads = {a.name: angular_spread(angle_of(raw[a.name]))
-               for a in predictor.attributes if a.kind == "circular"}
+    spreads = {
+        a.name: angular_spread(angle_of(raw[a.name]))
+        for a in predictor.attributes
+        if a.kind == "circular"
+    }
     # a response constant over the fit samples has no unit: its changes read nan
-    units = {t.name: 1.0 if t.kind == "circular"
-             else float(np.std(response(raw, t))) or float("nan") for t in targets}
+    units = {
+        t.name: 1.0 if t.kind == "circular" else float(np.std(response(raw, t))) or float("nan")
+        for t in targets
+    }
     return Readout(predictor, targets, spreads, units)
 
 
 # --- evaluation ---------------------------------------------------------------------------
+
 
 @dataclass
 class Edits:
@@ -321,8 +358,7 @@ def _rows(v: torch.Tensor, n: int) -> torch.Tensor:
     return v.expand(*v.shape[:-2], n, v.shape[-1])
 
 
-def _local(ctx: EvalContext, cfg: LinearityConfig, x_T: torch.Tensor, t: int
-           ) -> dict[str, Edits]:
+def _local(ctx: EvalContext, cfg: LinearityConfig, x_T: torch.Tensor, t: int) -> dict[str, Edits]:
     """Per edited sample, the top-k singular directions of dh/dx_T: v_k in x_T, s_k u_k in h."""
     import torch
 
@@ -334,18 +370,29 @@ def _local(ctx: EvalContext, cfg: LinearityConfig, x_T: torch.Tensor, t: int
     V, U = [], []
     with higher_order_ad():
         for i in ctx.chunks(len(x_T), "editing: local basis", size=1):
-            v, u, s = dirs.top_singular_vectors(f, x_T[i.start].to(ctx.device), cfg.local_k,
-                                                cfg.local_iters, seed=i.start)
+            v, u, s = dirs.top_singular_vectors(
+                f, x_T[i.start].to(ctx.device), cfg.local_k, cfg.local_iters, seed=i.start
+            )
             V.append(v.float().cpu())
             U.append((u * s[:, None]).float().cpu())
     V, U = torch.stack(V), torch.stack(U)  # (N, k, D)
-    return {"x_T": Edits([V[:, k] for k in range(cfg.local_k)], [None] * cfg.local_k),
-            "h": Edits([U[:, k] for k in range(cfg.local_k)], [None] * cfg.local_k)}
+    return {
+        "x_T": Edits([V[:, k] for k in range(cfg.local_k)], [None] * cfg.local_k),
+        "h": Edits([U[:, k] for k in range(cfg.local_k)], [None] * cfg.local_k),
+    }
 
 
-def _measure(ctx: EvalContext, cfg: LinearityConfig, read: Readout, x_T: torch.Tensor,
-             space: str, edits: Edits, distance: Distance, swap_move: float, prefix: str
-             ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+def _measure(
+    ctx: EvalContext,
+    cfg: LinearityConfig,
+    read: Readout,
+    x_T: torch.Tensor,
+    space: str,
+    edits: Edits,
+    distance: Distance,
+    swap_move: float,
+    prefix: str,
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """One source's directions in one space, edited and measured: values named prefix<q>,
     and the images of Figures 7 and 8 (strip; grid when there are two directions)."""
     import torch
@@ -358,13 +405,16 @@ def _measure(ctx: EvalContext, cfg: LinearityConfig, read: Readout, x_T: torch.T
     offsets = torch.cat([dirs.strength_offsets(strengths, _rows(v, N)) for v in edits.vectors])
     images = dirs.edit(ddim, x_T, space, offsets, cfg.t_edit, ctx.codec.decode)
     images = images.reshape(D, S, N, *images.shape[2:])
-    raw = {k: v.reshape(D, S * N, *v.shape[1:])
-           for k, v in read.predictor.responses(images.flatten(0, 2)).items()}
+    raw = {
+        k: v.reshape(D, S * N, *v.shape[1:])
+        for k, v in read.predictor.responses(images.flatten(0, 2)).items()
+    }
     zero = int(np.flatnonzero(strengths == 0)[0])
     far = np.flatnonzero(np.abs(strengths) == np.abs(strengths).max())
     r2s: dict[str, list[float]] = {}
     slopes, leaks, r2img, lpips, chosen, effects, offtargets, moves = ([] for _ in range(8))
     for d, aimed in enumerate(edits.targets):
+
         def along(t: Target, d: int = d) -> np.ndarray:  # (S, N)
             return read.grid({k: v[d] for k, v in raw.items()}, t, (S, N), (zero,))
 
@@ -383,30 +433,41 @@ def _measure(ctx: EvalContext, cfg: LinearityConfig, read: Readout, x_T: torch.T
         others = [fit(t)[0] for t in read.others if t.attribute != target.attribute]
         leaks.append(leakage(slope, np.array(others)))
         effects.append(mean_change(along(target), zero, far) / read.units[target.name])
-        off = [mean_change(along(t), zero, far) / read.units[t.name] for t in read.targets
-               if t.attribute != target.attribute]
+        off = [
+            mean_change(along(t), zero, far) / read.units[t.name]
+            for t in read.targets
+            if t.attribute != target.attribute
+        ]
         offtargets.append(_nanmean(off) if off else np.nan)
         r2img.append(np.nanmean(image_r2(strengths, images[d].double().numpy())))
         lpips.append(np.mean([distance(images[d, zero], images[d, s]).numpy() for s in far]))
-        moves.append(np.mean([(images[d, s] - images[d, zero]).flatten(1).double().norm(dim=1)
-                              .numpy() for s in far]))
-    values = {f"{prefix}r2": float(np.mean([np.mean(v) for v in r2s.values()])),
-              f"{prefix}slope": float(np.mean(slopes)),
-              f"{prefix}leak": _nanmean(leaks),
-              f"{prefix}effect": float(np.mean(effects)),
-              f"{prefix}offtarget": _nanmean(offtargets),
-              f"{prefix}swapfrac": float(np.mean(moves) / swap_move) if swap_move > 0
-              else float("nan"),
-              f"{prefix}r2img": float(np.nanmean(r2img)),
-              f"{prefix}lpips": float(np.mean(lpips)),
-              **{f"{prefix}r2_{name}": float(np.mean(v)) for name, v in r2s.items()}}
+        moves.append(
+            np.mean(
+                [
+                    (images[d, s] - images[d, zero]).flatten(1).double().norm(dim=1).numpy()
+                    for s in far
+                ]
+            )
+        )
+    values = {
+        f"{prefix}r2": float(np.mean([np.mean(v) for v in r2s.values()])),
+        f"{prefix}slope": float(np.mean(slopes)),
+        f"{prefix}leak": _nanmean(leaks),
+        f"{prefix}effect": float(np.mean(effects)),
+        f"{prefix}offtarget": _nanmean(offtargets),
+        f"{prefix}swapfrac": float(np.mean(moves) / swap_move) if swap_move > 0 else float("nan"),
+        f"{prefix}r2img": float(np.nanmean(r2img)),
+        f"{prefix}lpips": float(np.mean(lpips)),
+        **{f"{prefix}r2_{name}": float(np.mean(v)) for name, v in r2s.items()},
+    }
     keep = min(cfg.keep_images, N)
     arrays = {"strip": quantise(images[0, :, :keep].transpose(0, 1)).numpy()}  # (K, S, ...)
     if D >= 2:
         values.update(_combination(ctx, cfg, read, x_T, space, edits, chosen[:2], prefix))
         g = len(cfg.grid_strengths)
-        grid = dirs.pair_offsets(cfg.grid_strengths, edits.vectors[0][..., :1, :],
-                                 edits.vectors[1][..., :1, :])
+        grid = dirs.pair_offsets(
+            cfg.grid_strengths, edits.vectors[0][..., :1, :], edits.vectors[1][..., :1, :]
+        )
         pictures = dirs.edit(ddim, x_T[:1], space, grid, cfg.t_edit, ctx.codec.decode)[:, 0]
         arrays["grid"] = quantise(pictures).numpy().reshape(g, g, *pictures.shape[1:])
     return values, arrays
@@ -416,26 +477,41 @@ def _nanmean(values: list[float]) -> float:
     return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
 
 
-def _combination(ctx: EvalContext, cfg: LinearityConfig, read: Readout, x_T: torch.Tensor,
-                 space: str, edits: Edits, targets: list[Target], prefix: str
-                 ) -> dict[str, float]:
+def _combination(
+    ctx: EvalContext,
+    cfg: LinearityConfig,
+    read: Readout,
+    x_T: torch.Tensor,
+    space: str,
+    edits: Edits,
+    targets: list[Target],
+    prefix: str,
+) -> dict[str, float]:
     """The interaction of the first two directions at the corners of the largest strength."""
     from isodiff.model import directions as dirs
 
     m, N = float(np.abs(cfg.strengths).max()), len(x_T)
     first, second = (_rows(v, N) for v in edits.vectors[:2])
-    images = dirs.edit(ctx.ddim(cfg.steps), x_T, space,
-                       dirs.pair_offsets([-m, 0.0, m], first, second), cfg.t_edit,
-                       ctx.codec.decode)
+    images = dirs.edit(
+        ctx.ddim(cfg.steps),
+        x_T,
+        space,
+        dirs.pair_offsets([-m, 0.0, m], first, second),
+        cfg.t_edit,
+        ctx.codec.decode,
+    )
     raw = read.predictor.responses(images.flatten(0, 1))
     f = np.stack([read.grid(raw, t, (3, 3, N), (1, 1)) for t in targets], axis=-1)
     pixels = images.reshape(3, 3, N, -1).double().numpy()
-    return {f"{prefix}interaction": float(np.nanmean(interaction_error(f))),
-            f"{prefix}interaction_img": float(np.nanmean(interaction_error(pixels)))}
+    return {
+        f"{prefix}interaction": float(np.nanmean(interaction_error(f))),
+        f"{prefix}interaction_img": float(np.nanmean(interaction_error(pixels))),
+    }
 
 
-def _supervised(cfg: LinearityConfig, source: str, codes: np.ndarray, y: np.ndarray,
-                steps: np.ndarray | None) -> torch.Tensor:
+def _supervised(
+    cfg: LinearityConfig, source: str, codes: np.ndarray, y: np.ndarray, steps: np.ndarray | None
+) -> torch.Tensor:
     """One target's direction: (1, D) from codes (n, D) in x_T, or from h per DDIM step,
     codes (edited steps, n, D) -> (all steps, 1, D), zero on the steps not edited."""
     import torch
@@ -444,8 +520,7 @@ def _supervised(cfg: LinearityConfig, source: str, codes: np.ndarray, y: np.ndar
 
     def one(c: np.ndarray) -> torch.Tensor:
         c = c.astype(np.float64)
-        v = (dirs.class_mean_direction(c, y) if source == "mean"
-             else dirs.svm_direction(c, y, cfg.C))
+        v = dirs.class_mean_direction(c, y) if source == "mean" else dirs.svm_direction(c, y, cfg.C)
         return torch.from_numpy(dirs.scaled(v, c)).float()[None]
 
     if steps is None:
@@ -467,8 +542,9 @@ def image_move(images: torch.Tensor, plain: torch.Tensor) -> float:
     return float((images - plain).flatten(2).double().norm(dim=2).mean())
 
 
-def _calibrated(ctx: EvalContext, cfg: LinearityConfig, x_T: torch.Tensor, edits: Edits,
-                swap_move: float) -> tuple[Edits, list[float]]:
+def _calibrated(
+    ctx: EvalContext, cfg: LinearityConfig, x_T: torch.Tensor, edits: Edits, swap_move: float
+) -> tuple[Edits, list[float]]:
     """h directions rescaled to move the images of x_T by cfg.h_swapfrac of the h-swap at
     the largest |alpha| (both signs), and the factor of each."""
     import torch
@@ -477,15 +553,19 @@ def _calibrated(ctx: EvalContext, cfg: LinearityConfig, x_T: torch.Tensor, edits
 
     m, N = float(np.abs(cfg.strengths).max()), len(x_T)
     ddim = ctx.ddim(cfg.steps)
-    plain = dirs.edit(ddim, x_T, "x_T", torch.zeros(1, 1, x_T[0].numel()), 0,
-                      ctx.codec.decode)[0]
+    plain = dirs.edit(ddim, x_T, "x_T", torch.zeros(1, 1, x_T[0].numel()), 0, ctx.codec.decode)[0]
     gains = []
     for v in edits.vectors:
-        images = dirs.edit(ddim, x_T, "h", dirs.strength_offsets([-m, m], _rows(v, N)),
-                           cfg.t_edit, ctx.codec.decode)
+        images = dirs.edit(
+            ddim,
+            x_T,
+            "h",
+            dirs.strength_offsets([-m, m], _rows(v, N)),
+            cfg.t_edit,
+            ctx.codec.decode,
+        )
         gains.append(swap_gain(image_move(images, plain), swap_move, cfg.h_swapfrac))
-    return Edits([g * v for g, v in zip(gains, edits.vectors, strict=True)],
-                 edits.targets), gains
+    return Edits([g * v for g, v in zip(gains, edits.vectors, strict=True)], edits.targets), gains
 
 
 def evaluate(ctx: EvalContext, cfg: LinearityConfig) -> MetricResult:
@@ -520,9 +600,13 @@ def evaluate(ctx: EvalContext, cfg: LinearityConfig) -> MetricResult:
         fit["h"] = np.concatenate(codes["h"], axis=1)  # (edited steps, fit_n, D)
     # the h-swap of pairs of fit samples (a, b) = (i, m + i): the unit of edit strengths
     m = min(cfg.swap_pairs, cfg.fit_n // 2)
-    moved, gap = dirs.h_swap_moves(ddim, latents(ctx.seed, range(m), ctx.x_shape),
-                                   latents(ctx.seed, range(m, 2 * m), ctx.x_shape),
-                                   cfg.t_edit, ctx.codec.decode)
+    moved, gap = dirs.h_swap_moves(
+        ddim,
+        latents(ctx.seed, range(m), ctx.x_shape),
+        latents(ctx.seed, range(m, 2 * m), ctx.x_shape),
+        cfg.t_edit,
+        ctx.codec.decode,
+    )
     x_T = latents(ctx.seed, range(cfg.fit_n, cfg.fit_n + cfg.n), ctx.x_shape)
     local = _local(ctx, cfg, x_T, t_T) if "local" in cfg.sources else {}
     distance, weights = ctx.lpips(cfg.net)
@@ -540,8 +624,9 @@ def evaluate(ctx: EvalContext, cfg: LinearityConfig) -> MetricResult:
                     if len(np.unique(y)) < 2:  # e.g. a class the model never generates
                         skipped.append(f"{space}/{source}/{target.name}: one label only")
                         continue
-                    vectors.append(_supervised(cfg, source, fit[space], y,
-                                               edited if space == "h" else None))
+                    vectors.append(
+                        _supervised(cfg, source, fit[space], y, edited if space == "h" else None)
+                    )
                     aimed.append(target)
                 if not vectors:
                     continue
@@ -550,28 +635,35 @@ def evaluate(ctx: EvalContext, cfg: LinearityConfig) -> MetricResult:
             if space == "h" and cfg.h_swapfrac is not None:
                 edits, gains = _calibrated(ctx, cfg, x_T, edits, float(moved.mean()))
                 values[f"lin_{tag}_gain"] = float(np.mean(gains))
-            found, images = _measure(ctx, cfg, read, x_T, space, edits, distance,
-                                     float(moved.mean()), f"lin_{tag}_")
+            found, images = _measure(
+                ctx, cfg, read, x_T, space, edits, distance, float(moved.mean()), f"lin_{tag}_"
+            )
             values.update(found)
             arrays.update({f"{name}_{tag}": a for name, a in images.items()})
-    protocol = {**protocol_of(cfg), "backbone": f"lpips-v0.1-{cfg.net}",
-                "targets_used": [t.name for t in targets],
-                "h_at": "supervised h directions fitted per DDIM step on the fit samples' "
-                        "trajectories and added on their own step (t >= t_edit); local: J at "
-                        "t = T, the same offset on every step with t >= t_edit (Asyrp's "
-                        "asymmetric process)",
-                "scale": "alpha = 1: one std of the fit codes along the direction (h: of "
-                         "each step's codes); local: x_T's unit singular vector, in h J v; "
-                         "h directions then times lin_h_<source>_gain, which makes the "
-                         "largest edit move the edited images by h_swapfrac of the h-swap",
-                "swap": f"lin_h_swap over {m} pairs of fit samples; swapfrac: image change "
-                        "at the largest |alpha| over the h-swap's image change",
-                "units": "effect/offtarget: each response over its std on the fit samples; "
-                         "circular: angle from the unedited sample over the fit samples' "
-                         "angular spread (turns, angular_spread)",
-                "angular_spread": read.spreads}
-    provenance = {"weights": weights, "classifier_heldout": predictor.report,
-                  **({"skipped": skipped} if skipped else {})}
+    protocol = {
+        **protocol_of(cfg),
+        "backbone": f"lpips-v0.1-{cfg.net}",
+        "targets_used": [t.name for t in targets],
+        "h_at": "supervised h directions fitted per DDIM step on the fit samples' "
+        "trajectories and added on their own step (t >= t_edit); local: J at "
+        "t = T, the same offset on every step with t >= t_edit (Asyrp's "
+        "asymmetric process)",
+        "scale": "alpha = 1: one std of the fit codes along the direction (h: of "
+        "each step's codes); local: x_T's unit singular vector, in h J v; "
+        "h directions then times lin_h_<source>_gain, which makes the "
+        "largest edit move the edited images by h_swapfrac of the h-swap",
+        "swap": f"lin_h_swap over {m} pairs of fit samples; swapfrac: image change "
+        "at the largest |alpha| over the h-swap's image change",
+        "units": "effect/offtarget: each response over its std on the fit samples; "
+        "circular: angle from the unedited sample over the fit samples' "
+        "angular spread (turns, angular_spread)",
+        "angular_spread": read.spreads,
+    }
+    provenance = {
+        "weights": weights,
+        "classifier_heldout": predictor.report,
+        **({"skipped": skipped} if skipped else {}),
+    }
     return MetricResult(values, protocol, provenance, arrays)
 
 

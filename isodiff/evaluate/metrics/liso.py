@@ -48,15 +48,21 @@ def max_rank(n_x: int, m: int) -> int:
     return min(n_x - 1, m)
 
 
-def liso_terms(encode_h: Callable[[torch.Tensor, int], torch.Tensor], x_0: torch.Tensor,
-               noise: torch.Tensor, probes: torch.Tensor, alpha: float, t: int,
-               device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, int]:
+def liso_terms(
+    encode_h: Callable[[torch.Tensor, int], torch.Tensor],
+    x_0: torch.Tensor,
+    noise: torch.Tensor,
+    probes: torch.Tensor,
+    alpha: float,
+    t: int,
+    device: torch.device | str,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """L_iso's numerator and denominator terms (probes x samples, float64 on the CPU) of the
     spherical metric at x_t = sqrt(alpha) x_0 + sqrt(1 - alpha) noise, and h's size.
     probes: (samples, probes, *x)."""
     from isodiff.isometry import higher_order_ad, isometry_terms
 
-    x = (alpha ** 0.5 * x_0 + (1 - alpha) ** 0.5 * noise).float().to(device).requires_grad_()
+    x = (alpha**0.5 * x_0 + (1 - alpha) ** 0.5 * noise).float().to(device).requires_grad_()
     v = probes.transpose(0, 1).to(device)
     with higher_order_ad():
         h = encode_h(x, t)
@@ -64,9 +70,15 @@ def liso_terms(encode_h: Callable[[torch.Tensor, int], torch.Tensor], x_0: torch
     return num.detach().double().cpu(), den.detach().double().cpu(), h[0].numel()
 
 
-def heldout_liso(encode_h: Callable[[torch.Tensor, int], torch.Tensor], x_0: torch.Tensor,
-                 seed: int, timesteps: list[int], alphas: torch.Tensor, probes: int = 2,
-                 device: torch.device | str = "cpu") -> float:
+def heldout_liso(
+    encode_h: Callable[[torch.Tensor, int], torch.Tensor],
+    x_0: torch.Tensor,
+    seed: int,
+    timesteps: list[int],
+    alphas: torch.Tensor,
+    probes: int = 2,
+    device: torch.device | str = "cpu",
+) -> float:
     """liso_scaled of encode_h on the held-out x_0, in one batch (the training loop's curve;
     the metric is the same quantity over more images, in chunks)."""
     from isodiff.model.sampling import SampleRNG
@@ -96,10 +108,17 @@ def evaluate(ctx: EvalContext, cfg: LisoConfig) -> MetricResult:
         if not 0 <= t < ctx.diffusion.num_train_timesteps:
             raise ConfigError(f"eval.liso.timesteps: t={t} is outside [0, T)")
         a = float(alphas[t])
+
         def chunk(rows: range, a: float = a, t: int = t) -> tuple[torch.Tensor, torch.Tensor]:
-            num, den, m = liso_terms(ctx.unet.encode_h, x_0[rows.start:rows.stop],
-                                     noise[rows.start:rows.stop],
-                                     probes[rows.start:rows.stop], a, t, ctx.device)
+            num, den, m = liso_terms(
+                ctx.unet.encode_h,
+                x_0[rows.start : rows.stop],
+                noise[rows.start : rows.stop],
+                probes[rows.start : rows.stop],
+                a,
+                t,
+                ctx.device,
+            )
             h_size.append(m)
             return num, den
 
@@ -108,8 +127,12 @@ def evaluate(ctx: EvalContext, cfg: LisoConfig) -> MetricResult:
         values[f"liso_t{t}"] = float(torch.cat(num, 1).mean() / torch.cat(den, 1).mean() ** 2)
     values["liso"] = float(np.mean([values[f"liso_t{t}"] for t in cfg.timesteps]))
     values["liso_scaled"] = values["liso"] * max_rank(int(np.prod(ctx.x_shape)), h_size[0])
-    protocol = {**protocol_of(cfg), "metric": "spherical", "x_t": "q(x_t|x_0), test split",
-                "scale": "min(n_x - 1, m)"}
+    protocol = {
+        **protocol_of(cfg),
+        "metric": "spherical",
+        "x_t": "q(x_t|x_0), test split",
+        "scale": "min(n_x - 1, m)",
+    }
     return MetricResult(values, protocol)
 
 

@@ -58,8 +58,9 @@ class PPLConfig:
 
     def __post_init__(self) -> None:
         if unknown := set(self.variants) - set(VARIANT_NET):
-            raise ConfigError(f"eval.ppl.variants: unknown {sorted(unknown)}; "
-                              f"use {list(VARIANT_NET)}")
+            raise ConfigError(
+                f"eval.ppl.variants: unknown {sorted(unknown)}; use {list(VARIANT_NET)}"
+            )
         if not 0 < self.epsilon < 1 or self.n < 2 or self.compat_batch < 1:
             raise ConfigError("eval.ppl needs 0 < epsilon < 1, n >= 2 and compat_batch >= 1")
 
@@ -80,51 +81,65 @@ def batch_mean_percentile_mean(d: np.ndarray, batch: int) -> float:
 def face_crop(images: torch.Tensor) -> torch.Tensor:
     """StyleGAN's PPL crop of aligned faces: rows 3/8..7/8, columns 2/8..6/8."""
     c = images.shape[-1] // 8
-    return images[..., c * 3: c * 7, c * 2: c * 6]
+    return images[..., c * 3 : c * 7, c * 2 : c * 6]
 
 
 def downsample_to_256(images: torch.Tensor) -> torch.Tensor:
     """Box-downsample by an integer factor to at most 256 px (StyleGAN)."""
     import torch.nn.functional as F
+
     factor = images.shape[-1] // 256
     return F.avg_pool2d(images, factor) if factor > 1 else images
 
 
-def path_images(generate: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor,
-                x1: torch.Tensor, w: torch.Tensor, epsilon: float, crop: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def path_images(
+    generate: Callable[[torch.Tensor], torch.Tensor],
+    x0: torch.Tensor,
+    x1: torch.Tensor,
+    w: torch.Tensor,
+    epsilon: float,
+    crop: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(g(slerp(x0, x1, w)), g(slerp(x0, x1, w + eps))), cropped and downsampled as LPIPS
     sees them; g = `generate`, w (B,)."""
     import torch
 
     from isodiff.geometry import slerp
+
     images = generate(torch.cat([slerp(x0, x1, w), slerp(x0, x1, w + epsilon)]))
     images = downsample_to_256(face_crop(images) if crop else images)
     a, b = images.chunk(2)
     return a, b
 
 
-def path_lengths(generate: Callable[[torch.Tensor], torch.Tensor],
-                 distances: dict[str, Distance], x0: torch.Tensor, x1: torch.Tensor,
-                 w: torch.Tensor, epsilon: float, crop: bool = False) -> dict[str, np.ndarray]:
+def path_lengths(
+    generate: Callable[[torch.Tensor], torch.Tensor],
+    distances: dict[str, Distance],
+    x0: torch.Tensor,
+    x1: torch.Tensor,
+    w: torch.Tensor,
+    epsilon: float,
+    crop: bool = False,
+) -> dict[str, np.ndarray]:
     """d = distance(g(slerp(x0, x1, w)), g(slerp(x0, x1, w + eps))) / eps^2 per sample, for
     each named distance; g = `generate`, w (B,)."""
     return step_lengths(*path_images(generate, x0, x1, w, epsilon, crop), distances, epsilon)
 
 
-def step_lengths(a: torch.Tensor, b: torch.Tensor, distances: dict[str, Distance],
-                 epsilon: float) -> dict[str, np.ndarray]:
+def step_lengths(
+    a: torch.Tensor, b: torch.Tensor, distances: dict[str, Distance], epsilon: float
+) -> dict[str, np.ndarray]:
     """distance(a, b) / eps^2 per image pair, for each named distance."""
-    return {name: distance(a, b).double().numpy() / epsilon ** 2
-            for name, distance in distances.items()}
+    return {
+        name: distance(a, b).double().numpy() / epsilon**2 for name, distance in distances.items()
+    }
 
 
-def pair_distances(images: torch.Tensor, distances: dict[str, Distance]
-                   ) -> dict[str, np.ndarray]:
+def pair_distances(images: torch.Tensor, distances: dict[str, Distance]) -> dict[str, np.ndarray]:
     """distance(images[2k], images[2k + 1]) for each named distance, (B // 2,); an odd last
     image is left out."""
     pairs = len(images) // 2
-    a, b = images[0: 2 * pairs: 2], images[1: 2 * pairs: 2]
+    a, b = images[0 : 2 * pairs : 2], images[1 : 2 * pairs : 2]
     return {name: distance(a, b).double().numpy() for name, distance in distances.items()}
 
 
@@ -158,27 +173,39 @@ def evaluate(ctx: EvalContext, cfg: PPLConfig) -> MetricResult:
     if "stylegan" in d_all:
         values["ppl_stylegan"] = percentile_mean(d_all["stylegan"])
     if "isodiff_compat" in d_all:
-        values["ppl_isodiff_compat"] = batch_mean_percentile_mean(d_all["isodiff_compat"],
-                                                                  cfg.compat_batch)
+        values["ppl_isodiff_compat"] = batch_mean_percentile_mean(
+            d_all["isodiff_compat"], cfg.compat_batch
+        )
     for v in cfg.variants:
         diversity = float(pairs[v].mean())
         values[f"ppl_{v}_diversity"] = diversity
         values[f"ppl_{v}_per_diversity"] = per_diversity(values[f"ppl_{v}"], diversity)
-    protocol = {**protocol_of(cfg), "backbones": {v: f"lpips-v0.1-{VARIANT_NET[v]}"
-                                                  for v in cfg.variants}, "path": "slerp",
-                "slerp": SLERP_CONVENTION,
-                "departure": "images clamped to [-1, 1] before LPIPS (what an image file "
-                             "holds); StyleGAN feeds the generator's raw output",
-                "diversity": "ppl_<variant>_diversity: mean LPIPS (the variant's backbone) "
-                             "between the images at w of samples 2k and 2k + 1; "
-                             "ppl_<variant>_per_diversity = ppl_<variant> / diversity"}
+    protocol = {
+        **protocol_of(cfg),
+        "backbones": {v: f"lpips-v0.1-{VARIANT_NET[v]}" for v in cfg.variants},
+        "path": "slerp",
+        "slerp": SLERP_CONVENTION,
+        "departure": "images clamped to [-1, 1] before LPIPS (what an image file "
+        "holds); StyleGAN feeds the generator's raw output",
+        "diversity": "ppl_<variant>_diversity: mean LPIPS (the variant's backbone) "
+        "between the images at w of samples 2k and 2k + 1; "
+        "ppl_<variant>_per_diversity = ppl_<variant> / diversity",
+    }
     provenance = {"weights": {v: weights for v, (_, weights) in loaded.items()}}
-    arrays = {**{f"d_{v}": x for v, x in d_all.items()}, "w": np.concatenate(ws),
-              **{f"pairs_{v}": x for v, x in pairs.items()}}
+    arrays = {
+        **{f"d_{v}": x for v, x in d_all.items()},
+        "w": np.concatenate(ws),
+        **{f"pairs_{v}": x for v, x in pairs.items()},
+    }
     return MetricResult(values, protocol, provenance, arrays)
 
 
-METRIC = Metric(name="ppl", config=PPLConfig, values=("ppl_",),
-                # the diversity beside PPL (not ppl_<variant>_per_diversity: lower)
-                higher_is_better=("ppl_stylegan_diversity", "ppl_isodiff_compat_diversity"),
-                version=VERSION, order=2)
+METRIC = Metric(
+    name="ppl",
+    config=PPLConfig,
+    values=("ppl_",),
+    # the diversity beside PPL (not ppl_<variant>_per_diversity: lower)
+    higher_is_better=("ppl_stylegan_diversity", "ppl_isodiff_compat_diversity"),
+    version=VERSION,
+    order=2,
+)

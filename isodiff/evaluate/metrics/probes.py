@@ -36,8 +36,9 @@ def split_rows(n: int, heldout_fraction: float) -> int:
     part would be empty."""
     split = int(round(n * (1 - heldout_fraction)))
     if split < 2 or split >= n:
-        raise ValueError(f"heldout_fraction={heldout_fraction} leaves too few rows to fit or "
-                         f"to score of {n}")
+        raise ValueError(
+            f"heldout_fraction={heldout_fraction} leaves too few rows to fit or to score of {n}"
+        )
     return split
 
 
@@ -64,13 +65,15 @@ def _knn(kind: str, folds: int, n_fit: int) -> GridSearchCV:
     from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
 
     model = (KNeighborsClassifier if kind == "categorical" else KNeighborsRegressor)(
-        metric="precomputed")
+        metric="precomputed"
+    )
     grid = [k for k in NEIGHBOURS if k <= n_fit * (folds - 1) // folds] or [1]
     return GridSearchCV(model, {"n_neighbors": grid}, cv=folds)
 
 
-def probe_factor(x: np.ndarray, distances: np.ndarray, values: np.ndarray, kind: str,
-                 split: int, folds: int = 3) -> dict[str, float]:
+def probe_factor(
+    x: np.ndarray, distances: np.ndarray, values: np.ndarray, kind: str, split: int, folds: int = 3
+) -> dict[str, float]:
     """Held-out linear and kNN scores of one factor (n,) from scaled codes x (n, d) and their
     Euclidean distances to the fit rows (n, split): {lin, knn} and, for a circular factor,
     {lin_deg, knn_deg} (mean |angle error|)."""
@@ -83,9 +86,15 @@ def probe_factor(x: np.ndarray, distances: np.ndarray, values: np.ndarray, kind:
             score = float(np.mean(labels[split:] == labels[0]))
             return {"lin": score, "knn": score}
         models = {"lin": RidgeClassifierCV(alphas=ALPHAS), "knn": _knn(kind, folds, split)}
-        return {name: float(np.mean(model.fit(data[name][0], labels[:split])
-                                    .predict(data[name][1]) == labels[split:]))
-                for name, model in models.items()}
+        return {
+            name: float(
+                np.mean(
+                    model.fit(data[name][0], labels[:split]).predict(data[name][1])
+                    == labels[split:]
+                )
+            )
+            for name, model in models.items()
+        }
     target = encode_factor(values, kind)
     fit_y = target[:split] if kind == "circular" else target[:split, 0]
     result = {}
@@ -98,16 +107,25 @@ def probe_factor(x: np.ndarray, distances: np.ndarray, values: np.ndarray, kind:
     return result
 
 
-def probes(codes: np.ndarray, factors: np.ndarray, kinds: Sequence[str], names: Sequence[str],
-           heldout_fraction: float = 0.5, folds: int = 3) -> dict[str, float]:
+def probes(
+    codes: np.ndarray,
+    factors: np.ndarray,
+    kinds: Sequence[str],
+    names: Sequence[str],
+    heldout_fraction: float = 0.5,
+    folds: int = 3,
+) -> dict[str, float]:
     """Per factor `lin_<name>`, `knn_<name>` (and `lin_deg_<name>`, `knn_deg_<name>` for a
     circular one), and their means over factors `lin`, `knn`."""
     factors = np.asarray(factors, dtype=np.float64).reshape(len(factors), -1)
     check_kinds(kinds, factors.shape[1])
     split = split_rows(len(codes), heldout_fraction)
     x = isotropic_scaling(np.asarray(codes, dtype=np.float64), split)
-    distances = np.sqrt(np.maximum(
-        (x ** 2).sum(1)[:, None] - 2 * x @ x[:split].T + (x[:split] ** 2).sum(1)[None], 0.0))
+    distances = np.sqrt(
+        np.maximum(
+            (x**2).sum(1)[:, None] - 2 * x @ x[:split].T + (x[:split] ** 2).sum(1)[None], 0.0
+        )
+    )
     result: dict[str, float] = {}
     for j, (kind, name) in enumerate(zip(kinds, names, strict=True)):
         for key, value in probe_factor(x, distances, factors[:, j], kind, split, folds).items():
@@ -123,4 +141,4 @@ def participation_ratio(codes: np.ndarray) -> float:
     from the singular values of the centred codes (no d x d matrix)."""
     centred = np.asarray(codes, dtype=np.float64) - np.mean(codes, axis=0)
     power = np.linalg.svd(centred, compute_uv=False) ** 2
-    return float(power.sum() ** 2 / np.sum(power ** 2)) if power.sum() > 0 else 0.0
+    return float(power.sum() ** 2 / np.sum(power**2)) if power.sum() > 0 else 0.0

@@ -40,14 +40,19 @@ class QualityConfig:
     classifier: AttributeConfig = field(default_factory=AttributeConfig)
 
     def __post_init__(self) -> None:
-        if self.n < 1 or (self.real_n is not None and self.real_n < 1) \
-                or not 0 < self.confidence < 1:
-            raise ConfigError("eval.quality needs n >= 1, real_n >= 1 (or null) and "
-                              "confidence in (0, 1)")
+        if (
+            self.n < 1
+            or (self.real_n is not None and self.real_n < 1)
+            or not 0 < self.confidence < 1
+        ):
+            raise ConfigError(
+                "eval.quality needs n >= 1, real_n >= 1 (or null) and confidence in (0, 1)"
+            )
 
 
-def class_figures(labels: np.ndarray, confidence: np.ndarray, classes: int,
-                  threshold: float) -> tuple[float, np.ndarray]:
+def class_figures(
+    labels: np.ndarray, confidence: np.ndarray, classes: int, threshold: float
+) -> tuple[float, np.ndarray]:
     """(fraction of samples with confidence >= threshold, histogram of the labels of those
     confident samples over `classes`)."""
     confident = confidence >= threshold
@@ -62,10 +67,12 @@ def evaluate(ctx: EvalContext, cfg: QualityConfig) -> MetricResult:
     if not ctx.dataset("train").factor_names:
         return MetricResult({}, protocol_of(cfg))
     model = attribute_model(ctx, cfg.classifier)
-    generated = torch.cat([ctx.generated(cfg.steps, rows) for rows in ctx.chunks(
-        cfg.n, "quality samples")])
-    real_n, key = (cfg.n, "eval.quality.n") if cfg.real_n is None else \
-        (cfg.real_n, "eval.quality.real_n")
+    generated = torch.cat(
+        [ctx.generated(cfg.steps, rows) for rows in ctx.chunks(cfg.n, "quality samples")]
+    )
+    real_n, key = (
+        (cfg.n, "eval.quality.n") if cfg.real_n is None else (cfg.real_n, "eval.quality.real_n")
+    )
     real = torch.cat(list(ctx.real_batches("test", real_n, key)))
     values, arrays = {}, {}
     for source, images in (("", generated), ("_real", real)):
@@ -93,18 +100,28 @@ def check(values: dict[str, float]) -> list[str]:
         reasons.append("FID not measured")
     elif fid > FID_RATIO * floor:
         reasons.append(f"FID {fid:.3g} > {FID_RATIO:g}x the real-vs-real floor {floor:.3g}")
-    factors = [k[len("confident_"):] for k in values
-               if k.startswith("confident_") and not k.endswith("_real")]
+    factors = [
+        k[len("confident_") :]
+        for k in values
+        if k.startswith("confident_") and not k.endswith("_real")
+    ]
     for name in factors:
         ours, real = values[f"confident_{name}"], values.get(f"confident_{name}_real", np.nan)
         present, total = values.get(f"classes_{name}", 0), values.get(f"classes_{name}_real", 0)
         if not ours >= CONFIDENT_RATIO * real:
-            reasons.append(f"{name}: {ours:.0%} of samples confidently classified, under "
-                           f"{CONFIDENT_RATIO:g}x the real {real:.0%}")
+            reasons.append(
+                f"{name}: {ours:.0%} of samples confidently classified, under "
+                f"{CONFIDENT_RATIO:g}x the real {real:.0%}"
+            )
         if present < total:
             reasons.append(f"{name}: {int(present)} of {int(total)} classes generated")
     return reasons
 
 
-METRIC = Metric(name="quality", config=QualityConfig, values=("confident_", "classes_"),
-                higher_is_better=("confident_", "classes_"), order=8)
+METRIC = Metric(
+    name="quality",
+    config=QualityConfig,
+    values=("confident_", "classes_"),
+    higher_is_better=("confident_", "classes_"),
+    order=8,
+)

@@ -11,8 +11,10 @@ import numpy as np
 
 # Recorded in the protocol of every metric on slerp paths: the official scripts differ on
 # it from one to the next, isodiff uses geometry.slerp everywhere.
-SLERP_CONVENTION = ("one angle per sample pair over all non-batch dims, nothing normalised, "
-                    "lerp where the angle < 1e-4")
+SLERP_CONVENTION = (
+    "one angle per sample pair over all non-batch dims, nothing normalised, "
+    "lerp where the angle < 1e-4"
+)
 
 
 @dataclass

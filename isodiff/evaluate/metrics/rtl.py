@@ -63,6 +63,7 @@ def evaluate(ctx: EvalContext, cfg: RTLConfig) -> MetricResult:
     ddim = ctx.ddim(cfg.steps)
     timesteps = ddim.schedule.timesteps[:1] if cfg.timesteps == "T" else ddim.schedule.timesteps
     pairs_per_batch = max(1, ctx.batch_size // points)
+
     def chunk(rows: range) -> np.ndarray:
         x0, x1, _ = ctx.endpoints(rows)
         z = path_points(x0, x1, points)

@@ -64,12 +64,17 @@ class SeparabilityConfig:
 
     def __post_init__(self) -> None:
         if not (0 < self.confident_fraction <= 1 and 0 < self.heldout_fraction < 1):
-            raise ConfigError("eval.separability needs confident_fraction in (0, 1] and "
-                              "heldout_fraction in (0, 1)")
-        if self.n * self.confident_fraction * min(self.heldout_fraction,
-                                                  1 - self.heldout_fraction) < 2:
-            raise ConfigError(f"eval.separability.n={self.n} leaves fewer than 2 samples to "
-                              "fit or to score")
+            raise ConfigError(
+                "eval.separability needs confident_fraction in (0, 1] and "
+                "heldout_fraction in (0, 1)"
+            )
+        if (
+            self.n * self.confident_fraction * min(self.heldout_fraction, 1 - self.heldout_fraction)
+            < 2
+        ):
+            raise ConfigError(
+                f"eval.separability.n={self.n} leaves fewer than 2 samples to fit or to score"
+            )
         if self.resamples < 2 or self.permutations < 2:  # a spread needs two draws
             raise ConfigError("eval.separability needs resamples >= 2 and permutations >= 2")
 
@@ -82,8 +87,9 @@ def conditional_entropy(y: np.ndarray, y_hat: np.ndarray) -> float:
     return float(-(p_joint * np.log(p_joint)).sum() + (p_marginal * np.log(p_marginal)).sum())
 
 
-def linear_separability(features: np.ndarray, labels: np.ndarray, split: Split,
-                        C: float = 1.0) -> dict[str, float]:
+def linear_separability(
+    features: np.ndarray, labels: np.ndarray, split: Split, C: float = 1.0
+) -> dict[str, float]:
     """Fit a linear SVM on the split's fitted rows; error and H(Y | X_svm) on its held-out
     rows."""
     from sklearn.pipeline import make_pipeline
@@ -97,35 +103,43 @@ def linear_separability(features: np.ndarray, labels: np.ndarray, split: Split,
     else:
         svm = make_pipeline(StandardScaler(), LinearSVC(C=C, max_iter=20_000, random_state=0))
         predicted = svm.fit(features[fit], fit_y).predict(features[heldout])
-    return {"error": float(np.mean(predicted != test_y)),
-            "entropy": conditional_entropy(test_y, predicted)}
+    return {
+        "error": float(np.mean(predicted != test_y)),
+        "entropy": conditional_entropy(test_y, predicted),
+    }
 
 
 def random_splits(m: int, heldout_fraction: float, resamples: int, seed: int) -> list[Split]:
     """`resamples` random partitions of range(m) into (1 - heldout_fraction) fitted rows and
     the held-out rest; split k seeded by (seed, k)."""
     fit = int(round(m * (1 - heldout_fraction)))
-    orders = [np.random.default_rng(derive_seed("separability-split", seed, k)).permutation(m)
-              for k in range(resamples)]
+    orders = [
+        np.random.default_rng(derive_seed("separability-split", seed, k)).permutation(m)
+        for k in range(resamples)
+    ]
     return [(order[:fit], order[fit:]) for order in orders]
 
 
 def permuted_labels(labels: np.ndarray, permutations: int, seed: int) -> list[np.ndarray]:
     """The permutation null's labels: `labels` shuffled across rows, permutation p seeded by
     (seed, p). It keeps the class balance and breaks any link to the features."""
-    return [np.random.default_rng(derive_seed("separability-permutation", seed, p))
-            .permutation(labels) for p in range(permutations)]
+    return [
+        np.random.default_rng(derive_seed("separability-permutation", seed, p)).permutation(labels)
+        for p in range(permutations)
+    ]
 
 
-def split_scores(features: np.ndarray, labels: np.ndarray, splits: Sequence[Split],
-                 C: float = 1.0) -> np.ndarray:
+def split_scores(
+    features: np.ndarray, labels: np.ndarray, splits: Sequence[Split], C: float = 1.0
+) -> np.ndarray:
     """(error, entropy) of `linear_separability` on each split, (len(splits), 2)."""
     scores = [linear_separability(features, labels, split, C) for split in splits]
     return np.array([[s["error"], s["entropy"]] for s in scores])
 
 
-def per_split_statistics(scores: np.ndarray, names: Sequence[str], space: str
-                         ) -> dict[str, np.ndarray]:
+def per_split_statistics(
+    scores: np.ndarray, names: Sequence[str], space: str
+) -> dict[str, np.ndarray]:
     """scores (..., A, K, 2): (error, entropy) of attribute a on split k -> every value of
     a space per split, (..., K): error_<space>_<attr>, error_<space> (mean over attributes)
     and ls_<space> = exp(sum over attributes of the entropy)."""
@@ -136,20 +150,24 @@ def per_split_statistics(scores: np.ndarray, names: Sequence[str], space: str
     return stats
 
 
-def with_companions(name: str, per_split: np.ndarray, null_per_split: np.ndarray
-                    ) -> dict[str, float]:
+def with_companions(
+    name: str, per_split: np.ndarray, null_per_split: np.ndarray
+) -> dict[str, float]:
     """A value and its companions from its statistic on each split (K,) and on each split
     of each permutation (P, K): the mean over splits, its standard error (X_se), and the
     mean and spread over permutations of the permuted statistic (X_floor, X_floor_sd)."""
     null = null_per_split.mean(axis=-1)  # the statistic itself: its mean over the splits
-    return {name: float(per_split.mean()),
-            f"{name}_se": float(per_split.std(ddof=1) / np.sqrt(len(per_split))),
-            f"{name}_floor": float(null.mean()),
-            f"{name}_floor_sd": float(null.std(ddof=1))}
+    return {
+        name: float(per_split.mean()),
+        f"{name}_se": float(per_split.std(ddof=1) / np.sqrt(len(per_split))),
+        f"{name}_floor": float(null.mean()),
+        f"{name}_floor_sd": float(null.std(ddof=1)),
+    }
 
 
-def confident_labels(prediction: np.ndarray, confidence: np.ndarray | None,
-                     fraction: float, circular: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def confident_labels(
+    prediction: np.ndarray, confidence: np.ndarray | None, fraction: float, circular: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """(labels, kept row indices in order): classes as predicted; continuous values as
     above the median; circular values (angles in turns) as within a quarter turn of their
     circular mean, confidence |cos(2 pi (angle - mean))|; the `fraction` most confident
@@ -167,27 +185,34 @@ def confident_labels(prediction: np.ndarray, confidence: np.ndarray | None,
     return labels, rows
 
 
-def separability_values(spaces: dict[str, np.ndarray],
-                        predictions: dict[str, tuple[np.ndarray, np.ndarray | None]],
-                        kinds: dict[str, str], cfg: SeparabilityConfig, seed: int
-                        ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+def separability_values(
+    spaces: dict[str, np.ndarray],
+    predictions: dict[str, tuple[np.ndarray, np.ndarray | None]],
+    kinds: dict[str, str],
+    cfg: SeparabilityConfig,
+    seed: int,
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Every value with its companions, and the per-split arrays, from the features of each
     space (n, d) and each attribute's (prediction, confidence) and kind (the same n rows)."""
     names = list(predictions)
     kept, targets, nulls, splits = {}, {}, {}, {}
     for name, (prediction, confidence) in predictions.items():
-        labels, rows = confident_labels(prediction, confidence, cfg.confident_fraction,
-                                        circular=kinds[name] == "circular")
+        labels, rows = confident_labels(
+            prediction, confidence, cfg.confident_fraction, circular=kinds[name] == "circular"
+        )
         kept[name], targets[name] = rows, labels[rows]
         nulls[name] = permuted_labels(labels[rows], cfg.permutations, derive_seed(seed, name))
         splits[name] = random_splits(len(rows), cfg.heldout_fraction, cfg.resamples, seed)
     values, arrays = {}, {}
     for space, x in spaces.items():
         # (A, K, 2) and (P, A, K, 2): (error, entropy) per attribute and split
-        scores = np.stack([split_scores(x[kept[n]], targets[n], splits[n], cfg.C)
-                           for n in names])
-        null = np.stack([np.stack([split_scores(x[kept[n]], nulls[n][p], splits[n], cfg.C)
-                                   for n in names]) for p in range(cfg.permutations)])
+        scores = np.stack([split_scores(x[kept[n]], targets[n], splits[n], cfg.C) for n in names])
+        null = np.stack(
+            [
+                np.stack([split_scores(x[kept[n]], nulls[n][p], splits[n], cfg.C) for n in names])
+                for p in range(cfg.permutations)
+            ]
+        )
         observed = per_split_statistics(scores, names, space)
         permuted = per_split_statistics(null, names, space)
         for name, per_split in observed.items():
@@ -217,25 +242,34 @@ def evaluate(ctx: EvalContext, cfg: SeparabilityConfig) -> MetricResult:
     predictions = {}
     for a in predictor.attributes:
         confidence = [p[a.name][1] for p in predicted]
-        predictions[a.name] = (np.concatenate([p[a.name][0] for p in predicted]),
-                               None if confidence[0] is None else np.concatenate(confidence))
+        predictions[a.name] = (
+            np.concatenate([p[a.name][0] for p in predicted]),
+            None if confidence[0] is None else np.concatenate(confidence),
+        )
     kinds = {a.name: a.kind for a in predictor.attributes}
-    values, arrays = separability_values({k: np.concatenate(v) for k, v in spaces.items()},
-                                         predictions, kinds, cfg,
-                                         derive_seed("separability", ctx.seed))
-    protocol = {**protocol_of(cfg), "h_at": "first DDIM step (t = T)",
-                "departure": "features standardised (StandardScaler) before the linear SVM; "
-                             "StyleGAN fits the SVM on raw latents",
-                "labels": "categorical: class; continuous: above the median; circular: "
-                          "within a quarter turn of the circular mean",
-                "splits": "value = mean over `resamples` random fit / held-out splits of "
-                          "the kept rows; X_se = their std (ddof=1) / sqrt(resamples)",
-                "floor": "X_floor, X_floor_sd: mean and std (ddof=1) of the same statistic "
-                         "over `permutations` permutations of the kept rows' labels",
-                "attributes": list(kinds)}
-    return MetricResult(values, protocol,
-                        {"classifier_heldout": predictor.report, "kinds": kinds}, arrays)
+    values, arrays = separability_values(
+        {k: np.concatenate(v) for k, v in spaces.items()},
+        predictions,
+        kinds,
+        cfg,
+        derive_seed("separability", ctx.seed),
+    )
+    protocol = {
+        **protocol_of(cfg),
+        "h_at": "first DDIM step (t = T)",
+        "departure": "features standardised (StandardScaler) before the linear SVM; "
+        "StyleGAN fits the SVM on raw latents",
+        "labels": "categorical: class; continuous: above the median; circular: "
+        "within a quarter turn of the circular mean",
+        "splits": "value = mean over `resamples` random fit / held-out splits of "
+        "the kept rows; X_se = their std (ddof=1) / sqrt(resamples)",
+        "floor": "X_floor, X_floor_sd: mean and std (ddof=1) of the same statistic "
+        "over `permutations` permutations of the kept rows' labels",
+        "attributes": list(kinds),
+    }
+    return MetricResult(
+        values, protocol, {"classifier_heldout": predictor.report, "kinds": kinds}, arrays
+    )
 
 
-METRIC = Metric(name="separability", config=SeparabilityConfig, values=("ls_", "error_"),
-                order=6)
+METRIC = Metric(name="separability", config=SeparabilityConfig, values=("ls_", "error_"), order=6)
