@@ -19,6 +19,10 @@ Variants (lambda_iso = 1, every sample regularised, t in [500, 1000)):
   stereographic chart of x_t, f = h from a FULL U-Net forward at the inverse chart,
   torch.autograd.functional.jvp twice and vjp once with create_graph, plus the MSE forward.
 - path_length: the StyleGAN2 baseline (one VJP) on the main forward's h.
+- smooth_diffusion: Smooth Diffusion's step-wise variation regulariser
+  (isodiff.smoothness.StepVariationRegulariser through the training objective,
+  `iso.metric=smooth_diffusion`): one VJP of x0_hat through the FULL U-Net, the main
+  forward's eps reused, its gradient a double backward through the whole network.
 - small only, to answer design questions: iso_separate (same loss, h from a separate encoder
   forward instead of the main one), iso_forward_mode (J u by torch.func.jvp on the encoder
   of the main forward), iso_half (iso.batch_fraction = 0.5).
@@ -50,6 +54,7 @@ from isodiff.config import CONF, DiffusionConfig, ModelConfig
 from isodiff.isometry import Regulariser, draw_probes, higher_order_ad
 from isodiff.model.diffusion import build_scheduler
 from isodiff.model.unet import HUNet, build_unet
+from isodiff.smoothness import StepVariationRegulariser
 from isodiff.train.objective import DiffusionObjective
 
 MODELS = CONF / "model"
@@ -66,12 +71,20 @@ ARCHS = {
             "iso_fast",
             "iso_official_style",
             "path_length",
+            "smooth_diffusion",
             "iso_separate",
             "iso_forward_mode",
             "iso_half",
         ],
     ),
-    "ddpm_256": (256, 3, 1, 0, 1, ["plain", "iso_fast", "iso_official_style", "path_length"]),
+    "ddpm_256": (
+        256,
+        3,
+        1,
+        0,
+        1,
+        ["plain", "iso_fast", "iso_official_style", "path_length", "smooth_diffusion"],
+    ),
 }
 LAMBDA_ISO = 1.0
 
@@ -84,7 +97,7 @@ def model_config(arch: str, resolution: int, channels: int) -> ModelConfig:
     return ModelConfig(**OmegaConf.to_container(yaml))  # type: ignore[arg-type]
 
 
-def _objective_step(reg: Regulariser | None, lambda_iso: float) -> Step:
+def _objective_step(reg: Regulariser | StepVariationRegulariser | None, lambda_iso: float) -> Step:
     scheduler = build_scheduler(DiffusionConfig())
 
     def step(unet, x0, noise, t, g):
@@ -142,6 +155,10 @@ def make_step(variant: str) -> Step:
             Regulariser("spherical", batch_fraction=0.5), LAMBDA_ISO
         ),
         "path_length": lambda: _objective_step(Regulariser("path_length"), LAMBDA_ISO),
+        "smooth_diffusion": lambda: _objective_step(
+            StepVariationRegulariser(build_scheduler(DiffusionConfig()).alphas_cumprod),
+            LAMBDA_ISO,
+        ),
         "iso_separate": lambda: _iso_separate,
         "iso_forward_mode": lambda: _iso_forward_mode,
         "iso_official_style": lambda: _iso_official_style,
@@ -210,6 +227,8 @@ def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
                 "peak_mem_mib",
             ),
             ("time path_length / plain", "path_length", "plain", "time_s"),
+            ("time smooth_diffusion / plain", "smooth_diffusion", "plain", "time_s"),
+            ("time smooth_diffusion / iso_fast", "smooth_diffusion", "iso_fast", "time_s"),
             ("time iso_half / plain", "iso_half", "plain", "time_s"),
             ("time iso_separate / iso_fast", "iso_separate", "iso_fast", "time_s"),
             ("time iso_forward_mode / iso_fast", "iso_forward_mode", "iso_fast", "time_s"),

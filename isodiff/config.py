@@ -45,6 +45,8 @@ class IsoMetric(str, Enum):
     spherical = "spherical"
     isodiff_compat = "isodiff_compat"
     path_length = "path_length"
+    # Smooth Diffusion's step-wise variation regulariser (isodiff/smoothness.py), the peer's
+    smooth_diffusion = "smooth_diffusion"
 
 
 class IsoRadius(str, Enum):
@@ -150,7 +152,9 @@ class IsoConfig:
     n_probes: int = 1
     probe: Probe = Probe.gaussian
     batch_fraction: float = 1.0  # share of a regularised micro-batch that gets the iso term
-    path_length_decay: float = 0.01  # running-mean rate of the path-length baseline
+    # running-mean rate of the path-length baseline, and of smooth_diffusion's a (the peer's
+    # official decay is 0.01, the default)
+    path_length_decay: float = 0.01
 
     def __post_init__(self) -> None:
         _check(
@@ -181,6 +185,20 @@ class IsoConfig:
             "official loss, whose chart probe is Gaussian: use iso.probe=gaussian, or "
             "another iso.metric (euclidean, spherical) with iso.probe=rademacher",
         )
+        # smoothness.py: the peer draws one Gaussian dx0 per sample, on every sample
+        if self.metric == IsoMetric.smooth_diffusion:
+            for key, value, default in (
+                ("iso.probe", Probe(self.probe).value, Probe.gaussian.value),
+                ("iso.n_probes", self.n_probes, 1),
+                ("iso.batch_fraction", self.batch_fraction, 1.0),
+            ):
+                _check(
+                    value == default,
+                    key,
+                    value,
+                    f"iso.metric=smooth_diffusion draws one Gaussian dx0 for every sample "
+                    f"(Smooth Diffusion's definition): use {key}={default}",
+                )
 
 
 @dataclass

@@ -110,10 +110,11 @@ def build_state(cfg: TrainConfig, accelerator: Accelerator) -> TrainState:
     lora = cfg.train.lora
     if lora.rank:  # the base frozen: only the adapter's weights train (after init's draws)
         add_lora(unet, lora.rank, lora.alpha, lora.targets)
-    regulariser = build_regulariser(cfg.iso) if cfg.regularised else None
-    objective = DiffusionObjective(
-        unet, build_scheduler(cfg.diffusion), cfg.lambda_iso, regulariser
-    )
+    scheduler = build_scheduler(cfg.diffusion)
+    # the regulariser's running mean (path_length, smooth_diffusion) is a buffer of the
+    # objective: accelerate's save_state/load_state checkpoint it with the weights
+    regulariser = build_regulariser(cfg.iso, scheduler.alphas_cumprod) if cfg.regularised else None
+    objective = DiffusionObjective(unet, scheduler, cfg.lambda_iso, regulariser)
     o = cfg.optim
     # the trainable parameters: all of them, or the adapter's (the same list without LoRA)
     trainable = [p for p in unet.parameters() if p.requires_grad]
