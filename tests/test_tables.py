@@ -148,7 +148,8 @@ def test_figures_draw_one_curve_per_setting(tmp_path: Path) -> None:
         )
     df = collect_runs(tmp_path / "runs" / "smoke")
     found = curves(df, load_spec("figure_4"), "smoke", "rtl", "rtl")
-    assert len(found) == 6 and all(len(v) == 1 for v in found.values())
+    # one curve per (iso.metric, lambda_iso): spherical, path_length, smooth_diffusion x 3
+    assert len(found) == 9 and all(len(v) == 1 for v in found.values())
     written = render_figures(tmp_path / "runs", "smoke", tmp_path / "results", ["figure_4"])
     assert [p.suffix for p in written] == [".png", ".pdf"] and written[0].stat().st_size > 0
     assert render_figures(tmp_path / "runs", "smoke", tmp_path / "results", ["figure_1"]) == []
