@@ -40,8 +40,8 @@ from isodiff.runs.status import (
     read_metrics,
     read_status,
 )
-from isodiff.sweep import command as sweep
 from isodiff.sweep import plan
+from isodiff.sweep.command import LAUNCHER_KEYS, base_stage, evaluate_stage
 from isodiff.sweep.specs import all_specs
 
 log = logging.getLogger("isodiff.sweep.bases")
@@ -188,14 +188,14 @@ def make_bases(tier: str, out: Path, extra: list[str], command: list[str]) -> di
             f"conf/tier/{tier}.yaml): bring a checkpoint with init_from="
         )
     datasets = datasets_of(tier)
-    bases = sweep.base_stage(datasets, tier, extra)
+    bases = base_stage(datasets, tier, extra)
     if failed := [d for d, path in bases.items() if not is_done(path)]:
         raise UserError(
             f"base training failed for {failed}: see status.json in "
             + ", ".join(str(bases[d]) for d in failed)
         )
-    launch = [a for a in extra if a.startswith(sweep.LAUNCHER_KEYS)]
-    sweep.evaluate_stage(
+    launch = [a for a in extra if a.startswith(LAUNCHER_KEYS)]
+    evaluate_stage(
         {path: set(QUALITY_METRICS) for path in bases.values()}, settings.base_eval, launch
     )
     for dataset, run_dir in bases.items():
