@@ -93,6 +93,14 @@ def test_a_released_model_is_evaluated_once_wherever_it_lies(
     assert protocol["released"] is True and protocol["schedule"]["beta_end"] == 0.02
     metrics_json = (folder / "metrics.json").read_bytes()
 
+    # Evaluated again where it lies: its folder is left as it was, byte for byte and mtime
+    def snapshot() -> dict[str, tuple[int, bytes]]:
+        return {str(p): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*.*")}
+
+    before = snapshot()
+    assert evaluate_released(released_config(model, runs))[0] == folder
+    assert snapshot() == before
+
     # Moved (and renamed): the same files, the same folder; nothing is recomputed.
     moved = tmp_path / "moved" / "renamed"
     moved.parent.mkdir()

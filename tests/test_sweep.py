@@ -1,6 +1,7 @@
 """`python -m isodiff.sweep` end to end on the smoke tier: a spec becomes trained and
-evaluated jobs and a table; re-running is idempotent; a lost status reruns exactly that
-job; a failing job shows as missing, with its reason, beside filled cells."""
+evaluated jobs, and an evaluated released model, then a table; re-running is idempotent;
+a lost status reruns exactly that job; a failing job shows as missing, with its reason,
+beside filled cells."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
+from tests.test_released import save_model
 
 pytestmark = pytest.mark.slow
 
@@ -22,11 +24,18 @@ grid: {{lambda_iso: {lambdas}, seed: [0]}}
 metrics: [fid, mrtl]
 rows: [data.name, lambda_iso]
 """
+# A model isodiff did not train, saved outside any run folder: a row beside the runs
+RELEASED = """\
+released:
+  - {{label: released DDPM, model: {model}, dataset: shapes,
+     data: [data=shapes, data.resolution=16, data.size=256]}}
+"""
 
 
-def _spec(tmp_path: Path, name: str, lambdas: str) -> Path:
+def _spec(tmp_path: Path, name: str, lambdas: str, released: Path | None = None) -> Path:
     path = tmp_path / f"{name}.yaml"
-    path.write_text(SPEC.format(name=name, lambdas=lambdas))
+    text = SPEC.format(name=name, lambdas=lambdas)
+    path.write_text(text + (RELEASED.format(model=released) if released else ""))
     return path
 
 
@@ -61,14 +70,19 @@ def _table(spec: Path, run_root: Path, out: Path) -> str:
 
 def test_sweep_trains_evaluates_is_idempotent_and_reports_failures(tmp_path: Path) -> None:
     run_root, out = tmp_path / "runs", tmp_path / "results"
-    spec = _spec(tmp_path, "check", "[0, 0.1]")
+    released = save_model(tmp_path / "elsewhere" / "ddpm")
+    spec = _spec(tmp_path, "check", "[0, 0.1]", released)
     proc = _sweep(spec, run_root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p.parent for p in (run_root / "smoke" / "shapes").glob("*/status.json"))
     assert len(jobs) == 2
+    # the released model was measured by the sweep in a folder of its own, by its sha256
+    (measured,) = (run_root / "smoke" / "released").glob("*/metrics.json")
+    assert {"fid", "rtl"} <= set(json.loads(measured.read_text())["metrics"])
     table = _table(spec, run_root, out)
     rows = [line for line in table.splitlines() if line.startswith("| shapes")]
-    assert len(rows) == 2 and "| row | fid | mrtl |" in table
+    assert len(rows) == 3 and "| row | fid | mrtl |" in table
+    assert any("released DDPM" in row for row in rows), table
     assert all("–" not in row for row in rows), table  # every cell filled
     # only the metrics of the spec's values and the quality check were evaluated (it has
     # no figures); four smoke steps do not make a model that generates, and the row says so

@@ -204,15 +204,20 @@ def prepare(cfg: EvaluateConfig) -> Path:
         "diffusion": _plain(diffusion),
         "tier": {"name": cfg.released_tier},
     }
-    atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(config))
+    # Rewritten only when something changed: evaluating the same model where it lay
+    # before leaves its folder as it was (a sweep run twice rewrites nothing)
+    text = OmegaConf.to_yaml(config)
+    if not (folder / "config.yaml").is_file() or (folder / "config.yaml").read_text() != text:
+        atomic_write_text(folder / "config.yaml", text)
     # where the files were read this time (provenance, never identity), and their record
     # with this location's sizes and mtimes (the digest is the same by construction)
-    write_status(
-        folder,
-        DONE,
-        weights=record,
-        released={**released, "source": str(root), "unet": os.path.relpath(unet_dir, root)},
-    )
+    fields = {
+        "weights": record,
+        "released": {**released, "source": str(root), "unet": os.path.relpath(unet_dir, root)},
+    }
+    status = read_status(folder) or {}
+    if status.get("state") != DONE or any(status.get(k) != v for k, v in fields.items()):
+        write_status(folder, DONE, **fields)
     return folder
 
 
