@@ -56,7 +56,8 @@ def remove_empty(run_dir: Path, run_root: Path) -> None:
 
 
 def _holder(run_dir: Path) -> str:
-    status = read_status(run_dir) or {}
+    if not (status := read_status(run_dir)):
+        return " (a job that has not written its status.json yet)"
     return f" (status.json: {status.get('state')}, pid {status.get('pid')} on {status.get('host')})"
 
 

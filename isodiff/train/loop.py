@@ -16,6 +16,7 @@ import logging
 import math
 import re
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -512,6 +513,17 @@ def accumulate(
         window.add(terms, int(iso_mask.sum()), len(iso_mask))
 
 
+def above_progress_bar() -> contextlib.AbstractContextManager:
+    """Within: the terminal's log lines print above the progress bar, not through it. Only
+    where logging prints to the terminal (tqdm's helper would add a handler otherwise)."""
+    terminal = [
+        h
+        for h in logging.getLogger().handlers
+        if isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr)
+    ]
+    return logging_redirect_tqdm() if terminal else contextlib.nullcontext()
+
+
 def describe(row: dict[str, float]) -> str:
     """A logged row as one line of the log (train.log and the terminal)."""
     iso = "n/a" if math.isnan(row["iso"]) else f"{row['iso']:.4g}"
@@ -590,7 +602,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
 
     # 3. The steps: accumulate, update, log, checkpoint
     tic, last_logged, last, window = time.perf_counter(), start_step, {}, Window()
-    with logging_redirect_tqdm():  # the log's lines above the progress bar
+    with above_progress_bar():
         for step in range(start_step, loop.steps):
             accumulate(state, cfg, acc, batches, step, window)
             update(state, cfg, acc)
