@@ -230,3 +230,32 @@ def test_a_held_lock_is_announced_before_the_slow_checks(
     assert seen == [True]
     assert caplog.messages[0] == f"train {run_dir}: 6 steps from scratch at tier smoke"
     assert not announce_holder(run_dir / ".lock", "job x")  # free again
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job that fails after logging past its newest checkpoint, then runs again: it resumes
+    from that checkpoint, and TensorBoard (like metrics.csv) holds each step once, the
+    values the resumed attempt logged."""
+    from isodiff.train import loop
+
+    args = [*ISO, "train.steps=6", "train.log_every=1", "train.checkpoint_every=2"]
+    real = loop.save_checkpoint
+
+    def fail_at_4(state: object, run_dir: Path, step: int, keep: int) -> None:
+        if step == 4:
+            raise RuntimeError("killed")
+        real(state, run_dir, step, keep)
+
+    monkeypatch.setattr(loop, "save_checkpoint", fail_at_4)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_train_job(args, tmp_path)
+    monkeypatch.setattr(loop, "save_checkpoint", real)
+    status, run_dir = run_train_job(args, tmp_path)
+    assert status["state"] == "done" and status["attempts"] == 2
+    rows = _rows(run_dir)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    scalars = _scalars(run_dir / "tb")
+    assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3, 4, 5, 6]
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx(
+        [float(r["loss"]) for r in rows], rel=1e-6
+    )
