@@ -37,6 +37,12 @@ def batches(args: argparse.Namespace) -> Iterator[tuple[torch.Tensor, torch.Tens
         yield (0.5 * field + 0.5 * tint[labels]).clamp(-1, 1), labels
 
 
+def mean_liso(seen: list[float]) -> str:  # isodiff
+    """L_iso as printed: its mean over the steps since the last print that had a regularised
+    sample (a step's L_iso alone is noisy)."""
+    return f"L_iso {sum(seen) / len(seen):.4f} (mean of {len(seen)} steps)" if seen else "L_iso n/a"
+
+
 def main(argv: list[str] | None = None) -> DiTTransformer2DModel:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--resolution", type=int, default=16)
@@ -74,6 +80,7 @@ def main(argv: list[str] | None = None) -> DiTTransformer2DModel:
     iso = Regulariser("spherical")  # isodiff: the sphere through x_t (isodiff.flow)
     T = scheduler.config.num_train_timesteps
     gen = torch.Generator().manual_seed(args.seed + 1)
+    seen: list[float] = []  # isodiff: L_iso since the last print
     for step, (images, labels) in zip(range(args.steps), batches(args), strict=False):
         noise = torch.randn_like(images)
         u = compute_density_for_timestep_sampling(
@@ -88,19 +95,17 @@ def main(argv: list[str] | None = None) -> DiTTransformer2DModel:
         sigmas = (timesteps / T).view(-1, 1, 1, 1)  # the script's get_sigmas, shift 1
         x_t = (1.0 - sigmas) * images + sigmas * noise
         pred = model(x_t, timestep=timesteps, class_labels=labels).sample
-        loss = F.mse_loss(pred.float(), (noise - images).float())
+        loss = mse = F.mse_loss(pred.float(), (noise - images).float())
         if (m := sigmas.flatten() >= args.window).any():  # isodiff: the regularised sigmas
-            loss = loss + args.lambda_iso * iso(
-                h_encoder(model),
-                x_t[m],
-                timesteps[m],  # isodiff
-                class_labels=labels[m],
-            )  # isodiff
+            l_iso = iso(h_encoder(model), x_t[m], timesteps[m], class_labels=labels[m])  # isodiff
+            loss = mse + args.lambda_iso * l_iso  # isodiff
+            seen.append(l_iso.item())  # isodiff
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         if step % 100 == 0 or step == args.steps - 1:
-            print(f"step {step}: loss {loss.item():.4f}")
+            print(f"step {step}: loss {loss.item():.4f} (mse {mse.item():.4f}), {mean_liso(seen)}")
+            seen.clear()
     if args.output_dir:
         model.save_pretrained(args.output_dir)
     return model

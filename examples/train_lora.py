@@ -57,6 +57,12 @@ def reload(output_dir: str, args: argparse.Namespace) -> UNet2DConditionModel:
     return unet
 
 
+def mean_liso(seen: list[float]) -> str:  # isodiff
+    """L_iso as printed: its mean over the steps since the last print that had a regularised
+    sample (a step's L_iso alone is noisy)."""
+    return f"L_iso {sum(seen) / len(seen):.4f} (mean of {len(seen)} steps)" if seen else "L_iso n/a"
+
+
 def main(argv: list[str] | None = None) -> UNet2DConditionModel:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pretrained", default=None, help="a Stable Diffusion folder or hub id")
@@ -96,6 +102,7 @@ def main(argv: list[str] | None = None) -> UNet2DConditionModel:
     attention = higher_order_ad if args.gradient_checkpointing else contextlib.nullcontext
     T = scheduler.config.num_train_timesteps
     gen = torch.Generator().manual_seed(args.seed)
+    seen: list[float] = []  # isodiff: L_iso since the last print
     for step in range(args.steps):
         labels = torch.randint(0, 10, (args.batch_size,), generator=gen)
         latents = torch.randn(args.batch_size, channels, size, size, generator=gen) * 0.1 + (
@@ -107,21 +114,19 @@ def main(argv: list[str] | None = None) -> UNet2DConditionModel:
         t = torch.randint(0, T, (args.batch_size,), generator=gen)
         x_t = scheduler.add_noise(latents, noise, t)
         with attention():  # isodiff
-            loss = F.mse_loss(
+            loss = mse = F.mse_loss(
                 unet(x_t, t, encoder_hidden_states=text).sample.float(), noise.float()
             )
             if (m := t >= args.window * T).any():  # isodiff: the regularised timesteps
-                loss = loss + args.lambda_iso * iso(
-                    h_encoder(unet),
-                    x_t[m],
-                    t[m],  # isodiff
-                    encoder_hidden_states=text[m],
-                )
+                l_iso = iso(h_encoder(unet), x_t[m], t[m], encoder_hidden_states=text[m])
+                loss = mse + args.lambda_iso * l_iso  # isodiff
+                seen.append(l_iso.item())  # isodiff
             optimizer.zero_grad()
             loss.backward()
         optimizer.step()
         if step % 50 == 0 or step == args.steps - 1:
-            print(f"step {step}: loss {loss.item():.4f}")
+            print(f"step {step}: loss {loss.item():.4f} (mse {mse.item():.4f}), {mean_liso(seen)}")
+            seen.clear()
     if args.output_dir:
         unet_lora_state_dict = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
         StableDiffusionLoraLoaderMixin.save_lora_weights(

@@ -20,6 +20,12 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from isodiff import Regulariser, h_encoder  # isodiff
 
 
+def mean_liso(seen: list[float]) -> str:  # isodiff
+    """L_iso as printed: its mean over the steps since the last print that had a regularised
+    sample (a step's L_iso alone is noisy)."""
+    return f"L_iso {sum(seen) / len(seen):.4f} (mean of {len(seen)} steps)" if seen else "L_iso n/a"
+
+
 def main(argv: list[str] | None = None) -> UNet2DConditionModel:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=200)
@@ -48,6 +54,7 @@ def main(argv: list[str] | None = None) -> UNet2DConditionModel:
     iso = Regulariser("spherical")  # isodiff
     T = scheduler.config.num_train_timesteps
     gen = torch.Generator().manual_seed(args.seed)
+    seen: list[float] = []  # isodiff: L_iso since the last print
     for step in range(args.steps):
         labels = torch.randint(0, 10, (args.batch_size,), generator=gen)
         latents = (
@@ -59,19 +66,17 @@ def main(argv: list[str] | None = None) -> UNet2DConditionModel:
         noise = torch.randn_like(latents)
         t = torch.randint(0, T, (args.batch_size,), generator=gen)
         x_t = scheduler.add_noise(latents, noise, t)
-        loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=text).sample, noise)
+        loss = mse = F.mse_loss(unet(x_t, t, encoder_hidden_states=text).sample, noise)
         if (m := t >= args.window * T).any():  # isodiff: the regularised timesteps
-            loss = loss + args.lambda_iso * iso(
-                h_encoder(unet),
-                x_t[m],
-                t[m],  # isodiff
-                encoder_hidden_states=text[m],
-            )
+            l_iso = iso(h_encoder(unet), x_t[m], t[m], encoder_hidden_states=text[m])  # isodiff
+            loss = mse + args.lambda_iso * l_iso  # isodiff
+            seen.append(l_iso.item())  # isodiff
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         if step % 50 == 0 or step == args.steps - 1:
-            print(f"step {step}: loss {loss.item():.4f}")
+            print(f"step {step}: loss {loss.item():.4f} (mse {mse.item():.4f}), {mean_liso(seen)}")
+            seen.clear()
     return unet
 
 

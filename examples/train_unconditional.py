@@ -46,6 +46,12 @@ def batches(args: argparse.Namespace) -> Iterator[torch.Tensor]:
         yield from (images for images, _ in loader)
 
 
+def mean_liso(seen: list[float]) -> str:  # isodiff
+    """L_iso as printed: its mean over the steps since the last print that had a regularised
+    sample (a step's L_iso alone is noisy)."""
+    return f"L_iso {sum(seen) / len(seen):.4f} (mean of {len(seen)} steps)" if seen else "L_iso n/a"
+
+
 def main(argv: list[str] | None = None) -> UNet2DModel:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train-data-dir", default=None)
@@ -78,18 +84,22 @@ def main(argv: list[str] | None = None) -> UNet2DModel:
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr)
     iso = Regulariser("spherical")  # isodiff
     T = scheduler.config.num_train_timesteps
+    seen: list[float] = []  # isodiff: L_iso since the last print
     for step, images in zip(range(args.steps), batches(args), strict=False):
         noise = torch.randn_like(images)
         t = torch.randint(0, T, (len(images),))
         x_t = scheduler.add_noise(images, noise, t)
-        loss = F.mse_loss(unet(x_t, t).sample, noise)
+        loss = mse = F.mse_loss(unet(x_t, t).sample, noise)
         if (m := t >= args.window * T).any():  # isodiff: the regularised timesteps
-            loss = loss + args.lambda_iso * iso(h_encoder(unet), x_t[m], t[m])  # isodiff
+            l_iso = iso(h_encoder(unet), x_t[m], t[m])  # isodiff
+            loss = mse + args.lambda_iso * l_iso  # isodiff
+            seen.append(l_iso.item())  # isodiff
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         if step % 100 == 0 or step == args.steps - 1:
-            print(f"step {step}: loss {loss.item():.4f}")
+            print(f"step {step}: loss {loss.item():.4f} (mse {mse.item():.4f}), {mean_liso(seen)}")
+            seen.clear()
     if args.output_dir:
         unet.save_pretrained(args.output_dir)
     return unet

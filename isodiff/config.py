@@ -412,6 +412,20 @@ class LoraOptions:
         )
 
 
+# accelerate's trackers (its LoggerType but `all`), each the name of the package it needs
+TRACKERS = (
+    "tensorboard",
+    "wandb",
+    "trackio",
+    "comet_ml",
+    "mlflow",
+    "clearml",
+    "dvclive",
+    "swanlab",
+    "aim",
+)
+
+
 @dataclass
 class LoopConfig:
     """Length and bookkeeping of one training job (`train.*`)."""
@@ -431,6 +445,9 @@ class LoopConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     progress: bool = True
+    # Where the curves go (isodiff.runs.tracking): tensorboard (<run>/tb), another of
+    # accelerate's trackers (TRACKERS), or none
+    log_with: str = "tensorboard"
     # CPU only: torch's intra-op threads (null = torch's default). Small U-Nets gain little
     # from threads and lose ~10x when OpenMP threads contend with other processes.
     cpu_threads: int | None = None
@@ -470,6 +487,19 @@ class LoopConfig:
             "must be >= 0 (0: no sample grids)",
         )
         _check(self.grid_steps >= 1, "train.grid_steps", self.grid_steps, "must be >= 1")
+        _check(
+            self.log_with in (*TRACKERS, "none"),
+            "train.log_with",
+            self.log_with,
+            f"use one of accelerate's trackers ({', '.join(TRACKERS)}) or none",
+        )
+        _check(
+            self.log_with == "none" or importlib.util.find_spec(self.log_with) is not None,
+            "train.log_with",
+            self.log_with,
+            f"its package is not installed: pip install {self.log_with}, "
+            "or train.log_with=tensorboard (or none)",
+        )
         _check(
             self.cpu_threads is None or self.cpu_threads >= 1,
             "train.cpu_threads",

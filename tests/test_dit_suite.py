@@ -167,10 +167,10 @@ def test_a_lora_finetune_trains_the_adapter_alone_and_resumes_exactly(
     # killed after its step-2 checkpoint (a failure there), then run again: it resumes
     real = loop.write_grid
 
-    def crash(state: object, cfg: object, run_dir: Path, step: int, tb: object) -> None:
+    def crash(state: object, cfg: object, run_dir: Path, step: int) -> None:
         if step == 2:
             raise RuntimeError("killed")
-        real(state, cfg, run_dir, step, tb)
+        real(state, cfg, run_dir, step)
 
     monkeypatch.setattr(loop, "write_grid", crash)
     with pytest.raises(RuntimeError, match="killed"):

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import NoReturn
 
 import hydra
@@ -37,12 +38,15 @@ def main(cfg: DictConfig) -> dict:
     # comes in about a second.
     from isodiff.evaluate import parallel
     from isodiff.evaluate.measure import EvaluationFailed, evaluate_run
+    from isodiff.runs.tracking import log_evaluation
 
     ranks, device = parallel.join()  # a launcher's processes share the work (one writer)
     try:
         if device is None:  # a launcher's processes get their device from it
             check_device(config.device)
-        return evaluate_run(config, ranks, device)
+        record = evaluate_run(config, ranks, device)
+        log_evaluation(Path(config.run), record)  # hparams + metrics in the run's TensorBoard
+        return record
     except (UserError, EvaluationFailed) as err:
         _stop(err, 1 if isinstance(err, EvaluationFailed) else USAGE)
 

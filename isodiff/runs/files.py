@@ -139,18 +139,48 @@ def mapping_problem(value: Any, where: str, item: Callable[[str, Any], str | Non
     return next((p for name, entry in value.items() if (p := item(name, entry))), None)
 
 
+def _held(lock: FileLock) -> bool:
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    lock.release()
+    return False
+
+
+def _say_waiting(what: str, lock_path: Path, holder: Callable[[], str]) -> None:
+    log.warning("%s: waiting for the process that holds %s%s", what, lock_path, holder())
+
+
+def announce_holder(lock_path: Path, what: str, holder: Callable[[], str] = lambda: "") -> bool:
+    """Say now, before a command's slow imports (tens of seconds on a loaded machine), that
+    another process holds lock_path, which `exclusive` will wait for; True when it does.
+    Never creates the lock file (the folder stays empty for a config found invalid later)."""
+    if not lock_path.exists() or not _held(FileLock(str(lock_path))):
+        return False
+    _say_waiting(what, lock_path, holder)
+    return True
+
+
 @contextlib.contextmanager
 def exclusive(
-    lock_path: Path, what: str, holder: Callable[[], str] = lambda: "", announce_every: float = 60.0
+    lock_path: Path,
+    what: str,
+    holder: Callable[[], str] = lambda: "",
+    announce_every: float = 60.0,
+    announced: bool = False,
 ) -> Iterator[None]:
     """Hold an exclusive lock on lock_path (fcntl, released when the process dies); while
-    another process holds it, wait, saying so every `announce_every` seconds."""
+    another process holds it, wait, saying so every `announce_every` seconds (the first time
+    at once, unless `announced` by announce_holder already)."""
     lock = FileLock(str(lock_path))
     try:
         lock.acquire(timeout=0)
     except Timeout:
         while True:
-            log.warning("%s: waiting for the process that holds %s%s", what, lock_path, holder())
+            if not announced:
+                _say_waiting(what, lock_path, holder)
+            announced = False
             try:
                 lock.acquire(timeout=announce_every)
                 break

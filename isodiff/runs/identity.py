@@ -45,6 +45,7 @@ NON_IDENTITY_KEYS = (
     "experiment",
     "tier",
     "train.progress",
+    "train.log_with",
     "train.log_every",
     "train.checkpoint_every",
     "train.keep_checkpoints",

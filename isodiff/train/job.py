@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -14,11 +15,11 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from isodiff.cli import Interrupted, command_line, interruptible
-from isodiff.config import TrainConfig, to_train_config
+from isodiff.config import Stage, TrainConfig, to_train_config
 from isodiff.errors import ConfigError, UserError
 from isodiff.model import paper_assets
 from isodiff.runs import distributed
-from isodiff.runs.files import atomic_write_text, exclusive
+from isodiff.runs.files import announce_holder, atomic_write_text, exclusive
 from isodiff.runs.identity import identity_difference, provenance, require_inside
 from isodiff.runs.status import (
     DONE,
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 # A job stopped by SIGINT/SIGTERM: not done (every reader treats a state other than done as
 # not done), resumed from its newest checkpoint by the same command.
 INTERRUPTED = "interrupted"
+# Tiers whose bases take long to train from scratch: a fine-tune of the tier's base is what a
+# new user most likely meant
+LONG_TIERS = ("quick", "paper")
 
 
 def remove_empty(run_dir: Path, run_root: Path) -> None:
@@ -52,8 +56,26 @@ def remove_empty(run_dir: Path, run_root: Path) -> None:
 
 
 def _holder(run_dir: Path) -> str:
-    status = read_status(run_dir) or {}
+    if not (status := read_status(run_dir)):
+        return " (a job that has not written its status.json yet)"
     return f" (status.json: {status.get('state')}, pid {status.get('pid')} on {status.get('host')})"
+
+
+def first_line(cfg: TrainConfig, run_dir: Path, done: bool) -> tuple[int, str]:
+    """The command's first line (its level and text): the run folder and what the job does,
+    a warning when it trains a base from scratch at a tier of LONG_TIERS."""
+    if done:
+        return logging.INFO, f"train {run_dir}: done already, checking its weights"
+    loop = cfg.train
+    length = f"{loop.epochs:g} epochs" if loop.epochs is not None else f"{loop.steps} steps"
+    if cfg.init_from is None and cfg.stage != Stage.finetune and cfg.tier.name in LONG_TIERS:
+        return logging.WARNING, (
+            f"train {run_dir}: a base from scratch, {length} at tier {cfg.tier.name}; to "
+            "fine-tune the tier's base for these data instead, add stage=finetune (e.g. "
+            "python -m isodiff.train stage=finetune lambda_iso=0.1)"
+        )
+    source = f"from {cfg.init_from}" if cfg.init_from else "from scratch"
+    return logging.INFO, f"train {run_dir}: {length} {source} at tier {cfg.tier.name}"
 
 
 def require_same_job(run_dir: Path, cfg: DictConfig) -> None:
@@ -79,10 +101,15 @@ def run_job(cfg: DictConfig, run_dir: Path, work: Callable[[TrainConfig, Path], 
     that is missing or not done, writes nothing.
     """
     run_root = Path(str(cfg.get("run_root", run_dir.parent)))
+    holder, announced = functools.partial(_holder, run_dir), False
     try:
         require_inside(run_dir, run_root)
         typed = to_train_config(cfg)
-        if not is_done(run_dir):
+        done = is_done(run_dir)
+        if distributed.rank() == 0:  # at once: the imports below take seconds
+            log.log(*first_line(typed, run_dir, done))
+            announced = announce_holder(run_dir / ".lock", f"job {run_dir.name}", holder)
+        if not done:
             # torch and diffusers load here, once the config is valid
             from isodiff.model.data import check_data
             from isodiff.model.unet import resolve_checkpoint
@@ -103,7 +130,7 @@ def run_job(cfg: DictConfig, run_dir: Path, work: Callable[[TrainConfig, Path], 
             return work(typed, run_dir)
     with (
         interruptible(),
-        exclusive(run_dir / ".lock", f"job {run_dir.name}", lambda: _holder(run_dir)),
+        exclusive(run_dir / ".lock", f"job {run_dir.name}", holder, announced=announced),
     ):
         return _run_locked(cfg, typed, run_dir, work)
 
@@ -132,6 +159,24 @@ def _run_locked(
     atomic_write_text(run_dir / "config.yaml", resolved)
     file_log = logging.FileHandler(run_dir / "train.log")
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    attempt = status.get("attempts", 0) + 1
+    # the attempt's first line, in train.log alone (the terminal had the command's)
+    file_log.handle(
+        log.makeRecord(
+            log.name,
+            logging.INFO,
+            __file__,
+            0,
+            "train %s: attempt %d, pid %d on %s: %s",
+            (run_dir, attempt, os.getpid(), socket.gethostname(), command_line()),
+            None,
+        )
+    )
+    # the job's log (the loop's lines: resume, each logged window) in train.log, whatever
+    # level the command's logging left the root logger at (Python's default: WARNING)
+    isodiff_log = logging.getLogger("isodiff")
+    level = isodiff_log.level
+    isodiff_log.setLevel(min(isodiff_log.getEffectiveLevel(), logging.INFO))
     logging.getLogger().addHandler(file_log)
     try:  # from `running` to `done`: a signal anywhere between leaves `interrupted`
         write_status(
@@ -139,13 +184,22 @@ def _run_locked(
             RUNNING,
             host=socket.gethostname(),
             pid=os.getpid(),
-            attempts=status.get("attempts", 0) + 1,
+            attempts=attempt,
             weights=None,
             slurm_job_id=os.environ.get("SLURM_JOB_ID"),
             git=provenance()["git"],
         )
         summary = work(typed, run_dir)
         write_status(run_dir, DONE, **summary, weights=weights_record(run_dir))
+        log.info(
+            "train %s: done, %d steps, final loss %.4g; measure it: "
+            "python -m isodiff.evaluate run=%s eval=%s",
+            run_dir,
+            summary["step"],
+            summary["final_loss"],
+            run_dir,
+            typed.tier.eval,
+        )
     except SystemExit:
         raise  # submitit's preemption/timeout requeue: the job stays `running` and resumes
     except Interrupted as err:
@@ -169,5 +223,6 @@ def _run_locked(
         raise
     finally:
         logging.getLogger().removeHandler(file_log)
+        isodiff_log.setLevel(level)
         file_log.close()
     return read_status(run_dir)

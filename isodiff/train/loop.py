@@ -16,6 +16,7 @@ import logging
 import math
 import re
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,9 +27,10 @@ import torch
 from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from isodiff.config import TrainConfig
 from isodiff.errors import UserError
@@ -47,6 +49,7 @@ from isodiff.runs.files import (
     replace_durably,
 )
 from isodiff.runs.status import read_status, write_status
+from isodiff.runs.tracking import init_trackers
 from isodiff.train.objective import DiffusionObjective, build_regulariser
 
 log = logging.getLogger(__name__)
@@ -298,12 +301,10 @@ def save_checkpoint(state: TrainState, run_dir: Path, step: int, keep: int) -> N
     acc.wait_for_everyone()
 
 
-def write_grid(
-    state: TrainState, cfg: TrainConfig, run_dir: Path, step: int, tb: SummaryWriter | None
-) -> None:
-    """samples/step_<step>.png (and TensorBoard's samples image): the EMA weights' DDIM
-    samples from fixed x_T. Sampling draws from its own generators and leaves the
-    weights as they were, so a run with grids trains bitwise as one without."""
+def write_grid(state: TrainState, cfg: TrainConfig, run_dir: Path, step: int) -> None:
+    """samples/step_<step>.png (and TensorBoard's samples image, train.log_with=tensorboard):
+    the EMA weights' DDIM samples from fixed x_T. Sampling draws from its own generators and
+    leaves the weights as they were, so a run with grids trains bitwise as one without."""
     loop = cfg.train
     if not (loop.grid_samples and state.accelerator.is_main_process):
         return
@@ -320,8 +321,8 @@ def write_grid(
     pictures.save_png(
         grid, run_dir / "samples" / f"step_{step:08d}.png", scale=max(1, 64 // cfg.data.resolution)
     )
-    if tb is not None:
-        tb.add_image("samples", grid, step)
+    if loop.log_with == "tensorboard":
+        state.accelerator.get_tracker("tensorboard", unwrap=True).add_image("samples", grid, step)
 
 
 def save_weights(unet: Denoiser, path: Path) -> None:
@@ -353,13 +354,14 @@ def save_final(state: TrainState, run_dir: Path) -> None:
 
 
 class MetricLog:
-    """metrics.csv + TensorBoard, main process only; rows past a resume point are dropped."""
+    """metrics.csv and the trackers (accelerate's), main process only; rows past a resume
+    point are dropped, and TensorBoard's events past it too (runs.tracking.init_trackers)."""
 
-    FIELDS = ("step", "loss", "mse", "iso", "lr", "steps_per_s", "liso_heldout")
+    FIELDS = ("step", "loss", "mse", "iso", "iso_active", "lr", "steps_per_s", "liso_heldout")
 
-    def __init__(self, run_dir: Path, start_step: int, enabled: bool) -> None:
-        self.enabled, self.tb = enabled, None
-        if not enabled:
+    def __init__(self, acc: Accelerator, run_dir: Path, start_step: int) -> None:
+        self.acc, self.enabled = acc, acc.is_main_process
+        if not self.enabled:
             return
         self.path = run_dir / "metrics.csv"
         rows = []
@@ -370,20 +372,57 @@ class MetricLog:
             writer = csv.DictWriter(f, self.FIELDS)
             writer.writeheader()
             writer.writerows(rows)
-        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1)
 
     def write(self, row: dict[str, float]) -> None:
         if not self.enabled:
             return
+        known = {k: v for k, v in row.items() if math.isfinite(v)}  # iso: nan when unmeasured
         with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, self.FIELDS).writerow({k: row.get(k, "") for k in self.FIELDS})
-        for key, value in row.items():
-            if key != "step":
-                self.tb.add_scalar(f"train/{key}", value, row["step"])
+            csv.DictWriter(f, self.FIELDS).writerow({k: known.get(k, "") for k in self.FIELDS})
+        self.acc.log({f"train/{k}": v for k, v in known.items() if k != "step"}, step=row["step"])
 
-    def close(self) -> None:
-        if self.enabled:
-            self.tb.close()
+
+class Window:
+    """The loss terms of the micro-batches since the last logged step, over every process:
+    L_iso as its mean over the iso-active samples, their fraction (iso_active), MSE and the
+    weighted total (loss) as means over micro-batches. One step's L_iso is noisy, and with
+    iso.schedule=micro_batch about p of the steps have no iso-active sample at all."""
+
+    KEYS = ("loss", "mse", "iso_sum", "active", "samples", "micro")
+
+    def __init__(self) -> None:
+        self.sums = dict.fromkeys(self.KEYS, 0.0)
+
+    def add(self, out: dict[str, float], active: int, samples: int) -> None:
+        """One micro-batch: its objective's terms, its iso-active and all samples."""
+        terms = {"loss": out["loss"], "mse": out["mse"], "iso_sum": out.get("iso", 0.0) * active}
+        for key, value in {**terms, "active": active, "samples": samples, "micro": 1}.items():
+            self.sums[key] += value
+
+    def means(self, acc: Accelerator | None = None) -> dict[str, float]:
+        """The window's means (iso: nan when no sample was iso-active); with `acc`, over all
+        its processes (a collective: every process calls it)."""
+        sums = list(self.sums.values())
+        if acc is not None and acc.num_processes > 1:
+            sums = acc.reduce(torch.tensor(sums, dtype=torch.float64, device=acc.device), "sum")
+            sums = sums.tolist()
+        loss, mse, iso_sum, active, samples, micro = sums
+        return {
+            "loss": loss / micro,
+            "mse": mse / micro,
+            "iso": iso_sum / active if active else math.nan,
+            "iso_active": active / samples,
+        }
+
+    @staticmethod
+    def postfix(means: dict[str, float]) -> dict[str, str]:
+        """The progress bar's columns."""
+        return {
+            "loss": f"{means['loss']:.4f}",
+            "mse": f"{means['mse']:.4f}",
+            "L_iso": "n/a" if math.isnan(means["iso"]) else f"{means['iso']:.4f}",
+            "iso_active": f"{means['iso_active']:.0%}",
+        }
 
 
 def draw_timesteps(
@@ -394,23 +433,6 @@ def draw_timesteps(
     if not cfg.regularised:
         return torch.randint(0, T, (batch_size,), generator=g), torch.zeros(batch_size, dtype=bool)
     return sample_timesteps(batch_size, T, cfg.iso.window, cfg.iso.schedule.value, g)
-
-
-def step_mean(acc: Accelerator, totals: dict[str, float]) -> dict[str, float]:
-    """The whole step's losses from every process's: the mean over processes. A process
-    whose micro-batches had no iso term has none ("iso" absent) and counts it as 0, as one
-    process accumulating all the micro-batches would."""
-    keys = ("loss", "mse", "iso")
-    values = torch.tensor(
-        [totals.get(k, 0.0) for k in keys] + [float("iso" in totals)],
-        dtype=torch.float64,
-        device=acc.device,
-    )
-    *means, any_iso = acc.reduce(values, "sum").tolist()
-    out = {k: v / acc.num_processes for k, v in zip(keys, means, strict=True)}
-    if not any_iso:
-        del out["iso"]
-    return out
 
 
 class HeldoutCurve:
@@ -453,10 +475,15 @@ def record_resume(run_dir: Path, start_step: int, change: str | None) -> None:
 
 
 def accumulate(
-    state: TrainState, cfg: TrainConfig, acc: Accelerator, batches: Iterator, step: int
-) -> dict[str, float]:
-    """Forward and backward of the step's micro-batches; their mean loss terms."""
-    loop, totals = cfg.train, {}
+    state: TrainState,
+    cfg: TrainConfig,
+    acc: Accelerator,
+    batches: Iterator,
+    step: int,
+    window: Window,
+) -> None:
+    """Forward and backward of the step's micro-batches; their loss terms into `window`."""
+    loop = cfg.train
     for micro in range(loop.grad_accum):
         x0 = state.codec.encode(next(batches)[0].to(acc.device))  # no graph: frozen
         # keyed by the micro-batch's place in the step over all processes (its data's place
@@ -482,9 +509,30 @@ def accumulate(
                 "or train with train.mixed_precision=no"
             )
         acc.backward(loss / loop.grad_accum)
-        for key, value in out.items():
-            totals[key] = totals.get(key, 0.0) + float(value.detach()) / loop.grad_accum
-    return totals
+        terms = {k: float(v.detach()) for k, v in out.items()}
+        window.add(terms, int(iso_mask.sum()), len(iso_mask))
+
+
+def above_progress_bar() -> contextlib.AbstractContextManager:
+    """Within: the terminal's log lines print above the progress bar, not through it. Only
+    where logging prints to the terminal (tqdm's helper would add a handler otherwise)."""
+    terminal = [
+        h
+        for h in logging.getLogger().handlers
+        if isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr)
+    ]
+    return logging_redirect_tqdm() if terminal else contextlib.nullcontext()
+
+
+def describe(row: dict[str, float]) -> str:
+    """A logged row as one line of the log (train.log and the terminal)."""
+    iso = "n/a" if math.isnan(row["iso"]) else f"{row['iso']:.4g}"
+    heldout = f", held-out L_iso {row['liso_heldout']:.4g}" if "liso_heldout" in row else ""
+    return (
+        f"loss {row['loss']:.4g} (mse {row['mse']:.4g}), L_iso {iso} "
+        f"on {row['iso_active']:.0%} of the samples, lr {row['lr']:.3g}, "
+        f"{row['steps_per_s']:.3g} steps/s{heldout}"
+    )
 
 
 def update(state: TrainState, cfg: TrainConfig, acc: Accelerator) -> None:
@@ -500,7 +548,12 @@ def update(state: TrainState, cfg: TrainConfig, acc: Accelerator) -> None:
 def train(cfg: TrainConfig, run_dir: Path) -> dict:
     """Train (or resume) the job in run_dir; returns a summary for status.json."""
     # 1. The accelerator, the data, and the job's state resumed from its newest checkpoint
-    acc = Accelerator(mixed_precision=cfg.train.mixed_precision.value)
+    log_with = cfg.train.log_with
+    acc = Accelerator(
+        mixed_precision=cfg.train.mixed_precision.value,
+        log_with=None if log_with == "none" else log_with,
+        project_dir=str(run_dir),
+    )
     if cfg.train.cpu_threads and acc.device.type == "cpu":
         torch.set_num_threads(cfg.train.cpu_threads)
     dataset: Dataset = build_dataset(cfg.data, "train")
@@ -529,7 +582,9 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
             ),
         )
     )
-    metric_log = MetricLog(run_dir, start_step, acc.is_main_process)
+    config = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+    init_trackers(acc, config, run_dir, start_step)
+    metric_log = MetricLog(acc, run_dir, start_step)
     progress = tqdm(
         total=loop.steps,
         initial=start_step,
@@ -546,52 +601,51 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
         metric_log.write({"step": 0, "liso_heldout": curve(state.unet)})
 
     # 3. The steps: accumulate, update, log, checkpoint
-    tic, last_logged, last = time.perf_counter(), start_step, {}
-    for step in range(start_step, loop.steps):
-        totals = accumulate(state, cfg, acc, batches, step)
-        update(state, cfg, acc)
-        done = step + 1
-        progress.update(1)
-        progress.set_postfix(loss=f"{totals['loss']:.4f}")
-        # every process takes the same branch (step_mean is collective); the main one measures
-        heldout = bool(loop.heldout_every) and (
-            done % loop.heldout_every == 0 or done == loop.steps
-        )
-        if done % loop.log_every == 0 or done == loop.steps or heldout:
-            elapsed = time.perf_counter() - tic
-            if acc.num_processes > 1:
-                totals = step_mean(acc, totals)
-            last = {
-                "step": done,
-                **totals,
-                "lr": state.lr_scheduler.get_last_lr()[0],
-                "steps_per_s": (done - last_logged) / max(elapsed, 1e-9),
-            }
-            metric_log.write(
-                {
-                    **last,
-                    **(
-                        {"liso_heldout": curve(state.unet)} if heldout and curve is not None else {}
-                    ),
-                }
+    tic, last_logged, last, window = time.perf_counter(), start_step, {}, Window()
+    with above_progress_bar():
+        for step in range(start_step, loop.steps):
+            accumulate(state, cfg, acc, batches, step, window)
+            update(state, cfg, acc)
+            done = step + 1
+            progress.update(1)
+            progress.set_postfix(Window.postfix(window.means()))  # this process's, so far
+            # every process takes the same branch (Window.means is collective); the main one
+            # measures
+            heldout = bool(loop.heldout_every) and (
+                done % loop.heldout_every == 0 or done == loop.steps
             )
-            tic, last_logged = time.perf_counter(), done
-        if done % loop.checkpoint_every == 0 and done < loop.steps:
-            save_checkpoint(state, run_dir, done, loop.keep_checkpoints)
-            write_grid(state, cfg, run_dir, done, metric_log.tb)
+            if done % loop.log_every == 0 or done == loop.steps or heldout:
+                elapsed = time.perf_counter() - tic
+                last = {
+                    "step": done,
+                    **window.means(acc),
+                    "lr": state.lr_scheduler.get_last_lr()[0],
+                    "steps_per_s": (done - last_logged) / max(elapsed, 1e-9),
+                }
+                if heldout and curve is not None:
+                    last["liso_heldout"] = curve(state.unet)
+                metric_log.write(last)
+                progress.set_postfix(Window.postfix(last))
+                if acc.is_main_process:
+                    log.info("step %d/%d: %s", done, loop.steps, describe(last))
+                tic, last_logged, window = time.perf_counter(), done, Window()
+            if done % loop.checkpoint_every == 0 and done < loop.steps:
+                save_checkpoint(state, run_dir, done, loop.keep_checkpoints)
+                write_grid(state, cfg, run_dir, done)
     progress.close()
 
     # 4. The final weights: checked for divergence, saved, and their sample grid
     check_weights(state, cfg)
     save_final(state, run_dir)
-    write_grid(state, cfg, run_dir, loop.steps, metric_log.tb)
-    metric_log.close()
+    write_grid(state, cfg, run_dir, loop.steps)
+    for tracker in acc.trackers:  # not acc.end_training: it would end the process group
+        tracker.finish()
     acc.wait_for_everyone()
     return {
         "step": loop.steps,
         "grad_accum": loop.grad_accum,
         "environment": environment(acc),
-        "final_loss": last.get("loss", math.nan),
+        "final_loss": last.get("loss", math.nan),  # the means over the last logged window
         "final_mse": last.get("mse", math.nan),
         "steps_per_s": last.get("steps_per_s"),
     }
