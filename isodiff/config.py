@@ -764,7 +764,7 @@ def _nearest(path: Path) -> str:
     except OSError:  # not a folder, or not ours to list: no guess
         names = []
     near = closest(rest[0], names)
-    where = f"{base} has no {rest[0]!r}"
+    where = f"{Path.cwd() if base == Path() else base} has no {rest[0]!r}"  # '.': say which
     return f"{where}; did you mean run={Path(base, near, *rest[1:])}?" if near else where
 
 
