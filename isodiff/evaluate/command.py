@@ -13,7 +13,8 @@ pipeline folder, a cached hub id), given its data, gets <run_root>/<tier>/releas
 
 Keys: key=value sets one, group=option picks a file of conf/<group>/ (below).
   python -m isodiff.evaluate --cfg job  every key with its value (after your overrides)
-  conf/evaluate.yaml                    the keys, commented; conf/eval/<preset>.yaml: the metrics'
+  conf/evaluate.yaml                    the keys, commented
+  conf/eval/<preset>.yaml               each metric's sample counts and steps (eval.<metric>.*)
 """
 
 from __future__ import annotations
