@@ -75,11 +75,14 @@ def h_block(
             f"{type(model).__name__}'s h is its mid_block (leave block None)"
         )
     if not blocks:
+        # a diffusers pipeline holds its denoiser as .unet or .transformer
+        inner = next((n for n in ("unet", "transformer") if hasattr(model, n)), None)
         raise TypeError(
             f"{type(model).__name__} has no mid_block and no transformer blocks "
             f"(attributes {tuple(block_lists)}): h_encoder reads h at a diffusers "
             "U-Net's mid block or at a transformer's middle block (block_lists= "
             "names the block lists of other models)"
+            + (f"; for a pipeline, pass its model: h_encoder(pipe.{inner})" if inner else "")
         )
     return blocks[middle_block_index(len(blocks)) if block is None else block]  # IndexError
 

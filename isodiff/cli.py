@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from isodiff.config import tier_config
+from isodiff.config import CONF, closest, tier_config, unknown_key
 from isodiff.errors import UserError
 
 USAGE = 2
@@ -36,7 +37,8 @@ def command_line() -> str:
     """The running command as a user would retype it: `python -m isodiff.train args` (or
     the console command's name), with the arguments as they were given."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    program = f"python -m {spec.name}" if spec is not None else Path(sys.argv[0]).name
+    name = spec.name.removesuffix(".__main__") if spec is not None else ""  # -m isodiff.train
+    program = f"python -m {name}" if name else Path(sys.argv[0]).name
     return " ".join([program, *map(shlex.quote, _command or sys.argv[1:])])
 
 
@@ -98,9 +100,11 @@ def one_line(err: BaseException, command: str = "python -m isodiff.train") -> st
     cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
     if isinstance(err, MissingConfigException) and err.missing_cfg_file:
         group, _, value = err.missing_cfg_file.rpartition("/")
+        near = closest(value, err.options or [])
+        hint = f"did you mean {group}={near}? " if near else ""
         options = ", ".join(err.options or [])
         return (
-            f"{group}={value}: no such option; choose one of: {options} "
+            f"{group}={value}: no such option; {hint}choose one of: {options} "
             f"(the files of conf/{group}/)"
         )
     if isinstance(err, OverrideParseException):
@@ -111,9 +115,13 @@ def one_line(err: BaseException, command: str = "python -m isodiff.train") -> st
     key = getattr(cause, "full_key", None)
     first = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
     if key and re.search(r"not in '|not in struct", first):
-        return (
-            f"{key} is not a config key: check its spelling ({command} --cfg job lists every key)"
-        )
+        parent = getattr(cause, "parent_node", None)
+        return unknown_key(key, parent.keys() if parent is not None else (), command)
+    if key and (bad := re.match(r"Invalid value '(.*)', expected one of \[(.*)\]", first)):
+        value, options = bad[1], bad[2].split(", ")
+        near = closest(value, options)
+        hint = f"did you mean {key}={near}? " if near else ""
+        return f"{key}={value}: no such option; {hint}choose one of: {bad[2]}"
     return f"{key}: {first}" if key else first
 
 
@@ -152,7 +160,8 @@ def quote_paths(args: list[str]) -> list[str]:
             and re.search(r"[=, ]", value)
             and not value.startswith(("'", '"', "["))
             and "'" not in value
-            and (paths := _existing(value))
+            # a run= that is no such list is one path: evaluate says it is missing, and why
+            and (paths := _existing(value) or ([value] if key == "run" else None))
         ):
             arg = f"{key}=" + ",".join(f"'{path}'" for path in paths)
         quoted.append(arg)
@@ -172,6 +181,9 @@ def hydra_main(main: Callable[[], Any]) -> None:
     """Run a @hydra.main function; user errors end in one line on stderr and exit 2, a job's
     failure (its traceback in the job's train.log) in one line and exit 1, an interrupted
     job in one line saying how to resume, exit 130 (SIGINT) or 143 (SIGTERM)."""
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(command_help(main))
+        return
     _command[:] = sys.argv[1:]
     sys.argv[1:] = quote_paths(sys.argv[1:])
     full = os.environ.get("HYDRA_FULL_ERROR") == "1"
@@ -195,6 +207,32 @@ def hydra_main(main: Callable[[], Any]) -> None:
         if (line := job_failure(err)) is None:
             raise  # not a job's recorded failure: a bug of isodiff, with its traceback
         fail(line, code=FAILED)
+
+
+def command_help(main: Callable[[], Any]) -> str:
+    """--help of a Hydra command: its module's docstring (what it does, examples, where the
+    keys are), then the config groups its conf/<name>.yaml composes, with their options.
+    Hydra's own --help composes every group of conf/ to print the whole config (150 lines,
+    seconds); `--cfg job` prints that config."""
+    doc = (sys.modules[main.__module__].__doc__ or "").strip()
+    primary = CONF / f"{_module_of(main).rpartition('.')[2]}.yaml"  # isodiff.train: train
+    defaults = OmegaConf.to_container(OmegaConf.load(primary)).get("defaults", [])
+    groups = [
+        (name.removeprefix("optional "), default)
+        for entry in defaults
+        if isinstance(entry, dict)
+        for name, default in entry.items()
+        if not name.startswith(("override ", "hydra/"))
+    ]
+    if not groups:
+        return doc
+    lines = [
+        f"  {name}: {', '.join(sorted(p.stem for p in (CONF / name).glob('*.yaml')))}"
+        # recipe's default names its choice by other groups': ${tier}_${stage} -> <tier>_<stage>
+        f" (default: {str(default or 'none').replace('${', '<').replace('}', '>')})"
+        for name, default in groups
+    ]
+    return "\n".join([doc, "", "Config groups (group=option, the files of conf/<group>/):", *lines])
 
 
 def job_failure(err: BaseException) -> str | None:
@@ -232,11 +270,17 @@ def parse_options(
     values: dict[str, str] = {}
     got = Options(values, [], set(), [])
     known = ", ".join([*(f"{k}=" for k in keys), *flags, "--help"])
+
+    def unknown(word: str, choices: tuple[str, ...], shown: str) -> UserError:
+        near = closest(word, choices)
+        hint = f"did you mean {near}{'=' if shown.endswith('=') else ''}? " if near else ""
+        return UserError(f"unknown option {shown}: {hint}the options are {known}")
+
     for arg in argv:
         key, eq, value = arg.partition("=")
         if arg.startswith("-"):
             if arg not in flags:
-                raise UserError(f"unknown option {arg}: the options are {known}")
+                raise unknown(arg, (*flags, "--help"), arg)
             got.flags.add(arg)
         elif not eq:
             if not names:
@@ -247,7 +291,7 @@ def parse_options(
         elif overrides:
             got.overrides.append(arg)
         else:
-            raise UserError(f"unknown option {key}=: the options are {known}")
+            raise unknown(key, keys, f"{key}=")
     return got
 
 

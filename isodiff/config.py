@@ -8,9 +8,11 @@ fails at composition with the key's full name. Ranges and cross-field rules are 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -30,6 +32,20 @@ def shipped(name: str) -> Path:
 
 
 CONF = shipped("conf")
+
+
+def closest(word: str, choices: Iterable[object]) -> str | None:
+    """The choice a misspelt word most likely meant (difflib), None when none is close."""
+    found = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def unknown_key(full_key: str, siblings: Iterable[object], command: str) -> str:
+    """The line for a key that no schema has: the nearest key beside it, and how to list them."""
+    parent, _, key = full_key.rpartition(".")
+    near = closest(key, siblings)
+    hint = f"did you mean {parent}{'.' if parent else ''}{near}?" if near else "check its spelling"
+    return f"{full_key} is not a config key: {hint} ({command} --cfg job lists every key)"
 
 
 def _check(ok: bool, key: str, value: object, fix: str) -> None:
@@ -738,21 +754,48 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), plain)
     except ConfigKeyError as err:
-        raise ConfigError(
-            f"{err.full_key} is not a config key: check its spelling against "
-            "conf/ (python -m isodiff.train --cfg job lists every key)"
-        ) from err
+        siblings = err.parent_node.keys() if err.parent_node is not None else ()
+        raise ConfigError(unknown_key(err.full_key, siblings, "python -m isodiff.train")) from err
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
 def check_run_folder(run: str) -> None:
-    """ConfigError naming run= when it is a file (status.json, a weights file) rather than
-    the run folder, with the folder to pass instead."""
+    """ConfigError naming run= unless it is a folder that a job wrote status.json in: a path
+    that does not exist (with the nearest existing name), a file of a run (status.json, a
+    weights file: with its folder), a folder that is no run (with a run below it, if any)."""
     path = Path(run).expanduser()
-    if path.exists() and not path.is_dir():
+    if not path.exists():
+        raise ConfigError(f"run={run!r} does not exist: {_nearest(path)}")
+    if not path.is_dir():
         parent = next((p for p in path.parents if (p / "status.json").is_file()), None)
         fix = f"run={parent}" if parent else "the folder of the run, which holds status.json"
         raise ConfigError(f"run={run!r} is a file, not a run folder: pass {fix}")
+    if not (path / "status.json").is_file():
+        # the first run below it (bounded: a tier's folder holds <experiment>/<job>/)
+        below = next(
+            (s.parent for d in (1, 2, 3) for s in path.glob("*/" * d + "status.json")), None
+        )
+        hint = f"; pass one of the runs below it, e.g. run={below}" if below else ""
+        raise ConfigError(
+            f"run={run!r} is not a run folder (it holds no status.json): a run folder is "
+            "<run_root>/<tier>/<experiment>/<job>/ as python -m isodiff.train writes it, with "
+            f"status.json, config.yaml and final/{hint}"
+        )
+
+
+def _nearest(path: Path) -> str:
+    """What exists of a missing path: its deepest existing folder, and the name there that
+    its first missing part most likely meant (the rest of the path kept)."""
+    base, rest = path, []
+    while not base.exists():
+        base, rest = base.parent, [base.name, *rest]
+    try:
+        names = sorted(p.name for p in base.iterdir() if p.is_dir())
+    except OSError:  # not a folder, or not ours to list: no guess
+        names = []
+    near = closest(rest[0], names)
+    where = f"{Path.cwd() if base == Path() else base} has no {rest[0]!r}"  # '.': say which
+    return f"{where}; did you mean run={Path(base, near, *rest[1:])}?" if near else where
 
 
 def check_device(name: str) -> None:
@@ -781,8 +824,10 @@ def tier_config(tier: str) -> TierConfig:
     """The `tier` node of conf/tier/<tier>.yaml, validated (ConfigError for an unknown tier)."""
     path = CONF / "tier" / f"{tier}.yaml"
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in (CONF / "tier").glob("*.yaml")))
-        raise ConfigError(f"tier={tier!r} is not a tier (conf/tier/: {known})")
+        names = sorted(p.stem for p in (CONF / "tier").glob("*.yaml"))
+        near = closest(tier, names)
+        hint = f"did you mean tier={near}? " if near else ""
+        raise ConfigError(f"tier={tier!r} is not a tier: {hint}(conf/tier/: {', '.join(names)})")
     node = OmegaConf.load(path).get("tier", {})
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TierConfig), node))

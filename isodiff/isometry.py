@@ -261,7 +261,19 @@ class Regulariser(nn.Module):
         """The term at the batch (x_t, t): encoder(x, t, **condition) gives h; condition
         tensors (e.g. encoder_hidden_states of a text-conditional U-Net) have the batch as
         their first dimension (dicts of such tensors are sliced entry by entry). `h`: the
-        encoder's output at x_t already computed with a graph from x_t (see `reuses_h`)."""
+        encoder's output at x_t already computed with a graph from x_t (see `reuses_h`).
+
+        An empty batch (x_t[mask] where no sample is in the window, a fraction floor(pT)/T of
+        micro-batches) gives 0: it adds nothing to the objective, so `mse + lambda_iso *
+        reg(h_encoder(unet), x_t[mask], t[mask])` needs no guard."""
+        if not isinstance(t, Tensor) or t.shape != x_t.shape[:1]:
+            raise ValueError(
+                f"t has shape {tuple(getattr(t, 'shape', ()))} for {x_t.shape[0]} samples of "
+                f"x_t: pass one timestep per sample, t of shape ({x_t.shape[0]},): "
+                "reg(h_encoder(unet), x_t[mask], t[mask])"
+            )
+        if x_t.shape[0] == 0:
+            return x_t.new_zeros(())
         with higher_order_ad():
             if h is None:
                 k = self.n_regularised(x_t.shape[0])
@@ -270,6 +282,12 @@ class Regulariser(nn.Module):
                 h = encoder(
                     x, t[:k], **{name: first_samples(c, k) for name, c in condition.items()}
                 )
+                if not isinstance(h, Tensor):  # the model itself (a UNet2DOutput), not h
+                    raise TypeError(
+                        f"the encoder returned {type(h).__name__}, not the tensor h: pass the "
+                        "model's h-encoder, reg(h_encoder(unet), x_t, t) with `from isodiff "
+                        "import h_encoder`, not the model"
+                    )
             else:
                 x = x_t
             if self.metric == "path_length":

@@ -1,6 +1,12 @@
-"""The paper's claims (experiments/claims.yaml), each judged on its runs: a register.
+"""Judge the paper's claims (experiments/claims.yaml) on the runs: a register of verdicts.
 
-    python -m isodiff.analysis.claims [tier=quick] [run_root=runs] [out=results] [claim id ...]
+Examples:
+  python -m isodiff.analysis.claims                      # every claim, tier=quick
+  python -m isodiff.analysis.claims liso ppl tier=smoke run_root=/tmp/runs
+
+Keys: tier= (default quick), run_root= (default runs: the runs are
+<run_root>/<tier>/...), out= (default results: pages go to <out>/<tier>/); a claim id
+is an `id:` of experiments/claims.yaml (default: all).
 
 For each claim and dataset (and treatment arm): the paired effect over the seeds of its
 source's runs (treatment minus baseline of the same seed, dataset and other grid values,

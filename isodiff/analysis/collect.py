@@ -1,7 +1,12 @@
-"""Walk a runs tree into one DataFrame: a row per job, from status files (never exit codes),
-with its config flattened to dotted keys and its metric values.
+"""List every job of a runs tree: its state, step, loss and problems, from status files.
 
-    python -m isodiff.analysis.collect [runs/quick]
+Examples:
+  python -m isodiff.analysis.collect                      # every job under runs/
+  python -m isodiff.analysis.collect runs/quick           # one tier's
+
+It takes one folder (default runs) and no keys. In Python, `collect_runs(root)` is one
+DataFrame with a row per job (read from status files, never exit codes), its config
+flattened to dotted keys and its metric values.
 """
 
 from __future__ import annotations

@@ -1,6 +1,12 @@
-"""Figure specs + evaluated runs -> PNG and PDF figures, whatever has finished.
+"""Draw the paper's figures (PNG and PDF) from the runs that have been evaluated.
 
-    python -m isodiff.analysis.figures [tier=quick] [run_root=runs] [out=results] [spec ...]
+Examples:
+  python -m isodiff.analysis.figures                      # every figure spec, tier=quick
+  python -m isodiff.analysis.figures figure_4 tier=smoke run_root=/tmp/runs
+
+Keys: tier= (default quick), run_root= (default runs: the runs are
+<run_root>/<tier>/...), out= (default results: pages go to <out>/<tier>/); a spec is
+a file experiments/figure_*.yaml (default: all).
 
 A figure spec names a table spec whose runs it draws (`source`), the kind of plot
 (`figure`) and the config keys whose values make one curve each (`rows` of the spec);

@@ -1,6 +1,11 @@
-"""results/<tier>/index.md: the landing page of a tier's results, as GitHub renders it.
+"""Write results/<tier>/index.md: the landing page of a tier's results, as GitHub renders it.
 
-    python -m isodiff.analysis.index [tier=quick] [run_root=runs] [out=results]
+Examples:
+  python -m isodiff.analysis.index                        # tier=quick
+  python -m isodiff.analysis.index tier=smoke run_root=/tmp/runs out=/tmp/results
+
+Keys: tier= (default quick), run_root= (default runs: the runs are
+<run_root>/<tier>/...), out= (default results: pages go to <out>/<tier>/).
 
 A link to the claims register (claims.md, analysis.claims) when there is one, every table
 analysis.tables wrote (tables/*.md) inline, every figure (figures/*.png) under

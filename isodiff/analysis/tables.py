@@ -1,16 +1,21 @@
-"""Specs + collected runs -> the paper's tables (Markdown, LaTeX, CSV), whatever has finished.
+"""Write the paper's tables (Markdown, LaTeX, CSV) from the runs that have finished.
 
-    python -m isodiff.analysis.tables [tier=quick] [run_root=runs] [out=results] [spec ...]
+Examples:
+  python -m isodiff.analysis.tables                       # every table spec, tier=quick
+  python -m isodiff.analysis.tables table_1 tier=smoke run_root=/tmp/runs
+
+Keys: tier= (default quick), run_root= (default runs: the runs are
+<run_root>/<tier>/...), out= (default results: pages go to <out>/<tier>/); a spec is
+a file of experiments/ (table_1 ... table_7; default: all).
 
 A cell is the mean ± std over seeds (n < expected seeds is footnoted); the best mean of each
 metric within a dataset is bold; the paper's value stands beside ours ("n/a" until
 transcribed); a metric that stores its permutation floor and ceiling
-(isodiff.evaluate.metrics.calibration) has them in columns beside it, and a value within its floor's
-spread is marked; jobs that failed or have not run are listed under the table with their
-reason.
-Every row carries the quality check of its runs (isodiff.evaluate.metrics.quality: does the model
-generate?) and the table states each dataset's real-vs-real FID floor: a metric of a model
-that does not generate is not a result.
+(isodiff.evaluate.metrics.calibration) has them in columns beside it, and a value within its
+floor's spread is marked; jobs that failed or have not run are listed under the table with
+their reason. Every row carries the quality check of its runs
+(isodiff.evaluate.metrics.quality: does the model generate?) and the table states each
+dataset's real-vs-real FID floor: a metric of a model that does not generate is not a result.
 """
 
 from __future__ import annotations

@@ -1,4 +1,12 @@
-"""The Figure 3 toy of Hahm et al.: why the metric of X matters.
+"""Draw the Figure 3 toy of Hahm et al.: why the metric of X matters.
+
+Examples:
+  python -m isodiff.analysis.toy               # results/quick/figures/toy_fig3.{png,pdf,json}
+  python -m isodiff.analysis.toy out_dir=/tmp/toy steps=300
+  python -m isodiff.analysis.toy lambda_iso=0.1 cap_deg=60
+
+Keys (key=value): python -m isodiff.analysis.toy --cfg job lists every key with its value;
+conf/toy.yaml comments them.
 
 Points on the unit sphere S^2 in R^3 (by default its lower hemisphere: a polar cap is left
 out so that a 2-D latent holds the points without folding) are encoded by an autoencoder
@@ -14,9 +22,6 @@ closest to a scaled isometry of the sphere:
   latitude rings (equally spaced on the sphere) along every meridian; 0 when rings are
   evenly spaced;
 - l_iso: the exact spherical L_iso of the encoder on held-out points (minimum 1/2).
-
-    python -m isodiff.analysis.toy                # results/quick/figures/toy_fig3.{png,pdf,json}
-    python -m isodiff.analysis.toy out_dir=/tmp/toy steps=300
 """
 
 from __future__ import annotations

@@ -1,6 +1,21 @@
-"""`python -m isodiff.evaluate run=<run dir> eval=<smoke|quick|paper>`: evaluate a done run;
-`released=<diffusers folder | cached hub id> data=<its data>`: a model isodiff did not train
-(isodiff.evaluate.released), in a folder of its own under <run_root>/<tier>/released/."""
+"""Evaluate a finished training run: its metrics (FID, PPL, RTL, L_iso ...) into metrics.json.
+
+Examples:
+  python -m isodiff.evaluate run=runs/quick/default/<job> eval=quick
+  python -m isodiff.evaluate run=runs/quick/default/<job> eval=smoke metrics=[fid,ppl]
+  python -m isodiff.evaluate run=<a job still training> wait=true   # then evaluates it
+
+run= is a job folder of python -m isodiff.train (it holds status.json). It writes
+<run>/metrics.json and <run>/eval/; a metric already stored with the same protocol is
+skipped (force=true recomputes). A model isodiff did not train (a diffusers U-Net or
+pipeline folder, a cached hub id), given its data, gets <run_root>/<tier>/released/<name>/:
+  python -m isodiff.evaluate released=<model folder> data=folder data.root=<images> eval=quick
+
+Keys: key=value sets one, group=option picks a file of conf/<group>/ (below).
+  python -m isodiff.evaluate --cfg job  every key with its value (after your overrides)
+  conf/evaluate.yaml                    the keys, commented
+  conf/eval/<preset>.yaml               each metric's sample counts and steps (eval.<metric>.*)
+"""
 
 from __future__ import annotations
 
@@ -17,6 +32,7 @@ from isodiff.cli import USAGE, fail, hydra_main
 from isodiff.config import CONF, check_device, check_run_folder
 from isodiff.errors import UserError
 from isodiff.evaluate.config import register_schemas, to_evaluate_config
+from isodiff.runs.running import check_job_ended
 
 register_schemas()
 log = logging.getLogger("isodiff.evaluate")
@@ -28,6 +44,7 @@ def main(cfg: DictConfig) -> dict:
         config = to_evaluate_config(cfg)
         if config.run is not None:  # in isodiff.config: a launcher pickles main by reference
             check_run_folder(config.run)
+            check_job_ended(config.run, wait=config.wait)
         else:  # its folder found by its files' sha256, or made (loads torch: config valid)
             from isodiff.evaluate.released import prepare
 

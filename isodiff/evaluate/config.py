@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from isodiff.config import CONF, DataConfig, tier_config
+from isodiff.config import CONF, DataConfig, closest, tier_config
 from isodiff.errors import ConfigError
 from isodiff.evaluate.metrics import Metric, registry
 from isodiff.runs.identity import folder_part
@@ -77,11 +77,14 @@ class EvaluateConfig:
     force: bool = False  # recompute even when the stored protocol matches
     clip_sample: bool | None = None  # DDIM x0 clipping; null: the run's diffusion.clip_sample
     progress: bool = True
+    wait: bool = False  # run= still training: wait for its job to end, then evaluate
 
     def __post_init__(self) -> None:
         names = list(registry())
         if unknown := set(self.metrics or ()) - set(names):
-            raise ConfigError(f"metrics: unknown {sorted(unknown)}; use {names}")
+            near = [n for u in sorted(unknown) if (n := closest(u, names))]
+            hint = f"did you mean {', '.join(near)}? " if near else ""
+            raise ConfigError(f"metrics: unknown {sorted(unknown)}; {hint}use {names}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):

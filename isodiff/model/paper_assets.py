@@ -1,11 +1,9 @@
-"""`python -m isodiff.model.paper_assets {fetch,verify,list} [names] --root DIR [options]`
+"""Prepare the paper tier's released checkpoints and datasets once, on a machine with internet.
 
-The paper tier's released checkpoints (<root>/checkpoints/<name>/, hub snapshots) and four
-datasets (<root>/data/<name>/, image folders for `data=folder`), prepared once on a machine
-with internet; <root>/downloads/ caches the raw downloads. Each asset folder gets a
-MANIFEST.json (sha256 and size of every file), written atomically and last: a half-prepared
-asset has none and is prepared again. Paper-tier commands `require` the assets and never
-download.
+Examples:
+  python -m isodiff.model.paper_assets list
+  python -m isodiff.model.paper_assets fetch --root assets --celebahq-source ~/celebahq.zip
+  python -m isodiff.model.paper_assets verify --root assets --full
 
   fetch [names]   prepare the assets (default: all); one that verifies is left alone.
                   --celebahq-source P (a folder or .zip of CelebA-HQ images: needed),
@@ -13,6 +11,12 @@ download.
   verify [names]  one line per asset: ok / missing / corrupt; exit 1 unless all are ok.
                   --full: also the sha256 of data files (of checkpoints: always)
   list            the assets and where they come from
+
+Checkpoints go to <root>/checkpoints/<name>/ (hub snapshots), the four datasets to
+<root>/data/<name>/ (image folders for `data=folder`); <root>/downloads/ caches the raw
+downloads. Each asset folder gets a MANIFEST.json (sha256 and size of every file), written
+atomically and last: a half-prepared asset has none and is prepared again. Paper-tier
+commands `require` the assets (ISODIFF_ASSETS=<root> or assets.root=) and never download.
 """
 
 from __future__ import annotations
@@ -448,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="python -m isodiff.model.paper_assets",
-        usage=__doc__,
+        description=__doc__,  # --help starts with what the command does, then its examples
+        usage=argparse.SUPPRESS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("action", choices=["fetch", "verify", "list"])

@@ -1,17 +1,22 @@
-"""`python -m isodiff.sweep.bases [tier=quick] [out=DIR] [verify=DIR] [run_root=runs] [cluster=...]`
+"""Train, check and export the tier's base models (one per dataset) that sweeps fine-tune.
 
-The tier's pretrained base models, one per dataset, as the paper starts from
-google/ddpm-ema-celebahq-256: trained with the tier's recipe (conf/tier/<tier>.yaml and
-conf/recipe/<tier>_base.yaml), evaluated on the quality check (eval=base: FID of 1,000
-samples against held-out images beside the real-vs-real floor, classifier confidence and
-class coverage), and exported to `out/<dataset>/` as diffusers UNet2DModel folders of the EMA
-weights, with `out/manifest.json`: the command and commit, device, package versions,
-config hash, sha256 of every file, training time and the quality figures.
+Examples:
+  python -m isodiff.sweep.bases tier=smoke out=/tmp/bases
+  python -m isodiff.sweep.bases tier=quick verify=isodiff/pretrained/quick   # `make bases`
 
-isodiff ships the quick tier's bases in isodiff/pretrained/quick; `make bases` retrains them
-from scratch and, with `verify=isodiff/pretrained/quick`, compares: bitwise (sha256) where
-device and torch match the manifest's, the quality check otherwise. Exit 1 when a base fails its
-quality check or the verification.
+Keys: tier= (default quick), out= (default runs/<tier>/bases), verify=<a bases folder>;
+any other key=value is a training override, e.g. run_root=runs or cluster=slurm_local
+(python -m isodiff.train --cfg job lists them).
+
+As the paper starts from google/ddpm-ema-celebahq-256: trained with the tier's recipe
+(conf/tier/<tier>.yaml and conf/recipe/<tier>_base.yaml), evaluated on the quality check
+(eval=base: FID of 1,000 samples against held-out images beside the real-vs-real floor,
+classifier confidence and class coverage), and exported to `out/<dataset>/` as diffusers
+UNet2DModel folders of the EMA weights, with `out/manifest.json`: the command and commit,
+device, package versions, config hash, sha256 of every file, training time and the quality
+figures. isodiff ships the quick tier's bases in isodiff/pretrained/quick; `verify=`
+compares with them: bitwise (sha256) where device and torch match the manifest's, the
+quality check otherwise. Exit 1 when a base fails its quality check or the verification.
 """
 
 from __future__ import annotations

@@ -1,4 +1,13 @@
-"""`python -m isodiff.sweep <spec> [tier=quick] [overrides] [--plan]`: run a spec end to end.
+"""Run an experiment spec end to end: train its grid, evaluate the finished jobs.
+
+Examples:
+  python -m isodiff.sweep table_1 tier=smoke                 # every stage, smoke-sized
+  python -m isodiff.sweep table_1 tier=quick --plan          # the jobs and metrics, nothing run
+  python -m isodiff.sweep table_1 datasets=shapes cluster=slurm_local
+
+Keys: tier=smoke|quick|paper (default quick), datasets=shapes[,mnist], --plan; a spec is a
+file of experiments/ (table_1 ... table_7, figure_*); any other key=value is a training
+override for every job (python -m isodiff.train --cfg job lists them).
 
 For each dataset: the tier's base model (trained once, shared by every spec), then the
 spec's grid as one Hydra multirun of isodiff.train fine-tuned from it, then isodiff.evaluate
@@ -6,11 +15,11 @@ of the finished jobs on the metrics their specs show (and their figures draw).
 First every job is compiled into the plan (composed and validated: a bad key or value in
 a spec stops here, before any folder exists), written to <run_root>/<tier>/plans/<spec>.json;
 `--plan` prints it and launches nothing. Launcher overrides (`cluster=slurm_local`,
-`hydra/launcher=submitit_local`, ...) go to both stages. `datasets=shapes[,mnist]` launches
-only those datasets' jobs (the plan keeps every job; the others show as not run).
-Idempotent: finished jobs and computed metrics are skipped by the jobs themselves; a grid
-whose jobs are all done is not launched at all. Job outcomes are read from status files,
-never from exit codes.
+`hydra/launcher=submitit_local`, ...) go to both stages. `datasets=` launches only those
+datasets' jobs (the plan keeps every job; the others show as not run). Idempotent:
+finished jobs and computed metrics are skipped by the jobs themselves; a grid whose jobs
+are all done is not launched at all. Job outcomes are read from status files, never from
+exit codes.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from isodiff.config import shipped, tier_config
+from isodiff.config import closest, shipped, tier_config
 from isodiff.errors import ConfigError
 
 EXPERIMENTS = shipped("experiments")
@@ -141,8 +141,12 @@ def load_spec(name_or_path: str | Path) -> Spec:
     if not path.suffix:
         path = EXPERIMENTS / f"{name_or_path}.yaml"
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in EXPERIMENTS.glob("*.yaml") if p.stem != "tiers"))
-        raise ConfigError(f"spec {str(name_or_path)!r} not found; known specs: {known}")
+        names = sorted(p.stem for p in EXPERIMENTS.glob("*.yaml") if p.stem != "tiers")
+        near = closest(str(name_or_path), names)
+        hint = f"did you mean {near}? " if near else ""
+        raise ConfigError(
+            f"spec {str(name_or_path)!r} not found; {hint}known specs: {', '.join(names)}"
+        )
     spec = _load(OmegaConf.load(path), Spec, str(path))
     for i, claim in enumerate(spec.claims):
         _check_claim(claim, f"{path}: claims[{i}]")

@@ -1,4 +1,19 @@
-"""`python -m isodiff.train [overrides]`: train one job (or a Hydra multirun with -m)."""
+"""Train a diffusion model, with the isometric regulariser lambda_iso * L_iso when lambda_iso > 0.
+
+Examples:
+  python -m isodiff.train tier=smoke                      # a tiny U-Net on shapes
+  python -m isodiff.train data=mnist lambda_iso=1e-3 iso.metric=spherical
+  python -m isodiff.train -m lambda_iso=0,1e-4,1e-3       # a Hydra multirun: one job each
+
+A job writes <run_root>/<tier>/<experiment>/<job>/ (status.json, config.yaml, train.log,
+checkpoints/, final/); the same command skips it when done and resumes it otherwise. Then:
+python -m isodiff.evaluate run=<that folder>.
+
+Keys: key=value sets one, group=option picks a file of conf/<group>/ (below).
+  python -m isodiff.train --cfg job     every key with its value (after your overrides)
+  conf/train.yaml                       the main keys, commented (lambda_iso, iso.*, seed)
+  isodiff/config.py                     each key's type, range and meaning
+"""
 
 from __future__ import annotations
 
