@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from isodiff import cli
+from isodiff.analysis import tables
+from isodiff.analysis.claims import write_claims
+from isodiff.analysis.index import lacking
 from isodiff.analysis.synthetic import write_runs
+from isodiff.errors import UserError
 from isodiff.runs.status import weights_record
 from isodiff.sweep import command as sweep
 from isodiff.sweep import progress
@@ -178,3 +183,34 @@ def test_a_requested_spec_without_runs_fails_with_the_sweep_that_makes_them(
     assert result.returncode == 2, result.stderr
     assert f"python -m isodiff.sweep {name} tier=smoke run_root={tmp_path}/runs" in result.stderr
     assert "table_4" in result.stderr and not (tmp_path / "o").exists()
+
+
+def test_all_tables_skip_the_specs_without_runs_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_runs(tmp_path / "runs", load_spec("table_3"), "smoke")
+    specs = [load_spec(n) for n in ("table_1", "table_3", "table_4")]  # all, as far as it knows
+    monkeypatch.setattr(tables, "all_specs", lambda: specs)
+    written = tables.render_all(tmp_path / "runs", "smoke", tmp_path / "o")
+    assert {p.name for p in written} == {"table_3.md", "table_3.tex", "table_3.csv"}
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.startswith(f"no runs yet under {tmp_path}/runs/smoke for table_1, table_4: ")
+    assert line.endswith(
+        f"`python -m isodiff.sweep <spec> tier=smoke run_root={tmp_path}/runs` makes them"
+    )
+
+
+def test_claims_named_without_runs_are_refused_and_the_index_says_what_it_lacks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_runs(tmp_path / "runs", load_spec("table_3"), "smoke")
+    with pytest.raises(UserError, match=r"table_1: no runs under .*isodiff.sweep table_1 tier"):
+        write_claims(tmp_path / "runs", "smoke", tmp_path / "o", ["liso"])
+    assert not (tmp_path / "o").exists()
+    args = cli.parse([f"run_root={tmp_path}/runs", "tier=smoke", f"out={tmp_path}/o"])
+    tables.render_all(args.run_root, "smoke", args.out, ["table_3"])
+    options = f"tier=smoke run_root={tmp_path}/runs out={tmp_path}/o"
+    assert lacking(args) == [
+        f"no claims register yet: `python -m isodiff.analysis.claims {options}`",
+        f"no figures yet: `python -m isodiff.analysis.figures {options}`",
+    ]
