@@ -166,7 +166,7 @@ def test_a_sweep_reports_each_job_as_it_finishes(tmp_path: Path) -> None:
     assert watch.poll() == []
     first, second = jobs
     _job(first, steps=600, steps_per_s=2.0)
-    assert watch.poll() == ["[1/2] shapes/j0 done (5 min)"]
+    assert watch.poll() == ["[1/2] shapes/j0 done (trained in 5 min)"]
     assert watch.poll() == []  # reported once
     _job(second, "failed", error="ValueError: bad")
     assert watch.poll() == ["[2/2] shapes/j1 failed: ValueError: bad"]
@@ -214,3 +214,17 @@ def test_claims_named_without_runs_are_refused_and_the_index_says_what_it_lacks(
         f"no claims register yet: `python -m isodiff.analysis.claims {options}`",
         f"no figures yet: `python -m isodiff.analysis.figures {options}`",
     ]
+
+
+def test_a_named_figure_with_runs_but_nothing_to_draw_says_so_and_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from isodiff.analysis import figures
+
+    write_runs(tmp_path / "runs", load_spec("table_4"), "smoke")  # no eval/rtl.npz to draw
+    args = [f"run_root={tmp_path}/runs", "tier=smoke", f"out={tmp_path}/o", "figure_4"]
+    assert figures.main(args) == 1
+    assert capsys.readouterr().out.startswith(
+        "figure_4: nothing to draw: no done run of table_4 stores what it draws; "
+        f"`python -m isodiff.sweep figure_4 tier=smoke run_root={tmp_path}/runs` evaluates them"
+    )

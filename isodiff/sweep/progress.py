@@ -335,8 +335,8 @@ class Watch:
     def _outcome(run_dir: Path, metrics: list[str], state: str) -> str:
         own = measured(run_dir)
         if state == EVALUATED and own is not None:
-            return f"evaluated ({duration(sum(own.seconds.get(m, 0.0) for m in metrics))})"
+            return f"evaluated (in {duration(sum(own.seconds.get(m, 0.0) for m in metrics))})"
         if state in (DONE, EVALUATED) and own is not None and own.train_s:
-            return f"done ({duration(own.train_s)})"
+            return f"done (trained in {duration(own.train_s)})"
         note = planned_state(run_dir, metrics)[1]
         return f"{state}: {note}" if note and state != DONE else state
