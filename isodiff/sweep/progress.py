@@ -200,6 +200,8 @@ class JobStanding:
 
 
 def standing(job: PlannedJob, run_dir: Path, on: Basis) -> JobStanding:
+    """A planned job in its folder: its state, its own measured cost, and the estimate of
+    what is left (all its metrics when it trains again)."""
     state, note = planned_state(run_dir, job.metrics)
     train = state in TO_TRAIN
     lacking = list(job.metrics) if train else to_evaluate(run_dir, job.metrics)
@@ -216,30 +218,42 @@ def standing(job: PlannedJob, run_dir: Path, on: Basis) -> JobStanding:
 
 
 def duration(seconds: float) -> str:
+    """Seconds as a person reads a wait: "<1 min", "12 min", "1.5 h"."""
     if seconds < 60:
         return "<1 min"
     return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
-def _unmeasured(cost: Cost) -> str:
-    return f"; {', '.join(cost.unmeasured)} unmeasured" if cost.unmeasured else ""
+def about(seconds: float) -> str:
+    """An estimate's duration: "~12 min" (one under a minute is said as such)."""
+    return duration(seconds) if seconds < 60 else f"~{duration(seconds)}"
+
+
+def _unmeasured(names: list[str]) -> str:
+    return f"; {', '.join(names)} unmeasured" if names else ""
 
 
 def _job_line(s: JobStanding) -> str:
-    parts = []
+    parts, unmeasured = [], s.left.unmeasured
     if s.spent.train_s:
         parts.append(f"trained in {duration(s.spent.train_s)}")
     if s.spent.eval_s:
         parts.append(f"evaluated in {duration(s.spent.eval_s)}")
     if s.to_train:
-        parts.append(f"train ~{duration(s.left.train_s)}" if s.left.train_s else "train")
-    if s.metrics_left:  # a done job's: which
-        what = "evaluate" if s.to_train else f"evaluate {', '.join(s.metrics_left)}"
-        parts.append(f"{what} ~{duration(s.left.eval_s)}" if s.left.eval_s else what)
+        parts.append(f"train {about(s.left.train_s)}" if s.left.train_s else "train")
+    if s.metrics_left and s.to_train:
+        parts.append(f"evaluate {about(s.left.eval_s)}" if s.left.eval_s else "evaluate")
+    elif s.metrics_left:  # a done job's: which metrics
+        what = f"evaluate {', '.join(s.metrics_left)}"
+        if s.left.eval_s:
+            parts.append(f"{what} {about(s.left.eval_s)}")
+        else:  # none measured: said once
+            parts.append(f"{what} (unmeasured)")
+            unmeasured = [u for u in unmeasured if u not in s.metrics_left]
     note = f"  ({s.note})" if s.note and s.state != DONE else ""
     return (
         f"  {s.state:11s} {s.job.stage:8s} {s.job.folder}{note}\n"
-        f"              {', '.join(parts) or 'nothing left'}{_unmeasured(s.left)}"
+        f"              {', '.join(parts) or 'nothing left'}{_unmeasured(unmeasured)}"
     )
 
 
@@ -260,9 +274,9 @@ def remaining(standings: list[JobStanding]) -> str:
     left = _left(standings)
     train = sum(s.to_train for s in standings)
     evaluate = sum(bool(s.metrics_left) for s in standings)
-    est = f" (~{duration(left.train_s)} est.)" if left.train_s else ""
-    eval_est = f" (~{duration(left.eval_s)} est.)" if left.eval_s else ""
-    return f"{train} to train{est}, {evaluate} to evaluate{eval_est}{_unmeasured(left)}"
+    est = f" ({about(left.train_s)} est.)" if left.train_s else ""
+    eval_est = f" ({about(left.eval_s)} est.)" if left.eval_s else ""
+    return f"{train} to train{est}, {evaluate} to evaluate{eval_est}{_unmeasured(left.unmeasured)}"
 
 
 def headline(name: str, standings: list[JobStanding]) -> str:
@@ -287,9 +301,7 @@ def describe(plan: Plan, standings: list[JobStanding], on: Basis, root: Path) ->
     ]
     done = [s for s in standings if not s.to_train]
     left = _left(standings)
-    total = (
-        f"; ~{duration(left.train_s + left.eval_s)} in all" if left.train_s + left.eval_s else ""
-    )
+    total = f"; {about(left.train_s + left.eval_s)} in all" if left.train_s + left.eval_s else ""
     return "\n".join(
         [
             f"{plan.spec} (tier {plan.tier}): {len(standings)} jobs: {counts(standings)}",
