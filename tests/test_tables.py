@@ -11,7 +11,7 @@ import pytest
 from isodiff.analysis.collect import collect_runs
 from isodiff.analysis.synthetic import write_runs
 from isodiff.analysis.tables import build_table, render_all, to_markdown
-from isodiff.errors import ConfigError
+from isodiff.errors import ConfigError, UserError
 from isodiff.sweep.specs import all_specs, expand, load_spec
 
 
@@ -152,7 +152,8 @@ def test_figures_draw_one_curve_per_setting(tmp_path: Path) -> None:
     assert len(found) == 9 and all(len(v) == 1 for v in found.values())
     written = render_figures(tmp_path / "runs", "smoke", tmp_path / "results", ["figure_4"])
     assert [p.suffix for p in written] == [".png", ".pdf"] and written[0].stat().st_size > 0
-    assert render_figures(tmp_path / "runs", "smoke", tmp_path / "results", ["figure_1"]) == []
+    with pytest.raises(UserError, match=r"figure_1 \(it shows table_1.s runs\): no runs under"):
+        render_figures(tmp_path / "runs", "smoke", tmp_path / "results", ["figure_1"])
 
 
 def test_paired_differences_from_the_control_by_seed(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ import pandas as pd
 
 from isodiff import cli
 from isodiff.analysis.collect import collect_runs
-from isodiff.analysis.tables import spec_rows
+from isodiff.analysis.tables import not_swept, refuse_or_list, spec_rows
 from isodiff.errors import UserError
 from isodiff.runs.files import atomic_write_text
 from isodiff.sweep.specs import Claim, Spec, canonical, load_spec
@@ -307,7 +307,8 @@ def judge_all(
 ) -> list[Result]:
     """Every claim of the spec (or those named) on the collected runs (collect_runs of
     <run_root>/<tier>), each source's planned runs joined once (analysis.tables.spec_rows:
-    the plan its sweep wrote, else the one it would compile)."""
+    the plan its sweep wrote, else the one it would compile). Sources without runs are
+    listed in one line, or refused (UserError) when the claims were named."""
     claims = [c for c in spec.claims if not ids or c.id in ids]
     if ids and (unknown := sorted(set(ids) - {c.id for c in claims})):
         raise UserError(
@@ -322,6 +323,13 @@ def judge_all(
             source = load_spec(name)
             sources[name] = source, spec_rows(df, source, tier, released=False)[0]
         results += judge(sources[name][1], claim, sources[name][0], tier)
+    root = Path(df.attrs["root"])
+    absent = {
+        name: why
+        for name, (_, rows) in sources.items()
+        if (why := not_swept(name, name, rows, root, tier))
+    }
+    refuse_or_list(absent, bool(ids), root, tier)
     return results
 
 

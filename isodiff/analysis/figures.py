@@ -32,7 +32,13 @@ from matplotlib.figure import Figure, SubFigure  # noqa: E402
 
 from isodiff import cli  # noqa: E402
 from isodiff.analysis.collect import collect_runs  # noqa: E402
-from isodiff.analysis.tables import _label, spec_rows  # noqa: E402
+from isodiff.analysis.tables import (  # noqa: E402
+    _label,
+    not_swept,
+    refuse_or_list,
+    spec_rows,
+    sweep_command,
+)
 from isodiff.runs.files import RunFileError
 from isodiff.runs.status import read_metrics  # noqa: E402
 from isodiff.sweep.specs import Spec, all_specs, canonical, load_spec  # noqa: E402
@@ -497,20 +503,39 @@ def render_figure(df: pd.DataFrame, spec: Spec, tier: str, out_dir: Path) -> lis
 
 
 def render_all(run_root: Path, tier: str, out: Path, names: list[str] | None = None) -> list[Path]:
-    df = collect_runs(run_root / tier)
+    """The figures of the named figure specs (default: every one whose table has runs)
+    under out/<tier>/; UserError, before any is drawn, when a named one's table has no
+    runs; a figure with nothing to draw is said so."""
+    root = run_root / tier
+    df = collect_runs(root)
     specs = [load_spec(n) for n in names] if names else all_specs()
+    specs = [s for s in specs if s.kind == "figure"]
+    sources = dict.fromkeys(s.source for s in specs)
+    rows = {source: spec_rows(df, load_spec(source), tier)[0] for source in sources}
+    absent = {
+        s.name: why
+        for s in specs
+        if (why := not_swept(s.name, s.source, rows[s.source], root, tier))
+    }
+    refuse_or_list(absent, bool(names), root, tier)
     written = []
-    for spec in specs:
-        if spec.kind == "figure" and not df.empty:
-            written += render_figure(df, spec, tier, out / tier / "figures")
+    for spec in (s for s in specs if s.name not in absent):
+        if not (paths := render_figure(df, spec, tier, out / tier / "figures")):
+            print(
+                f"{spec.name}: nothing to draw: no done run of {spec.source} stores what it "
+                f"draws; `{sweep_command(spec.name, tier, run_root)}` evaluates them"
+            )
+        written += paths
     return written
 
 
 def main(argv: list[str]) -> int:
     def work(args: cli.Args) -> int:
-        for path in render_all(args.run_root, args.tier, args.out, args.names):
+        written = render_all(args.run_root, args.tier, args.out, args.names)
+        for path in written:
             print(f"wrote {path}")
-        return 0
+        drawn = {path.stem for path in written}
+        return 1 if args.names and any(n not in drawn for n in args.names) else 0
 
     return cli.analysis(__doc__, argv, work)
 

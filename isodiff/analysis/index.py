@@ -142,9 +142,29 @@ def write_index(run_root: Path, tier: str, out: Path) -> Path:
     return path
 
 
+def lacking(args: cli.Args) -> list[str]:
+    """What the page has nothing of yet, each with the command that makes it."""
+    page_dir = args.out / args.tier
+    options = [f"tier={args.tier}"]
+    options += [] if args.run_root == Path("runs") else [f"run_root={args.run_root}"]
+    options += [] if args.out == Path("results") else [f"out={args.out}"]
+    parts = (
+        ("claims register", "claims", (page_dir / "claims.md").is_file()),
+        ("tables", "tables", any((page_dir / "tables").glob("*.md"))),
+        ("figures", "figures", any((page_dir / "figures").glob("*.png"))),
+    )
+    return [
+        f"no {what} yet: `python -m isodiff.analysis.{module} {' '.join(options)}`"
+        for what, module, there in parts
+        if not there
+    ]
+
+
 def main(argv: list[str]) -> int:
     def work(args: cli.Args) -> int:
         print(f"wrote {write_index(args.run_root, args.tier, args.out)}")
+        for line in lacking(args):
+            print(line)
         return 0
 
     return cli.analysis(__doc__, argv, work)

@@ -29,10 +29,12 @@ import pandas as pd
 
 from isodiff import cli
 from isodiff.analysis.collect import collect_runs
+from isodiff.errors import UserError
 from isodiff.evaluate.metrics import lower_is_better
 from isodiff.evaluate.metrics.calibration import FLOOR_SDS, within_floor
 from isodiff.evaluate.metrics.quality import check
 from isodiff.sweep.command import plan_for
+from isodiff.sweep.plan import plan_path
 from isodiff.sweep.specs import Spec, all_specs, canonical, load_spec
 
 
@@ -46,6 +48,7 @@ class Table:
     problems: list[str] = field(default_factory=list)
     paired: pd.DataFrame | None = None  # spec.control: differences from it, as strings
     floors: dict[str, float] = field(default_factory=dict)  # dataset -> real-vs-real FID
+    rows: pd.DataFrame | None = None  # spec_rows: its planned jobs, as collected
 
 
 def _key(pairs: list[tuple[str, object]]) -> str:
@@ -104,6 +107,40 @@ def spec_rows(
         if state == "done" and isinstance(environment := row.get("environment"), str):
             problems.append(f"{row['_name']}: {environment}")  # the machine's, not the run's
     return merged, problems
+
+
+def sweep_command(name: str, tier: str, run_root: Path) -> str:
+    """The sweep that makes (and evaluates) a spec's runs, as a user types it."""
+    where = "" if run_root == Path("runs") else f" run_root={run_root}"
+    return f"python -m isodiff.sweep {name} tier={tier}{where}"
+
+
+def not_swept(name: str, source: str, rows: pd.DataFrame, root: Path, tier: str) -> str | None:
+    """Why spec `name` has nothing to show: none of the planned jobs of `source` (the table
+    whose runs it shows: spec_rows) has run, and the sweep that runs them; None when some has.
+    root: the tier's folder."""
+    if "state" in rows and rows["state"].notna().any():
+        return None
+    plan = plan_path(root, source)
+    why = (
+        f"none of the {len(rows)} jobs of {plan} has run"
+        if plan.is_file()
+        else f"no runs under {root} (no sweep of {source} has written {plan})"
+    )
+    of = "" if name == source else f" (it shows {source}'s runs)"
+    return f"{name}{of}: {why}; run `{sweep_command(name, tier, root.parent)}`"
+
+
+def refuse_or_list(absent: dict[str, str], requested: bool, root: Path, tier: str) -> None:
+    """Specs with nothing to show: an error (UserError, before anything is written) when
+    the user named them, else one line that lists them and the sweep that makes them."""
+    if absent and requested:
+        raise UserError("; ".join(absent.values()))
+    if absent:
+        print(
+            f"no runs yet under {root} for {', '.join(absent)}: "
+            f"`{sweep_command('<spec>', tier, root.parent)}` makes them"
+        )
 
 
 def released_rows(spec: Spec, tier: str, root: Path) -> tuple[list[dict], list[str]]:
@@ -194,6 +231,7 @@ def build_table(df: pd.DataFrame, spec: Spec, tier: str) -> Table:
         problems,
         paired_differences(merged, spec, tier),
         floors.dropna().to_dict(),
+        merged,
     )
 
 
@@ -373,19 +411,22 @@ def write_table(table: Table, tier: str, out_dir: Path) -> list[Path]:
 
 
 def render_all(run_root: Path, tier: str, out: Path, names: list[str] | None = None) -> list[Path]:
-    df = collect_runs(run_root / tier)
+    """The tables of the named table specs (default: every one with runs) under out/<tier>/;
+    UserError, before any is written, when a named spec has no runs."""
+    root = run_root / tier
+    df = collect_runs(root)
     specs = [load_spec(n) for n in names] if names else all_specs()
+    built = [build_table(df, spec, tier) for spec in specs if spec.kind == "table"]
+    absent = {
+        t.spec.name: why
+        for t in built
+        if (why := not_swept(t.spec.name, t.spec.name, t.rows, root, tier))
+    }
+    refuse_or_list(absent, bool(names), root, tier)  # no page of "not run" rows
     written = []
-    for spec in specs:
-        if spec.kind != "table":
-            continue
-        if (
-            spec.on_demand
-            and not names
-            and spec_rows(df, spec, tier)[0].get("state", pd.Series(dtype=object)).isna().all()
-        ):
-            continue  # an on-demand spec nobody has swept: no page of "not run" rows
-        written += write_table(build_table(df, spec, tier), tier, out / tier / "tables")
+    for table in built:
+        if table.spec.name not in absent:
+            written += write_table(table, tier, out / tier / "tables")
     return written
 
 

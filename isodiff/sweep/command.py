@@ -48,13 +48,14 @@ from isodiff.runs.status import (
     stale_metrics,
     verify_base,
 )
-from isodiff.sweep import plan
+from isodiff.sweep import plan, progress
 from isodiff.sweep.specs import Spec, all_specs, dataset_override, load_spec
 
 log = logging.getLogger("isodiff.sweep")
 # The overrides that choose where jobs run: they go to every stage (training, evaluation).
 LAUNCHER_KEYS = ("cluster=", "hydra/launcher=", "hydra.launcher.")
 PRETRAINED = shipped("pretrained")  # isodiff/pretrained, in a checkout and in a wheel
+POLL_S = 10.0  # how often a running stage's job folders are looked at for progress
 
 
 def shipped_base(tier: str, dataset: str) -> Path:
@@ -70,10 +71,21 @@ def shipped_base(tier: str, dataset: str) -> Path:
     return path
 
 
-def _multirun(module: str, args: list[str]) -> None:
+def _multirun(module: str, args: list[str], watch: progress.Watch | None = None) -> None:
+    """Run a multirun to its end (outcomes come from status files, not its exit code),
+    logging the jobs `watch` sees finish meanwhile."""
     cmd = [sys.executable, "-m", module, "-m", *args]
     log.info("$ %s", " ".join(cmd))
-    subprocess.run(cmd, check=False)  # outcomes come from status files
+    with subprocess.Popen(cmd) as proc:
+        while watch is not None:
+            try:
+                proc.wait(timeout=POLL_S)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            finally:
+                for line in watch.poll():
+                    log.info("%s", line)
 
 
 def base_stage(datasets: list[str], tier: str, extra: list[str]) -> dict[str, Path]:
@@ -92,6 +104,7 @@ def train_stage(
     bases: dict[str, Path],
     extra: list[str],
     datasets: list[str],
+    watch: progress.Watch | None = None,
 ) -> None:
     """Train the plan's fine-tunes of the spec on those datasets, one multirun per dataset."""
     tier = compiled.tier
@@ -116,6 +129,7 @@ def train_stage(
             plan.multirun_overrides(
                 spec, tier, dataset, None if base_dir is None else str(base_dir), extra
             ),
+            watch,
         )
 
 
@@ -140,7 +154,12 @@ def _interleaved(dirs: list[Path]) -> list[Path]:
     return [d for turn in itertools.zip_longest(*by_dataset.values()) for d in turn if d]
 
 
-def evaluate_stage(jobs: dict[Path, set[str]], preset: str, extra: list[str]) -> None:
+def evaluate_stage(
+    jobs: dict[Path, set[str]],
+    preset: str,
+    extra: list[str],
+    watch: progress.Watch | None = None,
+) -> None:
     """isodiff.evaluate of every finished job on the metrics it needs: one multirun per set
     of metrics (the jobs skip metrics already computed)."""
     groups: dict[tuple[str, ...], list[Path]] = {}
@@ -152,6 +171,7 @@ def evaluate_stage(jobs: dict[Path, set[str]], preset: str, extra: list[str]) ->
         _multirun(
             "isodiff.evaluate",
             [f"run={quoted}", f"eval={preset}", f"metrics=[{','.join(metrics)}]", *extra],
+            watch,
         )
 
 
@@ -197,6 +217,17 @@ def plan_for(spec: Spec, tier: str, root: Path) -> plan.Plan:
     )
 
 
+def standings(
+    compiled: plan.Plan, root: Path, on: progress.Basis, datasets: list[str] | None = None
+) -> list[progress.JobStanding]:
+    """The plan's jobs (of those datasets; default all) as they stand, with their costs."""
+    return [
+        progress.standing(job, root / job.folder, on)
+        for job in compiled.jobs
+        if datasets is None or job.dataset in datasets
+    ]
+
+
 def launched_datasets(plans: list[plan.Plan], only: list[str] | None) -> list[str]:
     """The plans' datasets that a sweep launches: all, or those `datasets=` names."""
     planned = list(dict.fromkeys(job.dataset for p in plans for job in p.finetunes()))
@@ -227,10 +258,19 @@ def run_specs(
     for compiled in plans:
         log.info("plan: %s", plan.write_plan(compiled, root))
     settings = tier_config(tier)
+    on = progress.basis(progress.measure_tier(root).values())
+    watches = {}
+    for compiled in plans:
+        now = standings(compiled, root, on, datasets)
+        log.info("%s", progress.headline(compiled.spec, now))
+        watches[compiled.spec] = progress.Watch(
+            {root / s.job.folder: s.job.metrics for s in now if s.to_train},
+            (progress.DONE, progress.EVALUATED, progress.FAILED, progress.INTERRUPTED),
+        )
     if bases and settings.bases == BaseSource.trained:
         base_stage([d for d in bases if d in datasets], tier, extra)
     for compiled in plans:
-        train_stage(compiled.source, compiled, root, bases, extra, datasets)
+        train_stage(compiled.source, compiled, root, bases, extra, datasets, watches[compiled.spec])
     launched = [
         (compiled, [j for j in compiled.finetunes() if j.dataset in datasets]) for compiled in plans
     ]
@@ -240,7 +280,10 @@ def run_specs(
             needs.setdefault(root / job.folder, set()).update(job.metrics)
     # Evaluation takes only the launcher overrides; the rest are training keys.
     launch = [a for a in extra if a.startswith(LAUNCHER_KEYS)]
-    evaluate_stage(needs, settings.eval, launch)
+    lacking = {
+        d: sorted(m) for d, m in needs.items() if is_done(d) and progress.to_evaluate(d, sorted(m))
+    }
+    evaluate_stage(needs, settings.eval, launch, progress.Watch(lacking, (progress.EVALUATED,)))
     counts = {}
     for compiled, jobs in launched:
         states = [_state(root / job.folder) for job in jobs]
@@ -336,12 +379,16 @@ def _sweep(argv: list[str]) -> int:
             f"# under {root}; nothing is launched (a sweep would launch the jobs of "
             f"{', '.join(launched)})"
         )
-        print("\n".join(p.describe() for p in plans))
+        on = progress.basis(progress.measure_tier(root).values())
+        print("\n".join(progress.describe(p, standings(p, root, on), on, root) for p in plans))
         return 0
     counts = run_specs(specs, tier, got.overrides, only)
     failed = 0  # jobs not done and evaluated
     for name, states in counts.items():
-        log.info("%s (%s): %s", name, tier, states)
+        shown = ", ".join(
+            f"{n} {'done and evaluated' if s == DONE else s}" for s, n in states.items()
+        )
+        log.info("%s (%s): %d jobs: %s", name, tier, sum(states.values()), shown)
         failed += sum(n for s, n in states.items() if s != DONE)
     return 1 if failed else 0
 

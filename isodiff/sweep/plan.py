@@ -36,6 +36,8 @@ class PlannedJob:
     point: dict[str, Any] = field(default_factory=dict)  # the spec's keys -> values
     metrics: list[str] = field(default_factory=list)  # what isodiff.evaluate computes
     base: str | None = None  # what it fine-tunes: a planned base's folder, or init_from
+    model: str | None = None  # model.name: with the stage, which measured jobs it compares to
+    steps: int | None = None  # train.steps (None: set by train.epochs, known at launch)
 
 
 @dataclass
@@ -47,15 +49,6 @@ class Plan:
 
     def finetunes(self) -> list[PlannedJob]:
         return [job for job in self.jobs if job.stage == FINETUNE]
-
-    def describe(self) -> str:
-        lines = [f"{self.spec} (tier {self.tier}): {len(self.jobs)} jobs"]
-        lines += [
-            f"  {job.stage:8s} {job.folder}"
-            + (f"  metrics {','.join(job.metrics)}" if job.metrics else "")
-            for job in self.jobs
-        ]
-        return "\n".join(lines)
 
 
 def compose_job(overrides: list[str], validate: bool = True) -> DictConfig:
@@ -129,6 +122,12 @@ def _relative(path: Path, cfg: DictConfig) -> str:
     return str(path.relative_to(tier_dir(cfg)))
 
 
+def _sized(cfg: DictConfig) -> dict[str, Any]:
+    """What a cost estimate needs of a composed job: its model and its planned steps."""
+    steps = cfg.train.steps if cfg.train.get("epochs") is None else None
+    return {"model": str(cfg.model.name), "steps": steps}
+
+
 def compile_plan(
     spec: Spec,
     tier: str,
@@ -145,7 +144,8 @@ def compile_plan(
         base_ref = None
         if base is not None and trained:  # base: <tier folder>/base/<name>
             base_ref = "/".join(base.parts[-2:])
-            jobs.append(PlannedJob(base_ref, BASE, dataset))
+            sized = _sized(compose_job(base_overrides(dataset, tier, extra), validate=False))
+            jobs.append(PlannedJob(base_ref, BASE, dataset, **sized))
         common = finetune_common(spec, tier, dataset, None if base is None else str(base), extra)
         for job in expand(spec, tier):
             if job.dataset != dataset:
@@ -166,6 +166,7 @@ def compile_plan(
                     point,
                     sorted(metrics),
                     base_ref or (None if base is None else base_identity(str(base))),
+                    **_sized(cfg),
                 )
             )
     return Plan(spec.name, tier, jobs, spec)
@@ -200,6 +201,8 @@ def _job_problem(index: int, job: Any) -> str | None:
         or field_problem(job, "point", "object", False, f"{where}.")
         or field_problem(job, "metrics", "list", False, f"{where}.")
         or field_problem(job, "base", "string", False, f"{where}.")
+        or field_problem(job, "model", "string", False, f"{where}.")
+        or field_problem(job, "steps", "int", False, f"{where}.")
     )
     if problem:
         return problem
