@@ -16,6 +16,7 @@ from enum import Enum
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -716,11 +717,21 @@ def default_base(*, _root_: DictConfig) -> str | None:
     return str(base) if fine_tune and shipped_here and (base / "config.json").is_file() else None
 
 
+def spec_dataset(*, _root_: DictConfig) -> str:
+    """A job's dataset as the tier's specs name it, the sweep's experiment= of its
+    fine-tunes (conf/stage/finetune.yaml): its data, or its preset at a tier whose specs
+    name presets (tier.dataset_group; its data when no preset is chosen)."""
+    by_preset = _root_.tier.dataset_group == "preset" and HydraConfig.initialized()
+    preset = HydraConfig.get().runtime.choices.get("preset") if by_preset else None
+    return str(preset) if preset else DatasetName(_root_.data.name).value
+
+
 def register_schemas() -> None:
     """Make the schemas available to conf/ (`defaults: [train_schema, ...]`), and the
-    resolver of init_from's default."""
+    resolvers of the defaults that follow the stage (init_from, experiment)."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     OmegaConf.register_new_resolver("default_base", default_base, replace=True)
+    OmegaConf.register_new_resolver("spec_dataset", spec_dataset, replace=True)
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:

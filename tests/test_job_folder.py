@@ -87,3 +87,28 @@ def test_of_several_folders_of_one_job_the_done_then_the_oldest_is_taken(
     with caplog.at_level(logging.WARNING, "isodiff.runs.identity"):
         assert job_dir(compose_train(["tier=smoke"], run_root)).name == f"c-{signed}"  # done
     assert f"3 folders of one job (c-{signed}, b-{signed}, a-{signed}): using c-" in caplog.text
+
+
+def test_a_fine_tune_is_in_its_dataset_s_experiment_and_names_a_missing_base(
+    tmp_path: Path,
+) -> None:
+    """stage=finetune puts a job where the sweep puts it: its data's folder, its preset's
+    at the paper tier (or its data's when it brings its own model); with no base shipped
+    and no init_from=, one line naming init_from and how to train a base, nothing written."""
+    folders = {
+        "data=mnist": "mnist",
+        "tier=paper preset=ddpm_cifar10": "ddpm_cifar10",
+        "tier=paper init_from=/models/mine data.root=/data/mine": "folder",
+    }
+    for overrides, experiment in folders.items():
+        cfg = compose_train(["stage=finetune", *overrides.split()], tmp_path)
+        assert job_dir(cfg).parent.name == experiment, overrides
+    assert compose_train(["stage=finetune", "data=mnist"]).init_from == str(
+        PRETRAINED / "quick" / "mnist"
+    )
+    run_root = tmp_path / "runs"
+    result = run_cli("isodiff.train", "tier=smoke", "stage=finetune", f"run_root={run_root}")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "init_from is not set: stage=finetune fine-tunes a base and tier=smoke" in result.stderr
+    assert "python -m isodiff.train tier=smoke data=shapes stage=base" in result.stderr
+    assert not run_root.exists()
