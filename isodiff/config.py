@@ -18,6 +18,7 @@ from enum import Enum
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -32,6 +33,7 @@ def shipped(name: str) -> Path:
 
 
 CONF = shipped("conf")
+PRETRAINED = shipped("pretrained")  # the bases a tier ships: pretrained/<tier>/<dataset>
 
 
 def closest(word: str, choices: Iterable[object]) -> str | None:
@@ -670,6 +672,14 @@ class TrainConfig:
             self.lambda_iso,
             "the weight of the isometric loss must be >= 0 (0 trains plain DDPM)",
         )
+        if self.stage == Stage.finetune and self.init_from is None:
+            tier, data = self.tier.name, self.data.name.value
+            raise ConfigError(
+                f"init_from is not set: stage=finetune fine-tunes a base and tier={tier} "
+                f"ships none for data={data}: pass init_from=<a done run, a diffusers "
+                "checkpoint folder or a cached hub id>, e.g. the run of `python -m "
+                f"isodiff.train tier={tier} data={data} stage=base`"
+            )
         _check(
             self.train.lora.rank == 0 or self.init_from is not None,
             "train.lora.rank",
@@ -741,9 +751,33 @@ class TrainConfig:
         return self.lambda_iso > 0 and self.iso.metric != IsoMetric.none
 
 
+def default_base(*, _root_: DictConfig) -> str | None:
+    """`init_from` unless given (conf/train.yaml): at stage=finetune, at a tier whose bases
+    ship, the shipped base of the job's data, as the sweep fine-tunes it (the signature holds
+    a base by its files, so it is the sweep's job); None elsewhere (TrainConfig then asks a
+    fine-tune for init_from=)."""
+    tier = _root_.tier
+    base = PRETRAINED / str(tier.name) / DatasetName(_root_.data.name).value
+    fine_tune = Stage(_root_.stage) == Stage.finetune
+    shipped_here = BaseSource(tier.bases) == BaseSource.shipped
+    return str(base) if fine_tune and shipped_here and (base / "config.json").is_file() else None
+
+
+def spec_dataset(*, _root_: DictConfig) -> str:
+    """A job's dataset as the tier's specs name it, the sweep's experiment= of its
+    fine-tunes (conf/stage/finetune.yaml): its data, or its preset at a tier whose specs
+    name presets (tier.dataset_group; its data when no preset is chosen)."""
+    by_preset = _root_.tier.dataset_group == "preset" and HydraConfig.initialized()
+    preset = HydraConfig.get().runtime.choices.get("preset") if by_preset else None
+    return str(preset) if preset else DatasetName(_root_.data.name).value
+
+
 def register_schemas() -> None:
-    """Make the schemas available to conf/ (`defaults: [train_schema, ...]`)."""
+    """Make the schemas available to conf/ (`defaults: [train_schema, ...]`), and the
+    resolvers of the defaults that follow the stage (init_from, experiment)."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    OmegaConf.register_new_resolver("default_base", default_base, replace=True)
+    OmegaConf.register_new_resolver("spec_dataset", spec_dataset, replace=True)
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:

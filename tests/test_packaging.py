@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -29,9 +30,10 @@ SUITE_ONLY = ("hydra", "omegaconf", "accelerate", "diffusers")
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The wheel, built from a copy of the checkout: setuptools writes build/ beside the
-    sources, and a stale build/ there could put deleted files into the wheel."""
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The wheel, built from a copy of the checkout (setuptools writes build/ beside the
+    sources, and a stale build/ there could put deleted files into the wheel), and what
+    the build printed."""
     source, out = tmp_path_factory.mktemp("src") / "isodiff", tmp_path_factory.mktemp("dist")
     anywhere = shutil.ignore_patterns("*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache")
     top = {".git", ".venv", "build", "dist", "runs", "results", "outputs", "multirun"}
@@ -40,13 +42,12 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
         return set(anywhere(folder, names)) | (top & set(names) if Path(folder) == ROOT else set())
 
     shutil.copytree(ROOT, source, ignore=ignore)
-    subprocess.run(
+    done = subprocess.run(
         [
             sys.executable,
             "-m",
             "pip",
             "wheel",
-            "-q",
             "--no-deps",
             "--no-build-isolation",
             "-w",
@@ -55,8 +56,19 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ],
         check=True,
         capture_output=True,
+        text=True,
     )
-    return next(out.glob("isodiff-*.whl"))
+    return next(out.glob("isodiff-*.whl")), done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def wheel(built: tuple[Path, str]) -> Path:
+    return built[0]
+
+
+def test_the_wheel_builds_without_a_warning(built: tuple[Path, str]) -> None:
+    warned = [line for line in built[1].splitlines() if "warning" in line.lower()]
+    assert not warned, "\n".join(warned)
 
 
 def _closure(requirements: list[str], extras: tuple[str, ...] = ()) -> dict[str, md.Distribution]:
@@ -117,8 +129,6 @@ def run(python: Path, code: str, cwd: Path) -> str:
 
 def declared(wheel: Path) -> list[str]:
     """The wheel's Requires-Dist lines."""
-    import zipfile
-
     with zipfile.ZipFile(wheel) as zf:
         meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
         text = zf.read(meta).decode()
@@ -156,6 +166,29 @@ print(sorted({m.split('.')[0] for m in sys.modules} & set(SUITE_ONLY)))
     assert lines[0] == "True"  # the loss runs (a one-probe estimate: no bound holds per draw)
     assert lines[1].startswith("suite absent:")
     assert lines[-2] == "[]"
+
+
+def test_without_the_suite_a_console_command_says_how_to_install_it(
+    wheel: Path, tmp_path: Path
+) -> None:
+    """The core wheel installs the console commands too (a wheel cannot make them depend on
+    an extra): each says in one line how to get the suite, before it imports anything, so
+    in a bare environment (not even torch)."""
+    python = fresh_env(tmp_path / "env", {})
+    install(python, wheel)
+    with zipfile.ZipFile(wheel) as zf:
+        entry_points = next(n for n in zf.namelist() if n.endswith(".dist-info/entry_points.txt"))
+        commands = re.findall(r"^(isodiff-[\w-]+) =", zf.read(entry_points).decode(), re.M)
+    assert len(commands) == 11
+    for command in commands:
+        done = subprocess.run(
+            [str(python.parent / command), "--help"], cwd=tmp_path, capture_output=True, text=True
+        )
+        assert (done.returncode, done.stdout) == (2, ""), (command, done.stderr[-2000:])
+        assert done.stderr == (
+            f"{command} needs the experiment suite, which is not installed: "
+            "pip install 'isodiff[suite]'\n"
+        )
 
 
 def test_the_suite_wheel_trains_from_outside_the_repository(wheel: Path, tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from isodiff.errors import ConfigError
 from isodiff.runs.files import RunFileError, sha256
-from isodiff.runs.status import MANIFEST
+from isodiff.runs.status import MANIFEST, is_done
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,8 @@ def job_name(override_dirname: str, *, _root_: DictConfig) -> str:
 
     The pairs are the config's `name_keys` (the sweep passes the keys its spec varies, so
     tier-wide settings stay in config.yaml) or else the command line's overrides; pairs
-    are never cut, and those past NAME_LENGTH characters are left to the hash.
+    are never cut, and those past NAME_LENGTH characters are left to the hash. A job whose
+    signature already has a folder gets that folder's name (existing_folder).
     Registered as the `job_name` resolver; conf/train.yaml uses it for `name`.
     """
     if keys := _root_.get("name_keys"):
@@ -194,7 +195,35 @@ def job_name(override_dirname: str, *, _root_: DictConfig) -> str:
             break
         kept.append(pair)
     readable = re.sub(r"[^A-Za-z0-9=.,_+-]+", "_", ",".join(kept)) or "default"
-    return f"{readable}-{config_hash(identity(_root_))}"
+    signed = config_hash(identity(_root_))
+    return existing_folder(_root_, signed) or f"{readable}-{signed}"
+
+
+def existing_folder(cfg: DictConfig, signed: str) -> str | None:
+    """The name of the folder that already holds the job of this signature under its
+    experiment's folder (any name, with a status.json), so that one computation has one
+    folder whatever its command line named it (`lambda_iso=0` or no override, a sweep's
+    name_keys). Of several: the done ones first, then the oldest status.json, then by name."""
+    parent = Path(str(cfg.run_root)).expanduser() / str(cfg.tier.name) / str(cfg.experiment)
+    found = [p for p in parent.glob(f"*-{signed}") if (p / "status.json").is_file()]
+    if not found:
+        return None
+    found.sort(key=lambda p: (not is_done(p), (p / "status.json").stat().st_mtime_ns, p.name))
+    if len(found) > 1:
+        _log_duplicates(str(parent), tuple(p.name for p in found))
+    return found[0].name
+
+
+@functools.lru_cache(maxsize=64)
+def _log_duplicates(parent: str, names: tuple[str, ...]) -> None:
+    """Once per process: a job's name resolves several times while it runs."""
+    log.warning(
+        "%s holds %d folders of one job (%s): using %s",
+        parent,
+        len(names),
+        ", ".join(names),
+        names[0],
+    )
 
 
 def identity(cfg: DictConfig | dict) -> dict[str, Any]:
