@@ -154,12 +154,13 @@ def _evaluate_released(c: Command, run_root: Path, _: object) -> None:
 def _sweep_table_1(c: Command, run_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = plan_of(c.text, run_root, capsys)
     assert "a sweep would launch the jobs of shapes, mnist" in out[0]
-    finetunes = [line.split() for line in out if line.strip().startswith("finetune ")]
-    assert len(finetunes) == 20 and all("fid" in job[-1] for job in finetunes)
+    # `<state> finetune <experiment>/<job>`, then a line of what is left of it
+    finetunes = [words for line in out if (words := line.split())[1:2] == ["finetune"]]
+    assert len(finetunes) == 20 and {job[0] for job in finetunes} == {"pending"}
     # the fine-tunes start from the shipped bases: the README's train command is one of them
     [regularised] = jobs(REGULARISED, run_root)
     mine = f"shapes/*-{signature(regularised.hydra.run.dir)}"
-    assert sum(Path(job[1]).match(mine) for job in finetunes) == 1
+    assert sum(Path(job[2]).match(mine) for job in finetunes) == 1
 
 
 def _sweep_one_dataset(c: Command, run_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
