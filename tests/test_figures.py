@@ -320,7 +320,7 @@ EXPLAINED = {
     "FID": "FID: ",
     "participation ratio": "participation ratio: ",
     "probe": "probes: ",
-    "v_svm": "v_svm: ",
+    "v_svm": "v_svm = v(attribute): ",
 }
 
 

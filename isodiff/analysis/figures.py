@@ -79,27 +79,25 @@ def _band(ax: plt.Axes, x: np.ndarray, per_run: list[np.ndarray], label: str) ->
 GLOSSARY = {
     "lambda_iso": "lambda_iso: the weight of L_iso in the fine-tune's loss (0: the control, a"
     " plain DDPM fine-tune)",
-    "L_iso": "L_iso: the isometry loss of x_t -> h, h the U-Net's mid-block output (Hahm et al.,"
-    " eq. 9)",
     "scaled": "held-out L_iso scaled: L_iso x min(dim x - 1, dim h), the largest rank dh/dx can"
     " have, so that a scaled isometry scores 1",
     "LPIPS": "LPIPS: learned perceptual distance between two images (0: the same image)",
     "RTL": "RTL: the length in h of a slerp path between two x_T (its DDIM trajectories at"
     " timestep t) over the straight line between its ends (1: straight)",
     "spectrum": "h: the U-Net's mid-block output; a scaled isometry x_T -> h has a flat spectrum"
-    " (MCN = 1, VoR = 0)",
+    " (all its singular values equal)",
     "n": "n: the runs (training seeds) a curve averages; band or bar: +/- 1 s.d. over them",
     "probes": "probes: held-out accuracy or R^2 of a linear (ridge) or kNN read-out of each"
     " generative factor from h, mean over the factors",
     "PR": "participation ratio: the effective rank of h, (sum l)^2 / sum l^2 of its covariance"
     " eigenvalues l",
-    "PPL": "PPL: perceptual path length, LPIPS between samples of x_T and x_T + eps along a"
-    " slerp, over eps^2",
+    "PPL": "PPL: perceptual path length, the perceptual (LPIPS) distance between the samples of"
+    " two points eps apart on a slerp in x_T, over eps^2",
     "FID": "FID: Frechet Inception distance of samples to the training data",
-    "svm": "v_svm: the normal of a linear SVM that splits generated samples by the attribute,"
-    " in x_T; alpha = 1 is one s.d. of their x_T along it",
-    "mean": "v_mean: the difference of the class means of generated samples split by the"
-    " attribute; alpha = 1 is one s.d. of their codes along it",
+    "svm": "v_svm = v(attribute): the normal of a linear SVM that splits generated samples by"
+    " the attribute, in x_T; a strength (alpha, a, b) of 1 is one s.d. of their x_T along it",
+    "mean": "v_mean = v(attribute): the difference of the class means of generated samples"
+    " split by the attribute; a strength of 1 is one s.d. of their codes along it",
     "local": "v_local: a top singular direction of dh/dx_T at the edited sample (no labels)",
     "floor": "dotted: a metric's floor, where it stores one: FID of held-out real images at the"
     " same N; a probe's score on shuffled labels",
