@@ -122,6 +122,8 @@ def _legend_above(
     curve; `title` heads it in place of the axes' title, which would sit on it (constrained
     layout puts the figure's titles above it)."""
     handles = handles if handles is not None else ax.get_legend_handles_labels()[0]
+    if not handles:  # no empty box (strips whose runs stored no curve)
+        return
     ax.legend(
         handles=handles,
         loc="lower center",
