@@ -8,7 +8,9 @@ import re
 from pathlib import Path
 from urllib.parse import unquote
 
+import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -23,6 +25,7 @@ from isodiff.analysis.synthetic import write_runs
 from isodiff.model.pictures import save_png
 from isodiff.sweep.command import evaluation_metrics
 from isodiff.sweep.specs import load_spec
+from tests.figure_text import text_problems
 
 PAIRS, FRAMES, KEPT, PX = 3, 11, 8, 16
 CONTROL = "control (lambda_iso = 0)"
@@ -89,6 +92,39 @@ def _inversion_runs(root: Path) -> list[Path]:
         (d / "eval").mkdir()
         np.savez(d / "eval" / "inversion.npz", sources=sources, reconstructions=reconstructions)
     return dirs
+
+
+def _linearity_runs(root: Path) -> Path:
+    """Table 5's quick jobs with eval/linearity.npz: image (row, column) of a run's strip or
+    grid is the constant _value(arm, seed, row) + column; returns the tier's folder."""
+    dirs = write_runs(root, load_spec("table_5"), "quick")
+    strengths = [-2.0, -1.0, 0.0, 1.0, 2.0]
+    for d in dirs:
+        dataset, arm, seed = _job(d)
+        images = np.stack(
+            [
+                np.stack(
+                    [
+                        np.full((_channels(dataset), PX, PX), _value(arm, seed, r) + c, np.uint8)
+                        for c in range(5)
+                    ]
+                )
+                for r in range(4)
+            ]
+        )
+        (d / "eval").mkdir()
+        np.savez(d / "eval" / "linearity.npz", strip_xT_svm=images, grid_xT_svm=images[:, :4])
+        record = json.loads((d / "metrics.json").read_text())
+        record["metrics"]["linearity"] = {
+            "values": {},
+            "protocol": {
+                "strengths": strengths,
+                "grid_strengths": strengths[:4],
+                "targets_used": ["hue", "x"],
+            },
+        }
+        (d / "metrics.json").write_text(json.dumps(record))
+    return root / "quick"
 
 
 def _pictures(fig: Figure) -> list[tuple[str, np.ndarray]]:
@@ -211,36 +247,9 @@ def test_inversion_shows_sources_then_ours_then_the_control(tmp_path: Path) -> N
 
 
 def test_edit_pictures_show_each_arm_side_by_side_control_first(tmp_path: Path) -> None:
-    """Figures 7 and 8 from Table 5's runs: image (row, column) of a run's strip or grid is
-    the constant _value(arm, seed, row) + column, so each panel says whose images it holds."""
-    dirs = write_runs(tmp_path / "runs", load_spec("table_5"), "quick")
-    strengths = [-2.0, -1.0, 0.0, 1.0, 2.0]
-    for d in dirs:
-        dataset, arm, seed = _job(d)
-        images = np.stack(
-            [
-                np.stack(
-                    [
-                        np.full((_channels(dataset), PX, PX), _value(arm, seed, r) + c, np.uint8)
-                        for c in range(5)
-                    ]
-                )
-                for r in range(4)
-            ]
-        )
-        (d / "eval").mkdir()
-        np.savez(d / "eval" / "linearity.npz", strip_xT_svm=images, grid_xT_svm=images[:, :4])
-        record = json.loads((d / "metrics.json").read_text())
-        record["metrics"]["linearity"] = {
-            "values": {},
-            "protocol": {
-                "strengths": strengths,
-                "grid_strengths": strengths[:4],
-                "targets_used": ["hue", "x"],
-            },
-        }
-        (d / "metrics.json").write_text(json.dumps(record))
-    df = collect_runs(tmp_path / "runs" / "quick")
+    """Figures 7 and 8 from Table 5's runs (_linearity_runs): each panel says whose images it
+    holds."""
+    df = collect_runs(_linearity_runs(tmp_path / "runs"))
     fig = figures.edit_pictures(df, load_spec("figure_7"), "quick")
     shown = _pictures(fig)
     assert [title for title, _ in shown] == [
@@ -267,6 +276,93 @@ def test_edit_pictures_show_each_arm_side_by_side_control_first(tmp_path: Path) 
         "figure_8.pdf",
         "figure_8.png",
     ]
+
+
+def _curve_runs(root: Path) -> None:
+    """_interp_runs with the arrays of the curve figures: each run's Jacobian spectrum and
+    held-out L_iso curve (metrics.csv)."""
+    rng = np.random.default_rng(1)
+    for d in _interp_runs(root):
+        np.savez(
+            d / "eval" / "jacobian.npz",
+            singular_values_t999=np.sort(rng.uniform(0.01, 1, (4, 64)))[:, ::-1],
+        )
+        steps = np.arange(0, 601, 50)
+        liso = 1 + 4 * np.exp(-steps / 100) * rng.uniform(0.5, 1.5)
+        pd.DataFrame({"step": steps, "liso_heldout": liso}).to_csv(d / "metrics.csv")
+
+
+def _rtl_runs(root: Path) -> None:
+    """Table 4's quick jobs (several regularisers and lambda_iso) with eval/rtl.npz."""
+    rng = np.random.default_rng(2)
+    for d in write_runs(root, load_spec("table_4"), "quick"):
+        (d / "eval").mkdir()
+        timesteps = np.arange(900, -1, -100)
+        np.savez(d / "eval" / "rtl.npz", rtl=1 + rng.random((4, 10)), timesteps=timesteps)
+
+
+def _length_runs(root: Path) -> None:
+    """The finetune_length jobs (4 lengths), each metric with a floor beside it."""
+    for d in write_runs(root, load_spec("finetune_length"), "quick"):
+        record = json.loads((d / "metrics.json").read_text())
+        for name, metric in record["metrics"].items():
+            metric["values"][f"{name}_floor"] = 0.5
+        (d / "metrics.json").write_text(json.dumps(record))
+
+
+# An abbreviation on a figure -> the start of the caption line that has to explain it.
+EXPLAINED = {
+    "lambda_iso": "lambda_iso: ",
+    "LPIPS": "LPIPS: ",
+    "RTL": "RTL: ",
+    "L_iso, scaled": "held-out L_iso scaled: ",
+    "PPL": "PPL: ",
+    "FID": "FID: ",
+    "participation ratio": "participation ratio: ",
+    "probe": "probes: ",
+    "v_svm": "v_svm = v(attribute): ",
+}
+
+
+def _one_length_run(root: Path) -> None:
+    """The quick tier as it stands: of the finetune_length jobs only Table 1's (shapes, 600
+    steps) have finished."""
+    _length_runs(root)
+    for status in (root / "quick").glob("*/*/status.json"):
+        config = yaml.safe_load((status.parent / "config.yaml").read_text())
+        if (config["data"]["name"], config["train"]["steps"]) != ("shapes", 600):
+            status.write_text(json.dumps({"state": "failed", "error": "not run"}))
+
+
+READS = {  # test id -> (figure spec, the synthetic runs it draws)
+    "figure_1": ("figure_1", _interp_runs),
+    "figure_4": ("figure_4", _rtl_runs),
+    "figure_5": ("figure_5", _interp_runs),
+    "figure_6": ("figure_6", _inversion_runs),
+    "figure_7": ("figure_7", _linearity_runs),
+    "figure_8": ("figure_8", _linearity_runs),
+    "figure_spectra": ("figure_spectra", _curve_runs),
+    "figure_training_curve": ("figure_training_curve", _curve_runs),
+    "figure_finetune_length": ("figure_finetune_length", _length_runs),
+    "figure_finetune_length, one run": ("figure_finetune_length", _one_length_run),
+}
+
+
+@pytest.mark.parametrize("case", sorted(READS))
+def test_figures_read_at_a_glance(tmp_path: Path, case: str) -> None:
+    """Every figure: no text on other text, on another panel or off the page, no legend on
+    the curves, and every abbreviation it uses explained on it."""
+    name, runs = READS[case]
+    runs(tmp_path)
+    fig = figures.draw(collect_runs(tmp_path / "quick"), load_spec(name), "quick")
+    assert fig is not None
+    assert text_problems(fig, figures.DPI) == []
+    caption = fig.get_supxlabel()
+    shown = "\n".join(t for t in _texts(fig) if t != caption)
+    for term, line in EXPLAINED.items():
+        if term in shown:
+            assert f"\n{line}" in f"\n{caption}", f"{term} is not explained"
+    plt.close(fig)
 
 
 def _links(page: str) -> list[str]:

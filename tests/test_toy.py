@@ -15,8 +15,10 @@ from isodiff.analysis.sphere import (
     scores,
     tangent_basis,
     tangent_metrics,
+    toy_figure,
 )
-from isodiff.analysis.toy import ToyConfig
+from isodiff.analysis.toy import TITLES, ToyConfig
+from tests.figure_text import text_problems
 
 
 def orthographic(x: torch.Tensor) -> torch.Tensor:
@@ -71,6 +73,22 @@ def test_toy_runs_end_to_end(tmp_path):
     for numbers in result["settings"].values():
         assert all(math.isfinite(v) for v in numbers.values())
         assert numbers["l_iso"] >= 0.5 - 1e-6
+
+
+def test_toy_figure_reads(tmp_path):
+    """Titles that do not collide whatever the numbers (the orthographic map's kappa runs to
+    thousands), and the figure says what kappa, ring CV and L_iso are."""
+    import matplotlib.pyplot as plt
+
+    cfg = ToyConfig(n_eval=400, n_rings=6)
+    maps = {"reconstruction": orthographic, "euclidean": orthographic}
+    maps["spherical"] = azimuthal_equidistant
+    fig = toy_figure(maps, {name: scores(f, cfg) for name, f in maps.items()}, cfg)
+    assert text_problems(fig) == []
+    caption = fig.get_supxlabel()
+    assert "condition number" in caption and "coefficient of variation" in caption
+    assert [ax.get_title() for ax in fig.axes[:3]] == [TITLES[name] for name in maps]
+    plt.close(fig)
 
 
 def test_toy_config_is_checked():

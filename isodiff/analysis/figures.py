@@ -18,6 +18,7 @@ from the arm's run of the lowest training seed.
 from __future__ import annotations
 
 import sys
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ matplotlib.use("Agg")  # files only: no display on clusters and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib import ticker  # noqa: E402
+from matplotlib.axis import Axis  # noqa: E402
 from matplotlib.figure import Figure, SubFigure  # noqa: E402
 
 from isodiff import cli  # noqa: E402
@@ -39,6 +42,7 @@ from isodiff.analysis.tables import (  # noqa: E402
     spec_rows,
     sweep_command,
 )
+from isodiff.evaluate.metrics import lower_is_better  # noqa: E402
 from isodiff.runs.files import RunFileError
 from isodiff.runs.status import read_metrics  # noqa: E402
 from isodiff.sweep.specs import Spec, all_specs, canonical, load_spec  # noqa: E402
@@ -83,6 +87,73 @@ def _band(ax: plt.Axes, x: np.ndarray, per_run: list[np.ndarray], label: str) ->
         ax.fill_between(x, mean - std, mean + std, alpha=0.2)
 
 
+# The abbreviations the figures use, said on each figure that uses them (a caption line).
+GLOSSARY = {
+    "lambda_iso": "lambda_iso: the weight of L_iso in the fine-tune's loss (0: the control, a"
+    " plain DDPM fine-tune)",
+    "scaled": "held-out L_iso scaled: L_iso x min(dim x - 1, dim h), the largest rank dh/dx can"
+    " have, so that a scaled isometry scores 1",
+    "LPIPS": "LPIPS: learned perceptual distance between two images (0: the same image)",
+    "RTL": "RTL: the length in h of a slerp path between two x_T (its DDIM trajectories at"
+    " timestep t) over the straight line between its ends (1: straight)",
+    "spectrum": "h: the U-Net's mid-block output; a scaled isometry x_T -> h has a flat spectrum"
+    " (all its singular values equal)",
+    "n": "n: the runs (training seeds) a curve averages; band or bar: +/- 1 s.d. over them",
+    "probes": "probes: held-out accuracy or R^2 of a linear (ridge) or kNN read-out of each"
+    " generative factor from h, mean over the factors",
+    "PR": "participation ratio: the effective rank of h, (sum l)^2 / sum l^2 of its covariance"
+    " eigenvalues l",
+    "PPL": "PPL: perceptual path length, the perceptual (LPIPS) distance between the samples of"
+    " two points eps apart on a slerp in x_T, over eps^2",
+    "FID": "FID: Frechet Inception distance of samples to the training data",
+    "svm": "v_svm = v(attribute): the normal of a linear SVM that splits generated samples by"
+    " the attribute, in x_T; a strength (alpha, a, b) of 1 is one s.d. of their x_T along it",
+    "mean": "v_mean = v(attribute): the difference of the class means of generated samples"
+    " split by the attribute; a strength of 1 is one s.d. of their codes along it",
+    "local": "v_local: a top singular direction of dh/dx_T at the edited sample (no labels)",
+    "floor": "dotted: a metric's floor, where it stores one: FID of held-out real images at the"
+    " same N; a probe's score on shuffled labels",
+}
+
+
+DIRECTIONS = ("svm", "mean", "local")  # the edit directions GLOSSARY explains
+
+
+def _caption(fig: Figure, *terms: str) -> None:
+    """What the figure's abbreviations mean, a line each beneath its panels (constrained
+    layout makes room for it)."""
+    per_line = int(fig.get_figwidth() * 19)  # characters of 7 pt text an inch, with a margin
+    lines = [line for t in terms for line in textwrap.wrap(GLOSSARY[t], per_line)]
+    fig.supxlabel("\n".join(lines), fontsize=7, ha="left", x=0.01, multialignment="left")
+
+
+def _legend_above(
+    ax: plt.Axes, ncols: int = 2, handles: list | None = None, title: str | None = None
+) -> None:
+    """A legend (of the axes' curves, or `handles`) just above the axes, where it hides no
+    curve; `title` heads it in place of the axes' title, which would sit on it (constrained
+    layout puts the figure's titles above it)."""
+    handles = handles if handles is not None else ax.get_legend_handles_labels()[0]
+    if not handles:  # no empty box (strips whose runs stored no curve)
+        return
+    ax.legend(
+        handles=handles,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.01),
+        fontsize=7,
+        ncols=min(ncols, len(handles)),
+        title=title,
+        title_fontsize=9,
+    )
+
+
+def _plain_log(axis: Axis) -> None:
+    """Log-axis ticks as plain numbers (0.05, 2, 300), also within a single decade."""
+    axis.set_major_locator(ticker.LogLocator(subs=(1, 2, 3, 5)))
+    axis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    axis.set_minor_formatter(ticker.NullFormatter())
+
+
 def rtl_vs_t(df: pd.DataFrame, spec: Spec, tier: str, ax: plt.Axes) -> bool:
     """Figure 4: RTL at each DDIM timestep (1 = a straight path in h)."""
     rtl, timesteps = (
@@ -91,7 +162,7 @@ def rtl_vs_t(df: pd.DataFrame, spec: Spec, tier: str, ax: plt.Axes) -> bool:
     )
     for label, runs in rtl.items():
         _band(ax, timesteps[label][0], runs, label)
-    ax.set(xlabel="DDIM timestep t", ylabel="relative trajectory length", xlim=(1000, 0))
+    ax.set(xlabel="DDIM timestep t", ylabel="RTL (relative trajectory length)", xlim=(1020, -20))
     return bool(rtl)
 
 
@@ -114,6 +185,7 @@ def jacobian_spectra(df: pd.DataFrame, spec: Spec, tier: str, ax: plt.Axes) -> b
         ylabel="singular value of dh/dx_T",
         yscale="log",
     )
+    _plain_log(ax.yaxis)
     return bool(spectra)
 
 
@@ -121,6 +193,11 @@ PLOTS: dict[str, Callable[[pd.DataFrame, Spec, str, plt.Axes], bool]] = {
     "rtl_vs_t": rtl_vs_t,
     "interp_smoothness": interp_smoothness,
     "jacobian_spectra": jacobian_spectra,
+}
+EXPLAINED = {  # the GLOSSARY terms each PLOTS figure uses
+    "rtl_vs_t": ("RTL", "lambda_iso", "n"),
+    "interp_smoothness": ("LPIPS", "lambda_iso", "n"),
+    "jacobian_spectra": ("spectrum", "lambda_iso", "n"),
 }
 
 
@@ -273,8 +350,9 @@ def interp_strips(df: pd.DataFrame, spec: Spec, tier: str) -> Figure | None:
             if adjacent:
                 _band(curve, np.arange(1, adjacent[0].shape[-1] + 1), adjacent, arm.label)
         curve.set(xlabel="frame pair (k, k+1)", ylabel="LPIPS between adjacent frames")
-        curve.legend(fontsize=7)
+        _legend_above(curve, ncols=1)
         subfig.suptitle(_same_pairs_title(dataset, shown), fontsize=9)
+    _caption(fig, "LPIPS", "lambda_iso", "n")
     return fig
 
 
@@ -314,6 +392,7 @@ def inversion(df: pd.DataFrame, spec: Spec, tier: str) -> Figure | None:
                 f"{arm.label}: reconstructions, training seed {seed}",
             )
         subfig.suptitle(_sources_title(dataset, sources, shown[0][0].label), fontsize=9)
+    _caption(fig, "lambda_iso")
     return fig
 
 
@@ -363,6 +442,7 @@ def edit_pictures(df: pd.DataFrame, spec: Spec, tier: str) -> Figure | None:
         for ax, (arm, (seed, _, images)) in zip(axes, shown, strict=True):
             _picture(ax, _strip(images), f"{arm.label}, training seed {seed}")
         subfig.suptitle(f"{dataset}: {_edit_caption(shown[0][1][1], spec.array)}", fontsize=9)
+    _caption(fig, "lambda_iso", *[d for d in DIRECTIONS if spec.array.endswith(f"_{d}")])
     return fig
 
 
@@ -389,29 +469,81 @@ def training_curve(df: pd.DataFrame, spec: Spec, tier: str) -> Figure | None:
             found.setdefault(row["cfg.data.name"], {}).setdefault(label, []).append(curve)
     if not found:
         return None
-    fig, axes = plt.subplots(1, len(found), figsize=(4.2 * len(found), 3.4), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(found), figsize=(4.6 * len(found) + 1, 4.6), squeeze=False, layout="constrained"
+    )
     for ax, (dataset, by_arm) in zip(axes[0], found.items(), strict=True):
         for label, curves_ in by_arm.items():
             runs = pd.concat(curves_, axis=1)
             mean, std = runs.mean(axis=1), runs.std(axis=1).fillna(0)
             ax.plot(mean.index, mean, marker="o", ms=2, label=f"{label} (n={len(curves_)})")
             ax.fill_between(mean.index, mean - std, mean + std, alpha=0.2)
+        ax.axhline(1, color="grey", lw=0.8, ls=":")  # the best it can be, in view
         ax.set(
-            title=dataset,
             xlabel="fine-tune step",
             yscale="log",
-            ylabel="held-out L_iso x min(n-1, m) (1 = best)",
+            ylabel="held-out L_iso, scaled (1 = isometry)",
         )
-        ax.legend(fontsize=6)
+        _plain_log(ax.yaxis)
+        _legend_above(ax, ncols=1, title=dataset)
     fig.suptitle(f"{spec.title} ({tier})", fontsize=10)
-    fig.tight_layout()
+    _caption(fig, "scaled", "lambda_iso", "n")
     return fig
+
+
+# A steps_curve metric's axis label and the GLOSSARY term that says what it is.
+METRIC_NAMES = {
+    "liso_scaled": ("held-out L_iso, scaled", "scaled"),
+    "probe_lin_h": ("linear probe on h", "probes"),
+    "probe_knn_h": ("kNN probe on h", "probes"),
+    "pr_h": ("participation ratio of h", "PR"),
+    "ppl_stylegan": ("PPL (StyleGAN's)", "PPL"),
+    "fid": ("FID", "FID"),
+}
+
+
+def _metric_label(metric: str, source: Spec) -> str:
+    """'<what it is>\n(lower|higher is better)' of a metric value on a figure's axis."""
+    lower = source.lower_is_better.get(metric, lower_is_better(metric))
+    name = METRIC_NAMES.get(metric, (metric, ""))[0]
+    return f"{name}\n({'lower' if lower else 'higher'} is better)"
+
+
+def _steps_panel(
+    ax: plt.Axes, runs: pd.DataFrame, arm_of: list[str], metric: str, colours: dict[str, str]
+) -> bool:
+    """One metric against train.steps, a line per arm (`arm_of`: each run's) in its colour
+    and its floor dotted; whether a floor was drawn."""
+    floor = False
+    for label, arm in runs.groupby(arm_of, sort=False):
+        steps = pd.to_numeric(arm["cfg.train.steps"])
+        for column, style in ((metric, "-o"), (f"{metric}_floor", ":_")):
+            if column not in arm:
+                continue
+            stats = (
+                pd.to_numeric(arm[column], errors="coerce")
+                .groupby(steps)
+                .agg(["mean", "std"])
+                .dropna(subset=["mean"])
+            )
+            ax.errorbar(
+                stats.index,
+                stats["mean"],
+                yerr=stats["std"].fillna(0),
+                fmt=style,
+                ms=4 if style == "-o" else 10,
+                capsize=2,
+                color=colours[label],
+                label=label if style == "-o" else f"{label}: floor",
+            )
+            floor |= style != "-o"
+    return floor
 
 
 def steps_curve(df: pd.DataFrame, spec: Spec, tier: str) -> Figure | None:
     """Each metric against the fine-tune's length (train.steps), a line per arm (mean ± s.d.
     over seeds), a column per dataset; a metric's permutation floor, where it stores one,
-    dashed."""
+    dotted."""
     source, done = _done(df, spec, tier)
     if done.empty or "cfg.train.steps" not in done:
         return None
@@ -420,44 +552,35 @@ def steps_curve(df: pd.DataFrame, spec: Spec, tier: str) -> Figure | None:
         len(spec.metrics),
         len(datasets),
         squeeze=False,
-        figsize=(3.4 * len(datasets), 2.2 * len(spec.metrics)),
+        sharex=True,
+        figsize=(max(7.0, 3.8 * len(datasets)), 1.8 * len(spec.metrics) + 2.4),
+        layout="constrained",
     )
+    arms_ = [_arm_label(source, [p for p in pairs if p[0] in spec.rows]) for pairs in done["_row"]]
+    # an arm's colour: its place among all arms, the same in every panel
+    colours = {label: f"C{i}" for i, label in enumerate(dict.fromkeys(arms_))}
+    floor = False
     for col, dataset in enumerate(datasets):
-        runs = done[done["cfg.data.name"] == dataset]
-        labels = [
-            _arm_label(source, [p for p in pairs if p[0] in spec.rows]) for pairs in runs["_row"]
-        ]
+        mask = (done["cfg.data.name"] == dataset).to_numpy()
+        runs = done[mask]
+        arm_of = [a for a, m in zip(arms_, mask, strict=True) if m]
+        lengths = sorted(set(pd.to_numeric(runs["cfg.train.steps"])))
         for row, metric in enumerate(spec.metrics):
             ax = axes[row, col]
-            for label, arm in runs.groupby(labels, sort=False):
-                steps = pd.to_numeric(arm["cfg.train.steps"])
-                for column, style in ((metric, "-o"), (f"{metric}_floor", ":")):
-                    if column not in arm:
-                        continue
-                    stats = (
-                        pd.to_numeric(arm[column], errors="coerce")
-                        .groupby(steps)
-                        .agg(["mean", "std"])
-                        .dropna(subset=["mean"])
-                    )
-                    ax.errorbar(
-                        stats.index,
-                        stats["mean"],
-                        yerr=stats["std"].fillna(0),
-                        fmt=style,
-                        ms=3,
-                        capsize=2,
-                        label=label if style == "-o" else f"{label}: floor",
-                    )
+            floor |= _steps_panel(ax, runs, arm_of, metric, colours)
             ax.set_xscale("log")
-            ax.set_ylabel(metric, fontsize=8)
-            if row == 0:
-                ax.set_title(dataset, fontsize=9)
-            if row == len(spec.metrics) - 1:
-                ax.set_xlabel("fine-tune steps")
-    axes[0, 0].legend(fontsize=6)
+            ax.set_xticks(lengths, [f"{s:g}" for s in lengths])
+            ax.xaxis.set_minor_locator(ticker.NullLocator())
+            ax.set_ylabel(_metric_label(metric, source), fontsize=8)
+        axes[-1, col].set_xlabel("fine-tune steps (train.steps)")
+        handles = {
+            h.get_label(): h for ax in axes[:, col] for h in ax.get_legend_handles_labels()[0]
+        }
+        title = dataset if len(lengths) > 1 else f"{dataset}: only {lengths[0]:g} steps finished"
+        _legend_above(axes[0, col], ncols=1, handles=list(handles.values()), title=title)
     fig.suptitle(f"{spec.title} ({tier})", fontsize=10)
-    fig.tight_layout()
+    terms = [METRIC_NAMES[m][1] for m in spec.metrics if m in METRIC_NAMES]
+    _caption(fig, "lambda_iso", *dict.fromkeys(terms), *(["floor"] if floor else []))
     return fig
 
 
@@ -473,31 +596,36 @@ PANELS: dict[str, Callable[[pd.DataFrame, Spec, str], Figure | None]] = {
 
 def _plot(df: pd.DataFrame, spec: Spec, tier: str) -> Figure | None:
     """One PLOTS curve plot on a single axes, titled by the spec; None: no curve."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 5.2), layout="constrained")
     if not PLOTS[spec.figure](df, spec, tier, ax):
         plt.close(fig)
         return None
-    ax.set_title(f"{spec.title} ({tier})", fontsize=10)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig.suptitle(f"{spec.title} ({tier})", fontsize=10)
+    _legend_above(ax)
+    _caption(fig, *EXPLAINED[spec.figure])
     return fig
 
 
-def render_figure(df: pd.DataFrame, spec: Spec, tier: str, out_dir: Path) -> list[Path]:
+DPI = 150  # of the PNGs
+
+
+def draw(df: pd.DataFrame, spec: Spec, tier: str) -> Figure | None:
+    """The figure of a figure spec; None: nothing to draw yet."""
     if spec.figure in PANELS:
-        fig = PANELS[spec.figure](df, spec, tier)
-    elif spec.figure in PLOTS:
-        fig = _plot(df, spec, tier)
-    else:
-        raise ValueError(
-            f"{spec.name}: figure={spec.figure!r}; known: {', '.join([*PLOTS, *PANELS])}"
-        )
+        return PANELS[spec.figure](df, spec, tier)
+    if spec.figure in PLOTS:
+        return _plot(df, spec, tier)
+    raise ValueError(f"{spec.name}: figure={spec.figure!r}; known: {', '.join([*PLOTS, *PANELS])}")
+
+
+def render_figure(df: pd.DataFrame, spec: Spec, tier: str, out_dir: Path) -> list[Path]:
+    fig = draw(df, spec, tier)
     if fig is None:
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{spec.name}.png", out_dir / f"{spec.name}.pdf"]
     for path in paths:
-        fig.savefig(path, dpi=150)
+        fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return paths
 

@@ -7,7 +7,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +20,8 @@ from isodiff.isometry import isometry_loss
 from isodiff.runs.files import atomic_write_text
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from isodiff.analysis.toy import ToyConfig
 
 
@@ -109,10 +111,25 @@ def scores(encoder: nn.Module, cfg: ToyConfig) -> dict[str, float]:
     }
 
 
-def plot(
-    encoders: dict[str, nn.Module], numbers: dict[str, dict], cfg: ToyConfig, out_dir: Path
-) -> list[Path]:
-    """Three panels (the paper's layout): each latent, latitude rings coloured by height."""
+# What the numbers under the panels mean (the module docstring of isodiff.analysis.toy).
+CAPTION = "\n".join(
+    [
+        r"$\kappa$: condition number of the encoder's metric $(JU)^\top JU$ pulled back to the"
+        " sphere's tangent planes (U: an orthonormal tangent basis), mean over held-out points;"
+        " 1 = conformal (a scaled isometry locally)",
+        "ring CV: coefficient of variation of the latent distance between consecutive rings,"
+        " along every meridian; 0 = evenly spaced, as the rings are on the sphere",
+        r"$L_{iso}$: the encoder's exact spherical isometry loss on held-out points;"
+        " 1/2 at best (a scaled isometry)",
+    ]
+)
+
+
+def toy_figure(
+    encoders: dict[str, Callable[[Tensor], Tensor]], numbers: dict[str, dict], cfg: ToyConfig
+) -> Figure:
+    """Three panels (the paper's layout): each latent, latitude rings coloured by height,
+    its numbers beneath it and what they mean beneath the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,7 +139,8 @@ def plot(
     heights = rings[:, 0, 2]
     cmap = plt.get_cmap("viridis")
     norm = matplotlib.colors.Normalize(-1.0, float(heights.max()))
-    fig, axes = plt.subplots(1, len(encoders), figsize=(4.2 * len(encoders), 4.4))
+    fig = plt.figure(figsize=(4.2 * len(encoders) + 1, 5.6), layout="constrained")
+    axes = fig.subplots(1, len(encoders))
     for ax, (name, encoder) in zip(axes, encoders.items(), strict=True):
         with torch.no_grad():
             z = encoder(rings)
@@ -130,23 +148,41 @@ def plot(
             closed = torch.cat([z[k], z[k, :1]])
             ax.plot(closed[:, 0], closed[:, 1], color=cmap(norm(float(heights[k]))), lw=1.6)
         n = numbers[name]
-        ax.set_title(
-            f"{TITLES[name]}\nkappa {n['kappa']:.2f}, ring CV {n['ring_spacing_cv']:.2f}"
-            f", L_iso {n['l_iso']:.3f}",
+        ax.set_title(TITLES[name], fontsize=11)
+        ax.set_xlabel(
+            rf"$\kappa$ {n['kappa']:.3g}    ring CV {n['ring_spacing_cv']:.2f}"
+            rf"    $L_{{iso}}$ {n['l_iso']:.3f}",
             fontsize=10,
         )
-        ax.set_aspect("equal", adjustable="box")
+        ax.set_aspect("equal", adjustable="datalim")
         ax.set_xticks([])
         ax.set_yticks([])
     fig.colorbar(
         matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap),
         ax=axes,
         shrink=0.8,
-        label="height z of the latitude ring",
+        label="height of the ring on the sphere (-1: south pole)",
     )
+    fig.suptitle(
+        f"The 2-D latent of an autoencoder of the unit sphere without its {cfg.cap_deg:g}"
+        "\N{DEGREE SIGN} polar cap, trained three ways:\nlatitude rings, equally spaced on the"
+        " sphere, as the encoder maps them (a scaled isometry keeps them evenly spaced)",
+        fontsize=11,
+    )
+    fig.supxlabel(CAPTION, fontsize=8, ha="left", x=0.01, multialignment="left")
+    return fig
+
+
+def plot(
+    encoders: dict[str, nn.Module], numbers: dict[str, dict], cfg: ToyConfig, out_dir: Path
+) -> list[Path]:
+    """The toy figure as toy_fig3.png and toy_fig3.pdf in out_dir."""
+    import matplotlib.pyplot as plt
+
+    fig = toy_figure(encoders, numbers, cfg)
     paths = [out_dir / "toy_fig3.png", out_dir / "toy_fig3.pdf"]
     for path in paths:
-        fig.savefig(path, dpi=150, bbox_inches="tight")
+        fig.savefig(path, dpi=150)
     plt.close(fig)
     return paths
 
