@@ -305,10 +305,26 @@ class ModelConfig:
     freq_shift: int = 0
     downsample_padding: int = 1
     dit: DiTConfig = field(default_factory=DiTConfig)
+    # The transformer block whose output is h (negative counts from the end); None: the
+    # middle one, adapters.h_encoder's default. A U-Net's h is its mid block.
+    h_block: int | None = None
 
     def __post_init__(self) -> None:
         if self.arch == Arch.dit:  # the U-Net fields are not read
+            n = self.dit.num_layers
+            _check(
+                self.h_block is None or -n <= self.h_block < n,
+                "model.h_block",
+                self.h_block,
+                f"name one of the {n} blocks of model.dit.num_layers (-{n}..{n - 1}) or null",
+            )
             return
+        _check(
+            self.h_block is None,
+            "model.h_block",
+            self.h_block,
+            "a U-Net's h is its mid block: use null, or a transformer (model.arch=dit)",
+        )
         n = len(self.block_out_channels)
         _check(
             len(self.down_block_types) == n and len(self.up_block_types) == n,

@@ -216,6 +216,8 @@ def identity(cfg: DictConfig | dict) -> dict[str, Any]:
     if isinstance(model, dict) and model.get("arch", "unet") == "unet":
         model.pop("arch", None)
         model.pop("dit", None)
+    if isinstance(model, dict) and model.get("h_block") is None:  # h where it always was
+        model.pop("h_block", None)
     if isinstance(loop, dict) and not (loop.get("lora") or {}).get("rank"):
         loop.pop("lora", None)
     latent = cfg.pop("latent", None) or {}
