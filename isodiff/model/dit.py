@@ -8,7 +8,8 @@ Unconditional: diffusers' DiT is class-conditional (adaLN-Zero on a timestep + c
 embedding). HDiT is built with one class (num_embeds_ada_norm=1) and every sample gets the
 same label 0, with the label dropout of classifier-free guidance off: the class embedding is
 then a learned constant added to the timestep embedding, and the model is an unconditional
-epsilon-predictor trained by the suite's DDPM objective.
+epsilon-predictor trained by the suite's DDPM objective (a velocity-predictor with
+diffusion=flow).
 
 h: the output of the middle block, (n - 1) // 2 of the n blocks, or of block `model.h_block`
 (`read_h_at`), read by the library's `isodiff.adapters.h_encoder` (see its docstring for why
