@@ -148,6 +148,13 @@ UP_BLOCKS = (
 )
 
 
+class Objective(str, Enum):
+    """`diffusion.objective`: what the denoiser is trained to predict, and how it samples."""
+
+    ddpm = "ddpm"  # epsilon on DDPM's x_t; DDIM (isodiff.model.sampling.DDIM)
+    flow = "flow"  # rectified-flow velocity, isodiff.flow's conventions; Euler (FlowEuler)
+
+
 class Arch(str, Enum):
     """`model.arch`: the denoiser's backbone."""
 
@@ -323,10 +330,26 @@ class ModelConfig:
     freq_shift: int = 0
     downsample_padding: int = 1
     dit: DiTConfig = field(default_factory=DiTConfig)
+    # The transformer block whose output is h (negative counts from the end); None: the
+    # middle one, adapters.h_encoder's default. A U-Net's h is its mid block.
+    h_block: int | None = None
 
     def __post_init__(self) -> None:
         if self.arch == Arch.dit:  # the U-Net fields are not read
+            n = self.dit.num_layers
+            _check(
+                self.h_block is None or -n <= self.h_block < n,
+                "model.h_block",
+                self.h_block,
+                f"name one of the {n} blocks of model.dit.num_layers (-{n}..{n - 1}) or null",
+            )
             return
+        _check(
+            self.h_block is None,
+            "model.h_block",
+            self.h_block,
+            "a U-Net's h is its mid block: use null, or a transformer (model.arch=dit)",
+        )
         n = len(self.block_out_channels)
         _check(
             len(self.down_block_types) == n and len(self.up_block_types) == n,
@@ -349,6 +372,9 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
+    # flow: x_t = (1 - t) x0 + t noise with t in [0, 1] and the model at timestep t T,
+    # velocity noise - x0 (isodiff/flow.py); the betas and prediction_type are DDPM's
+    objective: Objective = Objective.ddpm
     num_train_timesteps: int = 1000
     beta_schedule: BetaSchedule = BetaSchedule.linear
     beta_start: float = 1e-4
@@ -376,6 +402,13 @@ class DiffusionConfig:
             "diffusion.prediction_type",
             self.prediction_type,
             "only epsilon prediction is supported",
+        )
+        _check(
+            self.objective == Objective.ddpm or not self.clip_sample,
+            "diffusion.clip_sample",
+            self.clip_sample,
+            "the flow sampler (Euler, as diffusers') does not clip: use false with "
+            "diffusion.objective=flow",
         )
 
 
@@ -692,6 +725,21 @@ class TrainConfig:
             self.train.lora.rank,
             "LoRA needs peft: pip install 'isodiff[lora]', or train.lora.rank=0",
         )
+        if self.diffusion.objective == Objective.flow:  # isodiff/flow.py's conventions
+            _check(
+                self.iso.metric not in (IsoMetric.smooth_diffusion, IsoMetric.isodiff_compat),
+                "iso.metric",
+                IsoMetric(self.iso.metric).value,
+                "is defined on DDPM's epsilon and noise schedule, not with "
+                "diffusion.objective=flow: use spherical, euclidean or path_length",
+            )
+            _check(
+                self.iso.radius == IsoRadius.norm,
+                "iso.radius",
+                IsoRadius(self.iso.radius).value,
+                "with diffusion.objective=flow |x_t| moves with t: the sphere is x_t's own "
+                "(isodiff/flow.py): use iso.radius=norm",
+            )
         channels, size, what = self.data.channels, self.data.resolution, "data"
         if self.latent.autoencoder:  # the U-Net models the autoencoder's latents
             _, channels, factor = self.latent.geometry()

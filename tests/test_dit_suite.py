@@ -230,3 +230,58 @@ def test_a_checkpoint_loads_as_its_own_architecture(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="holds a HDiT, not the model.arch=unet"):
         init_unet(tiny_model(), str(tmp_path / "dit"))
+
+
+def test_model_h_block_moves_h_to_that_block_and_survives_save_and_load(tmp_path: Path) -> None:
+    """model.h_block=-1 makes h the last block's output: what a forward hook on that block
+    sees, not the middle block's; encode/decode still compose to the forward, and a saved
+    model (and one rebuilt from its config, as LoRA's merge is) reads h at the same block."""
+    from isodiff.model.dit import HDiT
+    from isodiff.model.unet import build_unet, init_unet
+
+    cfg = to_train_config(compose_train(["tier=smoke", "model=dit_tiny", "model.h_block=-1"]))
+    torch.manual_seed(0)
+    model = build_unet(cfg.model).eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 900])
+    seen = {}
+    hooks = [
+        model.transformer_blocks[i].register_forward_hook(
+            lambda m, i_, out, i=i: seen.__setitem__(i, out.detach())
+        )
+        for i in (1, 3)
+    ]
+    with torch.no_grad():
+        eps = model(x, t).sample
+        h, skips, labels, ts = model.encode(x, t)
+    for hook in hooks:
+        hook.remove()
+    tokens = h.flatten(2).transpose(1, 2)
+    assert model.h_index == 3 and torch.equal(tokens, seen[3])
+    assert not torch.allclose(tokens, seen[1])  # the middle block's: the default's h
+    assert torch.equal(model.encode_h(x, t), h)
+    with torch.no_grad():
+        assert torch.allclose(model.decode(h, skips, labels, ts), eps, atol=1e-6)
+    model.save_pretrained(tmp_path / "dit")
+    assert HDiT.from_pretrained(tmp_path / "dit").h_index == 3
+    assert HDiT.from_config(model.config).h_index == 3
+    default = to_train_config(compose_train(["tier=smoke", "model=dit_tiny"])).model
+    assert init_unet(default, str(tmp_path / "dit")).h_index == 1  # the job's config decides
+
+
+def test_model_h_block_is_checked_and_in_the_identity_only_when_set(tmp_path: Path) -> None:
+    from isodiff.errors import ConfigError
+
+    for bad, fix in (
+        (["model=dit_tiny", "model.h_block=4"], "-4..3"),
+        (["model.h_block=0"], "a U-Net's h is its mid block"),
+    ):
+        with pytest.raises(ConfigError, match=f"model.h_block=.*{fix}"):
+            to_train_config(compose_train(["tier=smoke", *bad]))
+    names = {
+        block: compose_train(["tier=smoke", "model=dit_tiny", *block], tmp_path).name
+        for block in ((), ("model.h_block=null",), ("model.h_block=2",))
+    }
+    signature = {k: name.rsplit("-", 1)[1] for k, name in names.items()}
+    # ad60790b: this job's signature before model.h_block existed
+    assert signature[()] == signature[("model.h_block=null",)] == "ad60790b"
+    assert signature[("model.h_block=2",)] != "ad60790b"

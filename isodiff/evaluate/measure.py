@@ -43,6 +43,7 @@ from isodiff.evaluate.metrics.common import EvalContext, MetricResult, protocol_
 from isodiff.evaluate.parallel import Ranks
 from isodiff.model import paper_assets, pictures
 from isodiff.model.latent import build_codec
+from isodiff.model.sampling import SAMPLERS
 from isodiff.model.unet import (
     MAX_ABS_WEIGHT,
     HUNet,
@@ -151,7 +152,7 @@ def build_context(
         "weights": f"final/{subfolder}",
         "weights_sha256": weights_digest(status, subfolder),
         "ema": subfolder == "unet_ema",
-        "sampler": "DDIM eta=0 fp32",
+        "sampler": SAMPLERS[train_cfg.diffusion.objective],
         "clip_sample": train_cfg.diffusion.clip_sample,
         "data": ctx.data_key,
         **full_fp32(unet.device),
@@ -226,12 +227,14 @@ def _released_context(
     schedule = {
         k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(diffusion).items()
     }
+    if schedule["objective"] == "ddpm":  # the protocol it had before diffusion.objective
+        del schedule["objective"]
     common = {
         "seed": cfg.seed,
         "weights": SUBFOLDER,
         "weights_sha256": weights_digest(status, SUBFOLDER),
         "ema": False,
-        "sampler": "DDIM eta=0 fp32",
+        "sampler": SAMPLERS[diffusion.objective],
         "clip_sample": diffusion.clip_sample,
         "data": ctx.data_key,
         "released": True,

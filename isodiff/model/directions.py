@@ -24,7 +24,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
-from isodiff.model.sampling import DDIM, HEdit, to_images
+from isodiff.model.sampling import HEdit, Sampler, to_images
 
 Map = Callable[[torch.Tensor], torch.Tensor]  # (B, *x) -> (B, m), row by row
 SPACES = ("x_T", "h")
@@ -92,7 +92,7 @@ def top_singular_vectors(
 
 
 def edit(
-    ddim: DDIM,
+    ddim: Sampler,
     x_T: torch.Tensor,
     space: str,
     offsets: torch.Tensor,
@@ -136,7 +136,7 @@ def edit(
 
 
 def h_swap_moves(
-    ddim: DDIM,
+    ddim: Sampler,
     x_a: torch.Tensor,
     x_b: torch.Tensor,
     t_edit: int,
@@ -160,7 +160,7 @@ def h_swap_moves(
 
 
 def h_swap_influence(
-    ddim: DDIM,
+    ddim: Sampler,
     x_a: torch.Tensor,
     x_b: torch.Tensor,
     t_edit: int,

@@ -8,10 +8,14 @@ Unconditional: diffusers' DiT is class-conditional (adaLN-Zero on a timestep + c
 embedding). HDiT is built with one class (num_embeds_ada_norm=1) and every sample gets the
 same label 0, with the label dropout of classifier-free guidance off: the class embedding is
 then a learned constant added to the timestep embedding, and the model is an unconditional
-epsilon-predictor trained by the suite's DDPM objective.
+epsilon-predictor trained by the suite's DDPM objective (a velocity-predictor with
+diffusion=flow).
 
-h: the output of the middle block, (n - 1) // 2 of the n blocks, read by the library's
-`isodiff.adapters.h_encoder` (see its docstring for why the middle). Its image tokens
+h: the output of the middle block, (n - 1) // 2 of the n blocks, or of block `model.h_block`
+(`read_h_at`), read by the library's `isodiff.adapters.h_encoder` (see its docstring for why
+the middle). The block is kept in the model's config (`_h_block`: diffusers saves and loads
+keys with a leading underscore without passing them to __init__), so a saved run's weights
+read h where it was trained. Its image tokens
 (B, tokens, width) are returned as the feature map (B, width, rows, cols) of the patch
 grid, the shape of a U-Net's h: L_iso and every metric flatten h, and a permutation of its
 coordinates changes no norm, while the map lets the metrics that pool h spatially
@@ -40,8 +44,19 @@ class HDiT(DiTTransformer2DModel):
 
     @property
     def h_index(self) -> int:
-        """The block whose output is h: the middle one, as h_encoder's default."""
-        return middle_block_index(len(self.transformer_blocks))
+        """The block whose output is h (from 0): `read_h_at`'s, else the middle one, as
+        h_encoder's default."""
+        n, block = len(self.transformer_blocks), self.config.get("_h_block")
+        return middle_block_index(n) if block is None else block % n
+
+    def read_h_at(self, block: int | None) -> HDiT:
+        """h is the output of block `block` (negative: from the end; None: the middle one)
+        from now on and in what save_pretrained writes."""
+        n = len(self.transformer_blocks)
+        if block is not None and not -n <= block < n:
+            raise IndexError(f"h block {block} of a DiT with {n} blocks")
+        self.register_to_config(_h_block=block)
+        return self
 
     def _one_class(self) -> None:
         """No label dropout: it would swap label 0 for the guidance row at random, from the

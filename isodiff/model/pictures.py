@@ -15,7 +15,7 @@ from torchvision.utils import make_grid
 
 from isodiff.config import DiffusionConfig
 from isodiff.model.latent import Codec
-from isodiff.model.sampling import DDIM, latents, to_images
+from isodiff.model.sampling import build_sampler, latents, to_images
 from isodiff.model.unet import HUNet
 from isodiff.runs.files import atomic_save
 
@@ -30,11 +30,12 @@ def sample_grid(
     batch_size: int = 64,
     codec: Codec | None = None,
 ) -> torch.Tensor:
-    """n DDIM-`steps` samples from the fixed x_T of samples 0..n-1, as one (C, H, W) grid
-    in [0, 1] with ceil(sqrt(n)) images a row (a latent model's decoded by `codec`)."""
+    """n `steps`-step samples (DDIM, or a flow's Euler ODE) from the fixed x_T of samples
+    0..n-1, as one (C, H, W) grid in [0, 1] with ceil(sqrt(n)) images a row (a latent
+    model's decoded by `codec`)."""
     c = unet.config
     x_T = latents(GRID_SEED, range(n), (c.in_channels, c.sample_size, c.sample_size))
-    x = DDIM(unet, diffusion, steps, batch_size).sample(x_T).x
+    x = build_sampler(unet, diffusion, steps, batch_size).sample(x_T).x
     images = to_images((codec or Codec()).decode(x))
     return tile(images, math.ceil(math.sqrt(n)))
 

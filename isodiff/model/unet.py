@@ -102,7 +102,7 @@ def unet_kwargs(cfg: ModelConfig) -> dict:
     if cfg.arch == Arch.dit:
         return dit_kwargs(cfg)
     kwargs = dataclasses.asdict(cfg)
-    for key in ("name", "arch", "dit"):
+    for key in ("name", "arch", "dit", "h_block"):
         kwargs.pop(key)
     for key in ("block_out_channels", "down_block_types", "up_block_types"):
         kwargs[key] = tuple(kwargs[key])
@@ -125,7 +125,7 @@ def dit_kwargs(cfg: ModelConfig) -> dict:
 def build_unet(cfg: ModelConfig) -> Denoiser:
     """The denoiser of `cfg`, freshly initialised: HUNet, or HDiT with model.arch=dit."""
     if cfg.arch == Arch.dit:
-        return HDiT(**dit_kwargs(cfg))
+        return HDiT(**dit_kwargs(cfg)).read_h_at(cfg.h_block)
     return HUNet(**unet_kwargs(cfg))
 
 
@@ -236,7 +236,7 @@ def init_unet(cfg: ModelConfig, init_from: str | None) -> Denoiser:
             f"init_from={init_from!r} does not match model={cfg.name} ({detail}); "
             "pick the model config that describes the checkpoint"
         )
-    return unet
+    return unet.read_h_at(cfg.h_block) if isinstance(unet, HDiT) else unet
 
 
 def _comparable(value: object) -> object:

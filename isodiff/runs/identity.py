@@ -246,6 +246,11 @@ def identity(cfg: DictConfig | dict) -> dict[str, Any]:
     if isinstance(model, dict) and model.get("arch", "unet") == "unet":
         model.pop("arch", None)
         model.pop("dit", None)
+    if isinstance(model, dict) and model.get("h_block") is None:  # h where it always was
+        model.pop("h_block", None)
+    diffusion = cfg.get("diffusion") or {}
+    if isinstance(diffusion, dict) and diffusion.get("objective", "ddpm") == "ddpm":
+        diffusion.pop("objective", None)  # DDPM's signature is what it was before flow
     if isinstance(loop, dict) and not (loop.get("lora") or {}).get("rank"):
         loop.pop("lora", None)
     latent = cfg.pop("latent", None) or {}

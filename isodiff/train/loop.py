@@ -34,11 +34,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from isodiff.config import TrainConfig
 from isodiff.errors import UserError
-from isodiff.isometry import sample_timesteps
 from isodiff.lora import add_lora, lora_parameters, merged_state_dict
 from isodiff.model import pictures, seeding
 from isodiff.model.data import build_dataset
-from isodiff.model.diffusion import build_scheduler
+from isodiff.model.diffusion import noising
 from isodiff.model.latent import Codec, build_codec
 from isodiff.model.unet import MAX_ABS_WEIGHT, Denoiser, diverged, init_unet
 from isodiff.runs.files import (
@@ -50,7 +49,12 @@ from isodiff.runs.files import (
 )
 from isodiff.runs.status import read_status, write_status
 from isodiff.runs.tracking import init_trackers
-from isodiff.train.objective import DiffusionObjective, build_regulariser
+from isodiff.train.objective import (
+    DiffusionObjective,
+    build_objective,
+    draw_timesteps,
+    window_start,
+)
 
 log = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "step_"
@@ -113,11 +117,9 @@ def build_state(cfg: TrainConfig, accelerator: Accelerator) -> TrainState:
     lora = cfg.train.lora
     if lora.rank:  # the base frozen: only the adapter's weights train (after init's draws)
         add_lora(unet, lora.rank, lora.alpha, lora.targets)
-    scheduler = build_scheduler(cfg.diffusion)
     # the regulariser's running mean (path_length, smooth_diffusion) is a buffer of the
     # objective: accelerate's save_state/load_state checkpoint it with the weights
-    regulariser = build_regulariser(cfg.iso, scheduler.alphas_cumprod) if cfg.regularised else None
-    objective = DiffusionObjective(unet, scheduler, cfg.lambda_iso, regulariser)
+    objective = build_objective(cfg, unet)
     o = cfg.optim
     # the trainable parameters: all of them, or the adapter's (the same list without LoRA)
     trainable = [p for p in unet.parameters() if p.requires_grad]
@@ -425,16 +427,6 @@ class Window:
         }
 
 
-def draw_timesteps(
-    cfg: TrainConfig, batch_size: int, g: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """t for one micro-batch and the mask of samples that get the iso loss."""
-    T = cfg.diffusion.num_train_timesteps
-    if not cfg.regularised:
-        return torch.randint(0, T, (batch_size,), generator=g), torch.zeros(batch_size, dtype=bool)
-    return sample_timesteps(batch_size, T, cfg.iso.window, cfg.iso.schedule.value, g)
-
-
 class HeldoutCurve:
     """Held-out L_iso (metrics.liso's liso_scaled) of the trained U-Net on the first
     train.heldout_n test images, fixed noise and probes, at the window's first, middle and
@@ -444,19 +436,16 @@ class HeldoutCurve:
         test = build_dataset(cfg.data, "test")
         n = min(cfg.train.heldout_n, len(test))
         self.x_0 = codec.encode(torch.stack([test[i][0] for i in range(n)]).to(device)).cpu()
-        T, start = (
-            cfg.diffusion.num_train_timesteps,
-            int(cfg.iso.window * cfg.diffusion.num_train_timesteps),
-        )
+        T, start = cfg.diffusion.num_train_timesteps, window_start(cfg)
         self.timesteps = sorted({start, (start + T) // 2, T - 1})
-        self.alphas = build_scheduler(cfg.diffusion).alphas_cumprod.double()
+        self.noising = noising(cfg.diffusion)
         self.device = device
 
     def __call__(self, unet: Denoiser) -> float:
         from isodiff.evaluate.metrics.liso import heldout_liso  # the metric's quantity, one batch
 
         return heldout_liso(
-            unet.encode_h, self.x_0, 0, self.timesteps, self.alphas, device=self.device
+            unet.encode_h, self.x_0, 0, self.timesteps, self.noising, device=self.device
         )
 
 

@@ -1,6 +1,13 @@
 """The training objective: epsilon-prediction MSE + lambda_iso * L_iso (Hahm et al., eq. 10),
 or lambda_iso times a baseline regulariser in L_iso's place (`iso.metric`).
 
+`diffusion.objective=flow` trains a rectified flow instead, with isodiff.flow's conventions
+(diffusers' FlowMatchEulerDiscreteScheduler): t ~ U[0, 1), x_t = (1 - t) x0 + t noise, the
+model at timestep t T predicts the velocity noise - x0, and L_iso, at x_t itself (the
+sphere of x_t's own radius), is on the window t >= flow_window(iso.window), the flow times of
+the paper's DDPM noise levels matched by SNR (`draw_timesteps`). It is flow_matching_loss's
+loss, computed on the suite's denoisers' own split (eps_and_h), so that model.h_block holds.
+
 `iso.metric=smooth_diffusion` is Smooth Diffusion's step-wise variation regulariser
 (isodiff/smoothness.py, Guo et al. CVPR 2024, eq. 14: L = L_base + lambda L_reg), weighted
 by lambda_iso as L_iso and the path-length baseline are, so that an ablation compares them at
@@ -14,26 +21,33 @@ every checkpoint and a resume continues it exactly (the official script loses it
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from torch import nn
 
-from isodiff.config import IsoConfig, IsoMetric
-from isodiff.isometry import Regulariser, higher_order_ad
+from isodiff.config import IsoConfig, IsoMetric, Objective, TrainConfig
+from isodiff.flow import flow_window, interpolate, sample_flow_timesteps, velocity_target
+from isodiff.isometry import Regulariser, higher_order_ad, sample_timesteps
+from isodiff.model.diffusion import build_flow_scheduler, build_scheduler
 from isodiff.model.unet import Denoiser
 from isodiff.smoothness import StepVariationRegulariser
 
 
 class DiffusionObjective(nn.Module):
     """One module for everything a training step differentiates, so that accelerate/DDP wrap
-    a single forward (custom methods called on an unwrapped model would bypass DDP)."""
+    a single forward (custom methods called on an unwrapped model would bypass DDP).
+
+    The scheduler is the forward process: DDPMScheduler (t: integer timesteps, epsilon
+    target) or FlowMatchEulerDiscreteScheduler (t: flow times in [0, 1], velocity target).
+    """
 
     def __init__(
         self,
         unet: Denoiser,
-        scheduler: DDPMScheduler,
+        scheduler: DDPMScheduler | FlowMatchEulerDiscreteScheduler,
         lambda_iso: float,
         regulariser: Regulariser | StepVariationRegulariser | None = None,
     ) -> None:
@@ -49,7 +63,11 @@ class DiffusionObjective(nn.Module):
         iso_mask: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        x_t = self.scheduler.add_noise(x0, noise, t)
+        if isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler):
+            x_t, target = interpolate(x0, noise, t), velocity_target(x0, noise)
+            t = t * self.scheduler.config.num_train_timesteps  # the model's timestep
+        else:
+            x_t, target = self.scheduler.add_noise(x0, noise, t), noise
         reg = self.regulariser
         active = reg is not None and bool(iso_mask.any())
         smooth = isinstance(reg, StepVariationRegulariser)
@@ -60,8 +78,8 @@ class DiffusionObjective(nn.Module):
         if reuse:
             x_t.requires_grad_()
         with higher_order_ad() if reuse else contextlib.nullcontext():
-            eps, h = self.unet.eps_and_h(x_t, t)
-        mse = F.mse_loss(eps.float(), noise.float())
+            eps, h = self.unet.eps_and_h(x_t, t)  # (the velocity, for a flow)
+        mse = F.mse_loss(eps.float(), target.float())
         out = {"loss": mse, "mse": mse}
         if active and smooth:
             if reuse:
@@ -102,3 +120,43 @@ def build_regulariser(
         cfg.batch_fraction,
         cfg.path_length_decay,
     )
+
+
+def build_objective(cfg: TrainConfig, unet: Denoiser) -> DiffusionObjective:
+    """The objective of `diffusion.objective` on `unet`, with the regulariser of `iso` (none
+    unless cfg.regularised)."""
+    if cfg.diffusion.objective == Objective.flow:
+        scheduler, alphas = build_flow_scheduler(cfg.diffusion), None  # (config refuses SD)
+    else:
+        scheduler = build_scheduler(cfg.diffusion)
+        alphas = scheduler.alphas_cumprod
+    regulariser = build_regulariser(cfg.iso, alphas) if cfg.regularised else None
+    return DiffusionObjective(unet, scheduler, cfg.lambda_iso, regulariser)
+
+
+def draw_timesteps(
+    cfg: TrainConfig, batch_size: int, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """t for one micro-batch and the mask of samples that get the iso loss: integer DDPM
+    timesteps uniform on {0..T-1}, window t >= floor(pT) (isometry.sample_timesteps), or flow
+    times uniform on [0, 1), window t >= flow_window(p) (flow.sample_flow_timesteps)."""
+    flow = cfg.diffusion.objective == Objective.flow
+    T, p = cfg.diffusion.num_train_timesteps, cfg.iso.window
+    if not cfg.regularised:
+        if flow:
+            t = torch.rand(batch_size, generator=g)
+        else:
+            t = torch.randint(0, T, (batch_size,), generator=g)
+        return t, torch.zeros(batch_size, dtype=bool)
+    if flow:  # p names the paper's noise levels (DDPM's linear schedule): flow_window
+        return sample_flow_timesteps(batch_size, flow_window(p), cfg.iso.schedule.value, g)
+    return sample_timesteps(batch_size, T, p, cfg.iso.schedule.value, g)
+
+
+def window_start(cfg: TrainConfig) -> int:
+    """The first model timestep the iso loss reaches: floor(pT), or for a flow the first
+    integer at or above flow_window(p) T."""
+    T, p = cfg.diffusion.num_train_timesteps, cfg.iso.window
+    if cfg.diffusion.objective == Objective.flow:
+        return min(math.ceil(flow_window(p) * T), T - 1)
+    return math.floor(p * T)

@@ -1,7 +1,8 @@
 """What every metric draws on: the model under evaluation, its data and the metric networks.
 
-`EvalContext` hands metrics a DDIM sampler per step count, LPIPS distances, the run's
-datasets and a folder for dataset-level caches; `MetricResult` is what a metric returns.
+`EvalContext` hands metrics a sampler per step count (DDIM, or a flow run's Euler ODE),
+LPIPS distances, the run's datasets and a folder for dataset-level caches; `MetricResult`
+is what a metric returns.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from isodiff.evaluate.parallel import Ranks
 from isodiff.geometry import lerp, slerp
 from isodiff.model.data import build_dataset, data_identity
 from isodiff.model.latent import Codec
-from isodiff.model.sampling import DDIM, SampleRNG, latents, to_images
+from isodiff.model.sampling import Sampler, SampleRNG, build_sampler, latents, to_images
 from isodiff.model.unet import HUNet
 from isodiff.runs.identity import config_hash
 
@@ -79,7 +80,7 @@ class EvalContext:
         self.seed, self.batch_size, self.progress = seed, batch_size, progress
         self.refs_dir, self.random_lpips = Path(refs_dir), random_lpips
         self.codec = codec or Codec()
-        self._samplers: dict[int, DDIM] = {}
+        self._samplers: dict[int, Sampler] = {}
         self._lpips: dict[str, networks.Loaded] = {}
         self._datasets: dict[str, Dataset] = {}
         self._images: dict[tuple[int, int], torch.Tensor] = {}
@@ -112,9 +113,12 @@ class EvalContext:
         fields = data_identity(self.data)
         return f"{self.data.name.value}-{config_hash(fields, exclude=('num_workers',))}"
 
-    def ddim(self, steps: int) -> DDIM:
+    def ddim(self, steps: int) -> Sampler:
+        """The run's deterministic sampler with `steps` steps: DDIM, or for
+        diffusion.objective=flow the Euler ODE (isodiff.model.sampling.build_sampler), with
+        the same interface and seeds."""
         if steps not in self._samplers:
-            self._samplers[steps] = DDIM(self.unet, self.diffusion, steps, self.batch_size)
+            self._samplers[steps] = build_sampler(self.unet, self.diffusion, steps, self.batch_size)
         return self._samplers[steps]
 
     def generated(self, steps: int, rows: range) -> torch.Tensor:
@@ -134,8 +138,8 @@ class EvalContext:
         return torch.stack([images[i] for i in rows])
 
     @property
-    def samplers(self) -> dict[int, DDIM]:
-        """The DDIM samplers used so far, by number of steps."""
+    def samplers(self) -> dict[int, Sampler]:
+        """The samplers used so far, by number of steps."""
         return dict(self._samplers)
 
     @property

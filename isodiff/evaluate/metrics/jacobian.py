@@ -184,18 +184,17 @@ def evaluate(ctx: EvalContext, cfg: JacobianConfig) -> MetricResult:
     import torch
 
     from isodiff.isometry import higher_order_ad
-    from isodiff.model.diffusion import build_scheduler
+    from isodiff.model.diffusion import noising
     from isodiff.model.sampling import SampleRNG
 
     x_0 = ctx.real_codes("test", cfg.n, "eval.jacobian.n")
     noise = SampleRNG(ctx.seed, range(cfg.n)).randn(*ctx.x_shape)
-    alphas = build_scheduler(ctx.diffusion).alphas_cumprod.double()
+    x_t_of = noising(ctx.diffusion)  # the run's own q(x_t | x_0): DDPM's or the flow's
     values, arrays, methods = {}, {}, {}
     for t in cfg.timesteps:
         if not 0 <= t < ctx.diffusion.num_train_timesteps:
             raise ConfigError(f"eval.jacobian.timesteps: t={t} is outside [0, T)")
-        a = float(alphas[t])
-        x_t = (a**0.5 * x_0 + (1 - a) ** 0.5 * noise).to(ctx.device)
+        x_t = x_t_of(x_0, noise, t).to(ctx.device)
         f = h_map(ctx, t, cfg.h_pool)
         with torch.no_grad():
             m = f(x_t[:1]).shape[1]
