@@ -75,7 +75,7 @@ def test_smoke_run_end_to_end(run_root: Path, monkeypatch: pytest.MonkeyPatch) -
             assert (run_dir / entry["arrays"]).is_file()
         # the sweep finds a value's metric by name: every value of every metric maps back
         assert {metric_of(value) for value in entry["values"]} == {name}
-    assert stored["metrics"]["fid"]["protocol"]["n"] == 16
+    assert stored["metrics"]["fid"]["protocol"]["n"] == 8
     assert stored["metrics"]["rtl"]["values"]["mrtl"] >= 1
     assert list((run_root / "smoke" / "_refs").glob("fid-*.npz"))
     # The picture beside the numbers: 16 samples (smoke preset) in a 4 x 4 grid of 16 px

@@ -47,7 +47,7 @@ def test_the_registry_holds_every_metric_in_order() -> None:
         "disentanglement",
     ]
     fields = [f.name for f in dataclasses.fields(config.EvalConfig)]
-    assert fields == ["name", *registry(), "grid_samples", "grid_steps"]
+    assert fields == ["name", *registry(), "grid_samples", "grid_steps", "cpu_threads"]
     for name, metric in registry().items():
         assert metric.module == f"isodiff.evaluate.metrics.{name}"
         assert all(config.metric_of(v) == name for v in metric.values)

@@ -92,6 +92,10 @@ def test_a_released_model_is_evaluated_once_wherever_it_lies(
     protocol = record["metrics"]["fid"]["protocol"]
     assert protocol["released"] is True and protocol["schedule"]["beta_end"] == 0.02
     metrics_json = (folder / "metrics.json").read_bytes()
+    page = (folder / "report.md").read_text()  # its page, as a run's, says what it is
+    assert page.startswith(f"# Released model {folder.name}")
+    assert f"| released.sha256 | {status['released']['sha256']} |" in page
+    assert "![samples](samples.png)" in page and "| fid | computed |" in page
 
     # Evaluated again where it lies: its folder is left as it was, byte for byte and mtime
     def snapshot() -> dict[str, tuple[int, bytes]]:

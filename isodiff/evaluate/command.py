@@ -54,9 +54,10 @@ def main(cfg: DictConfig) -> dict:
     # Only a valid config loads torch and the models (isodiff.evaluate.measure): a typo's error
     # comes in about a second.
     from isodiff.evaluate import parallel
-    from isodiff.evaluate.measure import EvaluationFailed, evaluate_run
+    from isodiff.evaluate.measure import EvaluationFailed, evaluate_run, set_cpu_threads
     from isodiff.runs.tracking import log_evaluation
 
+    set_cpu_threads(config.eval.cpu_threads)
     ranks, device = parallel.join()  # a launcher's processes share the work (one writer)
     try:
         if device is None:  # a launcher's processes get their device from it

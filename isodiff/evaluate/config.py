@@ -30,6 +30,10 @@ def eval_config_class(metrics: dict[str, Metric]) -> type:
         # samples.png: a grid of this many DDIM samples (eval.grid_steps) from fixed x_T
         ("grid_samples", int, field(default=64)),
         ("grid_steps", int, field(default=50)),
+        # CPU only: torch's intra-op threads (null: torch's default). The smoke tier's tiny
+        # models gain little from threads and lose several times over when OpenMP threads
+        # contend with other processes (as train.cpu_threads)
+        ("cpu_threads", int | None, field(default=None)),
     ]
     cls = dataclasses.make_dataclass(
         "EvalConfig",
@@ -87,6 +91,8 @@ class EvaluateConfig:
             raise ConfigError(f"metrics: unknown {sorted(unknown)}; {hint}use {names}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
+        if self.eval.cpu_threads is not None and self.eval.cpu_threads < 1:
+            raise ConfigError(f"eval.cpu_threads={self.eval.cpu_threads}: use >= 1, or null")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
             raise ConfigError(f"device={self.device!r}: use auto, cpu, cuda, cuda:N or mps")
         if (self.run is None) == (self.released is None):

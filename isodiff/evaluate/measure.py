@@ -3,6 +3,8 @@
     <run>/metrics.json   {"run": ..., "metrics": {<name>: {"values": {...},
                           "protocol": {...}, "provenance": {...}, "arrays": "eval/<name>.npz"}}}
     <run>/eval/<name>.npz   per-sample arrays for figures
+    <run>/report.md      the run's page (isodiff.evaluate.report), rewritten when
+                         metrics.json changes; its summary table ends the output
 
 A metric whose stored protocol matches the requested one is skipped (idempotent). The
 protocol holds the sha256 of the weights measured, so a metric of weights that changed is
@@ -37,6 +39,7 @@ from omegaconf import OmegaConf
 
 from isodiff.config import to_train_config
 from isodiff.errors import ConfigError, UserError
+from isodiff.evaluate import report
 from isodiff.evaluate.config import EvalConfig, EvaluateConfig
 from isodiff.evaluate.metrics import registry
 from isodiff.evaluate.metrics.common import EvalContext, MetricResult, protocol_of
@@ -51,7 +54,13 @@ from isodiff.model.unet import (
     load_unet,
     resolve_checkpoint,
 )
-from isodiff.runs.files import RunFileError, atomic_save, atomic_write_json, exclusive
+from isodiff.runs.files import (
+    RunFileError,
+    atomic_save,
+    atomic_write_json,
+    exclusive,
+    up_to_date,
+)
 from isodiff.runs.identity import base_identity, provenance
 from isodiff.runs.status import (
     DONE,
@@ -87,6 +96,17 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def set_cpu_threads(threads: int | None) -> None:
+    """torch's intra-op threads and the BLAS / OpenMP pools of numpy and scikit-learn
+    (eval.cpu_threads; None: their defaults), for the command's process. Not in the
+    protocol: it changes what the numbers cost, not the numbers."""
+    if threads:
+        from threadpoolctl import threadpool_limits  # (scikit-learn's dependency)
+
+        torch.set_num_threads(threads)
+        threadpool_limits(threads)  # kept: not used as a context manager
 
 
 def full_fp32(device: torch.device) -> dict[str, Any]:
@@ -336,7 +356,7 @@ def compute_entry(
             name,
             ", ".join(dropped),
         )
-    log.info("%s: %s", name, result.values)
+    log.debug("%s: %s", name, result.values)  # the summary shows its headline values
     return _json_normal(
         {
             "values": values,
@@ -415,7 +435,7 @@ def evaluate_run(
     if main:
         write_samples(ctx, cfg.eval, run_dir / "samples.png")
         (run_dir / "eval").mkdir(exist_ok=True)  # arrays and per-metric locks
-    failures = {}
+    failures, states = {}, {}
     for name in names:
         metric_cfg = getattr(cfg.eval, name)
         request = _json_normal({**common, **protocol_of(metric_cfg), **values_version(name)})
@@ -430,6 +450,7 @@ def evaluate_run(
                 not cfg.force and all(stored.get(k) == v for k, v in request.items())
             ):
                 log.info("%s: up to date with this protocol, skipped", name)
+                states[name] = report.SKIPPED
                 if main and name in record.get("failed", {}):  # an older attempt that failed
                     update_record(run_dir, name)
                 continue
@@ -439,15 +460,28 @@ def evaluate_run(
             except Exception as err:  # the other metrics are still computed
                 log.exception("%s failed", name)
                 failures[name] = f"{type(err).__name__}: {err}"
+                states[name] = report.FAILED
                 if main:
                     update_record(run_dir, name, failure=_failure(err, request))
                 continue
+            states[name] = report.COMPUTED
             if main:
                 update_record(run_dir, name, entry)
+                log.info("%s: done in %.1f s", name, entry["provenance"]["seconds"])
+    record = read_record(run_dir)
+    if main:
+        if not up_to_date(run_dir / "report.md", run_dir / "metrics.json"):
+            report.write_page(run_dir, record, states, _config_of(run_dir))
+        log.info("%s", report.summary(record, states, run_dir))
     if failures:
         raise EvaluationFailed(
             f"{run_dir}: {len(failures)} of {len(names)} metrics failed ("
             + "; ".join(f"{k}: {v}" for k, v in failures.items())
             + "); each is recorded under 'failed' in its metrics.json"
         )
-    return read_record(run_dir)
+    return record
+
+
+def _config_of(run_dir: Path) -> dict[str, Any]:
+    """The run's config.yaml as plain data (a released model's too), for its report.md."""
+    return OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))

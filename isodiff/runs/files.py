@@ -192,6 +192,16 @@ def exclusive(
         lock.release()
 
 
+def up_to_date(derived: Path, source: Path) -> bool:
+    """Whether `derived` (a page, a tracker's copy) was written after `source` last
+    changed: re-deriving it then would only rewrite the same content, so an idempotent
+    command (an evaluation with every metric up to date) leaves it as it is."""
+    try:
+        return derived.stat().st_mtime_ns >= source.stat().st_mtime_ns
+    except FileNotFoundError:
+        return False
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:

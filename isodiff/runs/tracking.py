@@ -20,6 +20,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from isodiff.runs import distributed
+from isodiff.runs.files import up_to_date
 
 log = logging.getLogger(__name__)
 TB_DIR = "tb"  # <run>/tb: the training curves (accelerate's TensorBoard tracker's project)
@@ -86,11 +87,13 @@ def log_evaluation(run_dir: Path, record: Mapping[str, Any]) -> None:
     config = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else {}
     tracker = config.get("train", {}).get("log_with", "tensorboard")  # older runs: TensorBoard
     values = metric_values(record)
+    folder = run_dir / TB_DIR / EVAL_DIR
     if tracker != "tensorboard" or not values or distributed.rank() != 0:
         return
+    if up_to_date(folder, run_dir / "metrics.json"):
+        return  # nothing measured since it was written
     from torch.utils.tensorboard import SummaryWriter  # torch is loaded by the evaluation
 
-    folder = run_dir / TB_DIR / EVAL_DIR
     shutil.rmtree(folder, ignore_errors=True)
     with SummaryWriter(str(folder)) as writer:
         writer.add_hparams(hparams(config) or {"run": run_dir.name}, values, run_name=".")

@@ -34,7 +34,9 @@ class Metric:
     values: the names or name prefixes of the metrics.json values it writes; higher_is_better:
     those of its values (names or prefixes) where more is better (every other value is better
     lower); version: bumped when its values change or grow, so that results stored before are
-    computed again; order: its place among the metrics (evaluation order, config order).
+    computed again; order: its place among the metrics (evaluation order, config order);
+    summary: regular expressions (whole names) of its headline values, which the summary of an
+    evaluation and the run's report.md show (isodiff.evaluate.report; none: its first values).
     module: the declaring module, filled in by `registry()`.
     """
 
@@ -44,6 +46,7 @@ class Metric:
     higher_is_better: tuple[str, ...] = ()
     version: int = 1
     order: int = 100
+    summary: tuple[str, ...] = ()
     module: str = ""
 
     def evaluate(self, ctx: EvalContext, cfg: Any) -> MetricResult:

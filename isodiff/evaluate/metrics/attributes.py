@@ -227,5 +227,6 @@ def attribute_model(ctx: EvalContext, cfg: AttributeConfig) -> AttributeModel:
                 "heldout": model.report,
             },
         )
-    log.info("attribute predictor cached in %s (held-out: %s)", weights, model.report)
+    log.info("attribute predictor cached in %s", weights)
+    log.debug("its held-out scores: %s", model.report)  # also in its .json and each protocol
     return model

@@ -446,4 +446,5 @@ METRIC = Metric(
     values=("dci_", "mig_", "probe_", "angle_", "pr_", "hswap_"),
     higher_is_better=("dci_", "mig_", "probe_"),
     order=11,
+    summary=(r"probe_lin_(h|xT)", r"dci_d_(h|xT)", r"mig_(h|xT)"),
 )

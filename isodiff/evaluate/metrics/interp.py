@@ -177,5 +177,10 @@ def evaluate(ctx: EvalContext, cfg: InterpConfig) -> MetricResult:
 
 
 METRIC = Metric(
-    name="interp", config=InterpConfig, values=("slerp_", "lerp_"), version=VERSION, order=4
+    name="interp",
+    config=InterpConfig,
+    values=("slerp_", "lerp_"),
+    version=VERSION,
+    order=4,
+    summary=("slerp_mean", "lerp_mean"),
 )

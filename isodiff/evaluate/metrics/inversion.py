@@ -90,4 +90,5 @@ METRIC = Metric(
     values=("mse", "psnr", "lpips"),
     higher_is_better=("psnr",),
     order=7,
+    summary=("mse", "psnr", "lpips"),
 )

@@ -220,4 +220,10 @@ def evaluate(ctx: EvalContext, cfg: JacobianConfig) -> MetricResult:
     return MetricResult(values, protocol, arrays=arrays)
 
 
-METRIC = Metric(name="jacobian", config=JacobianConfig, values=("mcn_", "vor_"), order=5)
+METRIC = Metric(
+    name="jacobian",
+    config=JacobianConfig,
+    values=("mcn_", "vor_"),
+    order=5,
+    summary=(r"mcn_t\d+", r"vor_t\d+"),
+)

@@ -667,4 +667,10 @@ def evaluate(ctx: EvalContext, cfg: LinearityConfig) -> MetricResult:
     return MetricResult(values, protocol, provenance, arrays)
 
 
-METRIC = Metric(name="linearity", config=LinearityConfig, values=("lin_",), order=10)
+METRIC = Metric(
+    name="linearity",
+    config=LinearityConfig,
+    values=("lin_",),
+    order=10,
+    summary=(r"lin_(xT|h)_mean_leak", r"lin_(xT|h)_mean_interaction"),
+)

@@ -134,4 +134,11 @@ def evaluate(ctx: EvalContext, cfg: LisoConfig) -> MetricResult:
     return MetricResult(values, protocol)
 
 
-METRIC = Metric(name="liso", config=LisoConfig, values=("liso",), version=VERSION, order=9)
+METRIC = Metric(
+    name="liso",
+    config=LisoConfig,
+    values=("liso",),
+    version=VERSION,
+    order=9,
+    summary=("liso", "liso_scaled"),
+)

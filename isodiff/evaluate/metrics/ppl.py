@@ -208,4 +208,5 @@ METRIC = Metric(
     higher_is_better=("ppl_stylegan_diversity", "ppl_isodiff_compat_diversity"),
     version=VERSION,
     order=2,
+    summary=("ppl_stylegan", "ppl_isodiff_compat"),
 )

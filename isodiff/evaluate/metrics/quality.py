@@ -124,4 +124,5 @@ METRIC = Metric(
     values=("confident_", "classes_"),
     higher_is_better=("confident_", "classes_"),
     order=8,
+    summary=("confident_.+", "classes_.+"),  # the real images' (_real) beside them
 )

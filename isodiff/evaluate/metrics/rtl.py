@@ -81,4 +81,6 @@ def evaluate(ctx: EvalContext, cfg: RTLConfig) -> MetricResult:
     return MetricResult(values, {**protocol_of(cfg), "slerp": SLERP_CONVENTION}, arrays=arrays)
 
 
-METRIC = Metric(name="rtl", config=RTLConfig, values=("mrtl", "rtl_"), order=3)
+METRIC = Metric(
+    name="rtl", config=RTLConfig, values=("mrtl", "rtl_"), order=3, summary=("mrtl", "rtl_T")
+)

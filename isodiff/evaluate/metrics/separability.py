@@ -272,4 +272,10 @@ def evaluate(ctx: EvalContext, cfg: SeparabilityConfig) -> MetricResult:
     )
 
 
-METRIC = Metric(name="separability", config=SeparabilityConfig, values=("ls_", "error_"), order=6)
+METRIC = Metric(
+    name="separability",
+    config=SeparabilityConfig,
+    values=("ls_", "error_"),
+    order=6,
+    summary=("ls_h", "ls_x_T", "error_h", "error_x_T"),
+)
