@@ -437,8 +437,11 @@ def test_unquoted_job_folders_are_quoted_for_hydra(tmp_path: Path) -> None:
     assert quote_paths([f"run={one}", "eval=smoke"]) == [f"run='{one}'", "eval=smoke"]
     assert quote_paths([f"run={one},{two}"]) == [f"run='{one}','{two}'"]  # a sweep over both
     assert quote_paths([f"init_from={one}"]) == [f"init_from='{one}'"]
-    untouched = [f"run='{one}'", f"run={tmp_path}/no=such,folder", f"lambda_iso={one}"]
+    untouched = [f"run='{one}'", f"init_from={tmp_path}/no=such,folder", f"lambda_iso={one}"]
     assert quote_paths(untouched) == untouched
+    # a run= that is no list of folders is one path, so that evaluate can say it is missing
+    missing = f"{tmp_path}/no=such,folder"
+    assert quote_paths([f"run={missing}"]) == [f"run='{missing}'"]
 
 
 def test_an_unquoted_job_folder_works_on_the_command_line(finished: Path, tmp_path: Path) -> None:
@@ -450,7 +453,7 @@ def test_an_unquoted_job_folder_works_on_the_command_line(finished: Path, tmp_pa
     assert result.returncode == 0, result.stderr
     assert "liso" in read_json(run_dir / "metrics.json")["metrics"]
     missing = run_cli("isodiff.evaluate", f"run={tmp_path}/a=1,b=2", "eval=smoke")
-    assert missing.returncode == 2 and "must be quoted" in missing.stderr, missing.stderr
+    assert missing.returncode == 2 and "does not exist" in missing.stderr, missing.stderr
 
 
 # --- what bitwise resume depends on -----------------------------------------------------------
