@@ -217,7 +217,9 @@ def build_table(df: pd.DataFrame, spec: Spec, tier: str) -> Table:
         for column, cells in references.items():
             display[column] = cells
         paper = [spec.paper.get(label, {}).get(metric) for label in order]
-        if spec.paper or spec.paper_source:
+        # a column of the paper's values once the spec holds one (`paper:`); none transcribed,
+        # one line under the table says so instead of a column of n/a
+        if any(v is not None for v in paper):
             display[f"{metric} (paper)"] = ["n/a¹" if v is None else f"{v:g}" for v in paper]
     display["quality"] = quality_cells(merged, order)
     floor = pd.to_numeric(
@@ -370,6 +372,12 @@ def to_markdown(table: Table, tier: str) -> str:
         )
     if any("n/a¹" in str(v) for v in frame.to_numpy().ravel()):
         notes.append(f"¹ paper value not transcribed yet ({spec.paper_source or 'paper'}).")
+    elif spec.paper_source and not any(str(c).endswith(" (paper)") for c in frame.columns):
+        notes.append(
+            f"The paper's values ({spec.paper_source}) are not transcribed: its tables are "
+            "not part of this offline repository. Added to the spec's `paper:` (by row "
+            "label and metric), they appear in a column beside each metric."
+        )
     if any(str(v).endswith("³") for v in frame.to_numpy().ravel()):
         notes.append(
             f"³ within {FLOOR_SDS:g} s.d. of its permutation floor: not told apart "
