@@ -1,9 +1,12 @@
 """Train a diffusion model, with the isometric regulariser lambda_iso * L_iso when lambda_iso > 0.
 
 Examples:
-  python -m isodiff.train tier=smoke                      # a tiny U-Net on shapes
-  python -m isodiff.train data=mnist lambda_iso=1e-3 iso.metric=spherical
-  python -m isodiff.train -m lambda_iso=0,1e-4,1e-3       # a Hydra multirun: one job each
+  python -m isodiff.train tier=smoke                          # seconds: a tiny U-Net on shapes
+  python -m isodiff.train stage=finetune lambda_iso=0.1       # quick: 600 steps from its base
+  python -m isodiff.train -m stage=finetune lambda_iso=0,0.1  # a Hydra multirun: one job each
+
+Without stage=finetune (or init_from=), a job trains the tier's model from scratch: 8,000
+steps at the quick tier, hours on a CPU (its first line says so).
 
 A job writes <run_root>/<tier>/<experiment>/<job>/ (status.json, config.yaml, train.log,
 checkpoints/, final/); the same command skips it when done and resumes it otherwise. Then:
