@@ -10,11 +10,11 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
+from isodiff.config import PRETRAINED
 from isodiff.errors import ConfigError
 from isodiff.runs.files import file_hashes
 from isodiff.sweep import command as sweep
 from isodiff.sweep.bases import MANIFEST, compare
-from isodiff.sweep.command import PRETRAINED
 from tests.conftest import run_cli
 
 MANIFESTS = sorted(PRETRAINED.glob(f"*/{MANIFEST}"))

@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 from isodiff import cli
-from isodiff.config import BaseSource, shipped, tier_config
+from isodiff.config import PRETRAINED, BaseSource, tier_config
 from isodiff.errors import UserError
 from isodiff.evaluate.config import metric_of
 from isodiff.evaluate.metrics import registry
@@ -54,7 +54,6 @@ from isodiff.sweep.specs import Spec, all_specs, dataset_override, load_spec
 log = logging.getLogger("isodiff.sweep")
 # The overrides that choose where jobs run: they go to every stage (training, evaluation).
 LAUNCHER_KEYS = ("cluster=", "hydra/launcher=", "hydra.launcher.")
-PRETRAINED = shipped("pretrained")  # isodiff/pretrained, in a checkout and in a wheel
 POLL_S = 10.0  # how often a running stage's job folders are looked at for progress
 
 
