@@ -210,9 +210,18 @@ def test_sweep_is_one_job_array_and_both_jobs_end_done(
     tasks = [i for i in _job_ids(_sweep_dir(run_root) / ".submitit") if "_" in i]
     array_ids = {t.split("_")[0] for t in tasks}
     assert len(array_ids) == 1 and sorted(t.split("_")[1] for t in tasks) == ["0", "1"], tasks
-    acct = _cmd("sacct", "-n", "-X", "-P", "-j", array_ids.pop(), "-o", "JobID,State")
-    states = dict(line.split("|") for line in acct.stdout.splitlines())
-    assert set(states.values()) == {"COMPLETED"} and len(states) == 2, acct.stdout
+    array_id = array_ids.pop()
+
+    def settled() -> dict[str, str] | None:
+        # A task's result is written before its process exits: sacct can still say
+        # RUNNING for a moment after the sweep has returned.
+        acct = _cmd("sacct", "-n", "-X", "-P", "-j", array_id, "-o", "JobID,State")
+        states = dict(line.split("|") for line in acct.stdout.splitlines())
+        live = {"PENDING", "RUNNING", "COMPLETING"}
+        return states if len(states) == 2 and not live & set(states.values()) else None
+
+    states = _wait_for(f"array {array_id} to leave the queue", settled, timeout=60, every=0.5)
+    assert set(states.values()) == {"COMPLETED"}, states
 
 
 def test_sweep_again_trains_nothing(smoke_sweep: tuple[Path, subprocess.CompletedProcess]) -> None:
