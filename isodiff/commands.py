@@ -20,14 +20,15 @@ SUITE = "hydra"  # every command's first import from the `suite` extra (hydra-co
 class Command:
     """A console command: runs `module`'s command() once the suite is there."""
 
-    def __init__(self, module: str) -> None:
+    def __init__(self, module: str, name: str | None = None) -> None:
         self.module = module
+        self.name = name  # as the user typed it; the script's own name when None
 
     def __call__(self) -> None:
         if importlib.util.find_spec(SUITE) is None:
             sys.stderr.write(
-                f"{os.path.basename(sys.argv[0])} needs the experiment suite, which is not "
-                "installed: pip install 'isodiff[suite]'\n"
+                f"{self.name or os.path.basename(sys.argv[0])} needs the experiment suite, "
+                "which is not installed: pip install 'isodiff[suite]'\n"
             )
             sys.exit(USAGE)
         importlib.import_module(self.module).command()

@@ -77,6 +77,22 @@ def test_an_altered_shipped_base_is_refused_before_it_is_used(
     assert not run_root.exists()
 
 
+def test_a_shipped_ddpm_base_is_not_fine_tuned_as_a_flow(tmp_path: Path) -> None:
+    """The manifest records each base's diffusion settings: a fine-tune that would read the
+    base's noise prediction as a velocity is one line naming both objectives, exit 2, no
+    folder."""
+    for entry in json.loads((PRETRAINED / "quick" / MANIFEST).read_text())["bases"].values():
+        assert entry["diffusion"]["objective"] == "ddpm"
+    run_root = tmp_path / "runs"
+    args = ["tier=quick", "stage=finetune", "data=shapes", f"run_root={run_root}"]
+    result = run_cli("isodiff.train", *args, "diffusion=flow", "lambda_iso=0.1")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "diffusion.objective=flow does not match init_from=" in lines[0], lines[0]
+    assert "diffusion.objective=ddpm" in lines[0] and "manifest.json" in lines[0], lines[0]
+    assert not run_root.exists()
+
+
 def _manifest(
     files: dict[str, str],
     passed: bool = True,

@@ -173,7 +173,7 @@ def test_without_the_suite_a_console_command_says_how_to_install_it(
 ) -> None:
     """The core wheel installs the console commands too (a wheel cannot make them depend on
     an extra): each says in one line how to get the suite, before it imports anything, so
-    in a bare environment (not even torch)."""
+    in a bare environment (not even torch); so do the `python -m` forms."""
     python = fresh_env(tmp_path / "env", {})
     install(python, wheel)
     with zipfile.ZipFile(wheel) as zf:
@@ -188,6 +188,18 @@ def test_without_the_suite_a_console_command_says_how_to_install_it(
         assert done.stderr == (
             f"{command} needs the experiment suite, which is not installed: "
             "pip install 'isodiff[suite]'\n"
+        )
+    for package in ("train", "evaluate", "sweep"):  # the README's `python -m` forms
+        done = subprocess.run(
+            [str(python), "-m", f"isodiff.{package}", "--help"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+        )
+        assert (done.returncode, done.stdout) == (2, ""), (package, done.stderr[-2000:])
+        assert done.stderr == (
+            f"python -m isodiff.{package} needs the experiment suite, which is not "
+            "installed: pip install 'isodiff[suite]'\n"
         )
 
 

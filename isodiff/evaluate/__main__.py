@@ -1,5 +1,5 @@
-"""`python -m isodiff.evaluate`."""
+"""`python -m isodiff.evaluate`: isodiff-evaluate (one line when the suite is absent)."""
 
-from isodiff.evaluate.command import command
+from isodiff.commands import Command
 
-command()
+Command("isodiff.evaluate.command", "python -m isodiff.evaluate")()

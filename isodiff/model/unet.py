@@ -11,11 +11,12 @@ from typing import Any
 
 import torch
 from diffusers import UNet2DModel
+from omegaconf import OmegaConf
 
-from isodiff.config import Arch, ModelConfig
+from isodiff.config import Arch, ModelConfig, Objective
 from isodiff.errors import ConfigError
 from isodiff.model.dit import HDiT
-from isodiff.runs.status import DONE, job_state, verify_base
+from isodiff.runs.status import BASES_MANIFEST, DONE, base_entry, job_state, verify_base
 
 EncoderState = tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]
 
@@ -173,6 +174,37 @@ def resolve_checkpoint(init_from: str, ema: bool = True) -> tuple[str, str | Non
     if path.exists() or init_from.startswith((".", "/", "~")) or init_from.count("/") != 1:
         raise _missing(init_from)
     return init_from, None  # a hub id: only the local cache is consulted
+
+
+def base_objective(init_from: str) -> tuple[str, Path] | None:
+    """The diffusion objective (`diffusion.objective`) the base `init_from` was trained with,
+    and the file that records it: a run's config.yaml, or the manifest of exported bases;
+    None where nothing records it (a diffusers checkpoint, a hub id)."""
+    path = Path(init_from).expanduser()
+    if (path / "config.yaml").is_file() and (path / "final").is_dir():  # an isodiff run
+        diffusion = OmegaConf.load(path / "config.yaml").get("diffusion") or {}
+        # runs from before the key existed trained DDPM, its default
+        return str(diffusion.get("objective", Objective.ddpm.value)), path / "config.yaml"
+    entry = base_entry(path) if (path / "config.json").is_file() else None
+    if entry and "diffusion" in entry:
+        return str(entry["diffusion"]["objective"]), path.parent / BASES_MANIFEST
+    return None
+
+
+def require_objective(init_from: str, objective: Objective) -> None:
+    """ConfigError unless the base `init_from` was trained with `objective` (or nothing says):
+    a DDPM base predicts noise, a flow base a velocity, and fine-tuning one as the other
+    starts from a model whose every output is read wrongly."""
+    recorded = base_objective(init_from)
+    if recorded is None or recorded[0] == Objective(objective).value:
+        return
+    trained, where = recorded
+    asked = Objective(objective).value
+    raise ConfigError(
+        f"diffusion.objective={asked} does not match init_from={init_from!r}, which was "
+        f"trained with diffusion.objective={trained} ({where}): fine-tune it with "
+        f"diffusion={trained}, or pass a base trained with diffusion={asked}"
+    )
 
 
 def load_unet(init_from: str, ema: bool = True) -> Denoiser:

@@ -311,14 +311,22 @@ def is_done(run_dir: str | os.PathLike) -> bool:
 def _base_entry(name: str, entry: Any) -> str | None:
     if not isinstance(entry, dict):
         return f"bases[{name!r}] is {_a(_kind(entry))}, not an object"
+    where = f"bases[{name!r}]."
     return mapping_problem(
         entry.get("files"),
-        f"bases[{name!r}].files",
+        f"{where}files",
         lambda file, digest: (
             None
             if isinstance(digest, str)
-            else f"bases[{name!r}].files[{file!r}] is {_a(_kind(digest))}, not a sha256 string"
+            else f"{where}files[{file!r}] is {_a(_kind(digest))}, not a sha256 string"
         ),
+    ) or (  # the settings it was trained with (manifests before 2026-12-07 lack them)
+        field_problem(entry, "diffusion", "object", where=where)
+        or field_problem(
+            entry.get("diffusion") or {}, "objective", "string", True, f"{where}diffusion."
+        )
+        if "diffusion" in entry
+        else None
     )
 
 
@@ -332,6 +340,13 @@ def bases_manifest_problem(manifest: dict[str, Any]) -> str | None:
     )
 
 
+def base_entry(folder: Path) -> dict[str, Any] | None:
+    """The entry of manifest.json (beside `folder`) that describes the exported base `folder`;
+    None where no manifest lists it."""
+    manifest = read_json(folder.parent / BASES_MANIFEST, {}, bases_manifest_problem)
+    return (manifest.get("bases") or {}).get(folder.name)
+
+
 def verify_base(folder: Path) -> None:
     """ConfigError naming the files, unless a base that isodiff.sweep.bases exported (listed in
     manifest.json beside it, as the shipped bases are) holds the files its manifest records;
@@ -339,7 +354,7 @@ def verify_base(folder: Path) -> None:
     base it may list is never taken unchecked). Always hashed: a base is ~8 MB at the quick
     tier."""
     manifest = folder.parent / BASES_MANIFEST
-    entry = (read_json(manifest, {}, bases_manifest_problem).get("bases") or {}).get(folder.name)
+    entry = base_entry(folder)
     if entry is None:
         return
     differ = [

@@ -1,5 +1,5 @@
-"""`python -m isodiff.sweep`."""
+"""`python -m isodiff.sweep`: isodiff-sweep (one line when the suite is absent)."""
 
-from isodiff.sweep.command import command
+from isodiff.commands import Command
 
-command()
+Command("isodiff.sweep.command", "python -m isodiff.sweep")()

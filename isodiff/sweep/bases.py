@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from isodiff import cli
 from isodiff.config import BaseSource, tier_config
@@ -130,6 +131,10 @@ def describe(
             "config_hash": signature(run_dir),
             "trained_at_commit": status.get("git"),
             "train_overrides": overrides[dataset],
+            # what fine-tunes must match (isodiff.model.unet.require_objective)
+            "diffusion": OmegaConf.to_container(
+                OmegaConf.load(run_dir / "config.yaml").diffusion, resolve=True
+            ),
             "steps": status.get("step"),
             "final_mse": status.get("final_mse"),
             "training_seconds": round(training_seconds(run_dir), 1),

@@ -1,5 +1,5 @@
-"""`python -m isodiff.train`."""
+"""`python -m isodiff.train`: isodiff-train (one line when the suite is absent)."""
 
-from isodiff.train.command import command
+from isodiff.commands import Command
 
-command()
+Command("isodiff.train.command", "python -m isodiff.train")()

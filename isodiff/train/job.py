@@ -112,12 +112,13 @@ def run_job(cfg: DictConfig, run_dir: Path, work: Callable[[TrainConfig, Path], 
         if not done:
             # torch and diffusers load here, once the config is valid
             from isodiff.model.data import check_data
-            from isodiff.model.unet import resolve_checkpoint
+            from isodiff.model.unet import require_objective, resolve_checkpoint
 
             # a preset's assets as prepared (named, with the command that fetches them)
             paper_assets.require(typed.assets.required, typed.assets.root)
             if typed.init_from:  # its base exists and is done
                 resolve_checkpoint(typed.init_from)
+                require_objective(typed.init_from, typed.diffusion.objective)
             check_data(typed.data)  # folder, attribute file, memory: before the job's folder
     except UserError:
         remove_empty(run_dir, run_root)
