@@ -66,6 +66,12 @@ class IsoMetric(str, Enum):
     # Smooth Diffusion's step-wise variation regulariser (isodiff/smoothness.py), the peer's
     smooth_diffusion = "smooth_diffusion"
 
+    @property
+    def penalty(self) -> str:
+        """The name the training log gives this metric's penalty: only the isometric ones
+        are L_iso (held-out L_iso, measured alike for every metric, stays comparable)."""
+        return {"path_length": "L_path", "smooth_diffusion": "L_smooth"}.get(self.value, "L_iso")
+
 
 class IsoRadius(str, Enum):
     """Radius of the sphere that the spherical chart lives on (`iso.radius`)."""

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from isodiff.config import TrainConfig
+from isodiff.config import IsoMetric, TrainConfig
 from isodiff.errors import UserError
 from isodiff.lora import add_lora, lora_parameters, merged_state_dict
 from isodiff.model import pictures, seeding
@@ -417,12 +417,12 @@ class Window:
         }
 
     @staticmethod
-    def postfix(means: dict[str, float]) -> dict[str, str]:
-        """The progress bar's columns."""
+    def postfix(means: dict[str, float], penalty: str) -> dict[str, str]:
+        """The progress bar's columns; `penalty` names the regulariser (IsoMetric.penalty)."""
         return {
             "loss": f"{means['loss']:.4f}",
             "mse": f"{means['mse']:.4f}",
-            "L_iso": "n/a" if math.isnan(means["iso"]) else f"{means['iso']:.4f}",
+            penalty: "n/a" if math.isnan(means["iso"]) else f"{means['iso']:.4f}",
             "iso_active": f"{means['iso_active']:.0%}",
         }
 
@@ -513,12 +513,13 @@ def above_progress_bar() -> contextlib.AbstractContextManager:
     return logging_redirect_tqdm() if terminal else contextlib.nullcontext()
 
 
-def describe(row: dict[str, float]) -> str:
-    """A logged row as one line of the log (train.log and the terminal)."""
+def describe(row: dict[str, float], penalty: str) -> str:
+    """A logged row as one line of the log (train.log and the terminal); `penalty` names
+    the regulariser (IsoMetric.penalty)."""
     iso = "n/a" if math.isnan(row["iso"]) else f"{row['iso']:.4g}"
     heldout = f", held-out L_iso {row['liso_heldout']:.4g}" if "liso_heldout" in row else ""
     return (
-        f"loss {row['loss']:.4g} (mse {row['mse']:.4g}), L_iso {iso} "
+        f"loss {row['loss']:.4g} (mse {row['mse']:.4g}), {penalty} {iso} "
         f"on {row['iso_active']:.0%} of the samples, lr {row['lr']:.3g}, "
         f"{row['steps_per_s']:.3g} steps/s{heldout}"
     )
@@ -591,13 +592,14 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
 
     # 3. The steps: accumulate, update, log, checkpoint
     tic, last_logged, last, window = time.perf_counter(), start_step, {}, Window()
+    penalty = IsoMetric(cfg.iso.metric).penalty
     with above_progress_bar():
         for step in range(start_step, loop.steps):
             accumulate(state, cfg, acc, batches, step, window)
             update(state, cfg, acc)
             done = step + 1
             progress.update(1)
-            progress.set_postfix(Window.postfix(window.means()))  # this process's, so far
+            progress.set_postfix(Window.postfix(window.means(), penalty))  # this process's, so far
             # every process takes the same branch (Window.means is collective); the main one
             # measures
             heldout = bool(loop.heldout_every) and (
@@ -614,9 +616,9 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
                 if heldout and curve is not None:
                     last["liso_heldout"] = curve(state.unet)
                 metric_log.write(last)
-                progress.set_postfix(Window.postfix(last))
+                progress.set_postfix(Window.postfix(last, penalty))
                 if acc.is_main_process:
-                    log.info("step %d/%d: %s", done, loop.steps, describe(last))
+                    log.info("step %d/%d: %s", done, loop.steps, describe(last, penalty))
                 tic, last_logged, window = time.perf_counter(), done, Window()
             if done % loop.checkpoint_every == 0 and done < loop.steps:
                 save_checkpoint(state, run_dir, done, loop.keep_checkpoints)
