@@ -87,6 +87,13 @@ def run_cli(
     )
 
 
+def refusal(result: subprocess.CompletedProcess) -> str:
+    """The one line of a command that refused its input (exit 2, one line on stderr)."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, (result.returncode, result.stderr)
+    return lines[0]
+
+
 @pytest.fixture
 def run_root(tmp_path: Path) -> Path:
     return tmp_path / "runs"

@@ -15,7 +15,7 @@ from isodiff.errors import ConfigError
 from isodiff.runs.files import file_hashes
 from isodiff.sweep import command as sweep
 from isodiff.sweep.bases import MANIFEST, compare
-from tests.conftest import run_cli
+from tests.conftest import refusal, run_cli
 
 MANIFESTS = sorted(PRETRAINED.glob(f"*/{MANIFEST}"))
 
@@ -71,9 +71,8 @@ def test_an_altered_shipped_base_is_refused_before_it_is_used(
         f"init_from={weights.parent}",
         f"run_root={run_root}",
     )
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2 and len(lines) == 1, result.stderr
-    assert "diffusion_pytorch_model.safetensors differ" in lines[0] and "make bases" in lines[0]
+    line = refusal(result)
+    assert "diffusion_pytorch_model.safetensors differ" in line and "make bases" in line
     assert not run_root.exists()
 
 
@@ -86,10 +85,9 @@ def test_a_shipped_ddpm_base_is_not_fine_tuned_as_a_flow(tmp_path: Path) -> None
     run_root = tmp_path / "runs"
     args = ["tier=quick", "stage=finetune", "data=shapes", f"run_root={run_root}"]
     result = run_cli("isodiff.train", *args, "diffusion=flow", "lambda_iso=0.1")
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2 and len(lines) == 1, result.stderr
-    assert "diffusion.objective=flow does not match init_from=" in lines[0], lines[0]
-    assert "diffusion.objective=ddpm" in lines[0] and "manifest.json" in lines[0], lines[0]
+    line = refusal(result)
+    assert "diffusion.objective=flow does not match init_from=" in line, line
+    assert "diffusion.objective=ddpm" in line and "manifest.json" in line, line
     assert not run_root.exists()
 
 

@@ -47,7 +47,7 @@ from isodiff.runs.status import (
 )
 from isodiff.sweep import command as sweep
 from isodiff.train.loop import environment_change
-from tests.conftest import ROOT, run_cli, run_train_job
+from tests.conftest import ROOT, refusal, run_cli, run_train_job
 from tests.test_evaluate import compose_evaluate
 
 RESUMABLE = [
@@ -157,11 +157,8 @@ def test_swapped_weights_of_the_same_size_and_mtime_are_not_trusted(
         f"{WEIGHTS} is not the file the job wrote (its sha256 differs)",
     )
     result = run_cli("isodiff.evaluate", f"run={run_dir}", "eval=smoke", "metrics=[rtl]")
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2 and len(lines) == 1, result.stderr
-    assert (
-        f"{WEIGHTS} is not the file the job wrote" in lines[0] and "nothing is measured" in lines[0]
-    )
+    line = refusal(result)
+    assert f"{WEIGHTS} is not the file the job wrote" in line and "nothing is measured" in line
     record = read_json(run_dir / "metrics.json") or {"metrics": {}}
     assert "values" not in record["metrics"].get("rtl", {})
     status, _ = run_train_job(RESUMABLE, run_root)  # not skipped: trained again
@@ -187,9 +184,8 @@ def test_a_named_folder_that_holds_another_config_is_refused(run_root: Path) -> 
     run_dir = run_root / "smoke" / "default" / "myrun"
     before = (run_dir / "status.json").read_text()
     second = run_cli("isodiff.train", *args, "lambda_iso=0.1")
-    lines = [line for line in second.stderr.splitlines() if line.strip()]
-    assert second.returncode == 2 and len(lines) == 1, second.stderr
-    assert "lambda_iso (recorded 0.0, asked 0.1)" in lines[0] and "name=" in lines[0], lines[0]
+    line = refusal(second)
+    assert "lambda_iso (recorded 0.0, asked 0.1)" in line and "name=" in line, line
     assert "skipped" not in second.stdout + second.stderr
     assert (run_dir / "status.json").read_text() == before
     again = run_cli("isodiff.train", *args, "lambda_iso=0", "train.log_every=1")

@@ -18,7 +18,7 @@ from isodiff.errors import UserError
 from isodiff.runs.files import announce_holder
 from isodiff.runs.tracking import log_evaluation
 from isodiff.train.job import first_line
-from tests.conftest import compose_train, run_cli, run_train_job
+from tests.conftest import compose_train, refusal, run_cli, run_train_job
 
 # 4 steps, a window of 2; lambda_iso=1e-3 as the new user's run (no grids: seconds fewer)
 ISO = ["tier=smoke", "lambda_iso=1e-3", "train.steps=4", "train.grid_samples=0"]
@@ -113,9 +113,8 @@ def test_a_bad_tracker_is_one_line_and_no_folder(value: str, says: str, tmp_path
     result = run_cli(
         "isodiff.train", "tier=smoke", f"run_root={tmp_path / 'runs'}", f"train.log_with={value}"
     )
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2 and len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"error: train.log_with='{value}' is invalid") and says in lines[0]
+    line = refusal(result)
+    assert line.startswith(f"error: train.log_with='{value}' is invalid") and says in line
     assert not (tmp_path / "runs").exists()
 
 
