@@ -69,8 +69,9 @@ class IsoMetric(str, Enum):
     @property
     def penalty(self) -> str:
         """The name the training log gives this metric's penalty: only the isometric ones
-        are L_iso (held-out L_iso, measured alike for every metric, stays comparable)."""
-        return {"path_length": "L_path", "smooth_diffusion": "L_smooth"}.get(self.value, "L_iso")
+        are L_iso (held-out L_iso, measured alike for every metric, stays comparable);
+        Smooth Diffusion's is its paper's L_reg (isodiff/smoothness.py)."""
+        return {"path_length": "L_path", "smooth_diffusion": "L_reg"}.get(self.value, "L_iso")
 
 
 class IsoRadius(str, Enum):

@@ -250,6 +250,8 @@ def test_tables_with_a_plan_of_the_wrong_shape_stop_in_one_line(tmp_path: Path) 
         {"shapes": {"files": ["config.json"]}},
         {"shapes": {"files": {"config.json": 1}}},
         {"shapes": {}},
+        {"shapes": {"files": {}, "diffusion": "ddpm"}},
+        {"shapes": {"files": {}, "diffusion": {"beta_end": 0.02}}},
     ],
     ids=str,
 )

@@ -30,7 +30,7 @@ def test_a_smoke_job_trains_and_its_running_mean_is_checkpointed(tmp_path: Path)
     assert "iso" in (run_dir / "metrics.csv").read_text().splitlines()[0]
     # the log names the peer's penalty as such, not as L_iso
     steps = [line for line in (run_dir / "train.log").read_text().splitlines() if "step " in line]
-    assert steps and all("), L_smooth " in line and "), L_iso " not in line for line in steps)
+    assert steps and all("), L_reg " in line and "), L_iso " not in line for line in steps)
     # the regulariser's state is in the checkpoint, with the weights
     state = load_file(run_dir / "checkpoints" / "step_00000003" / "model.safetensors")
     assert int(state["regulariser.pl_updates"]) == 3  # one update per (micro-)batch, every t

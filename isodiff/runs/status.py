@@ -312,7 +312,7 @@ def _base_entry(name: str, entry: Any) -> str | None:
     if not isinstance(entry, dict):
         return f"bases[{name!r}] is {_a(_kind(entry))}, not an object"
     where = f"bases[{name!r}]."
-    return mapping_problem(
+    problem = mapping_problem(
         entry.get("files"),
         f"{where}files",
         lambda file, digest: (
@@ -320,13 +320,11 @@ def _base_entry(name: str, entry: Any) -> str | None:
             if isinstance(digest, str)
             else f"{where}files[{file!r}] is {_a(_kind(digest))}, not a sha256 string"
         ),
-    ) or (  # the settings it was trained with (manifests before 2026-12-07 lack them)
-        field_problem(entry, "diffusion", "object", where=where)
-        or field_problem(
-            entry.get("diffusion") or {}, "objective", "string", True, f"{where}diffusion."
-        )
-        if "diffusion" in entry
-        else None
+    )
+    if problem or entry.get("diffusion") is None:  # manifests before 2026-12-07 lack it
+        return problem
+    return field_problem(entry, "diffusion", "object", where=where) or field_problem(
+        entry["diffusion"], "objective", "string", True, f"{where}diffusion."
     )
 
 
